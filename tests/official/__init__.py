@@ -1,17 +1,5 @@
-"""The official CosyVoice2 PyTorch code as a parity reference.
+"""The official CosyVoice2 PyTorch code as a parity reference (see `cosyvoice2.testing.official`)."""
 
-Importing this package installs three small import shims (see `shims.py`) and
-then exposes `build_official`, which constructs any official module from the
-hyperparameters of a `cosyvoice2.yaml` with a given seed.
-"""
+from cosyvoice2.testing.official import build_official, install_shims, official_hparams
 
-from tests.official.shims import install_shims
-
-install_shims()
-
-from tests.official.build import (  # noqa: E402
-    build_official,
-    official_hparams,
-)
-
-__all__ = ["build_official", "official_hparams", "install_shims"]
+__all__ = ["build_official", "install_shims", "official_hparams"]

@@ -11,7 +11,9 @@ things that cannot be installed here or that drag in unrelated frameworks:
 - `matcha.utils` (its `__init__` pulls hydra, lightning, gdown, wget): the shim
   registers the package without running its `__init__`, so the real
   `matcha.utils.audio.mel_spectrogram` (the official mel) still imports
-  unchanged from the wheel.
+  unchanged from the wheel. `matcha.utils.pylogger` (imported by matcha's CFM
+  base class) needs `lightning` only for a rank-zero logging decorator; the shim
+  gives `get_pylogger = logging.getLogger`.
 - `modelscope` (from `cosyvoice/cli/cosyvoice.py`, model download): a stub
   whose `snapshot_download` refuses, since nothing may be downloaded.
 
@@ -92,6 +94,12 @@ def install_shims() -> None:
     if "modelscope" not in sys.modules and importlib.util.find_spec("modelscope") is None:
         sys.modules["modelscope"] = _modelscope_stub()
     _register_package_without_init("matcha.utils")
+    if "matcha.utils.pylogger" not in sys.modules:
+        import logging
+
+        pylogger = types.ModuleType("matcha.utils.pylogger")
+        pylogger.get_pylogger = lambda name=__name__: logging.getLogger(name)
+        sys.modules["matcha.utils.pylogger"] = pylogger
     spec = importlib.util.find_spec("cosyvoice2")
     if spec is not None and spec.origin and spec.origin.endswith("site-packages/cosyvoice2.py"):
         raise ImportError(
