@@ -353,8 +353,15 @@ def cached_official_dir(
     """
     name = f"official-{size}-seed{seed}-{weight_norm_style}{'' if onnx else '-pt'}-v{GENERATOR_VERSION}"
     path = cache_root() / "synthetic" / name
-    if not (path / "synthetic.json").exists():
-        make_official_dir(
-            path, size=size, seed=seed, weight_norm_style=weight_norm_style, onnx=onnx
-        )
+    if (path / "synthetic.json").exists():
+        return path
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be generating the same dir
+        if not (path / "synthetic.json").exists():
+            make_official_dir(
+                path, size=size, seed=seed, weight_norm_style=weight_norm_style, onnx=onnx
+            )
     return path
