@@ -24,13 +24,21 @@ and `install_shims` refuses to run if it is still importable in its place.
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import sys
 import types
 
 
+def _stub_module(name: str) -> types.ModuleType:
+    """A module object with a spec, so `importlib.util.find_spec` (used by transformers) accepts it."""
+    mod = types.ModuleType(name)
+    mod.__spec__ = importlib.machinery.ModuleSpec(name, loader=None)
+    return mod
+
+
 def _torchaudio_stub() -> types.ModuleType:
-    mod = types.ModuleType("torchaudio")
+    mod = _stub_module("torchaudio")
     mod.__doc__ = "Test shim: import-only stand-in for torchaudio (see tests/official/shims.py)."
 
     def load(path, backend=None):  # noqa: ARG001 - official call signature
@@ -54,7 +62,7 @@ def _torchaudio_stub() -> types.ModuleType:
             y = resample_poly(x.numpy(), self.new_freq // g, self.orig_freq // g, axis=-1)
             return torch.from_numpy(y.astype("float32"))
 
-    transforms = types.ModuleType("torchaudio.transforms")
+    transforms = _stub_module("torchaudio.transforms")
     transforms.Resample = _Resample
     mod.load = load
     mod.transforms = transforms
@@ -63,7 +71,7 @@ def _torchaudio_stub() -> types.ModuleType:
 
 
 def _modelscope_stub() -> types.ModuleType:
-    mod = types.ModuleType("modelscope")
+    mod = _stub_module("modelscope")
 
     def snapshot_download(*args, **kwargs):
         raise RuntimeError("test shim: downloading models is not possible here")
@@ -97,7 +105,7 @@ def install_shims() -> None:
     if "matcha.utils.pylogger" not in sys.modules:
         import logging
 
-        pylogger = types.ModuleType("matcha.utils.pylogger")
+        pylogger = _stub_module("matcha.utils.pylogger")
         pylogger.get_pylogger = lambda name=__name__: logging.getLogger(name)
         sys.modules["matcha.utils.pylogger"] = pylogger
     spec = importlib.util.find_spec("cosyvoice2")

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SIZES = ("tiny", "full")
 
 # Qwen2-0.5B (CosyVoice-BlankEN/config.json of the released model) and the tiny stand-in.
@@ -57,10 +57,11 @@ _DIMS = {
         f0_channels=512,
     ),
     "tiny": dict(
-        enc_size=64,
+        # the official encoder hard-codes 512 channels in its look-ahead and upsampling layers
+        enc_size=512,
         enc_heads=2,
-        enc_units=128,
-        enc_blocks=2,
+        enc_units=256,
+        enc_blocks=1,
         dec_channels=64,
         dec_head_dim=32,
         dec_blocks=1,

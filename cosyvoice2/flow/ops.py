@@ -1,0 +1,105 @@
+"""Small array helpers shared by the flow's modules: convolutions, masks, activations.
+
+Everything here works channels-last, as MLX does: sequences are `(B, T, C)` and
+convolution weights `(C_out, K, C_in)` (the converter moves torch's `(C_out, C_in, K)`).
+
+CPU notes (MLX 0.32.4 on Linux x86_64, OpenBLAS preloaded; see the flow package
+docstring for the whole profile):
+
+- An undilated `mx.conv1d` with kernel 3 runs at about GEMM speed, so the causal
+  convolutions use it directly after a left pad; `causal_conv1d_unfold` is the
+  unfold/matmul formulation kept for comparison (equal within rounding, tested).
+- `mx.conv_transpose1d` is a slow path on CPU (about 1.2 GFLOP/s). The estimator
+  of CosyVoice2 has a single resolution level and never uses it, but the
+  multi-level `ConditionalDecoder` does (`Upsample1D`); `conv_transpose1d` here is
+  a matmul plus overlap-add with the same result (tested against the direct op).
+- Transcendental element-wise functions (`exp`, `erf`, `tanh`, `log1p`) are the
+  real CPU cost of this network: MLX evaluates them at 15-60 ns per element,
+  slower than a 256-wide matmul per element. See `gelu`, `mish` and `softmax`.
+
+This module is the flow's own; the HiFT helpers live in `cosyvoice2/ops.py` and
+the two are to be merged.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+def causal_conv1d(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """Causal 1-D convolution: left-pad `K - 1` zeros, then a valid convolution.
+
+    `x` is `(B, T, C_in)`, `weight` `(C_out, K, C_in)`; returns `(B, T, C_out)`.
+    """
+    k = weight.shape[1]
+    if k > 1:
+        x = mx.pad(x, [(0, 0), (k - 1, 0), (0, 0)])
+    y = mx.conv1d(x, weight)
+    return y if bias is None else y + bias
+
+
+def causal_conv1d_unfold(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """`causal_conv1d` as one matmul over `K` shifted copies of the input (unfold/GEMM form)."""
+    c_out, k, c_in = weight.shape
+    t = x.shape[1]
+    xp = mx.pad(x, [(0, 0), (k - 1, 0), (0, 0)])
+    cols = mx.concatenate([xp[:, i : i + t] for i in range(k)], axis=-1)
+    y = cols @ weight.reshape(c_out, k * c_in).T
+    return y if bias is None else y + bias
+
+
+def conv1d_same(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """Centred 1-D convolution with `padding=(K-1)//2` (torch `Conv1d(..., padding=K//2)` for odd K)."""
+    y = mx.conv1d(x, weight, padding=(weight.shape[1] - 1) // 2)
+    return y if bias is None else y + bias
+
+
+def conv_transpose1d(
+    x: mx.array, weight: mx.array, stride: int, padding: int, bias: mx.array | None = None
+) -> mx.array:
+    """Transposed 1-D convolution as a matmul plus overlap-add (fast on MLX-CPU).
+
+    Same result as `mx.conv_transpose1d(x, weight, stride, padding)`: `x` is
+    `(B, T, C_in)`, `weight` `(C_out, K, C_in)`; the output has length
+    `(T - 1) * stride - 2 * padding + K`.
+    """
+    b, t, c_in = x.shape
+    c_out, k, _ = weight.shape
+    # y[b, t, j, o] = sum_i x[b, t, i] w[o, j, i]: every input frame's K output taps.
+    taps = (x @ weight.reshape(c_out * k, c_in).T).reshape(b, t, k, c_out)
+    # Tap j of frame t lands at t * stride + j. Group taps by j // stride so each group
+    # is a strided placement that a reshape performs; sum the groups with offsets.
+    groups = -(-k // stride)
+    full = (t + groups - 1) * stride
+    out = mx.zeros((b, full, c_out), dtype=x.dtype)
+    for g in range(groups):
+        j0, j1 = g * stride, min((g + 1) * stride, k)
+        part = taps[:, :, j0:j1]
+        if j1 - j0 < stride:
+            part = mx.pad(part, [(0, 0), (0, 0), (0, stride - (j1 - j0)), (0, 0)])
+        part = part.reshape(b, t * stride, c_out)
+        out = out + mx.pad(part, [(0, 0), (g * stride, full - g * stride - t * stride), (0, 0)])
+    length = (t - 1) * stride - 2 * padding + k
+    y = out[:, padding : padding + length]
+    return y if bias is None else y + bias
+
+
+def chunk_mask(size: int, chunk_size: int) -> mx.array:
+    """Boolean `(size, size)` mask: position i sees every position before the end of its chunk.
+
+    The official `subsequent_chunk_mask` (its ONNX-friendly form, which ignores
+    `num_left_chunks`): `j < (i // chunk_size + 1) * chunk_size`.
+    """
+    pos = mx.arange(size)
+    ends = (pos // chunk_size + 1) * chunk_size
+    return pos[None, :] < ends[:, None]
+
+
+def mish(x: mx.array) -> mx.array:
+    """`x * tanh(softplus(x))` (torch `nn.Mish`, with its softplus threshold of 20)."""
+    return x * mx.tanh(mx.where(x > 20.0, x, mx.logaddexp(x, 0.0)))
+
+
+def gelu(x: mx.array) -> mx.array:
+    """Exact (erf) GELU, as diffusers' `GELU` with `approximate="none"`."""
+    return 0.5 * x * (1.0 + mx.erf(x * 0.7071067811865476))

