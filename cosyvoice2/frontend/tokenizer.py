@@ -19,7 +19,7 @@ The official code (`cosyvoice/tokenizer/tokenizer.py`, `get_qwen_tokenizer`) loa
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -63,7 +63,9 @@ TOKENIZER_DIRNAME = "CosyVoice-BlankEN"
 
 def _special(content: str) -> AddedToken:
     """An added token with the flags transformers gives special tokens (never split, not normalised)."""
-    return AddedToken(content, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+    return AddedToken(
+        content, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True
+    )
 
 
 def read_merges(path: str | Path) -> list[tuple[str, str]]:
@@ -208,15 +210,13 @@ class QwenTokenizer:
     @property
     def special_tokens(self) -> dict[str, int]:
         """Every special token and its id (Qwen2's and CosyVoice2's)."""
-        return {
-            t: self.tokenizer.token_to_id(t) for t in (*QWEN2_SPECIAL_TOKENS, *SPECIAL_TOKENS)
-        }
+        return {t: self.tokenizer.token_to_id(t) for t in (*QWEN2_SPECIAL_TOKENS, *SPECIAL_TOKENS)}
 
     def __len__(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_qwen_tokenizer(token_path: str, skip_special_tokens: bool = True) -> QwenTokenizer:
     """Cached `QwenTokenizer.from_dir`, named and called as the official function."""
     return QwenTokenizer.from_dir(token_path, skip_special_tokens=skip_special_tokens)
