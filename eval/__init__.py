@@ -1,0 +1,8 @@
+"""Evaluation harness: Seed-TTS-eval style ASR round trip (WER/CER) and speaker similarity.
+
+Modules: `datasets` (test-set readers), `synth` (cached, resumable synthesis of a set),
+`asr` (mlx-whisper), `whisper_convert` (CTranslate2 -> mlx-whisper, numpy only),
+`similarity` (speaker encoders), `metrics` (normalisation, WER/CER, summary),
+`score` (per-utterance rows), `results` (JSON/CSV files), `cli` (`python -m eval`).
+The heavy dependencies (mlx-whisper, jiwer, Resemblyzer, torch) are imported lazily.
+"""

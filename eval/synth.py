@@ -1,0 +1,314 @@
+"""Synthesis of a test set, cached per utterance and resumable.
+
+The harness only needs a callable `Synthesizer(target_text, prompt_wav, prompt_text)`
+returning `(mono float32 wav, sample_rate)` plus a `describe()` of its settings, so the
+cache logic is independent of the model. `CosyVoice2Synthesizer` adapts the package's
+model (imported lazily, so the harness runs without it); `CopySynthesizer` returns the
+prompt audio itself, which makes a synthesis whose ASR and similarity are known in
+advance (used by the tests and to check an eval setup end to end).
+
+Cache layout of an output folder:
+
+    <out>/manifest.json   settings of the synthesizer and one entry per utterance
+    <out>/wavs/<id>.wav   the audio (16-bit PCM at the model's rate)
+
+The manifest is rewritten atomically after every utterance. A rerun with the same
+settings skips the utterances whose entry is complete and whose wav exists, and
+retries the failed ones; a rerun with other settings is refused (use another folder,
+or `overwrite=True`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from eval.audio import load_audio, save_audio
+from eval.datasets import TestSet, Utterance
+
+MANIFEST_VERSION = 1
+
+
+@runtime_checkable
+class Synthesizer(Protocol):
+    """What the harness needs from a TTS system."""
+
+    def __call__(
+        self, target_text: str, prompt_wav: Path, prompt_text: str
+    ) -> tuple[np.ndarray, int]: ...
+
+    def describe(self) -> dict[str, Any]:
+        """Model and settings, recorded with the results; equal settings mean equal audio."""
+        ...
+
+
+class CopySynthesizer:
+    """Returns the prompt audio unchanged: a stand-in TTS with known ASR and SIM.
+
+    ASR of its output should give back the prompt's transcript, and its speaker
+    similarity to the prompt is the encoder's maximum (the same audio twice).
+    """
+
+    def __call__(
+        self, target_text: str, prompt_wav: Path, prompt_text: str
+    ) -> tuple[np.ndarray, int]:
+        return load_audio(prompt_wav)
+
+    def describe(self) -> dict[str, Any]:
+        return {"tts": "copy-prompt", "weights": "none"}
+
+
+def utterance_seed(seed: int, utt_id: str) -> int:
+    """A per-utterance seed that depends only on the run seed and the id (stable on resume)."""
+    return (seed * 1_000_003 + zlib.crc32(utt_id.encode("utf-8"))) % (2**31)
+
+
+def weights_label(model_dir: Path) -> str:
+    """`synthetic` or `real`, from the model dir's `synthetic.json` or `config.json` label.
+
+    Synthetic dirs made by `cosyvoice2.testing.synthetic` (and dirs converted from them)
+    carry `{"weights": "synthetic"}`; released weights carry no label.
+    """
+    for name in ("synthetic.json", "config.json"):
+        p = Path(model_dir) / name
+        if p.is_file():
+            try:
+                label = json.loads(p.read_text(encoding="utf-8")).get("weights")
+            except (json.JSONDecodeError, AttributeError):
+                label = None
+            if isinstance(label, str):
+                return label
+    return "real"
+
+
+class CosyVoice2Synthesizer:
+    """Adapter to this package's model: `cosyvoice2.load(model_dir, ...)` and zero-shot synthesis.
+
+    This is the one place that calls the model API, so it is where the eval harness
+    follows changes of that API. Settings: `precision` (the model's LLM precision name,
+    e.g. fp32, bf16, 8bit, 4bit), `n_timesteps` (flow-matching diffusion steps) and the
+    run `seed` (each utterance gets `utterance_seed(seed, id)`, passed as `seed=`).
+    """
+
+    takes_seed = True  # synthesize_set passes the per-utterance seed
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        precision: str | None = None,
+        n_timesteps: int = 10,
+        seed: int = 0,
+        weights: str | None = None,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.precision = precision
+        self.n_timesteps = n_timesteps
+        self.seed = seed
+        self.weights = weights or weights_label(self.model_dir)
+        self._model: Any = None
+
+    def _load(self) -> Any:
+        if self._model is None:
+            try:
+                import cosyvoice2
+            except ImportError as e:
+                raise RuntimeError("the cosyvoice2 package is not importable") from e
+            load = getattr(cosyvoice2, "load", None)
+            if load is None:
+                raise RuntimeError(
+                    "cosyvoice2.load is not available in this version of the package: the "
+                    "model API is not there yet, so only other synthesizers (e.g. --tts copy) "
+                    "can be evaluated"
+                )
+            kwargs = {} if self.precision is None else {"precision": self.precision}
+            self._model = load(str(self.model_dir), **kwargs)
+        return self._model
+
+    def __call__(
+        self, target_text: str, prompt_wav: Path, prompt_text: str, seed: int | None = None
+    ) -> tuple[np.ndarray, int]:
+        model = self._load()
+        wav, sr = model.inference_zero_shot(
+            target_text,
+            prompt_text,
+            str(prompt_wav),
+            n_timesteps=self.n_timesteps,
+            seed=self.seed if seed is None else seed,
+        )
+        return np.asarray(wav, dtype=np.float32).reshape(-1), int(sr)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "tts": "cosyvoice2-mlx",
+            "model_dir": str(self.model_dir.resolve()),
+            "weights": self.weights,
+            "precision": self.precision,
+            "n_timesteps": self.n_timesteps,
+            "seed": self.seed,
+        }
+
+
+@dataclass
+class SynthEntry:
+    """One utterance's line in the manifest."""
+
+    id: str
+    target_text: str
+    prompt_wav: str
+    prompt_text: str
+    wav: str | None = None  # relative to the output folder
+    sample_rate: int | None = None
+    duration_s: float | None = None
+    synth_time_s: float | None = None
+    seed: int | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.wav is not None
+
+
+@dataclass
+class SynthRun:
+    """The manifest of an output folder."""
+
+    out_dir: Path
+    settings: dict[str, Any]
+    entries: dict[str, SynthEntry]
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.out_dir / "manifest.json"
+
+    def wav_path(self, utt_id: str) -> Path | None:
+        e = self.entries.get(utt_id)
+        return self.out_dir / e.wav if e is not None and e.ok else None
+
+    def failed(self) -> list[SynthEntry]:
+        return [e for e in self.entries.values() if not e.ok]
+
+    def save(self) -> None:
+        data = {
+            "format": "cosyvoice2-mlx synthesis manifest",
+            "version": MANIFEST_VERSION,
+            "settings": self.settings,
+            "utterances": [asdict(e) for e in self.entries.values()],
+        }
+        _atomic_write_text(self.manifest_path, json.dumps(data, indent=1, ensure_ascii=False))
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> SynthRun:
+        out_dir = Path(out_dir)
+        data = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
+        if data.get("version") != MANIFEST_VERSION:
+            raise ValueError(
+                f"{out_dir}/manifest.json: unknown manifest version {data.get('version')}"
+            )
+        entries = {e["id"]: SynthEntry(**e) for e in data["utterances"]}
+        return cls(out_dir=out_dir, settings=data["settings"], entries=entries)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _same_request(e: SynthEntry, u: Utterance) -> bool:
+    return (e.target_text, e.prompt_wav, e.prompt_text) == (
+        u.target_text,
+        str(u.prompt_wav),
+        u.prompt_text,
+    )
+
+
+def synthesize_set(
+    test_set: TestSet,
+    synth: Synthesizer | Callable[..., tuple[np.ndarray, int]],
+    out_dir: str | Path,
+    settings: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> SynthRun:
+    """Synthesise every utterance of `test_set` into `out_dir`, reusing what is cached there.
+
+    `settings` defaults to `synth.describe()`. A synthesizer with `takes_seed = True` is
+    called with `seed=utterance_seed(settings["seed"], id)`. An utterance whose synthesis raises is
+    recorded with its error (and retried on the next run); the run goes on.
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    (out_dir / "wavs").mkdir(parents=True, exist_ok=True)
+    if settings is None:
+        settings = synth.describe() if hasattr(synth, "describe") else {"tts": repr(synth)}
+    settings = json.loads(json.dumps(settings))  # plain JSON values, as stored
+    if (out_dir / "manifest.json").is_file() and not overwrite:
+        run = SynthRun.load(out_dir)
+        if run.settings != settings:
+            raise ValueError(
+                f"{out_dir} holds a synthesis with other settings:\n  cached: {run.settings}\n"
+                f"  asked:  {settings}\nuse another folder or overwrite=True"
+            )
+    else:
+        run = SynthRun(out_dir=out_dir, settings=settings, entries={})
+    seed = settings.get("seed")
+    takes_seed = bool(getattr(synth, "takes_seed", False))
+    todo = []
+    for u in test_set:
+        e = run.entries.get(u.id)
+        if e is not None and e.ok and _same_request(e, u) and (out_dir / e.wav).is_file():
+            continue
+        todo.append(u)
+    bar = tqdm(todo, desc=f"synthesis {test_set.name}", unit="utt", disable=not progress)
+    for u in bar:
+        entry = SynthEntry(
+            id=u.id,
+            target_text=u.target_text,
+            prompt_wav=str(u.prompt_wav),
+            prompt_text=u.prompt_text,
+        )
+        useed = utterance_seed(int(seed), u.id) if isinstance(seed, int) else None
+        entry.seed = useed
+        t0 = time.perf_counter()
+        try:
+            if takes_seed:
+                wav, sr = synth(u.target_text, u.prompt_wav, u.prompt_text, seed=useed)
+            else:
+                wav, sr = synth(u.target_text, u.prompt_wav, u.prompt_text)
+            wav = np.asarray(wav, dtype=np.float32)
+            if wav.ndim != 1 or wav.size == 0:
+                raise ValueError(f"synthesizer returned audio of shape {wav.shape}")
+            if not np.all(np.isfinite(wav)):
+                raise ValueError("synthesizer returned non-finite samples")
+            rel = f"wavs/{u.id}.wav"
+            save_audio(out_dir / rel, wav, sr)
+            entry.wav, entry.sample_rate = rel, int(sr)
+            entry.duration_s = len(wav) / float(sr)
+        except Exception as exc:  # recorded and retried next run; never dropped
+            entry.error = f"{type(exc).__name__}: {exc}"
+        entry.synth_time_s = time.perf_counter() - t0
+        run.entries[u.id] = entry
+        run.save()
+    # keep the manifest in set order with only this set's ids first
+    order = [u.id for u in test_set]
+    run.entries = {
+        **{i: run.entries[i] for i in order if i in run.entries},
+        **{k: v for k, v in run.entries.items() if k not in set(order)},
+    }
+    run.save()
+    return run
