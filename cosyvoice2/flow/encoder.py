@@ -1,0 +1,252 @@
+"""`UpsampleConformerEncoder`: speech-token embeddings (25 Hz) to 50 Hz features for the CFM.
+
+Port of the official `cosyvoice/transformer/upsample_encoder.py` and the parts it
+builds from `cosyvoice/transformer/` (`LinearNoSubsampling`,
+`EspnetRelPositionalEncoding`, `RelPositionMultiHeadedAttention`,
+`ConformerEncoderLayer` without macaron or convolution module,
+`PositionwiseFeedForward` with SiLU). Module and parameter names follow the
+official ones so `flow.pt` keys map one to one (see `CausalMaskedDiffWithXvec.sanitize`).
+
+Pipeline (sequences are channels-last `(B, T, C)`):
+
+    tokens' embeddings -> embed (Linear + LayerNorm, x sqrt(d), rel-pos table)
+      -> PreLookaheadLayer (sees 3 tokens ahead: zeros, or the given look-ahead context)
+      -> num_blocks conformer layers (full attention, or chunks of static_chunk_size when streaming)
+      -> Upsample1D (x2: repeat + causal conv k=5) -> up_embed -> num_up_blocks layers
+         (chunks of 2 * static_chunk_size when streaming) -> after_norm
+
+Streaming: the official `CausalMaskedDiffWithXvec.inference(finalize=False)`
+splits the last `pre_lookahead_len` embedded tokens off as `context`; they pass
+through `embed` (their own linear and norm; positions are not used) and are seen
+by the `PreLookaheadLayer` in place of the zero padding, and the output covers
+only the tokens before them. With `finalize=True` all tokens are encoded and the
+look-ahead of the last ones is zero padding.
+
+Differences from the official code, none numerical: the official hard-codes 512
+channels for `PreLookaheadLayer` and `Upsample1D` and 4 up-blocks; here they come
+from `EncoderConfig.output_size` and `num_up_blocks` (512 and 4 in CosyVoice2).
+The relative-position table is computed for the needed length instead of being a
+5000-row buffer (same values).
+
+Every call is a pure function of its inputs (no cache, no per-request state), so
+an incremental (O(n)) streaming variant can be added beside it and tested
+against it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from cosyvoice2.config import EncoderConfig
+from cosyvoice2.flow.ops import causal_conv1d, chunk_mask
+
+
+def rel_position_table(size: int, d_model: int) -> mx.array:
+    """The espnet relative positional encoding for `size` frames: `(1, 2*size-1, d_model)`.
+
+    Row `k` encodes relative position `size - 1 - k` (from `size-1` down to
+    `-(size-1)`), interleaving `sin` and `cos` as `EspnetRelPositionalEncoding` does.
+    """
+    pos = mx.arange(size - 1, -size, -1, dtype=mx.float32)[:, None]
+    div = mx.exp(mx.arange(0, d_model, 2, dtype=mx.float32) * -(math.log(10000.0) / d_model))
+    angle = pos * div
+    pe = mx.stack([mx.sin(angle), mx.cos(angle)], axis=-1).reshape(2 * size - 1, d_model)
+    return pe[None]
+
+
+class LinearNoSubsampling(nn.Module):
+    """`Linear -> LayerNorm(eps 1e-5)`, then the positional-encoding scale `sqrt(d)`.
+
+    Returns the scaled features and the relative-position table for their length.
+    """
+
+    def __init__(self, idim: int, odim: int):
+        super().__init__()
+        self.out = [nn.Linear(idim, odim), nn.LayerNorm(odim, eps=1e-5)]
+        self.xscale = math.sqrt(odim)
+        self.odim = odim
+
+    def embed(self, x: mx.array) -> mx.array:
+        """The scaled features only (what the look-ahead context needs)."""
+        return self.out[1](self.out[0](x)) * self.xscale
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        x = self.embed(x)
+        return x, rel_position_table(x.shape[1], self.odim)
+
+
+class RelPositionMultiHeadedAttention(nn.Module):
+    """Multi-head self-attention with Transformer-XL relative positions (espnet `rel_selfattn`)."""
+
+    def __init__(self, n_head: int, n_feat: int, key_bias: bool = True):
+        super().__init__()
+        self.h = n_head
+        self.d_k = n_feat // n_head
+        self.linear_q = nn.Linear(n_feat, n_feat)
+        self.linear_k = nn.Linear(n_feat, n_feat, bias=key_bias)
+        self.linear_v = nn.Linear(n_feat, n_feat)
+        self.linear_out = nn.Linear(n_feat, n_feat)
+        self.linear_pos = nn.Linear(n_feat, n_feat, bias=False)
+        self.pos_bias_u = mx.zeros((n_head, self.d_k))
+        self.pos_bias_v = mx.zeros((n_head, self.d_k))
+
+    @staticmethod
+    def rel_shift(x: mx.array) -> mx.array:
+        """`(B, H, T, 2T-1)` scores against relative positions -> `(B, H, T, T)` against keys.
+
+        Query i and key j read column `T - 1 - i + j` (relative position `i - j`).
+        """
+        b, h, t, p = x.shape
+        x = mx.pad(x, [(0, 0), (0, 0), (0, 0), (1, 0)])
+        x = x.reshape(b, h, p + 1, t)[:, :, 1:].reshape(b, h, t, p)
+        return x[:, :, :, : p // 2 + 1]
+
+    def __call__(self, x: mx.array, pos_emb: mx.array, mask: mx.array | None) -> mx.array:
+        """`x` `(B, T, D)`, `pos_emb` `(1, 2T-1, D)`, `mask` boolean broadcastable to `(B, 1, T, T)` or None."""
+        b, t, _ = x.shape
+        q = self.linear_q(x).reshape(b, t, self.h, self.d_k)
+        k = self.linear_k(x).reshape(b, t, self.h, self.d_k).transpose(0, 2, 1, 3)
+        v = self.linear_v(x).reshape(b, t, self.h, self.d_k).transpose(0, 2, 1, 3)
+        p = self.linear_pos(pos_emb).reshape(pos_emb.shape[0], -1, self.h, self.d_k)
+        p = p.transpose(0, 2, 1, 3)
+        q_u = (q + self.pos_bias_u).transpose(0, 2, 1, 3)
+        q_v = (q + self.pos_bias_v).transpose(0, 2, 1, 3)
+        scale = 1.0 / math.sqrt(self.d_k)
+        # Position term as an additive bias of the content attention.
+        bias = self.rel_shift(q_v @ p.transpose(0, 1, 3, 2)) * scale
+        if mask is not None:
+            bias = mx.where(mask, bias, -mx.inf)
+        out = mx.fast.scaled_dot_product_attention(q_u, k, v, scale=scale, mask=bias)
+        out = out.transpose(0, 2, 1, 3).reshape(b, t, self.h * self.d_k)
+        return self.linear_out(out)
+
+
+class PositionwiseFeedForward(nn.Module):
+    """`w_2(silu(w_1(x)))` (the encoder's `activation_type: swish`)."""
+
+    def __init__(self, idim: int, hidden_units: int):
+        super().__init__()
+        self.w_1 = nn.Linear(idim, hidden_units)
+        self.w_2 = nn.Linear(hidden_units, idim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.w_2(nn.silu(self.w_1(x)))
+
+
+class ConformerEncoderLayer(nn.Module):
+    """Pre-norm self-attention and feed-forward (no macaron FF, no conv module: CosyVoice2's layer)."""
+
+    def __init__(self, size: int, heads: int, linear_units: int):
+        super().__init__()
+        self.self_attn = RelPositionMultiHeadedAttention(heads, size)
+        self.feed_forward = PositionwiseFeedForward(size, linear_units)
+        self.norm_ff = nn.LayerNorm(size, eps=1e-12)
+        self.norm_mha = nn.LayerNorm(size, eps=1e-12)
+
+    def __call__(self, x: mx.array, pos_emb: mx.array, mask: mx.array | None) -> mx.array:
+        x = x + self.self_attn(self.norm_mha(x), pos_emb, mask)
+        return x + self.feed_forward(self.norm_ff(x))
+
+
+class PreLookaheadLayer(nn.Module):
+    """Residual causal block that sees `pre_lookahead_len` frames ahead.
+
+    `conv1` (kernel `pre_lookahead_len + 1`) reads each frame and the frames after
+    it (zeros past the end, or `context` when given), leaky ReLU (slope 0.01), then
+    `conv2` (kernel 3) reads the two frames before; plus the input.
+    """
+
+    def __init__(self, channels: int, pre_lookahead_len: int = 1):
+        super().__init__()
+        self.pre_lookahead_len = pre_lookahead_len
+        self.conv1 = nn.Conv1d(channels, channels, kernel_size=pre_lookahead_len + 1)
+        self.conv2 = nn.Conv1d(channels, channels, kernel_size=3)
+
+    def __call__(self, inputs: mx.array, context: mx.array | None = None) -> mx.array:
+        """`inputs` `(B, T, C)`; `context` `(B, <= pre_lookahead_len, C)` of the frames after them."""
+        n = 0 if context is None else context.shape[1]
+        if n > self.pre_lookahead_len:
+            raise ValueError(f"context has {n} frames, more than {self.pre_lookahead_len}")
+        x = inputs if n == 0 else mx.concatenate([inputs, context], axis=1)
+        x = mx.pad(x, [(0, 0), (0, self.pre_lookahead_len - n), (0, 0)])
+        x = nn.leaky_relu(self.conv1(x), negative_slope=0.01)
+        x = causal_conv1d(x, self.conv2.weight, self.conv2.bias)
+        return x + inputs
+
+
+class Upsample1D(nn.Module):
+    """Nearest-neighbour upsampling by `stride`, then a causal convolution of kernel `2*stride+1`."""
+
+    def __init__(self, channels: int, out_channels: int, stride: int = 2):
+        super().__init__()
+        self.stride = stride
+        self.conv = nn.Conv1d(channels, out_channels, kernel_size=stride * 2 + 1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, t, c = x.shape
+        x = mx.broadcast_to(x[:, :, None], (b, t, self.stride, c)).reshape(b, t * self.stride, c)
+        return causal_conv1d(x, self.conv.weight, self.conv.bias)
+
+
+class UpsampleConformerEncoder(nn.Module):
+    """The flow's token encoder: 25 Hz token embeddings in, 50 Hz `output_size` features out."""
+
+    def __init__(self, config: EncoderConfig, pre_lookahead_len: int = 3):
+        super().__init__()
+        if config.pos_enc_layer_type != "rel_pos_espnet":
+            raise ValueError(f"unsupported pos_enc_layer_type {config.pos_enc_layer_type!r}")
+        if config.selfattention_layer_type != "rel_selfattn":
+            raise ValueError(
+                f"unsupported selfattention_layer_type {config.selfattention_layer_type!r}"
+            )
+        if not config.normalize_before:
+            raise ValueError("only normalize_before=True (CosyVoice2's setting) is ported")
+        self.config = config
+        d = config.output_size
+        self.embed = LinearNoSubsampling(config.input_size, d)
+        self.pre_lookahead_layer = PreLookaheadLayer(d, pre_lookahead_len)
+        self.encoders = [
+            ConformerEncoderLayer(d, config.attention_heads, config.linear_units)
+            for _ in range(config.num_blocks)
+        ]
+        self.up_layer = Upsample1D(d, d, stride=config.upsample_stride)
+        self.up_embed = LinearNoSubsampling(config.input_size, d)
+        self.up_encoders = [
+            ConformerEncoderLayer(d, config.attention_heads, config.linear_units)
+            for _ in range(config.num_up_blocks)
+        ]
+        self.after_norm = nn.LayerNorm(d, eps=1e-5)
+
+    def __call__(
+        self, xs: mx.array, context: mx.array | None = None, streaming: bool = False
+    ) -> mx.array:
+        """Encode `xs` `(B, T, input_size)`; returns `(B, stride * T, output_size)`.
+
+        `context`: the embeddings of the look-ahead tokens that follow `xs`
+        (`(B, pre_lookahead_len, input_size)`), or None when `xs` ends the utterance.
+        `streaming`: chunk-masked attention (`static_chunk_size` tokens, then
+        `stride * static_chunk_size` frames) instead of full attention.
+        """
+        cfg = self.config
+        xs, pos_emb = self.embed(xs)
+        if context is not None and context.shape[1] > 0:
+            context = self.embed.embed(context)
+        else:
+            context = None
+        mask = chunk_mask(xs.shape[1], cfg.static_chunk_size) if streaming else None
+        xs = self.pre_lookahead_layer(xs, context)
+        for layer in self.encoders:
+            xs = layer(xs, pos_emb, mask)
+        xs = self.up_layer(xs)
+        xs, pos_emb = self.up_embed(xs)
+        mask = (
+            chunk_mask(xs.shape[1], cfg.static_chunk_size * cfg.upsample_stride)
+            if streaming
+            else None
+        )
+        for layer in self.up_encoders:
+            xs = layer(xs, pos_emb, mask)
+        return self.after_norm(xs)

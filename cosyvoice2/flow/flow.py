@@ -1,0 +1,136 @@
+"""`CausalMaskedDiffWithXvec`: speech tokens + prompt + speaker embedding to mel, CosyVoice2's flow.
+
+Port of the official `cosyvoice/flow/flow.py` (inference). Steps of `inference`:
+
+1. the speaker x-vector is L2-normalised and projected to 80 dims (`spk_embed_affine_layer`);
+2. prompt tokens and new tokens are concatenated and embedded (`input_embedding`);
+3. `UpsampleConformerEncoder` turns them into 50 Hz features (2 frames per token),
+   `encoder_proj` maps them to 80 dims (`mu`);
+4. the conditions are the prompt mel followed by zeros;
+5. `CausalConditionalCFM` solves the ODE from the official fixed noise;
+6. the frames after the prompt are returned.
+
+`streaming` selects the chunk-masked attention of the encoder and the estimator
+(the official streaming path); `finalize=False` treats the last
+`pre_lookahead_len` (3) tokens as look-ahead context: they shape the frames
+before them through the `PreLookaheadLayer` but produce no frames themselves,
+exactly as the latest official `inference(..., streaming, finalize)`. The
+official hard-codes 10 Euler steps here; `n_timesteps` exposes it.
+
+Layout: channels-last. `prompt_feat` is `(1, T_prompt, 80)` (the official
+layout too), and the returned mel is `(1, T, 80)`; the official returns
+`(1, 80, T)`. Batch size 1, as the official asserts.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from cosyvoice2.config import FlowConfig
+from cosyvoice2.flow.decoder import ConvTranspose1d
+from cosyvoice2.flow.encoder import UpsampleConformerEncoder
+from cosyvoice2.flow.flow_matching import CausalConditionalCFM
+
+
+def l2_normalize(x: mx.array, eps: float = 1e-12) -> mx.array:
+    """`torch.nn.functional.normalize(x, dim=-1)`: `x / max(||x||, eps)`."""
+    norm = mx.sqrt(mx.sum(x * x, axis=-1, keepdims=True))
+    return x / mx.maximum(norm, eps)
+
+
+class CausalMaskedDiffWithXvec(nn.Module):
+    """The flow model; parameter names are the official `flow.pt` keys (see `sanitize`)."""
+
+    def __init__(self, config: FlowConfig):
+        super().__init__()
+        self.config = config
+        self.input_embedding = nn.Embedding(config.vocab_size, config.input_size)
+        self.spk_embed_affine_layer = nn.Linear(config.spk_embed_dim, config.output_size)
+        self.encoder = UpsampleConformerEncoder(config.encoder, config.pre_lookahead_len)
+        self.encoder_proj = nn.Linear(config.encoder.output_size, config.output_size)
+        self.decoder = CausalConditionalCFM(config.decoder)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Official `flow.pt` state dict (torch layouts) -> this model's parameters.
+
+        Names are kept; convolution weights move from torch `(out, in, k)` to MLX
+        `(out, k, in)`, transposed convolutions from `(in, out, k)` to `(out, k, in)`.
+        """
+        transposed = {
+            f"{name}.weight" for name, m in self.named_modules() if isinstance(m, ConvTranspose1d)
+        }
+        out = {}
+        for key, w in weights.items():
+            w = mx.array(w)
+            if key.endswith("weight") and w.ndim == 3:
+                w = w.transpose(1, 2, 0) if key in transposed else w.transpose(0, 2, 1)
+            out[key] = w
+        return out
+
+    def speaker(self, embedding: mx.array) -> mx.array:
+        """The x-vector `(1, spk_embed_dim)` normalised and projected: `spks` `(1, 80)`."""
+        return self.spk_embed_affine_layer(l2_normalize(embedding))
+
+    def encode(
+        self,
+        token: mx.array,
+        prompt_token: mx.array,
+        streaming: bool = False,
+        finalize: bool = True,
+    ) -> mx.array:
+        """`mu` `(1, 2 * N, 80)` for the N tokens of prompt + new tokens (minus the look-ahead if not `finalize`)."""
+        tokens = mx.concatenate([prompt_token, token], axis=1).astype(mx.int32)
+        x = self.input_embedding(mx.maximum(tokens, 0))
+        if finalize:
+            h = self.encoder(x, None, streaming)
+        else:
+            n = self.config.pre_lookahead_len
+            if x.shape[1] <= n:
+                raise ValueError(f"finalize=False needs more than {n} tokens, got {x.shape[1]}")
+            h = self.encoder(x[:, :-n], x[:, -n:], streaming)
+        return self.encoder_proj(h)
+
+    def inference(
+        self,
+        token: mx.array,
+        prompt_token: mx.array,
+        prompt_feat: mx.array,
+        embedding: mx.array,
+        streaming: bool = False,
+        finalize: bool = True,
+        n_timesteps: int = 10,
+        temperature: float = 1.0,
+        noise: mx.array | None = None,
+    ) -> mx.array:
+        """Mel frames `(1, T, 80)` for `token` `(1, N)` after the prompt (see module doc).
+
+        `prompt_token` `(1, N_p)`, `prompt_feat` `(1, T_p, 80)` (normally `T_p = 2 N_p`),
+        `embedding` `(1, 192)`. `noise` replaces the official fixed noise when given
+        (`(1, T_p + T, 80)`).
+        """
+        if token.shape[0] != 1:
+            raise ValueError("batch size 1 only, as the official inference")
+        spks = self.speaker(embedding)
+        mu = self.encode(token, prompt_token, streaming, finalize)
+        mel_len1 = prompt_feat.shape[1]
+        mel_len2 = mu.shape[1] - mel_len1
+        if mel_len2 < 0:
+            raise ValueError(
+                f"prompt_feat has {mel_len1} frames, more than the {mu.shape[1]} encoded"
+            )
+        cond = mx.concatenate(
+            [prompt_feat.astype(mu.dtype), mx.zeros((1, mel_len2, mu.shape[-1]), dtype=mu.dtype)],
+            axis=1,
+        )
+        feat = self.decoder(
+            mu,
+            None,
+            n_timesteps,
+            temperature,
+            spks=spks,
+            cond=cond,
+            streaming=streaming,
+            noise=noise,
+        )
+        return feat[:, mel_len1:]

@@ -1,0 +1,119 @@
+"""`CausalConditionalCFM`: conditional flow matching solved with Euler steps and classifier-free guidance.
+
+Port of the official `cosyvoice/flow/flow_matching.py` (inference only). The
+ODE runs from the fixed official noise at t=0 to the mel at t=1 over
+`n_timesteps` Euler steps on a cosine schedule `t = 1 - cos(pi/2 * s)`,
+`s = 0, 1/n, ..., 1`. Each step evaluates the estimator once on a batch of two:
+the conditional input (`mu`, speaker, prompt `cond`) and the unconditional one
+(zeros for all three); the velocity is `(1 + r) v_cond - r v_uncond` with
+`r = inference_cfg_rate` (0.7).
+
+The time values follow the official float32 arithmetic exactly (`t` is
+accumulated as `t + dt` and `dt` recomputed from the schedule), so the
+estimator sees the same `t` as the official one.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from cosyvoice2.config import CFMConfig
+from cosyvoice2.flow.decoder import CausalConditionalDecoder
+from cosyvoice2.flow.noise import cfm_noise
+
+
+def _torch_linspace_f32(n_points: int) -> np.ndarray:
+    """`torch.linspace(0, 1, n_points)` in float32 as torch's CPU kernel computes it."""
+    if n_points == 1:
+        return np.zeros(1, dtype=np.float32)
+    step = np.float32(1.0) / np.float32(n_points - 1)
+    idx = np.arange(n_points)
+    half = n_points // 2
+    out = np.where(
+        idx < half,
+        np.float32(0.0) + step * idx.astype(np.float32),
+        np.float32(1.0) - step * (n_points - 1 - idx).astype(np.float32),
+    )
+    return out.astype(np.float32)
+
+
+def time_schedule(n_timesteps: int, scheduler: str = "cosine") -> np.ndarray:
+    """The `n_timesteps + 1` time points of the solver, float32."""
+    if n_timesteps < 1:
+        raise ValueError(f"n_timesteps must be at least 1, got {n_timesteps}")
+    t = _torch_linspace_f32(n_timesteps + 1)
+    if scheduler == "cosine":
+        t = np.float32(1.0) - np.cos(t * np.float32(0.5) * np.float32(np.pi)).astype(np.float32)
+    elif scheduler != "linear":
+        raise ValueError(f"unknown t_scheduler {scheduler!r}")
+    return t.astype(np.float32)
+
+
+def euler_times(n_timesteps: int, scheduler: str = "cosine") -> list[tuple[float, float]]:
+    """`(t, dt)` of each Euler step, accumulated in float32 as the official `solve_euler` does."""
+    span = time_schedule(n_timesteps, scheduler)
+    t, dt = span[0], span[1] - span[0]
+    steps = []
+    for step in range(1, len(span)):
+        steps.append((float(t), float(dt)))
+        t = np.float32(t + dt)
+        if step < len(span) - 1:
+            dt = np.float32(span[step + 1] - t)
+    return steps
+
+
+class CausalConditionalCFM(nn.Module):
+    """Holds the estimator; `__call__` solves the ODE (see module doc)."""
+
+    def __init__(self, config: CFMConfig):
+        super().__init__()
+        self.config = config
+        self.estimator = CausalConditionalDecoder(config.estimator)
+
+    def __call__(
+        self,
+        mu: mx.array,
+        mask: mx.array | None,
+        n_timesteps: int,
+        temperature: float = 1.0,
+        spks: mx.array | None = None,
+        cond: mx.array | None = None,
+        streaming: bool = False,
+        noise: mx.array | None = None,
+    ) -> mx.array:
+        """Generate a mel `(1, T, 80)` from encoder features `mu` `(1, T, 80)`.
+
+        `noise` overrides the official fixed noise (its first T frames) when given.
+        `spks` is the projected speaker embedding `(1, 80)`, `cond` the prompt mel
+        padded with zeros to `(1, T, 80)`.
+        """
+        if noise is None:
+            noise = cfm_noise(mu.shape[1])
+        z = noise.astype(mu.dtype) * temperature
+        return self.solve_euler(z, n_timesteps, mu, mask, spks, cond, streaming)
+
+    def solve_euler(
+        self,
+        x: mx.array,
+        n_timesteps: int,
+        mu: mx.array,
+        mask: mx.array | None,
+        spks: mx.array | None,
+        cond: mx.array | None,
+        streaming: bool = False,
+    ) -> mx.array:
+        """Fixed-step Euler from `x` (noise, t=0) to t=1, with one batched CFG estimator call per step."""
+        rate = self.config.inference_cfg_rate
+        mask_in = None if mask is None else mx.concatenate([mask, mask], axis=0)
+        mu_in = mx.concatenate([mu, mx.zeros_like(mu)], axis=0)
+        spks_in = None if spks is None else mx.concatenate([spks, mx.zeros_like(spks)], axis=0)
+        cond_in = None if cond is None else mx.concatenate([cond, mx.zeros_like(cond)], axis=0)
+        for t, dt in euler_times(n_timesteps, self.config.t_scheduler):
+            x_in = mx.concatenate([x, x], axis=0)
+            t_in = mx.full((2,), t, dtype=x.dtype)
+            v = self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming)
+            v = (1.0 + rate) * v[:1] - rate * v[1:]
+            x = x + dt * v
+        return x
