@@ -1,0 +1,440 @@
+"""Command line: `python -m bench run|compare|list|show|baseline|micro`.
+
+python -m bench run                       # default sweep, synthetic full-size weights
+python -m bench run --reference official  # plus the official PyTorch code on the same work
+python -m bench run --full                # every axis
+python -m bench run --steps 1,10 --llm fp32,8bit --stream off,on
+python -m bench run --sweep my.toml
+python -m bench run --model DIR           # real converted weights
+python -m bench run --resume              # continue the last interrupted run
+python -m bench compare RUN BASELINE      # exit 1 on regressions
+python -m bench list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from bench.cases import (
+    DTYPES,
+    LLM_PRECISIONS,
+    STEPS,
+    TEXT_LENGTHS,
+    Case,
+    dedupe,
+    default_cases,
+    full_cases,
+    load_sweep_file,
+    parse_bool,
+    product,
+    quick_cases,
+    reference_cases,
+)
+from bench.figures import DEFAULT_TOLERANCE
+from bench.machine import machine_kind
+from bench.results import BASELINES, RESULTS, list_runs, load, resolve_run, write_json_atomic
+from bench.runner import INTERRUPTED, RunOptions, new_run, run_sweep
+
+
+def _csv(values: str) -> list[str]:
+    return [v.strip() for v in values.split(",") if v.strip()]
+
+
+def _axis(values: str | None, allowed, name: str, convert=str) -> list | None:
+    if values is None:
+        return None
+    out = []
+    for v in _csv(values):
+        x = convert(v)
+        if allowed is not None and x not in allowed:
+            raise SystemExit(f"--{name}: {v!r} is not one of {', '.join(map(str, allowed))}")
+        out.append(x)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a sweep and write a results file")
+    g = r.add_argument_group("cases")
+    g.add_argument("--full", action="store_true", help="sweep every axis (hours)")
+    g.add_argument("--quick", action="store_true", help="headline case only, streaming off/on (CI)")
+    g.add_argument("--sweep", metavar="FILE", help="TOML or JSON sweep file")
+    g.add_argument("--llm", help=f"LLM precisions, comma separated ({','.join(LLM_PRECISIONS)})")
+    g.add_argument("--dtype", help=f"flow/HiFT dtypes ({','.join(DTYPES)})")
+    g.add_argument("--steps", help=f"diffusion steps ({','.join(map(str, STEPS))}, or any)")
+    g.add_argument("--text", help=f"text lengths ({','.join(TEXT_LENGTHS)})")
+    g.add_argument("--stream", help="streaming: off, on or off,on")
+    g.add_argument(
+        "--target",
+        default="cosyvoice2",
+        choices=["cosyvoice2", "official", "toy"],
+        help="what the sweep measures (toy: a small MLX workload that tests the harness)",
+    )
+    g.add_argument(
+        "--reference",
+        choices=["official"],
+        help="also time the official PyTorch code on the same weights and work",
+    )
+    g.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    g = r.add_argument_group("weights and work")
+    g.add_argument(
+        "--model", metavar="DIR", help="real weights: a converted MLX dir or an official dir"
+    )
+    g.add_argument(
+        "--size",
+        default="full",
+        choices=["full", "tiny"],
+        help="synthetic weights' size (default: full, the real 0.5B shapes)",
+    )
+    g.add_argument("--prompt-seconds", type=float, default=None, help="prompt length (default 3)")
+    g.add_argument(
+        "--seed", type=int, default=None, help="seed of the inputs and sampling (default 0)"
+    )
+    g.add_argument(
+        "--natural-length",
+        action="store_true",
+        help="let the LLM stop on its own (default: fixed number of speech tokens)",
+    )
+    g = r.add_argument_group("measurement")
+    g.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 3)")
+    g.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed calls first, the cold one included (default 1)",
+    )
+    g.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run cases in this process (debugging; cold and RSS figures are then not per case)",
+    )
+    g.add_argument(
+        "--no-openblas", action="store_true", help="do not preload OpenBLAS for MLX (Linux)"
+    )
+    g.add_argument(
+        "--case-timeout", type=float, default=None, help="seconds before a case is abandoned"
+    )
+    g = r.add_argument_group("output")
+    g.add_argument("--out", default=str(RESULTS), help=f"results directory (default {RESULTS})")
+    g.add_argument("--name", help="run id (default: date-time-machine kind)")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest-interrupted",
+        metavar="RUN",
+        help="continue an interrupted run (default: the latest interrupted one)",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--micro", action="store_true", help="also run tests/benchmarks with pytest-benchmark"
+    )
+    g.add_argument(
+        "--compare",
+        nargs="?",
+        const="auto",
+        metavar="BASELINE",
+        help="compare with a baseline afterwards (default: bench/baselines/<machine kind>.json)",
+    )
+    g.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
+
+    c = sub.add_parser("compare", help="compare a run with a baseline; exit 1 on regressions")
+    c.add_argument("run", help="results file or run id (or `latest`)")
+    c.add_argument(
+        "baseline",
+        nargs="?",
+        default="auto",
+        help="results file or run id (default: bench/baselines/<machine kind>.json)",
+    )
+    c.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="default relative tolerance (0.25 = 25%%)",
+    )
+    c.add_argument(
+        "--tol",
+        action="append",
+        default=[],
+        metavar="FIGURE=TOL",
+        help="tolerance for one figure, e.g. --tol mlx_peak_mb=0.1",
+    )
+    c.add_argument(
+        "--no-floors", action="store_true", help="judge figures even below their noise floor"
+    )
+    c.add_argument("--strict", action="store_true", help="cases missing from the run also fail")
+    c.add_argument("--changes", action="store_true", help="only print regressions and improvements")
+    c.add_argument("--markdown", metavar="FILE", help="also write the table as markdown")
+    c.add_argument("--dir", default=str(RESULTS), help="results directory for run ids")
+
+    ls = sub.add_parser("list", help="list runs")
+    ls.add_argument("--dir", default=str(RESULTS))
+
+    s = sub.add_parser("show", help="print a run's figures, streaming and side-by-side ratios")
+    s.add_argument("run", nargs="?", default="latest")
+    s.add_argument("--markdown", action="store_true")
+    s.add_argument("--dir", default=str(RESULTS))
+
+    b = sub.add_parser("baseline", help="store a run as the baseline for its machine kind")
+    b.add_argument("run")
+    b.add_argument("--kind", help="machine kind (default: the run's)")
+    b.add_argument("--dir", default=str(RESULTS))
+
+    m = sub.add_parser("micro", help="run the component micro-benchmarks (tests/benchmarks)")
+    m.add_argument("--out", default=str(RESULTS))
+    m.add_argument("pytest_args", nargs="*")
+    return p
+
+
+def plan_from_args(args: argparse.Namespace) -> tuple[list[Case], dict]:
+    """The cases a `run` invocation asks for, and run options from a sweep file."""
+    target = args.target
+    options: dict = {}
+    axes = {
+        "llm": _axis(args.llm, LLM_PRECISIONS, "llm"),
+        "dtype": _axis(args.dtype, DTYPES, "dtype"),
+        "steps": _axis(args.steps, None, "steps", int),
+        "text": _axis(args.text, list(TEXT_LENGTHS), "text"),
+        "stream": _axis(args.stream, None, "stream", parse_bool),
+    }
+    given = {k: v for k, v in axes.items() if v}
+    if args.sweep:
+        sweep = load_sweep_file(args.sweep, target)
+        options = sweep.options
+        cases = sweep.cases
+        if given:  # flags narrow or replace the file's axes
+            cases = product(target, **{**_axes_of(cases), **given})
+    elif args.full:
+        cases = full_cases(target)
+    elif given:
+        cases = product(target, **given)
+    elif args.quick:
+        cases = quick_cases(target)
+    else:
+        cases = default_cases(target)
+    if args.reference:
+        cases = cases + reference_cases(cases, args.reference)
+    return dedupe(cases), options
+
+
+def _axes_of(cases: list[Case]) -> dict:
+    axes: dict[str, list] = {}
+    for c in cases:
+        for k in ("llm", "dtype", "steps", "text", "stream"):
+            v = getattr(c, k)
+            axes.setdefault(k, [])
+            if v not in axes[k]:
+                axes[k].append(v)
+    return axes
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    out_dir = Path(args.out)
+    if args.resume:
+        if args.resume == "latest-interrupted":
+            runs = [
+                p
+                for p, d in list_runs(out_dir)
+                if d is not None and d.get("status") in ("interrupted", "running")
+            ]
+            if not runs:
+                print(f"no interrupted run in {out_dir}", file=sys.stderr)
+                return 2
+            path = runs[0]
+        else:
+            path = resolve_run(args.resume, out_dir)
+        doc = load(path)
+        if doc["status"] == "complete":
+            print(f"{path}: already complete")
+            return 0
+        done = sum(c["status"] in ("ok", "unsupported") for c in doc["cases"])
+        print(f"resuming {doc['run_id']}: {done} of {len(doc['plan'])} cases done")
+    else:
+        cases, file_opts = plan_from_args(args)
+        file_opts = dict(file_opts)
+        fixed_length = bool(file_opts.pop("fixed_length", True)) and not args.natural_length
+        opts = RunOptions(
+            repeats=_pick(args.repeats, file_opts.pop("repeats", None), 3),
+            warmup=_pick(args.warmup, file_opts.pop("warmup", None), 1),
+            prompt_seconds=_pick(args.prompt_seconds, file_opts.pop("prompt_seconds", None), 3.0),
+            seed=_pick(args.seed, file_opts.pop("seed", None), 0),
+            fixed_length=fixed_length,
+            isolate=not args.in_process,
+            openblas=not args.no_openblas,
+            case_timeout=args.case_timeout,
+            target_options={"size": args.size, **({"model": args.model} if args.model else {})},
+        )
+        if file_opts:
+            print(f"sweep file: ignoring unknown run options {sorted(file_opts)}", file=sys.stderr)
+        if args.dry_run:
+            for c in cases:
+                print(c.id)
+            print(f"{len(cases)} cases; repeats {opts.repeats}, warm-up {opts.warmup}")
+            return 0
+        doc = new_run(
+            cases, opts, run_id=args.name, command=["python", "-m", "bench", *sys.argv[1:]]
+        )
+        path = out_dir / f"{doc['run_id']}.json"
+        if path.exists():
+            print(f"{path} exists: pick another --name or --resume it", file=sys.stderr)
+            return 2
+    print(f"results: {path}")
+    try:
+        run_sweep(doc, path, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        done = sum(c["status"] in ("ok", "unsupported") for c in doc["cases"])
+        print(
+            f"\ninterrupted: {done} of {len(doc['plan'])} cases kept in {path}\n"
+            f"continue with: python -m bench run --resume {doc['run_id']}"
+            + (f" --out {args.out}" if Path(args.out) != RESULTS else ""),
+            file=sys.stderr,
+        )
+        return INTERRUPTED
+    from bench.report import describe
+
+    if args.micro:
+        from bench.micro import run_micro
+
+        micro = run_micro(out_dir, doc["run_id"])
+        doc["micro"] = micro
+        write_json_atomic(path, doc)
+    print()
+    print(describe(doc))
+    status = 0 if all(c["status"] != "error" for c in doc["cases"]) else 1
+    if args.compare:
+        cmp_status = _compare_paths(
+            path, args.compare, args.tolerance, {}, True, False, False, None, out_dir
+        )
+        status = status or cmp_status
+    return status
+
+
+def _pick(*values):
+    for v in values:
+        if v is not None:
+            return v
+    return None
+
+
+def baseline_path(kind: str | None = None) -> Path:
+    return BASELINES / f"{kind or machine_kind()}.json"
+
+
+def _compare_paths(run, baseline, tolerance, overrides, floors, strict, changes, markdown, dir_):
+    from bench.compare import compare, format_table
+
+    run_path = resolve_run(run, dir_)
+    run_doc = load(run_path)
+    if baseline == "auto":
+        base_path = baseline_path(run_doc["machine"]["kind"])
+        if not base_path.exists():
+            print(f"no baseline for machine kind {run_doc['machine']['kind']!r} ({base_path})")
+            print(f"store this run as the baseline with: python -m bench baseline {run_path}")
+            return 3
+    else:
+        base_path = resolve_run(baseline, dir_)
+    base_doc = load(base_path)
+    cmp = compare(run_doc, base_doc, tolerance, overrides, floors=floors, strict=strict)
+    print(f"run {run_path}\nbaseline {base_path}\n")
+    print(format_table(cmp, only_changes=changes))
+    if markdown:
+        Path(markdown).write_text(
+            f"# bench compare\n\nrun `{run_path.name}` against baseline `{base_path.name}`\n\n"
+            + format_table(cmp, markdown=True, only_changes=changes)
+            + "\n",
+            encoding="utf-8",
+        )
+    return 0 if cmp.ok else 1
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    overrides = {}
+    for item in args.tol:
+        name, _, value = item.partition("=")
+        try:
+            overrides[name] = float(value)
+        except ValueError:
+            raise SystemExit(f"--tol {item!r}: expected FIGURE=NUMBER") from None
+    try:
+        return _compare_paths(
+            args.run,
+            args.baseline,
+            args.tolerance,
+            overrides,
+            not args.no_floors,
+            args.strict,
+            args.changes,
+            args.markdown,
+            args.dir,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(e, file=sys.stderr)
+        return 2
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    runs = list_runs(args.dir)
+    if not runs:
+        print(f"no runs in {args.dir}")
+        return 0
+    for path, doc in runs:
+        if doc is None:
+            print(f"{path.name}: unreadable")
+            continue
+        ok = sum(c["status"] == "ok" for c in doc["cases"])
+        err = sum(c["status"] == "error" for c in doc["cases"])
+        commit = str(doc["versions"].get("git_commit"))[:8]
+        print(
+            f"{doc['run_id']:<48} {doc['status']:<11} {ok}/{len(doc['plan'])} ok"
+            f"{f', {err} errors' if err else ''}  weights={doc['weights'].get('label')}"
+            f"  commit={commit}  {doc['created']}"
+        )
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from bench.report import describe
+
+    doc = load(resolve_run(args.run, args.dir))
+    print(describe(doc, markdown=args.markdown))
+    return 0
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    path = resolve_run(args.run, args.dir)
+    doc = load(path)
+    if doc["status"] != "complete":
+        print(
+            f"{path}: run is {doc['status']}; only complete runs can be baselines", file=sys.stderr
+        )
+        return 2
+    dest = baseline_path(args.kind or doc["machine"]["kind"])
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, dest)
+    print(f"baseline for {dest.stem}: {dest}")
+    return 0
+
+
+def cmd_micro(args: argparse.Namespace) -> int:
+    from bench.micro import run_micro
+
+    info = run_micro(Path(args.out), None, args.pytest_args)
+    print(json.dumps(info, indent=1))
+    return 0 if info.get("returncode", 1) == 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return {
+        "run": cmd_run,
+        "compare": cmd_compare,
+        "list": cmd_list,
+        "show": cmd_show,
+        "baseline": cmd_baseline,
+        "micro": cmd_micro,
+    }[args.command](args)

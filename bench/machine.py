@@ -1,0 +1,147 @@
+"""What a results file records about where and with what it ran: machine, versions, memory.
+
+`machine_kind()` names the kind of machine a baseline belongs to
+(`bench/baselines/<kind>.json`): OS, architecture, CPU model and core count, e.g.
+`linux-x86_64-amd-epyc-2c` or `darwin-arm64-apple-m1-virtual-3c`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (`/proc/cpuinfo` on Linux, `sysctl` on macOS)."""
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip()
+        except OSError:
+            pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_count() -> int:
+    """CPUs this process may use (affinity-aware on Linux)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def memory_gb() -> float | None:
+    """Physical memory in GB (10^9 bytes)."""
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES")
+        size = os.sysconf("SC_PAGE_SIZE")
+        return round(pages * size / 1e9, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True)
+            return round(int(out.stdout.strip()) / 1e9, 1)
+        except (OSError, ValueError):
+            pass
+    return None
+
+
+def _slug(text: str) -> str:
+    text = re.sub(r"\((r|tm)\)|cpu|processor|\d+-core|@.*$", " ", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
+
+
+def machine_kind() -> str:
+    """The name of this machine kind, used to pick the baseline file."""
+    return f"{sys.platform.rstrip('0123456789')}-{platform.machine().lower()}-{_slug(cpu_model())}-{cpu_count()}c"
+
+
+def machine_info() -> dict:
+    """The `machine` record of a results file."""
+    return {
+        "kind": machine_kind(),
+        "os": platform.system(),
+        "os_release": platform.release(),
+        "platform": platform.platform(),
+        "arch": platform.machine(),
+        "cpu": cpu_model(),
+        "cores": cpu_count(),
+        "memory_gb": memory_gb(),
+        "hostname": platform.node(),
+    }
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> tuple[str | None, bool | None]:
+    """The repository's HEAD commit and whether the work tree has uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if head.returncode != 0:
+            return None, None
+        status = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return head.stdout.strip(), bool(status.stdout.strip())
+    except OSError:
+        return None, None
+
+
+def versions() -> dict:
+    """The `versions` record: python, mlx, mlx-lm, this package, git commit."""
+    commit, dirty = git_commit()
+    return {
+        "python": platform.python_version(),
+        "mlx": _version("mlx"),
+        "mlx_lm": _version("mlx-lm"),
+        "numpy": _version("numpy"),
+        "cosyvoice2_mlx": _version("cosyvoice2-mlx"),
+        "git_commit": commit,
+        "git_dirty": dirty,
+    }
+
+
+def openblas_preloaded() -> bool:
+    """Whether this process runs with an OpenBLAS preloaded (MLX on Linux: ~30x faster fp32 matmul)."""
+    return "openblas" in os.environ.get("LD_PRELOAD", "")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB (`ru_maxrss`: KB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1e6 if sys.platform == "darwin" else rss * 1024 / 1e6

@@ -1,0 +1,54 @@
+"""Component micro-benchmarks: `tests/benchmarks/` run by pytest-benchmark with proper rounds.
+
+In the tests session they run once each as plain tests (`--benchmark-disable`);
+here they run with calibrated rounds and their JSON (pytest-benchmark's own
+format) is stored beside the run's results file as `<run id>.micro.json`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.machine import OPENBLAS, ROOT
+
+BENCH_DIR = ROOT / "tests" / "benchmarks"
+
+
+def run_micro(out_dir: Path, run_id: str | None, extra: list[str] | None = None) -> dict[str, Any]:
+    """Run the micro-benchmarks; return where their JSON went and how pytest ended."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{run_id or time.strftime('%Y%m%d-%H%M%S')}.micro.json"
+    json_path = out_dir / name
+    if not BENCH_DIR.is_dir() or not any(BENCH_DIR.glob("test_*.py")):
+        return {"path": None, "returncode": 0, "note": f"no micro-benchmarks in {BENCH_DIR}"}
+    env = dict(os.environ)
+    if sys.platform.startswith("linux") and os.path.exists(OPENBLAS):
+        if "openblas" not in env.get("LD_PRELOAD", ""):
+            env["LD_PRELOAD"] = ":".join(x for x in (OPENBLAS, env.get("LD_PRELOAD")) if x)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(BENCH_DIR),
+        "-m",
+        "not full",
+        "--benchmark-only",
+        "--benchmark-min-rounds=5",
+        "--benchmark-warmup=on",
+        "--benchmark-warmup-iterations=1",
+        f"--benchmark-json={json_path}",
+        "-q",
+        *(extra or []),
+    ]
+    print("micro-benchmarks:", " ".join(cmd[2:]))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env)
+    return {
+        "path": name if json_path.exists() else None,
+        "returncode": proc.returncode,
+        "command": cmd[1:],
+    }

@@ -1,0 +1,244 @@
+"""Results files: one JSON document per run, written atomically after every case.
+
+Layout (`SCHEMA` = "cosyvoice2-mlx-bench/1"; `validate` checks it):
+
+    schema, run_id, status ("running" | "interrupted" | "complete"), created, updated, command
+    machine   {kind, os, os_release, platform, arch, cpu, cores, memory_gb, hostname}
+    versions  {python, mlx, mlx_lm, numpy, cosyvoice2_mlx, git_commit, git_dirty}
+    weights   {label: "synthetic" | "real", ...}   the main target's weights
+    targets   {name: {weights, versions, env}}     per implementation that ran
+    settings  {repeats, warmup, prompt_seconds, seed, fixed_length, isolate, ...}
+    plan      [case settings, in run order]
+    cases     [{id, settings, work, status ("ok" | "error" | "unsupported"), weights,
+                figures {name: {median, min, max, n, values}}, calls [...], env,
+                started, finished, duration_s, error?}]
+    micro     {path, ...}   optional: pytest-benchmark JSON stored beside the run
+
+A baseline is such a file (`bench/baselines/<machine kind>.json`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench import SCHEMA
+from bench.figures import FIGURES
+
+STATUSES = ("running", "interrupted", "complete")
+CASE_STATUSES = ("ok", "error", "unsupported")
+BASELINES = Path(__file__).resolve().parent / "baselines"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON to `path` so that readers see the old or the new file, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=False, default=_json_default)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a results file and check it; raises `ValueError` listing what is wrong."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from e
+    problems = validate(doc)
+    if problems:
+        raise ValueError(f"{path}: not a valid bench results file:\n  " + "\n  ".join(problems))
+    return doc
+
+
+def _need(d: Any, key: str, types: type | tuple[type, ...], where: str, out: list[str]) -> Any:
+    if not isinstance(d, dict) or key not in d:
+        out.append(f"{where}: missing `{key}`")
+        return None
+    v = d[key]
+    if not isinstance(v, types) or (isinstance(v, bool) and bool not in _as_tuple(types)):
+        out.append(f"{where}.{key}: expected {types}, got {type(v).__name__}")
+        return None
+    return v
+
+
+def _as_tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
+    return t if isinstance(t, tuple) else (t,)
+
+
+_NUM = (int, float)
+
+
+def validate(doc: Any) -> list[str]:
+    """Every problem with a results document (empty list: valid)."""
+    p: list[str] = []
+    if not isinstance(doc, dict):
+        return ["document: not a JSON object"]
+    if doc.get("schema") != SCHEMA:
+        p.append(f"schema: expected {SCHEMA!r}, got {doc.get('schema')!r}")
+    _need(doc, "run_id", str, "document", p)
+    status = _need(doc, "status", str, "document", p)
+    if status is not None and status not in STATUSES:
+        p.append(f"status: {status!r} not in {STATUSES}")
+    for key in ("created", "updated"):
+        _need(doc, key, str, "document", p)
+    machine = _need(doc, "machine", dict, "document", p)
+    if machine is not None:
+        for key, t in (("kind", str), ("os", str), ("arch", str), ("cpu", str), ("cores", int)):
+            _need(machine, key, t, "machine", p)
+        if "memory_gb" in machine and not isinstance(machine["memory_gb"], (*_NUM, type(None))):
+            p.append("machine.memory_gb: expected a number or null")
+    versions = _need(doc, "versions", dict, "document", p)
+    if versions is not None:
+        for key in ("python", "mlx", "mlx_lm", "git_commit"):
+            if key not in versions:
+                p.append(f"versions: missing `{key}`")
+    weights = _need(doc, "weights", dict, "document", p)
+    if weights is not None:
+        label = _need(weights, "label", str, "weights", p)
+        if label is not None and label not in ("synthetic", "real"):
+            p.append(f"weights.label: {label!r} not in ('synthetic', 'real')")
+    _need(doc, "targets", dict, "document", p)
+    settings = _need(doc, "settings", dict, "document", p)
+    if settings is not None:
+        for key in ("repeats", "warmup"):
+            _need(settings, key, int, "settings", p)
+    plan = _need(doc, "plan", list, "document", p)
+    cases = _need(doc, "cases", list, "document", p)
+    if plan is not None and cases is not None:
+        planned = set()
+        for i, c in enumerate(plan):
+            if not isinstance(c, dict) or "id" not in c:
+                p.append(f"plan[{i}]: expected a case with an `id`")
+            else:
+                planned.add(c["id"])
+        seen = set()
+        for i, c in enumerate(cases):
+            _validate_case(c, f"cases[{i}]", p)
+            cid = c.get("id") if isinstance(c, dict) else None
+            if cid in seen:
+                p.append(f"cases[{i}]: duplicate case id {cid!r}")
+            seen.add(cid)
+            if cid is not None and cid not in planned:
+                p.append(f"cases[{i}]: case {cid!r} is not in the plan")
+        if status == "complete" and planned - seen:
+            p.append(f"status is complete but cases are missing: {sorted(planned - seen)}")
+    return p
+
+
+def _validate_case(c: Any, where: str, p: list[str]) -> None:
+    if not isinstance(c, dict):
+        p.append(f"{where}: not an object")
+        return
+    _need(c, "id", str, where, p)
+    _need(c, "settings", dict, where, p)
+    status = _need(c, "status", str, where, p)
+    if status is not None and status not in CASE_STATUSES:
+        p.append(f"{where}.status: {status!r} not in {CASE_STATUSES}")
+    if status == "error":
+        _need(c, "error", str, where, p)
+    if status == "unsupported":
+        _need(c, "reason", str, where, p)
+    if status != "ok":
+        return
+    _need(c, "weights", str, where, p)
+    work = _need(c, "work", dict, where, p)
+    if work is not None:
+        for key in ("speech_tokens", "prompt_speech_tokens", "text_tokens"):
+            _need(work, key, int, f"{where}.work", p)
+    figures = _need(c, "figures", dict, where, p)
+    if figures is None:
+        return
+    for required in ("wall_s", "audio_s", "rtf", "speech_tokens", "load_s"):
+        if required not in figures:
+            p.append(f"{where}.figures: missing `{required}`")
+    for name, f in figures.items():
+        fw = f"{where}.figures.{name}"
+        if name not in FIGURES:
+            p.append(f"{fw}: unknown figure (register it in bench/figures.py)")
+        if not isinstance(f, dict):
+            p.append(f"{fw}: not an object")
+            continue
+        vals = [_need(f, k, _NUM, fw, p) for k in ("median", "min", "max")]
+        n = _need(f, "n", int, fw, p)
+        if None not in vals and not vals[1] <= vals[0] <= vals[2]:
+            p.append(f"{fw}: expected min <= median <= max, got {vals[1]}, {vals[0]}, {vals[2]}")
+        values = f.get("values")
+        if values is not None and n is not None and len(values) != n:
+            p.append(f"{fw}: {len(values)} values but n = {n}")
+    if (
+        work is not None
+        and work.get("fixed_length")
+        and "speech_tokens" in figures
+        and isinstance(figures["speech_tokens"], dict)
+    ):
+        st = figures["speech_tokens"]
+        if st.get("min") != work.get("speech_tokens") or st.get("max") != work.get("speech_tokens"):
+            p.append(
+                f"{where}: fixed-length work asked for {work.get('speech_tokens')} speech tokens,"
+                f" calls produced {st.get('min')}..{st.get('max')}"
+            )
+
+
+def case_index(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["id"]: c for c in doc.get("cases", [])}
+
+
+def list_runs(results_dir: str | Path = RESULTS) -> list[tuple[Path, dict[str, Any] | None]]:
+    """Results files in a directory (newest first), each with its document or `None` if unreadable."""
+    results_dir = Path(results_dir)
+    out = []
+    for path in sorted(results_dir.glob("*.json"), key=lambda q: q.stat().st_mtime, reverse=True):
+        if path.name.endswith(".micro.json"):
+            continue
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+                doc = None
+        except (OSError, json.JSONDecodeError):
+            doc = None
+        out.append((path, doc))
+    return out
+
+
+def resolve_run(ref: str | Path, results_dir: str | Path = RESULTS) -> Path:
+    """A run given as a path, a run id in the results dir, or `latest`."""
+    p = Path(ref)
+    if p.exists():
+        return p
+    results_dir = Path(results_dir)
+    if str(ref) == "latest":
+        runs = [path for path, doc in list_runs(results_dir) if doc is not None]
+        if not runs:
+            raise FileNotFoundError(f"no runs in {results_dir}")
+        return runs[0]
+    cand = results_dir / f"{ref}.json"
+    if cand.exists():
+        return cand
+    raise FileNotFoundError(f"no run {ref!r} (not a file, not in {results_dir})")

@@ -1,0 +1,414 @@
+"""Running a sweep: one fresh worker process per case, results written after every case.
+
+Each case runs in its own process (`python -m bench.worker`) by default, so that
+- the model load time and the first call after load (cold figures) are what a user sees,
+- the process peak RSS belongs to that case alone,
+- each implementation gets its own environment: MLX workers run with OpenBLAS preloaded
+  on Linux, the official PyTorch worker without it (the preload distorts torch timing)
+  and with 2 torch threads.
+`isolate=False` runs cases in this process instead (for debugging; peak RSS is then
+the process's, and cold figures are only cold for the first case of each model).
+
+The run's results file is rewritten atomically after every case. Ctrl-C stops the
+sweep, keeps every finished case and marks the run `interrupted`; `resume` continues
+it, skipping finished cases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import SCHEMA
+from bench.cases import Case, Work
+from bench.figures import aggregate, call_figures, summarize
+from bench.interface import BenchTarget, CallTimings, Prepared, get_target
+from bench.machine import OPENBLAS, machine_info, openblas_preloaded, peak_rss_mb, versions
+from bench.results import now, write_json_atomic
+
+INTERRUPTED = 130  # exit status of an interrupted sweep (as a shell reports Ctrl-C)
+
+
+@dataclass
+class RunOptions:
+    """Settings of a run, recorded in its results file (`settings`)."""
+
+    repeats: int = 3
+    warmup: int = 1
+    prompt_seconds: float = 3.0
+    seed: int = 0
+    fixed_length: bool = True
+    isolate: bool = True
+    openblas: bool = True
+    case_timeout: float | None = None
+    target_options: dict[str, Any] = field(default_factory=dict)
+    """Passed to each target's `prepare`: `model` (a converted or official model dir),
+    `size` (`full` or `tiny` synthetic weights)."""
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError("repeats must be >= 1")
+        if self.warmup < 0:
+            raise ValueError("warmup must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunOptions:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# --------------------------------------------------------------------------- one case
+
+
+def _mlx_reset_peak() -> None:
+    if "mlx.core" in sys.modules:
+        mx = sys.modules["mlx.core"]
+        mx.reset_peak_memory()
+
+
+def _mlx_peak_mb() -> float | None:
+    if "mlx.core" in sys.modules:
+        return sys.modules["mlx.core"].get_peak_memory() / 1e6
+    return None
+
+
+def measure_case(
+    target: BenchTarget, prepared: Prepared, case: Case, work: Work, repeats: int, warmup: int
+) -> dict[str, Any]:
+    """Load, run the cold call and the warm-ups, then the timed repeats; return the case record.
+
+    The first call after load is the cold call; it is also the first of `warmup` calls
+    that are left out of the medians (with `warmup=0` it is counted as a repeat).
+    Memory: MLX's peak is reset before each call and read after it; the process peak
+    RSS is read at the end (load plus every call).
+    """
+    started = now()
+    t_start = time.perf_counter()
+    t0 = time.perf_counter()
+    handle = target.load(case, prepared)
+    load_s = time.perf_counter() - t0
+    calls: list[dict[str, Any]] = []
+    try:
+        for i in range(max(warmup, 0) + repeats):
+            _mlx_reset_peak()
+            timings: CallTimings = target.run(handle, case, work)
+            figs = call_figures(timings)
+            peak = _mlx_peak_mb()
+            if peak is not None:
+                figs["mlx_peak_mb"] = peak
+            calls.append(
+                {
+                    "cold": i == 0,
+                    "warmup": i < warmup,
+                    "figures": figs,
+                    "timings": dataclasses.asdict(timings),
+                }
+            )
+            if work.fixed_length and timings.speech_tokens != work.speech_tokens:
+                raise RuntimeError(
+                    f"fixed-length mode: asked for {work.speech_tokens} speech tokens,"
+                    f" the call produced {timings.speech_tokens}"
+                )
+    finally:
+        rss = peak_rss_mb()
+        target.unload(handle)
+    warm = [c["figures"] for c in calls if not c["warmup"]]
+    figures = aggregate(warm)
+    figures["load_s"] = summarize([load_s])
+    figures["rss_peak_mb"] = summarize([rss])
+    cold = calls[0]["figures"]
+    figures["cold_wall_s"] = summarize([cold["wall_s"]])
+    if "first_chunk_s" in cold:
+        figures["cold_first_chunk_s"] = summarize([cold["first_chunk_s"]])
+    return {
+        "id": case.id,
+        "settings": case.to_dict(),
+        "work": work.to_dict(),
+        "status": "ok",
+        "weights": prepared.weights.get("label", "synthetic"),
+        "figures": figures,
+        "calls": calls,
+        "env": {
+            "openblas_preloaded": openblas_preloaded(),
+            "pid": os.getpid(),
+            **{k: os.environ[k] for k in ("OMP_NUM_THREADS",) if k in os.environ},
+            **prepared.options.get("worker_env", {}),
+        },
+        "started": started,
+        "finished": now(),
+        "duration_s": time.perf_counter() - t_start,
+    }
+
+
+# --------------------------------------------------------------------------- executors
+
+
+def worker_env(target: BenchTarget, openblas: bool = True) -> dict[str, str]:
+    """The environment of a worker process for this target."""
+    env = dict(os.environ)
+    changes = target.env()
+    # MLX on Linux: the wheel's bundled BLAS is ~30x slower than OpenBLAS (../shared/NOTES.md).
+    is_mlx = getattr(target, "backend", "mlx") == "mlx"
+    if is_mlx and openblas and sys.platform.startswith("linux"):
+        if os.path.exists(OPENBLAS) and "openblas" not in env.get("LD_PRELOAD", ""):
+            env["LD_PRELOAD"] = ":".join(x for x in (OPENBLAS, env.get("LD_PRELOAD")) if x)
+    elif not openblas and "openblas" in env.get("LD_PRELOAD", ""):
+        env.pop("LD_PRELOAD")
+    for k, v in changes.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    env.setdefault("PYTHONHASHSEED", "0")
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (root, env.get("PYTHONPATH")) if x)
+    return env
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+def _call_worker(
+    mode: str, spec: dict[str, Any], env: dict[str, str], timeout: float | None
+) -> dict[str, Any]:
+    """Run `python -m bench.worker MODE SPEC OUT` and return what it wrote to OUT."""
+    with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        out_path = Path(tmp) / "out.json"
+        log_path = Path(tmp) / "log.txt"
+        spec_path.write_text(json.dumps(spec), encoding="utf-8")
+        cmd = [sys.executable, "-m", "bench.worker", mode, str(spec_path), str(out_path)]
+        with open(log_path, "w", encoding="utf-8") as log:
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except KeyboardInterrupt:
+                _stop(proc)
+                raise
+            except subprocess.TimeoutExpired:
+                _stop(proc)
+                raise WorkerError(f"worker timed out after {timeout} s") from None
+        tail = log_path.read_text(encoding="utf-8", errors="replace")[-4000:]
+        if rc in (INTERRUPTED, -2):
+            raise KeyboardInterrupt
+        if rc != 0 or not out_path.exists():
+            raise WorkerError(f"worker exited with status {rc}:\n{tail}")
+        return json.loads(out_path.read_text(encoding="utf-8"))
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a worker: SIGINT first (it may be in the middle of a case), then kill."""
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def prepare_target(
+    name: str, cases: list[Case], opts: RunOptions
+) -> tuple[BenchTarget, Prepared, dict[str, str]]:
+    """Prepare a target's weights (in a worker process when isolating)."""
+    target = get_target(name)
+    env = worker_env(target, opts.openblas)
+    if opts.isolate:
+        spec = {
+            "target": name,
+            "cases": [c.to_dict() for c in cases],
+            "options": opts.target_options,
+        }
+        out = _call_worker("prepare", spec, env, None)
+        prepared = Prepared(**out)
+    else:
+        prepared = target.prepare(cases, dict(opts.target_options))
+    return target, prepared, env
+
+
+def execute_case(
+    target: BenchTarget,
+    prepared: Prepared,
+    env: dict[str, str],
+    case: Case,
+    work: Work,
+    opts: RunOptions,
+) -> dict[str, Any]:
+    """Run one case (in a fresh worker when isolating); errors become `error` records."""
+    reason = target.supports(case)
+    if reason is not None:
+        return {
+            "id": case.id,
+            "settings": case.to_dict(),
+            "status": "unsupported",
+            "reason": reason,
+        }
+    try:
+        if opts.isolate:
+            spec = {
+                "target": target.name,
+                "case": case.to_dict(),
+                "work": work.to_dict(),
+                "prepared": dataclasses.asdict(prepared),
+                "repeats": opts.repeats,
+                "warmup": opts.warmup,
+            }
+            record = _call_worker("case", spec, env, opts.case_timeout)
+            record["env"]["isolated"] = True
+        else:
+            record = measure_case(target, prepared, case, work, opts.repeats, opts.warmup)
+            record["env"]["isolated"] = False
+        return record
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # a failing case must not lose the sweep
+        return {
+            "id": case.id,
+            "settings": case.to_dict(),
+            "work": work.to_dict(),
+            "status": "error",
+            "error": f"{type(e).__name__}: {e}",
+            "finished": now(),
+        }
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def new_run(
+    plan: list[Case], opts: RunOptions, run_id: str | None = None, command: list[str] | None = None
+) -> dict[str, Any]:
+    """A fresh results document for a plan (no cases done yet)."""
+    machine = machine_info()
+    created = now()
+    if run_id is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_id = f"{stamp}-{machine['kind']}"
+    return {
+        "schema": SCHEMA,
+        "run_id": run_id,
+        "status": "running",
+        "created": created,
+        "updated": created,
+        "command": command or sys.argv,
+        "machine": machine,
+        "versions": versions(),
+        "weights": {"label": "synthetic"},
+        "targets": {},
+        "settings": opts.to_dict(),
+        "plan": [{"id": c.id, **c.to_dict()} for c in plan],
+        "cases": [],
+    }
+
+
+def plan_of(doc: dict[str, Any]) -> list[Case]:
+    return [Case.from_dict({k: v for k, v in c.items() if k != "id"}) for c in doc["plan"]]
+
+
+def run_sweep(
+    doc: dict[str, Any],
+    path: str | Path,
+    progress: bool = True,
+    on_case_done: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run every planned case of `doc` not yet finished, writing `path` after each case.
+
+    Finished cases (status `ok` or `unsupported`) are skipped, so calling this on an
+    interrupted run resumes it; failed cases run again. On Ctrl-C the document is
+    written with status `interrupted` and `KeyboardInterrupt` propagates.
+    `on_case_done(record)` is called after each case is written (tests use it).
+    """
+    path = Path(path)
+    opts = RunOptions.from_dict(doc["settings"])
+    plan = plan_of(doc)
+    done = {c["id"] for c in doc["cases"] if c.get("status") in ("ok", "unsupported")}
+    todo = [c for c in plan if c.id not in done]
+    doc["status"] = "running"
+
+    def save() -> None:
+        doc["updated"] = now()
+        order = {c.id: i for i, c in enumerate(plan)}
+        doc["cases"].sort(key=lambda r: order.get(r["id"], len(order)))
+        write_json_atomic(path, doc)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(plan), initial=len(plan) - len(todo), unit="case", desc="bench")
+    try:
+        prepared: dict[str, tuple[BenchTarget, Prepared, dict[str, str]]] = {}
+        for name in dict.fromkeys(c.target for c in todo):
+            if bar is not None:
+                bar.set_postfix_str(f"preparing {name} weights")
+            target, prep, env = prepare_target(name, [c for c in plan if c.target == name], opts)
+            prepared[name] = (target, prep, env)
+            doc["targets"][name] = {
+                "weights": prep.weights,
+                "versions": prep.versions,
+                "env": {"openblas_preloaded": "openblas" in env.get("LD_PRELOAD", "")},
+            }
+            if name == plan[0].target:
+                doc["weights"] = prep.weights
+        save()
+        for case in todo:
+            if bar is not None:
+                bar.set_postfix_str(case.id)
+            target, prep, env = prepared[case.target]
+            work = Work.for_case(case, opts.prompt_seconds, opts.seed, opts.fixed_length)
+            record = execute_case(target, prep, env, case, work, opts)
+            doc["cases"] = [c for c in doc["cases"] if c["id"] != case.id] + [record]
+            save()
+            if bar is not None:
+                bar.update(1)
+                if record["status"] == "ok":
+                    bar.write(_one_line(record))
+                else:
+                    bar.write(f"{case.id}: {record['status']}: {_first_line(record)}")
+            if on_case_done is not None:
+                on_case_done(record)
+        doc["status"] = "complete"
+        save()
+    except KeyboardInterrupt:
+        doc["status"] = "interrupted"
+        save()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return doc
+
+
+def _first_line(record: dict[str, Any]) -> str:
+    """The last line of a failed case's error (the exception), for the progress log."""
+    lines = (record.get("error") or record.get("reason") or "").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def _one_line(record: dict[str, Any]) -> str:
+    f = record["figures"]
+    parts = [record["id"]]
+    for name, fmt in (
+        ("rtf", "RTF {:.2f}"),
+        ("first_chunk_s", "first chunk {:.2f} s"),
+        ("decode_tok_s", "decode {:.1f} tok/s"),
+        ("mlx_peak_mb", "peak {:.0f} MB"),
+    ):
+        if name in f:
+            parts.append(fmt.format(f[name]["median"]))
+    return "  ".join(parts)
