@@ -22,8 +22,10 @@ Both formats `torch.save` writes are read:
 
 Arrays follow torch's semantics: tensors that share a storage (tied weights,
 views) are numpy views of one buffer, so they share memory; non-contiguous
-tensors are strided views. Storage bytes are read once, straight into the
-buffers (`readinto`), or mapped without copying (`mmap=True`, read-only arrays).
+tensors are strided views. By default the file is memory-mapped and arrays are
+read-only views of it (no copy; pages are read on first touch, so reading is at
+page-cache/disk speed); `mmap=False` reads each storage once, straight into an
+owned, writable buffer (`readinto`).
 bfloat16, which numpy lacks, is returned as float32 by default (exact: a bf16
 value is a float32 with the low 16 bits zero); see `BFloat16Mode`.
 """
@@ -348,6 +350,7 @@ ALLOWED_GLOBALS: frozenset[str] = frozenset(
     [f"{m}.{n}" for m, n in _CALLABLE_GLOBALS]
     + [f"torch.{n}" for n in _STORAGE_TYPES]
     + [f"torch.cuda.{n}" for n in _STORAGE_TYPES if n != "UntypedStorage"]
+    + ["torch.storage.UntypedStorage"]
     + [f"torch.{n}" for n in _DTYPES]
     + ["torch.Tensor", "torch.nn.parameter.Parameter"]
 )
@@ -359,7 +362,7 @@ def _find_global(module: str, name: str) -> Any:
     qualname = f"{module}.{name}"
     if (module, name) in _CALLABLE_GLOBALS:
         return _Global(qualname, _CALLABLE_GLOBALS[(module, name)])
-    if module in ("torch", "torch.cuda") and name in _STORAGE_TYPES and qualname in ALLOWED_GLOBALS:
+    if name in _STORAGE_TYPES and qualname in ALLOWED_GLOBALS:
         return _Marker(qualname, "storage type", _STORAGE_TYPES[name])
     if module == "torch" and name in _DTYPES:
         return _Marker(qualname, "dtype", _DTYPES[name])
@@ -667,15 +670,16 @@ def _resolve(tree: Any, build: Callable[[_TensorRef], np.ndarray]) -> Any:
 
 
 def load_torch_file(
-    path: str | os.PathLike[str], *, bfloat16: BFloat16Mode = "float32", mmap: bool = False
+    path: str | os.PathLike[str], *, bfloat16: BFloat16Mode = "float32", mmap: bool = True
 ) -> Any:
     """Read any `torch.save` file of plain data and tensors, without torch and without running code.
 
     Returns the saved object with tensors as numpy arrays, dicts (and OrderedDicts) as
     plain dicts, lists, tuples and Python scalars as they are. `bfloat16` picks the
-    representation of bf16 tensors (`BFloat16Mode`). With `mmap=True` the arrays are
-    read-only views of a memory map of the file (no copy; the file must not change
-    while they live); by default storage bytes are read into owned, writable buffers.
+    representation of bf16 tensors (`BFloat16Mode`; converted bf16 arrays are owned).
+    With `mmap=True` (default) the arrays are read-only views of a memory map of the
+    file: no copy, and the file must not be truncated or rewritten while they live.
+    With `mmap=False` storage bytes are read into owned, writable buffers.
 
     Raises `CheckpointError` (naming the file) for a missing, truncated, corrupt or
     unrecognised file, and for any pickle global outside `ALLOWED_GLOBALS`, before
@@ -726,7 +730,7 @@ def load_torch_file(
 
 
 def load_torch_checkpoint(
-    path: str | os.PathLike[str], *, bfloat16: BFloat16Mode = "float32", mmap: bool = False
+    path: str | os.PathLike[str], *, bfloat16: BFloat16Mode = "float32", mmap: bool = True
 ) -> dict[str, Any]:
     """Read a `.pt` state dict (`llm.pt`, `flow.pt`, `hift.pt`, `spk2info.pt`) as numpy arrays.
 
