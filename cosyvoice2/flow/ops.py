@@ -66,7 +66,7 @@ def conv_transpose1d(
     b, t, c_in = x.shape
     c_out, k, _ = weight.shape
     # y[b, t, j, o] = sum_i x[b, t, i] w[o, j, i]: every input frame's K output taps.
-    taps = (x @ weight.reshape(c_out * k, c_in).T).reshape(b, t, k, c_out)
+    taps = (x @ weight.transpose(1, 0, 2).reshape(k * c_out, c_in).T).reshape(b, t, k, c_out)
     # Tap j of frame t lands at t * stride + j. Group taps by j // stride so each group
     # is a strided placement that a reshape performs; sum the groups with offsets.
     groups = -(-k // stride)

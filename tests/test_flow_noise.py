@@ -1,0 +1,43 @@
+"""The CFM's fixed starting noise: the numpy recipe against torch, and no global RNG side effects."""
+
+from __future__ import annotations
+
+import random
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from cosyvoice2.flow import noise
+
+
+def test_noise_shape_layout_and_determinism() -> None:
+    a = noise.cfm_noise(37)
+    assert a.shape == (1, 37, 80) and a.dtype == mx.float32
+    flat = noise.torch_randn_seed0(16 * 5)
+    # channels-last: frame j of channel c is element c * 15000 + j of the flat official draw
+    assert np.array_equal(np.array(a)[0, :5, 0], flat[:5])
+    assert np.array_equal(np.array(noise.cfm_noise(37)), np.array(a))
+    with pytest.raises(ValueError):
+        noise.cfm_noise(noise.MAX_FRAMES + 1)
+
+
+def test_noise_leaves_global_generators_alone() -> None:
+    noise._noise_channels_last.cache_clear()
+    np_state = np.random.get_state()[1].copy()
+    py_state = random.getstate()
+    mx.random.seed(123)
+    expected = mx.random.normal((4,))
+    mx.random.seed(123)
+    noise.cfm_noise(10)
+    assert np.array_equal(np.random.get_state()[1], np_state)
+    assert random.getstate() == py_state
+    assert mx.array_equal(mx.random.normal((4,)), expected)
+
+
+def test_noise_equals_torch_seed0_randn() -> None:
+    torch = pytest.importorskip("torch")
+    ref = torch.randn(1, 80, 15000, generator=torch.Generator().manual_seed(0)).numpy()
+    got = np.array(noise.cfm_noise(noise.MAX_FRAMES)).transpose(0, 2, 1)
+    err = np.abs(got - ref).max()
+    assert err <= 1e-6, f"max abs diff {err}"

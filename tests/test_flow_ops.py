@@ -1,0 +1,105 @@
+"""The flow's array helpers against direct formulations (no torch needed)."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from cosyvoice2.flow.encoder import RelPositionMultiHeadedAttention, rel_position_table
+from cosyvoice2.flow.flow_matching import euler_times, time_schedule
+from cosyvoice2.flow.ops import (
+    causal_conv1d,
+    causal_conv1d_unfold,
+    chunk_mask,
+    conv_transpose1d,
+    gelu,
+    mish,
+)
+
+
+def _rand(rng: np.random.Generator, *shape: int) -> mx.array:
+    return mx.array(rng.standard_normal(shape).astype(np.float32))
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 5])
+def test_causal_conv1d_matches_padded_conv_and_unfold(k: int) -> None:
+    rng = np.random.default_rng(k)
+    x, w, b = _rand(rng, 2, 19, 24), _rand(rng, 16, k, 24), _rand(rng, 16)
+    ref = mx.conv1d(mx.pad(x, [(0, 0), (k - 1, 0), (0, 0)]), w) + b
+    got = causal_conv1d(x, w, b)
+    unf = causal_conv1d_unfold(x, w, b)
+    assert got.shape == (2, 19, 16)
+    assert mx.abs(got - ref).max().item() < 1e-5
+    assert mx.abs(unf - ref).max().item() < 1e-5
+    # causality: changing the last frame changes only the last output frame
+    x2 = mx.concatenate([x[:, :-1], x[:, -1:] + 1.0], axis=1)
+    diff = mx.abs(causal_conv1d(x2, w, b) - got).max(axis=(0, 2))
+    assert diff[:-1].max().item() == 0.0 and diff[-1].item() > 0.0
+
+
+@pytest.mark.parametrize(
+    ("k", "stride", "padding"), [(4, 2, 1), (3, 2, 0), (5, 3, 1), (16, 8, 4), (2, 2, 0)]
+)
+def test_conv_transpose1d_matches_mlx(k: int, stride: int, padding: int) -> None:
+    rng = np.random.default_rng(100 + k)
+    x, w, b = _rand(rng, 2, 11, 12), _rand(rng, 8, k, 12), _rand(rng, 8)
+    ref = mx.conv_transpose1d(x, w, stride=stride, padding=padding) + b
+    got = conv_transpose1d(x, w, stride, padding, b)
+    assert got.shape == ref.shape
+    assert mx.abs(got - ref).max().item() < 1e-5
+
+
+@pytest.mark.parametrize(("size", "chunk"), [(7, 3), (50, 25), (10, 50)])
+def test_chunk_mask_matches_official_definition(size: int, chunk: int) -> None:
+    # subsequent_chunk_mask_deprecated with num_left_chunks < 0, written as a loop
+    ref = np.zeros((size, size), dtype=bool)
+    for i in range(size):
+        ref[i, : min((i // chunk + 1) * chunk, size)] = True
+    assert np.array_equal(np.array(chunk_mask(size, chunk)), ref)
+
+
+def test_activations_match_reference_formulas() -> None:
+    xs = np.linspace(-30.0, 30.0, 2001).astype(np.float64)
+    x = mx.array(xs.astype(np.float32))
+    gelu_ref = 0.5 * xs * (1.0 + np.vectorize(math.erf)(xs / math.sqrt(2.0)))
+    mish_ref = xs * np.tanh(np.log1p(np.exp(xs)))
+    assert np.abs(np.array(gelu(x)) - gelu_ref).max() < 1e-5 * np.abs(gelu_ref).max()
+    assert np.abs(np.array(mish(x)) - mish_ref).max() < 1e-5 * np.abs(mish_ref).max()
+
+
+def test_rel_shift_reads_relative_positions() -> None:
+    rng = np.random.default_rng(3)
+    t = 6
+    x = rng.standard_normal((1, 2, t, 2 * t - 1)).astype(np.float32)
+    got = np.array(RelPositionMultiHeadedAttention.rel_shift(mx.array(x)))
+    ref = np.empty((1, 2, t, t), np.float32)
+    for i in range(t):
+        for j in range(t):
+            ref[:, :, i, j] = x[:, :, i, t - 1 - i + j]
+    assert np.array_equal(got, ref)
+
+
+def test_rel_position_table_layout() -> None:
+    t, d = 5, 8
+    pe = np.array(rel_position_table(t, d))[0]
+    assert pe.shape == (2 * t - 1, d)
+    for k in range(2 * t - 1):
+        rel = t - 1 - k
+        div = np.exp(np.arange(0, d, 2) * -(math.log(10000.0) / d))
+        assert np.allclose(pe[k, 0::2], np.sin(rel * div), atol=1e-6)
+        assert np.allclose(pe[k, 1::2], np.cos(rel * div), atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 3, 10])
+def test_euler_times_cover_the_cosine_schedule(n: int) -> None:
+    span = time_schedule(n)
+    assert span[0] == 0.0 and abs(span[-1] - 1.0) < 1e-6
+    assert np.all(np.diff(span) > 0)
+    steps = euler_times(n)
+    assert len(steps) == n
+    assert abs(sum(dt for _, dt in steps) - 1.0) < 1e-6
+    for (t, _), s in zip(steps, span[:-1]):
+        assert abs(t - s) < 1e-6
