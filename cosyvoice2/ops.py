@@ -1,0 +1,238 @@
+"""Fast 1-D convolution primitives for MLX, with the native ops kept where they are fast.
+
+On the CPU backend of MLX (0.32), two convolution kernels are slow paths: a
+dilated `mx.conv1d` (hundreds of ms where the same undilated conv takes a few)
+and `mx.conv_transpose1d` (about 1 GFLOP/s). HiFT is made of exactly these
+(resblocks with dilations 1, 3, 5; three transposed-conv upsamplers), so this
+module routes them through formulations that end in one large matrix multiply,
+which MLX hands to BLAS (with OpenBLAS preloaded: well over 100 GFLOP/s):
+
+- `conv1d_unfold`: im2col. The K taps of a (dilated, strided) kernel are K
+  shifted, strided views of the padded input, concatenated along channels into
+  (N, L_out, K * C_in), then one matmul with the weight seen as
+  (C_out, K * C_in), the bias fused in with `addmm`. No copy of the weight.
+- `conv_transpose1d_matmul`: one matmul of the input with the weight seen as
+  (C_out * K, C_in) gives every tap's contribution, (N, L, C_out, K); the taps
+  are regrouped as ceil(K / stride) blocks of `stride` samples and summed at
+  their shifted positions (overlap-add), then cropped by the padding.
+
+`conv1d` and `conv_transpose1d` pick the route: the fast formulation where
+`fast_paths_enabled()` (the default device is the CPU), the native op otherwise
+(Metal's kernels are fast), and the native op for what the fast formulations do
+not cover (groups > 1, transposed dilation > 1). `set_fast_paths` forces either
+route (tests, benchmarks).
+
+Layouts are MLX's: input (N, L, C_in), conv weight (C_out, K, C_in) for both
+the conv and the transposed conv, as `mx.conv1d` / `mx.conv_transpose1d` take them.
+
+Measured on the development machine (2-core x86-64 CPU, AVX-512, OpenBLAS
+preloaded, fp32), full-size HiFT shapes for 1 s of audio; see
+`tests/benchmarks/test_bench_hift.py` and the `cosyvoice2.hift` docstring:
+{MEASUREMENTS}
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+_FORCE: bool | None = None
+
+
+def set_fast_paths(enabled: bool | None) -> None:
+    """Force the fast formulations on (True) or off (False); None restores the automatic choice."""
+    global _FORCE
+    _FORCE = enabled
+
+
+def fast_paths_enabled() -> bool:
+    """Whether `conv1d` / `conv_transpose1d` use the matmul formulations (default: on the CPU)."""
+    if _FORCE is not None:
+        return _FORCE
+    return mx.default_device().type == mx.DeviceType.cpu
+
+
+def _pads(padding: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(padding, int):
+        return padding, padding
+    lo, hi = padding
+    return int(lo), int(hi)
+
+
+def _matmul_bias(cols: mx.array, weight_t: mx.array, bias: mx.array | None) -> mx.array:
+    if bias is None:
+        return cols @ weight_t
+    return mx.addmm(bias, cols, weight_t)
+
+
+def conv1d_unfold(
+    x: mx.array,
+    weight: mx.array,
+    bias: mx.array | None = None,
+    stride: int = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int = 1,
+) -> mx.array:
+    """`mx.conv1d` (groups 1) as im2col plus one matmul; `padding` may be (left, right).
+
+    x: (N, L, C_in); weight: (C_out, K, C_in); returns (N, L_out, C_out) with
+    L_out = (L + left + right - dilation * (K - 1) - 1) // stride + 1.
+    """
+    c_out, k, c_in = weight.shape
+    lo, hi = _pads(padding)
+    if lo or hi:
+        x = mx.pad(x, [(0, 0), (lo, hi), (0, 0)])
+    length = x.shape[1]
+    l_out = (length - dilation * (k - 1) - 1) // stride + 1
+    if l_out <= 0:
+        raise ValueError(f"conv1d: input of length {length} (padded) is shorter than the kernel")
+    span = (l_out - 1) * stride + 1
+    taps = [x[:, j * dilation : j * dilation + span : stride] for j in range(k)]
+    cols = taps[0] if k == 1 else mx.concatenate(taps, axis=-1)
+    return _matmul_bias(cols, weight.reshape(c_out, k * c_in).T, bias)
+
+
+def conv_transpose1d_matmul(
+    x: mx.array,
+    weight: mx.array,
+    bias: mx.array | None = None,
+    stride: int = 1,
+    padding: int = 0,
+    output_padding: int = 0,
+) -> mx.array:
+    """`mx.conv_transpose1d` (groups 1, dilation 1) as one matmul plus overlap-add.
+
+    x: (N, L, C_in); weight: (C_out, K, C_in); returns (N, L_out, C_out) with
+    L_out = (L - 1) * stride - 2 * padding + K + output_padding, as torch's
+    `ConvTranspose1d` defines it.
+    """
+    c_out, k, c_in = weight.shape
+    n, length, _ = x.shape
+    s = stride
+    m = math.ceil(k / s)
+    # Every tap's contribution: y[n, i, o, t] = sum_c x[n, i, c] * w[o, t, c] lands at i * s + t.
+    y = (x @ weight.reshape(c_out * k, c_in).T).reshape(n, length, c_out, k)
+    if m * s > k:
+        y = mx.pad(y, [(0, 0), (0, 0), (0, 0), (0, m * s - k)])
+    y = y.reshape(n, length, c_out, m, s)
+    # Tap block j of input i lands in output block i + j: sum the m blocks at their shifts.
+    out = None
+    for j in range(m):
+        part = (
+            mx.pad(y[:, :, :, j], [(0, 0), (j, m - 1 - j), (0, 0), (0, 0)])
+            if m > 1
+            else y[:, :, :, j]
+        )
+        out = part if out is None else out + part
+    out = out.swapaxes(2, 3).reshape(n, (length + m - 1) * s, c_out)
+    l_out = (length - 1) * s - 2 * padding + k + output_padding
+    end = padding + l_out
+    if end > out.shape[1]:  # output_padding reaches past the last tap
+        out = mx.pad(out, [(0, 0), (0, end - out.shape[1]), (0, 0)])
+    out = out[:, padding:end]
+    return out if bias is None else out + bias
+
+
+def conv1d(
+    x: mx.array,
+    weight: mx.array,
+    bias: mx.array | None = None,
+    stride: int = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int = 1,
+    groups: int = 1,
+) -> mx.array:
+    """1-D convolution (cross-correlation, as torch's `Conv1d`), routed to the fast formulation on CPU.
+
+    x: (N, L, C_in); weight: (C_out, K, C_in // groups); `padding` an int or (left, right).
+    """
+    if groups == 1 and fast_paths_enabled():
+        return conv1d_unfold(x, weight, bias, stride, padding, dilation)
+    lo, hi = _pads(padding)
+    if lo == hi:
+        y = mx.conv1d(x, weight, stride=stride, padding=lo, dilation=dilation, groups=groups)
+    else:
+        y = mx.conv_general(
+            x, weight, stride=stride, padding=([lo], [hi]), kernel_dilation=dilation, groups=groups
+        )
+    return y if bias is None else y + bias
+
+
+def conv_transpose1d(
+    x: mx.array,
+    weight: mx.array,
+    bias: mx.array | None = None,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    output_padding: int = 0,
+    groups: int = 1,
+) -> mx.array:
+    """1-D transposed convolution (torch's `ConvTranspose1d`), routed to the fast formulation on CPU.
+
+    x: (N, L, C_in); weight: (C_out, K, C_in // groups), MLX's layout (torch's is (C_in, C_out, K)).
+    """
+    if groups == 1 and dilation == 1 and fast_paths_enabled():
+        return conv_transpose1d_matmul(x, weight, bias, stride, padding, output_padding)
+    y = mx.conv_transpose1d(
+        x,
+        weight,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        output_padding=output_padding,
+        groups=groups,
+    )
+    return y if bias is None else y + bias
+
+
+class Conv1d(nn.Module):
+    """`torch.nn.Conv1d` on channels-last input, parameters `weight` (C_out, K, C_in) and `bias`."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int = 1,
+        bias: bool = True,
+    ):
+        super().__init__()
+        scale = math.sqrt(1.0 / (in_channels * kernel_size))
+        self.weight = mx.random.uniform(-scale, scale, (out_channels, kernel_size, in_channels))
+        if bias:
+            self.bias = mx.zeros((out_channels,))
+        self.stride = stride
+        self.padding = padding
+        self.dilation = dilation
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return conv1d(x, self.weight, self.get("bias"), self.stride, self.padding, self.dilation)
+
+
+class ConvTranspose1d(nn.Module):
+    """`torch.nn.ConvTranspose1d` on channels-last input, `weight` (C_out, K, C_in) and `bias`."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool = True,
+    ):
+        super().__init__()
+        scale = math.sqrt(1.0 / (in_channels * kernel_size))
+        self.weight = mx.random.uniform(-scale, scale, (out_channels, kernel_size, in_channels))
+        if bias:
+            self.bias = mx.zeros((out_channels,))
+        self.stride = stride
+        self.padding = padding
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return conv_transpose1d(x, self.weight, self.get("bias"), self.stride, self.padding)
