@@ -48,6 +48,15 @@ import numpy as np
 
 from cosyvoice2.errors import CheckpointError
 
+__all__ = [
+    "ALLOWED_GLOBALS",
+    "BFloat16Mode",
+    "LEGACY_MAGIC_NUMBER",
+    "LEGACY_PROTOCOL_VERSION",
+    "load_torch_checkpoint",
+    "load_torch_file",
+]
+
 BFloat16Mode = Literal["float32", "uint16", "ml_dtypes"]
 """How bfloat16 tensors come back: `float32` (default, exact, twice the memory), `uint16`
 (the raw bit patterns, e.g. for `mx.array(a).view(mx.bfloat16)`), or `ml_dtypes`
