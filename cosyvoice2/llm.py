@@ -1,0 +1,611 @@
+"""The CosyVoice2 speech language model (`cosyvoice.llm.llm.Qwen2LM`) on mlx-lm's Qwen2.
+
+Structure (parameter names as in the official `llm.pt`, so `sanitize` only
+strips the Hugging Face wrapper prefix):
+
+- `llm`: the Qwen2 backbone, `mlx_lm.models.qwen2.Qwen2Model` (imported, not
+  copied). Only the inner model is used: the official code runs the whole
+  `Qwen2ForCausalLM` and throws away its 151,936-word output layer, here it is
+  never built. `llm.embed_tokens` is the text embedding.
+- `llm_embedding`: 2 rows, sos (0) and task id (1).
+- `speech_embedding`: 6561 speech tokens + 3 (eos 6561, 6562, fill 6563).
+- `llm_decoder`: hidden -> 6564 speech-token logits.
+
+Decoding input layout (as the official `inference`):
+`[sos, prompt_text + text, task_id, prompt_speech_tokens]`, then one speech token
+per step through a KV cache owned by the caller of the backbone
+(`mlx_lm.models.cache.make_prompt_cache`). `min_len`/`max_len` are the target
+text length times `min_token_text_ratio`/`max_token_text_ratio`.
+
+Behaviour: the latest upstream code, with the mid-2025 code (the
+`cosyvoice-minicpmo` wheel used as the parity reference) available as
+`behaviour="legacy"`. Where they differ:
+
+1. End of speech below the minimum length: upstream sets the eos log-probability
+   to `-inf` before sampling; legacy draws again, up to 100 times, then raises.
+2. Stop tokens in `inference`: upstream stops on any of 6561, 6562, 6563; legacy
+   stops only on 6561 and skips 6562/6563 without yielding them, feeding the
+   previous input again (a quirk of its `continue`, reproduced).
+3. Repetition-aware sampling's fallback: upstream excludes the repeated token
+   (see `cosyvoice2.sampling`); `default_sampler(behaviour)` picks the matching one.
+4. `inference_bistream`: upstream forces the first fill token after
+   `(P // 15 + 1) * 15 - P` tokens (P prompt speech tokens) and every 16 tokens
+   after; legacy forces none until the model emits a fill token itself.
+
+Prompt prefix reuse: `[sos, prompt_text]` does not depend on the target text,
+so its KV cache can be computed once per saved speaker (`make_prefix`) and
+reused (`inference(..., prefix=...)`): each call copies it, so the saved one is
+never modified. The prompt speech tokens come after the text in this layout and
+cannot be cached.
+
+Decoding overlaps work as mlx-lm's `generate_step` does: step n+1 is built and
+scheduled with `mx.async_eval` before token n is read on the host, so the only
+host synchronisation per token is reading the token itself. When the host then
+finds that token n ends decoding or changes the next input (stop token, fill
+token, a legacy re-draw), the speculative step is discarded by trimming the KV
+cache by one position.
+
+Precision and quantisation (`cast`, `quantize`, `from_weights`): fp32, bf16,
+fp16, and 8- or 4-bit affine quantisation with `mlx.nn.quantize`. Rule: every
+`Linear` of the Qwen2 backbone and its text embedding are quantised (together
+about 98% of the parameters); `llm_embedding`, `speech_embedding` and
+`llm_decoder` stay in float unless `include_speech_layers=True`, because they
+are small (1.6%) and `llm_decoder` produces the speech-token distribution
+itself. The quantisation is recorded the way mlx-lm records it
+(`{"quantization": {"group_size": 64, "bits": 8}}`) and loading quantises only
+the modules whose `scales` are present in the weights (mlx-lm's rule), so saved
+quantised weights are loaded, never re-quantised.
+
+Profiling (this 2-core x86 machine, OpenBLAS preloaded, full-size random
+weights; see the report of the issue for the measured figures): decode is
+bound by reading about 1.44 GB of fp32 weights per token; the text embedding
+(545 MB) is read only at prefill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.models import qwen2
+from mlx_lm.models.cache import (
+    KVCache,
+    load_prompt_cache,
+    make_prompt_cache,
+    save_prompt_cache,
+    trim_prompt_cache,
+)
+
+from cosyvoice2.config import LLMConfig
+from cosyvoice2.sampling import RasSampler, Sampler, empty_recent, push_recent
+
+Behaviour = Literal["upstream", "legacy"]
+TokenLike = Sequence[int] | np.ndarray | mx.array
+MAX_EOS_TRIALS = 100  # the legacy `sampling_ids` bound on re-draws
+
+_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def _tokens(x: TokenLike | None) -> mx.array:
+    """Token ids as an int32 array of shape (1, T) (T may be 0)."""
+    if x is None:
+        return mx.zeros((1, 0), dtype=mx.int32)
+    if isinstance(x, mx.array):
+        arr = x.astype(mx.int32)
+    else:
+        arr = mx.array(np.asarray(x, dtype=np.int64).astype(np.int32))
+    return arr.reshape(1, arr.size)
+
+
+def _length_limit(n_text: int, ratio: float) -> int:
+    """`int(text_len * ratio)` computed in float32, as the official code does with tensors."""
+    return int(np.float32(n_text) * np.float32(ratio))
+
+
+def _as_key(key: mx.array | int | None) -> mx.array:
+    """An explicit MLX random key: an int is a seed; None draws fresh entropy from the OS."""
+    if key is None:
+        return mx.random.key(int.from_bytes(os.urandom(8), "little") >> 1)
+    if isinstance(key, int):
+        return mx.random.key(key)
+    return key
+
+
+@dataclass
+class PromptPrefix:
+    """The KV cache of `[sos, prompt_text]`, computed once for a saved speaker.
+
+    `cache` is never modified; `fresh_cache()` gives a copy to decode with.
+    """
+
+    prompt_text: tuple[int, ...]
+    cache: list[KVCache]
+
+    @property
+    def length(self) -> int:
+        return self.cache[0].offset
+
+    def fresh_cache(self) -> list[KVCache]:
+        """New KV caches holding the prefix (new arrays, so decoding cannot alter this one)."""
+        out = []
+        for c in self.cache:
+            n = c.offset
+            copy = KVCache()
+            copy.state = (c.keys[..., :n, :], c.values[..., :n, :], n)
+            out.append(copy)
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """Write the prefix as a `.safetensors` file (mlx-lm's prompt-cache format)."""
+        meta = {"prompt_text": json.dumps(list(self.prompt_text))}
+        save_prompt_cache(str(path), self.cache, metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PromptPrefix:
+        cache, meta = load_prompt_cache(str(path), return_metadata=True)
+        return cls(tuple(json.loads(meta["prompt_text"])), cache)
+
+
+def default_sampler(config: LLMConfig, behaviour: Behaviour = "upstream") -> Sampler:
+    """The official repetition-aware sampler with the config's settings, in the given behaviour."""
+    return RasSampler.from_config(config.sampling, exclude_repeated=behaviour == "upstream")
+
+
+class Qwen2LM(nn.Module):
+    """CosyVoice2's speech LM: text and prompt in, speech tokens (0..6560) out."""
+
+    def __init__(self, config: LLMConfig):
+        super().__init__()
+        self.config = config
+        self.speech_token_size = config.speech_token_size
+        self.sos = 0
+        self.task_id = 1
+        self.eos_token = config.speech_token_size
+        self.fill_token = config.speech_token_size + 2
+        self.mix_ratio = tuple(config.mix_ratio)
+        args = qwen2.ModelArgs.from_dict(dataclasses.asdict(config.qwen))
+        self.llm_embedding = nn.Embedding(2, config.llm_input_size)
+        self.llm = qwen2.Qwen2Model(args)
+        self.llm_decoder = nn.Linear(config.llm_output_size, config.speech_token_size + 3)
+        self.speech_embedding = nn.Embedding(config.speech_token_size + 3, config.llm_input_size)
+
+    # ----------------------------------------------------------------- loading
+
+    @staticmethod
+    def sanitize(weights: dict[str, Any]) -> dict[str, mx.array]:
+        """Official `llm.pt` keys -> this module's: strip `llm.model.model.`, drop the unused head.
+
+        `llm.model.lm_head.weight` (the Qwen2 output layer, tied to the text
+        embedding) is never used for speech; rotary `inv_freq` buffers are
+        recomputed. Keys already in MLX form pass through unchanged.
+        """
+        out: dict[str, mx.array] = {}
+        for key, value in weights.items():
+            if key.startswith("llm.model.lm_head.") or "rotary_emb.inv_freq" in key:
+                continue
+            if key.startswith("llm.model.model."):
+                key = "llm." + key[len("llm.model.model.") :]
+            out[key] = value if isinstance(value, mx.array) else mx.array(np.asarray(value))
+        return out
+
+    @classmethod
+    def from_weights(
+        cls,
+        config: LLMConfig,
+        weights: dict[str, mx.array],
+        quantization: dict[str, Any] | None = None,
+        strict: bool = True,
+    ) -> Qwen2LM:
+        """Build and load from (sanitized) weights, as saved by the converter.
+
+        With `quantization` (`{"group_size": g, "bits": b}`, mlx-lm's record),
+        the modules whose `<path>.scales` are in `weights` are turned into their
+        quantised versions before loading: the stored quantised weights are
+        loaded as they are. Float weights keep their stored dtype.
+        """
+        model = cls(config)
+        if quantization:
+            nn.quantize(
+                model,
+                group_size=quantization["group_size"],
+                bits=quantization["bits"],
+                class_predicate=lambda p, m: (
+                    hasattr(m, "to_quantized") and f"{p}.scales" in weights
+                ),
+            )
+        model.load_weights(list(weights.items()), strict=strict)
+        mx.eval(model.parameters())
+        return model
+
+    def make_cache(self) -> list[KVCache]:
+        """A fresh, empty KV cache for the backbone (one `KVCache` per layer)."""
+        return make_prompt_cache(self.llm)
+
+    # ------------------------------------------------------------- forwarding
+
+    def embed_text(self, tokens: TokenLike) -> mx.array:
+        """Text token ids -> (1, T, D) with the Qwen2 text embedding."""
+        return self.llm.embed_tokens(_tokens(tokens))
+
+    def embed_speech(self, tokens: TokenLike) -> mx.array:
+        """Speech token ids -> (1, T, D)."""
+        return self.speech_embedding(_tokens(tokens))
+
+    def special_embedding(self, index: int) -> mx.array:
+        """Row `index` of `llm_embedding` (sos 0, task id 1) as (1, 1, D)."""
+        return self.llm_embedding(mx.array([[index]], dtype=mx.int32))
+
+    def forward_one_step(self, xs: mx.array, cache: list[KVCache]) -> mx.array:
+        """Run input embeddings (1, L, D) through the backbone with `cache`; logits of the last position (1, V).
+
+        Appends L positions to `cache` (`Qwen2Encoder.forward_one_step` plus `llm_decoder`).
+        """
+        hidden = self.llm(None, cache=cache, input_embeddings=xs)
+        return self.llm_decoder(hidden[:, -1])
+
+    def log_probs(self, xs: mx.array, cache: list[KVCache]) -> mx.array:
+        """float32 log-softmax of the last position's logits, shape (V,)."""
+        logits = self.forward_one_step(xs, cache)[0].astype(mx.float32)
+        return logits - mx.logsumexp(logits, keepdims=True)
+
+    def _eos_masked(self, logp: mx.array) -> mx.array:
+        ids = mx.arange(logp.shape[-1])
+        return mx.where(ids == self.eos_token, float("-inf"), logp)
+
+    # -------------------------------------------------------------- prefixes
+
+    def prompt_input(
+        self,
+        text: TokenLike,
+        prompt_text: TokenLike | None = None,
+        prompt_speech_token: TokenLike | None = None,
+    ) -> mx.array:
+        """The official input layout `[sos, prompt_text + text, task_id, prompt_speech]` as (1, L, D)."""
+        parts = [
+            self.special_embedding(self.sos),
+            self.embed_text(mx.concatenate([_tokens(prompt_text), _tokens(text)], axis=1)),
+            self.special_embedding(self.task_id),
+        ]
+        speech = _tokens(prompt_speech_token)
+        if speech.shape[1]:
+            parts.append(self.embed_speech(speech))
+        return mx.concatenate(parts, axis=1)
+
+    def make_prefix(self, prompt_text: TokenLike | None) -> PromptPrefix:
+        """Compute the KV cache of `[sos, prompt_text]` once (for a saved speaker)."""
+        tokens = _tokens(prompt_text)
+        x = mx.concatenate([self.special_embedding(self.sos), self.embed_text(tokens)], axis=1)
+        cache = self.make_cache()
+        self.llm(None, cache=cache, input_embeddings=x)
+        mx.eval([c.state for c in cache])
+        return PromptPrefix(tuple(tokens[0].tolist()), cache)
+
+    # -------------------------------------------------------------- decoding
+
+    def inference(
+        self,
+        text: TokenLike,
+        prompt_text: TokenLike | None = None,
+        prompt_speech_token: TokenLike | None = None,
+        embedding: Any = None,
+        sampling: Sampler | None = None,
+        max_token_text_ratio: float = 20,
+        min_token_text_ratio: float = 2,
+        *,
+        key: mx.array | int | None = None,
+        prefix: PromptPrefix | None = None,
+        behaviour: Behaviour = "upstream",
+    ) -> Iterator[int]:
+        """Yield speech tokens for `text` (the official `Qwen2LM.inference`).
+
+        `embedding` (the speaker vector) is accepted for the official signature
+        and ignored, as the official Qwen2LM ignores it. `sampling` defaults to
+        the config's repetition-aware sampler; `key` (an MLX key or an int seed)
+        drives every random draw. `prefix` is a `make_prefix` result for this
+        `prompt_text` (then `prompt_text` may be omitted); the tokens are the
+        same as without it.
+        """
+        del embedding
+        text_t = _tokens(text)
+        if prefix is not None:
+            if (
+                prompt_text is not None
+                and tuple(_tokens(prompt_text)[0].tolist()) != prefix.prompt_text
+            ):
+                raise ValueError("prefix was computed for a different prompt_text")
+            cache = prefix.fresh_cache()
+            parts = [self.embed_text(text_t), self.special_embedding(self.task_id)]
+            speech = _tokens(prompt_speech_token)
+            if speech.shape[1]:
+                parts.append(self.embed_speech(speech))
+            lm_input = mx.concatenate(parts, axis=1)
+        else:
+            cache = self.make_cache()
+            lm_input = self.prompt_input(text_t, prompt_text, prompt_speech_token)
+        n_text = text_t.shape[1]
+        min_len = _length_limit(n_text, min_token_text_ratio)
+        max_len = _length_limit(n_text, max_token_text_ratio)
+        sampler = sampling if sampling is not None else default_sampler(self.config, behaviour)
+        yield from self._decode(lm_input, cache, sampler, _as_key(key), min_len, max_len, behaviour)
+
+    def _decode(
+        self,
+        lm_input: mx.array,
+        cache: list[KVCache],
+        sampler: Sampler,
+        key: mx.array,
+        min_len: int,
+        max_len: int,
+        behaviour: Behaviour,
+    ) -> Iterator[int]:
+        """The official decode loop (`inference_wrapper`), one step scheduled ahead."""
+        if behaviour not in ("upstream", "legacy"):
+            raise ValueError(f"behaviour must be 'upstream' or 'legacy', got {behaviour!r}")
+        legacy = behaviour == "legacy"
+        eos = self.eos_token
+        state = {"key": key}
+
+        def next_key() -> mx.array:
+            state["key"], sub = mx.random.split(state["key"])
+            return sub
+
+        def schedule(x: mx.array, i: int, recent: mx.array) -> tuple[mx.array, mx.array]:
+            logp = self.log_probs(x, cache)
+            if not legacy and i < min_len:
+                logp = self._eos_masked(logp)
+            token = sampler(logp, recent, next_key())
+            mx.async_eval(token)
+            return token, logp
+
+        if max_len <= 0:
+            return
+        i = 0
+        x = lm_input
+        recent = empty_recent(sampler.window)
+        token, logp = schedule(x, 0, recent)
+        while True:
+            ahead = None
+            if i + 1 < max_len:
+                ahead_recent = push_recent(recent, token)
+                ahead = schedule(self.speech_embedding(token.reshape(1, 1)), i + 1, ahead_recent)
+            t = token.item()
+            if legacy and i < min_len and t == eos:
+                for _ in range(MAX_EOS_TRIALS):  # legacy `sampling_ids`: draw again
+                    token = sampler(logp, recent, next_key())
+                    t = token.item()
+                    if t != eos:
+                        break
+                else:
+                    raise RuntimeError(
+                        f"sampling reached {MAX_EOS_TRIALS} trials and still got eos below the "
+                        "minimum length"
+                    )
+                if ahead is not None:
+                    trim_prompt_cache(cache, 1)
+                    ahead_recent = push_recent(recent, token)
+                    ahead = schedule(
+                        self.speech_embedding(token.reshape(1, 1)), i + 1, ahead_recent
+                    )
+            if t == eos or (not legacy and t > eos):
+                return
+            if t > eos:  # legacy: skip the token and feed the same input again
+                if ahead is not None:
+                    trim_prompt_cache(cache, 1)
+                i += 1
+                if i >= max_len:
+                    return
+                token, logp = schedule(x, i, recent)
+                continue
+            yield t
+            i += 1
+            if ahead is None:
+                return
+            x = self.speech_embedding(token.reshape(1, 1))
+            recent = ahead_recent
+            token, logp = ahead
+
+    def _draw(
+        self,
+        logp: mx.array,
+        recent: mx.array,
+        sampler: Sampler,
+        key: mx.array,
+        ignore_eos: bool,
+        behaviour: Behaviour,
+    ) -> tuple[int, mx.array]:
+        """One `sampling_ids` call read on the host; returns the token and the unused key."""
+        if not ignore_eos:
+            key, sub = mx.random.split(key)
+            return sampler(logp, recent, sub).item(), key
+        if behaviour == "upstream":
+            key, sub = mx.random.split(key)
+            return sampler(self._eos_masked(logp), recent, sub).item(), key
+        for _ in range(MAX_EOS_TRIALS + 1):
+            key, sub = mx.random.split(key)
+            t = sampler(logp, recent, sub).item()
+            if t != self.eos_token:
+                return t, key
+        raise RuntimeError(
+            f"sampling reached {MAX_EOS_TRIALS} trials and still got eos when it is not allowed"
+        )
+
+    def inference_bistream(
+        self,
+        text: Iterable[TokenLike],
+        prompt_text: TokenLike | None = None,
+        prompt_speech_token: TokenLike | None = None,
+        embedding: Any = None,
+        sampling: Sampler | None = None,
+        max_token_text_ratio: float = 20,
+        min_token_text_ratio: float = 2,
+        *,
+        key: mx.array | int | None = None,
+        max_tokens: int | None = None,
+        behaviour: Behaviour = "upstream",
+    ) -> Iterator[int]:
+        """Yield speech tokens while text tokens arrive in chunks (the official `inference_bistream`).
+
+        Text and speech are interleaved `mix_ratio` (5 text : 15 speech): the
+        prompt text and prompt speech tokens first, then 5 text tokens, up to 15
+        speech tokens and a fill token (6563), which hands over to the next 5
+        text tokens; when the text stream ends, the remaining text and the task
+        id are fed and decoding runs to eos. Fill tokens are not yielded but are
+        part of the history the repetition check sees, as in the official code.
+
+        Unlike the official code, the stream cannot run forever (with random
+        or badly matched weights the official loop can): the number of yielded
+        tokens is kept to `max_token_text_ratio` times the number of target text
+        tokens received so far. While text is still arriving, reaching that
+        bound forces a fill token (decoding waits for more text); after the
+        text ended, it ends the stream. `max_tokens`, if given, is a hard cap on
+        the whole stream. `min_token_text_ratio` is unused, as in the official
+        code. Sampling a 6562 (or a fill token after the text ended) raises
+        `ValueError`, as in the official code.
+        """
+        del embedding, min_token_text_ratio
+        if behaviour not in ("upstream", "legacy"):
+            raise ValueError(f"behaviour must be 'upstream' or 'legacy', got {behaviour!r}")
+        sampler = sampling if sampling is not None else default_sampler(self.config, behaviour)
+        key = _as_key(key)
+        n_text_mix, n_speech_mix = self.mix_ratio
+        eos, fill = self.eos_token, self.fill_token
+        cache = self.make_cache()
+        recent = empty_recent(sampler.window)
+        speech_tokens = _tokens(prompt_speech_token)
+        n_prompt_speech = speech_tokens.shape[1]
+        prompt_speech = (
+            self.embed_speech(speech_tokens)
+            if n_prompt_speech
+            else mx.zeros(
+                (1, 0, self.config.llm_input_size), dtype=self.speech_embedding.weight.dtype
+            )
+        )
+        lm_input = self.special_embedding(self.sos)
+        text_cache = self.embed_text(_tokens(prompt_text))
+        if behaviour == "upstream":
+            next_fill = (n_prompt_speech // n_speech_mix + 1) * n_speech_mix - n_prompt_speech
+        else:
+            next_fill = -1
+        out_tokens: list[int] = []
+        n_text = 0
+        n_yielded = 0
+
+        def capped() -> bool:
+            return n_yielded >= _length_limit(n_text, max_token_text_ratio)
+
+        def at_max() -> bool:
+            return max_tokens is not None and n_yielded >= max_tokens
+
+        for chunk in text:
+            chunk_t = _tokens(chunk)
+            n_text += chunk_t.shape[1]
+            text_cache = mx.concatenate([text_cache, self.embed_text(chunk_t)], axis=1)
+            while prompt_speech.shape[1] != 0:
+                if text_cache.shape[1] < n_text_mix:
+                    break
+                lm_input = mx.concatenate(
+                    [lm_input, text_cache[:, :n_text_mix], prompt_speech[:, :n_speech_mix]], axis=1
+                )
+                text_cache = text_cache[:, n_text_mix:]
+                prompt_speech = prompt_speech[:, n_speech_mix:]
+            if prompt_speech.shape[1] != 0:
+                continue
+            after_fill = bool(out_tokens) and out_tokens[-1] == fill
+            if after_fill or (not out_tokens and lm_input.shape[1] == 1):
+                if text_cache.shape[1] < n_text_mix:
+                    continue
+                head = text_cache[:, :n_text_mix]
+                lm_input = head if after_fill else mx.concatenate([lm_input, head], axis=1)
+                text_cache = text_cache[:, n_text_mix:]
+            while True:
+                if at_max():
+                    return
+                logp = self.log_probs(lm_input, cache)
+                if capped() or (next_fill != -1 and len(out_tokens) == next_fill):
+                    mx.eval([c.state for c in cache])
+                    top = fill
+                    next_fill += n_speech_mix + 1
+                else:
+                    top, key = self._draw(logp, recent, sampler, key, True, behaviour)
+                if top == fill:
+                    next_fill = len(out_tokens) + n_speech_mix + 1
+                out_tokens.append(top)
+                recent = push_recent(recent, mx.array(top, dtype=mx.int32))
+                if top >= eos:
+                    if top == fill:
+                        break
+                    raise ValueError(f"should not get token {top} while text is still arriving")
+                yield top
+                n_yielded += 1
+                lm_input = self.speech_embedding(mx.array([[top]], dtype=mx.int32))
+
+        lm_input = mx.concatenate(
+            [lm_input, text_cache, self.special_embedding(self.task_id)], axis=1
+        )
+        while True:
+            if at_max() or capped():
+                return
+            logp = self.log_probs(lm_input, cache)
+            top, key = self._draw(logp, recent, sampler, key, False, behaviour)
+            out_tokens.append(top)
+            recent = push_recent(recent, mx.array(top, dtype=mx.int32))
+            if top >= eos:
+                if top == eos:
+                    return
+                raise ValueError(f"should not get token {top} after the text ended")
+            yield top
+            n_yielded += 1
+            lm_input = self.speech_embedding(mx.array([[top]], dtype=mx.int32))
+
+
+LLM = Qwen2LM
+
+
+# ------------------------------------------------------------------ precision
+
+
+def cast(model: Qwen2LM, dtype: str | mx.Dtype) -> Qwen2LM:
+    """Cast every float parameter to `dtype` ("float32", "bfloat16", "float16" or an mx.Dtype)."""
+    model.set_dtype(_DTYPES[dtype] if isinstance(dtype, str) else dtype)
+    return model
+
+
+def quantize(
+    model: Qwen2LM,
+    bits: int = 8,
+    group_size: int = 64,
+    include_speech_layers: bool = False,
+) -> dict[str, Any]:
+    """Quantise the model in place (see the module docstring for the rule); returns mlx-lm's record.
+
+    The returned `{"group_size": g, "bits": b}` goes under `"quantization"` in
+    the MLX model dir's `config.json`; `from_weights(..., quantization=...)`
+    loads the result without re-quantising.
+    """
+    speech_layers = ("llm_embedding", "speech_embedding", "llm_decoder")
+
+    def predicate(path: str, module: nn.Module) -> bool:
+        if not hasattr(module, "to_quantized"):
+            return False
+        if path in speech_layers and not include_speech_layers:
+            return False
+        weight = getattr(module, "weight", None)
+        return weight is not None and weight.shape[-1] % group_size == 0
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+    mx.eval(model.parameters())
+    return {"group_size": group_size, "bits": bits}
+
+
+def weights_of(model: Qwen2LM) -> dict[str, mx.array]:
+    """The model's parameters as a flat dict (what the converter saves as safetensors)."""
+    return dict(tree_flatten(model.parameters()))
