@@ -115,7 +115,9 @@ def check_prompt(speech: np.ndarray, sr: int, name: str = "prompt audio") -> Non
     if seconds < MIN_PROMPT_SECONDS:
         raise InputError(f"{name} is too short: {seconds:.2f} s (at least {MIN_PROMPT_SECONDS} s)")
     if seconds > MAX_PROMPT_SECONDS:
-        raise InputError(f"{name} is too long: {seconds:.2f} s (at most {MAX_PROMPT_SECONDS:.0f} s)")
+        raise InputError(
+            f"{name} is too long: {seconds:.2f} s (at most {MAX_PROMPT_SECONDS:.0f} s)"
+        )
     if float(np.max(np.abs(speech))) <= SILENCE_PEAK:
         raise InputError(f"{name} is silent (peak amplitude at or below {SILENCE_PEAK:g})")
 

@@ -70,7 +70,9 @@ def _hz_to_mel_slaney(f: np.ndarray) -> np.ndarray:
     min_log_hz = 1000.0
     min_log_mel = min_log_hz / f_sp
     logstep = math.log(6.4) / 27.0
-    return np.where(f >= min_log_hz, min_log_mel + np.log(np.maximum(f, 1e-10) / min_log_hz) / logstep, mels)
+    return np.where(
+        f >= min_log_hz, min_log_mel + np.log(np.maximum(f, 1e-10) / min_log_hz) / logstep, mels
+    )
 
 
 def _mel_to_hz_slaney(m: np.ndarray) -> np.ndarray:
@@ -83,7 +85,9 @@ def _mel_to_hz_slaney(m: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def slaney_mel_filters(sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None) -> np.ndarray:
+def slaney_mel_filters(
+    sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax: float | None = None
+) -> np.ndarray:
     """Slaney-style mel filterbank (n_mels, n_fft // 2 + 1), area-normalised: librosa's `filters.mel` defaults."""
     if fmax is None:
         fmax = sr / 2.0
@@ -102,23 +106,40 @@ def slaney_mel_filters(sr: int, n_fft: int, n_mels: int, fmin: float = 0.0, fmax
 
 
 @functools.lru_cache(maxsize=8)
-def kaldi_mel_banks(num_bins: int, padded_window: int, sample_freq: float, low_freq: float = 20.0, high_freq: float = 0.0) -> np.ndarray:
-    """Kaldi's triangular mel banks (num_bins, padded_window // 2 + 1); the Nyquist column is zero."""
+def kaldi_mel_banks(
+    num_bins: int,
+    padded_window: int,
+    sample_freq: float,
+    low_freq: float = 20.0,
+    high_freq: float = 0.0,
+) -> np.ndarray:
+    """Kaldi's triangular mel banks (num_bins, padded_window // 2 + 1); the Nyquist column is zero.
+
+    The bank edges and the bins' mel values are computed in float32, as Kaldi
+    (`BaseFloat`) and torchaudio's `get_mel_banks` do: computing them in float64
+    moves weights near the triangles' edges by up to 1.4e-5, which shows in the
+    lowest-energy bins of the log fbank.
+    """
     nyquist = 0.5 * sample_freq
     if high_freq <= 0.0:
         high_freq += nyquist
     if not (0.0 <= low_freq < nyquist and 0.0 < high_freq <= nyquist and low_freq < high_freq):
         raise ValueError(f"bad mel range {low_freq}-{high_freq} Hz for sample rate {sample_freq}")
-
-    def mel(f: np.ndarray | float) -> np.ndarray:
-        return 1127.0 * np.log(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
-
-    mel_low, mel_high = mel(low_freq), mel(high_freq)
+    f32 = np.float32
+    mel_low = 1127.0 * math.log(1.0 + low_freq / 700.0)
+    mel_high = 1127.0 * math.log(1.0 + high_freq / 700.0)
     delta = (mel_high - mel_low) / (num_bins + 1)
-    b = np.arange(num_bins, dtype=np.float64)[:, None]
-    left, center, right = mel_low + b * delta, mel_low + (b + 1) * delta, mel_low + (b + 2) * delta
-    m = mel(sample_freq / padded_window * np.arange(padded_window // 2, dtype=np.float64))[None, :]
-    banks = np.maximum(0.0, np.minimum((m - left) / (center - left), (right - m) / (right - center)))
+    b = np.arange(num_bins, dtype=f32)[:, None]
+    left = f32(mel_low) + b * f32(delta)
+    center = f32(mel_low) + (b + f32(1.0)) * f32(delta)
+    right = f32(mel_low) + (b + f32(2.0)) * f32(delta)
+    freqs = f32(sample_freq / padded_window) * np.arange(padded_window // 2, dtype=f32)
+    m = (f32(1127.0) * np.log((f32(1.0) + freqs / f32(700.0)).astype(np.float64)).astype(f32))[
+        None, :
+    ]
+    up = (m - left) / (center - left)
+    down = (right - m) / (right - center)
+    banks = np.maximum(f32(0.0), np.minimum(up, down))
     out = np.pad(banks, ((0, 0), (0, 1))).astype(np.float32)
     out.flags.writeable = False
     return out
@@ -127,7 +148,9 @@ def kaldi_mel_banks(num_bins: int, padded_window: int, sample_freq: float, low_f
 @functools.lru_cache(maxsize=8)
 def _hann(n: int, periodic: bool) -> np.ndarray:
     denom = n if periodic else n - 1
-    return (0.5 - 0.5 * np.cos(2.0 * math.pi * np.arange(n, dtype=np.float64) / denom)).astype(np.float32)
+    return (0.5 - 0.5 * np.cos(2.0 * math.pi * np.arange(n, dtype=np.float64) / denom)).astype(
+        np.float32
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -145,7 +168,9 @@ def _as_batch(x: mx.array | np.ndarray) -> tuple[mx.array, bool]:
     if x.ndim == 1:
         return x[None], True
     if x.ndim != 2:
-        raise ValueError(f"expected audio of shape (samples,) or (batch, samples), got {tuple(x.shape)}")
+        raise ValueError(
+            f"expected audio of shape (samples,) or (batch, samples), got {tuple(x.shape)}"
+        )
     return x, False
 
 
@@ -153,7 +178,9 @@ def _reflect_pad(x: mx.array, left: int, right: int) -> mx.array:
     """Reflect-pad the last axis (the edge sample is not repeated), as torch's `mode='reflect'`."""
     n = x.shape[-1]
     if left >= n or right >= n:
-        raise ValueError(f"audio of {n} samples is too short for reflect padding of {max(left, right)}")
+        raise ValueError(
+            f"audio of {n} samples is too short for reflect padding of {max(left, right)}"
+        )
     parts = []
     if left:
         parts.append(x[:, left:0:-1])
@@ -186,10 +213,14 @@ def mel_spectrogram(y: mx.array | np.ndarray, config: MelConfig = MelConfig()) -
     x, _ = _as_batch(y)
     pad = (config.n_fft - config.hop_size) // 2
     x = _reflect_pad(x, pad, pad)
-    frames = _frames(x, config.n_fft, config.hop_size) * mx.array(_hann(config.win_size, periodic=True))
+    frames = _frames(x, config.n_fft, config.hop_size) * mx.array(
+        _hann(config.win_size, periodic=True)
+    )
     spec = mx.fft.rfft(frames, axis=-1)
     mag = mx.sqrt(mx.real(spec) ** 2 + mx.imag(spec) ** 2 + 1e-9)  # (B, T, F)
-    fb = slaney_mel_filters(config.sampling_rate, config.n_fft, config.num_mels, float(config.fmin), float(config.fmax))
+    fb = slaney_mel_filters(
+        config.sampling_rate, config.n_fft, config.num_mels, float(config.fmin), float(config.fmax)
+    )
     mel = mx.matmul(mx.array(fb), mag.transpose(0, 2, 1))  # (B, M, T)
     return mx.log(mx.maximum(mel, 1e-5))
 
