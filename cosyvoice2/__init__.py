@@ -5,3 +5,10 @@ README for the commands and ../ARCHITECTURE for the layout.
 """
 
 __version__ = "0.1.0"
+
+
+def load(path, **kwargs):
+    """Load an MLX model dir written by `cosyvoice2 convert` (see `cosyvoice2.model.CosyVoice2.load`)."""
+    from cosyvoice2.model import CosyVoice2
+
+    return CosyVoice2.load(path, **kwargs)

@@ -1,0 +1,272 @@
+"""Convert an official CosyVoice2 model dir into an MLX model dir.
+
+Input (as users download it): `cosyvoice2.yaml`, `llm.pt`, `flow.pt`, `hift.pt`,
+`campplus.onnx`, `speech_tokenizer_v2.onnx`, `CosyVoice-BlankEN/`, optionally
+`spk2info.pt`. Nothing from these files is executed: the yaml is read as data
+(`official_yaml`), the `.pt` pickles through an allow-list unpickler that builds
+tensors only (`checkpoint`), the ONNX files through the protobuf reader.
+
+Output (`cosyvoice2.load` reads it, without torch):
+
+    config.json                 every hyperparameter, precision and quantisation settings
+    llm.safetensors             speech LM (fp32/bf16/fp16, or 8-/4-bit in mlx's quantised layout)
+    flow.safetensors            flow matching (token -> mel)
+    hift.safetensors            vocoder (mel -> 24 kHz), weight norm folded
+    campplus.safetensors        speaker embedding (CAM++), batch norms folded
+    speech_tokenizer.safetensors  S3 tokenizer v2
+    tokenizer/                  Qwen2 BPE files (vocab.json, merges.txt, tokenizer_config.json)
+    speakers/                   saved speakers (from spk2info.pt when present)
+
+The output dir is written beside its final place and renamed at the end, so a
+failed conversion leaves no partial dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from cosyvoice2.config import ModelConfig, config_from_official_dir
+from cosyvoice2.errors import CosyVoiceError
+
+FORMAT_VERSION = 1
+MODEL_TYPE = "cosyvoice2"
+OFFICIAL_FILES = (
+    "cosyvoice2.yaml",
+    "llm.pt",
+    "flow.pt",
+    "hift.pt",
+    "campplus.onnx",
+    "speech_tokenizer_v2.onnx",
+    "CosyVoice-BlankEN/vocab.json",
+    "CosyVoice-BlankEN/merges.txt",
+    "CosyVoice-BlankEN/config.json",
+)
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+LLM_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConversionError(CosyVoiceError):
+    """The official model dir cannot be converted (missing or invalid files)."""
+
+
+def _check_official_dir(src: Path) -> None:
+    if not src.is_dir():
+        raise ConversionError(f"{src}: not a directory")
+    missing = [f for f in OFFICIAL_FILES if not (src / f).is_file()]
+    if missing:
+        raise ConversionError(f"{src}: not a CosyVoice2 model dir, missing {', '.join(missing)}")
+
+
+def _strict_load(module: Any, weights: dict[str, mx.array], what: str) -> None:
+    """Load weights strictly, turning shape/key mismatches into a ConversionError naming the file."""
+    expected = dict(tree_flatten(module.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing or extra:
+        raise ConversionError(
+            f"{what}: keys do not match the model (missing {missing[:3]}{'...' if len(missing) > 3 else ''},"
+            f" unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}); a checkpoint of another model?"
+        )
+    bad = [k for k, v in weights.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if bad:
+        k = bad[0]
+        raise ConversionError(
+            f"{what}: {k} has shape {tuple(weights[k].shape)}, the config says {tuple(expected[k].shape)}"
+        )
+    module.load_weights(list(weights.items()), strict=True)
+
+
+def _save(path: Path, weights: dict[str, mx.array]) -> None:
+    mx.save_safetensors(str(path), weights, metadata={"format": "mlx"})
+
+
+def _convert_llm(
+    src: Path, config: ModelConfig, dtype: str, bits: int | None, group_size: int
+) -> tuple[dict[str, mx.array], dict[str, Any]]:
+    from cosyvoice2 import llm as llm_mod
+    from cosyvoice2.checkpoint import load_torch_checkpoint
+
+    weights = llm_mod.Qwen2LM.sanitize(load_torch_checkpoint(src / "llm.pt"))
+    model = llm_mod.Qwen2LM(config.llm)
+    _strict_load(model, weights, str(src / "llm.pt"))
+    del weights
+    llm_mod.cast(model, dtype)
+    record: dict[str, Any] = {"dtype": dtype}
+    if bits is not None:
+        record["quantization"] = llm_mod.quantize(model, bits=bits, group_size=group_size)
+    out = llm_mod.weights_of(model)
+    mx.eval(out)
+    return out, record
+
+
+def _convert_flow(src: Path, config: ModelConfig) -> dict[str, mx.array]:
+    from cosyvoice2.checkpoint import load_torch_checkpoint
+    from cosyvoice2.flow.flow import CausalMaskedDiffWithXvec
+
+    model = CausalMaskedDiffWithXvec(config.flow)
+    _strict_load(
+        model, model.sanitize(load_torch_checkpoint(src / "flow.pt")), str(src / "flow.pt")
+    )
+    return dict(tree_flatten(model.parameters()))
+
+
+def _convert_hift(src: Path, config: ModelConfig) -> dict[str, mx.array]:
+    from cosyvoice2.checkpoint import load_torch_checkpoint
+    from cosyvoice2.hift import HiFTGenerator
+
+    model = HiFTGenerator(config.hift)
+    _strict_load(
+        model, HiFTGenerator.sanitize(load_torch_checkpoint(src / "hift.pt")), str(src / "hift.pt")
+    )
+    return dict(tree_flatten(model.parameters()))
+
+
+def _convert_onnx(src: Path) -> tuple[dict[str, Any], dict[str, dict[str, mx.array]]]:
+    from cosyvoice2.frontend.campplus import CAMPPlus
+    from cosyvoice2.frontend.speech_tokenizer import SpeechTokenizerV2
+    from cosyvoice2.onnx_weights import read_onnx_weights
+
+    configs, weights = {}, {}
+    for name, cls, fname in (
+        ("campplus", CAMPPlus, "campplus.onnx"),
+        ("speech_tokenizer", SpeechTokenizerV2, "speech_tokenizer_v2.onnx"),
+    ):
+        try:
+            model = cls.from_weights(read_onnx_weights(src / fname))
+        except CosyVoiceError:
+            raise
+        except Exception as e:  # a malformed or foreign ONNX file
+            raise ConversionError(
+                f"{src / fname}: cannot read as {name} ({type(e).__name__}: {e})"
+            ) from None
+        configs[name] = model.config.to_dict()
+        weights[name] = dict(tree_flatten(model.parameters()))
+    return configs, weights
+
+
+def _convert_speakers(src: Path, dst: Path) -> list[str]:
+    """Import `spk2info.pt` (speaker id -> embedding, speech tokens, mel) as saved speakers."""
+    path = src / "spk2info.pt"
+    if not path.is_file():
+        return []
+    from cosyvoice2.checkpoint import load_torch_checkpoint
+    from cosyvoice2.speakers import Speaker, SpeakerStore
+
+    store = SpeakerStore(dst / "speakers")
+    for spk_id, info in load_torch_checkpoint(path, mmap=False).items():
+        if not isinstance(info, dict):
+            raise ConversionError(f"{path}: entry {spk_id!r} is not a dict")
+        store.save(Speaker.from_official(spk_id, info))
+    return store.list()
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    llm_dtype: str = "float32",
+    llm_bits: int | None = None,
+    group_size: int = 64,
+    overwrite: bool = False,
+) -> Path:
+    """Convert the official dir `src` into the MLX model dir `dst` (atomically)."""
+    src, dst = Path(src), Path(dst)
+    if llm_dtype not in LLM_DTYPES:
+        raise ConversionError(f"llm dtype must be one of {LLM_DTYPES}, got {llm_dtype!r}")
+    if llm_bits not in (None, 4, 8):
+        raise ConversionError(f"llm bits must be 4 or 8, got {llm_bits!r}")
+    _check_official_dir(src)
+    if dst.exists() and not overwrite:
+        raise ConversionError(f"{dst}: already exists (pass overwrite=True / --overwrite)")
+    try:
+        config = config_from_official_dir(src)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConversionError(f"{src / 'cosyvoice2.yaml'}: {e}") from None
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        llm_weights, llm_record = _convert_llm(src, config, llm_dtype, llm_bits, group_size)
+        _save(tmp / "llm.safetensors", llm_weights)
+        del llm_weights
+        _save(tmp / "flow.safetensors", _convert_flow(src, config))
+        _save(tmp / "hift.safetensors", _convert_hift(src, config))
+        onnx_configs, onnx_weights = _convert_onnx(src)
+        _save(tmp / "campplus.safetensors", onnx_weights["campplus"])
+        _save(tmp / "speech_tokenizer.safetensors", onnx_weights["speech_tokenizer"])
+        (tmp / "tokenizer").mkdir()
+        for name in TOKENIZER_FILES:
+            if (src / "CosyVoice-BlankEN" / name).is_file():
+                shutil.copy2(src / "CosyVoice-BlankEN" / name, tmp / "tokenizer" / name)
+        speakers = _convert_speakers(src, tmp)
+        label = "real"
+        if (src / "synthetic.json").is_file():
+            label = json.loads((src / "synthetic.json").read_text()).get("weights", "synthetic")
+        meta = {
+            "model_type": MODEL_TYPE,
+            "format_version": FORMAT_VERSION,
+            "weights": label,
+            **config.to_dict(),
+            "llm_precision": llm_record,
+            **onnx_configs,
+            "converted_from": str(src.resolve()),
+            "speakers": speakers,
+        }
+        (tmp / "config.json").write_text(
+            json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8"
+        )
+        tmp.chmod(0o755)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def llm_precision_name(record: dict[str, Any]) -> str:
+    """A short label for an LLM precision record: fp32, bf16, fp16, 8bit, 4bit."""
+    q = record.get("quantization")
+    if q:
+        return f"{q['bits']}bit"
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[
+        record.get("dtype", "float32")
+    ]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("official_dir", type=Path, help="the official CosyVoice2-0.5B dir")
+    p.add_argument("mlx_dir", type=Path, help="where to write the MLX model dir")
+    p.add_argument(
+        "--llm-bits", type=int, choices=(4, 8), default=None, help="quantise the speech LM"
+    )
+    p.add_argument(
+        "--group-size", type=int, default=64, help="quantisation group size (default 64)"
+    )
+    p.add_argument(
+        "--dtype", choices=LLM_DTYPES, default="float32", help="speech LM float precision"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing MLX dir")
+
+
+def main(args: argparse.Namespace) -> int:
+    out = convert(
+        args.official_dir,
+        args.mlx_dir,
+        llm_dtype=args.dtype,
+        llm_bits=args.llm_bits,
+        group_size=args.group_size,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
