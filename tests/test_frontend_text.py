@@ -202,6 +202,10 @@ def test_helpers_equal_official() -> None:
                 continue
             if s:
                 assert ft.split_paragraph(s, str.split, lang, 8, 5, 3) == want, (lang, s)
+    # Where upstream raises IndexError, ours keeps the quote for the next sentence.
+    with pytest.raises(IndexError):
+        fu.split_paragraph('..."', str.split, "en")
+    assert ft.split_paragraph('..."', str.split, "en") == ['".']
 
 
 @pytest.mark.parity
