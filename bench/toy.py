@@ -28,6 +28,7 @@ import mlx.nn as nn
 from bench.cases import Case, Work
 from bench.fixed_length import FixedLengthSampler, take_exact
 from bench.interface import CallTimings, Prepared
+from bench.timing import CallClock
 
 HIDDEN = 128
 SPEECH_TOKEN_SIZE = 256  # ids 256 (end of speech), 257, 258 are not speech (CosyVoice2: 6561)
@@ -175,57 +176,28 @@ class ToyTarget:
             sampler = FixedLengthSampler(sampler, SPEECH_TOKEN_SIZE)
         key = mx.random.key(work.seed)
 
-        t0 = time.perf_counter()
+        clock = CallClock()
+        flow = clock.timed("flow", handle.flow, mx.eval)
+        hift = clock.timed("hift", handle.hift, mx.eval)
+
+        def to_audio(toks: list[int]) -> None:
+            wav = hift(flow(mx.array(toks, dtype=mx.int32), case.steps)).astype(mx.float32)
+            mx.eval(wav)
+            clock.chunk(wav.shape[0] / SAMPLE_RATE)
+
+        clock.start()
         if sleep:
             time.sleep(sleep)
         gen = handle.llm.inference(inputs, sampler, key, max_len=n)
         if work.fixed_length:
             gen = take_exact(gen, n)
         tokens: list[int] = []
-        stamps: list[float] = []
-        flow_s = hift_s = 0.0
-        chunk_times: list[float] = []
-        chunk_audio: list[float] = []
-        audio_parts: list[mx.array] = []
         done = 0  # tokens already turned into audio (streaming)
-
-        def to_audio(toks: list[int]) -> None:
-            nonlocal flow_s, hift_s
-            a = time.perf_counter()
-            mel = handle.flow(mx.array(toks, dtype=mx.int32), case.steps)
-            mx.eval(mel)
-            b = time.perf_counter()
-            wav = handle.hift(mel).astype(mx.float32)
-            mx.eval(wav)
-            c = time.perf_counter()
-            flow_s += b - a
-            hift_s += c - b
-            audio_parts.append(wav)
-            chunk_times.append(c - t0)
-            chunk_audio.append(wav.shape[0] / SAMPLE_RATE)
-
-        for tok in gen:
+        for tok in clock.tokens(gen):
             tokens.append(tok)
-            stamps.append(time.perf_counter() - t0)
             if case.stream and len(tokens) - done >= HOP + LOOKAHEAD:
                 to_audio(tokens[done : done + HOP])
                 done += HOP
-        llm_end = time.perf_counter() - t0
-        if tokens[done:] or not chunk_times:
+        if tokens[done:] or not clock.chunk_times:
             to_audio(tokens[done:] or [0])
-        wall = time.perf_counter() - t0
-        audio_s = sum(p.shape[0] for p in audio_parts) / SAMPLE_RATE
-        return CallTimings(
-            wall_s=wall,
-            audio_s=audio_s,
-            speech_tokens=len(tokens),
-            ttft_s=stamps[0] if stamps else None,
-            prefill_s=stamps[0] if stamps else None,
-            decode_s=(stamps[-1] - stamps[0]) if len(stamps) > 1 else None,
-            llm_s=llm_end if not case.stream else None,
-            flow_s=flow_s,
-            hift_s=hift_s,
-            first_chunk_s=chunk_times[0] if case.stream else None,
-            chunk_times_s=chunk_times if case.stream else None,
-            chunk_audio_s=chunk_audio if case.stream else None,
-        )
+        return clock.timings(case.stream)

@@ -1,0 +1,192 @@
+"""Our MLX pipeline as a bench target: the one file that knows the pipeline's API.
+
+What it calls (keep in step with `cosyvoice2/`):
+
+- weights: `cosyvoice2.testing.synthetic.cached_official_dir(size, seed=0, onnx=True)` (the
+  synthetic official dir; the converter needs its ONNX files) and
+  `cosyvoice2.convert.convert(src, dst, llm_dtype=..., llm_bits=...)`, once per LLM
+  precision, cached under `<cache root>/bench/` (keyed by the synthetic generator's
+  and the converter's format versions);
+- loading: `cosyvoice2.load(mlx_dir)` (the dir of the case's precision), or with
+  `llm_dtype=`/`llm_bits=` for a `--model` MLX dir of another precision;
+  flow/HiFT dtypes other than fp32 by `set_dtype` on `model.flow` and `model.hift`;
+- a call: `cosyvoice2.model.Prompt(embedding, prompt_text, llm_speech_token,
+  flow_speech_token, speech_feat)` built from the work's seeded inputs (as a saved
+  speaker would give it: no frontend time), `model.speech_token_stream(text, prompt,
+  seed=, sampling=, max_token_text_ratio=, min_token_text_ratio=)` for the tokens,
+  and the pipeline's own tokens-to-audio generator `model.token2wav_stream(tokens,
+  prompt, stream, speed, seed=, n_timesteps=)` (today `_token2wav_stream`) for the
+  audio, whole or in chunks on the official streaming schedule;
+- per-stage times: `model.token2mel` (flow) and `model.hift.inference` (HiFT) are
+  wrapped for the call so their results are evaluated and timed;
+- fixed length: `cosyvoice2.llm.default_sampler(config.llm)` wrapped in
+  `bench.fixed_length.FixedLengthSampler` (ids >= `config.llm.speech_token_size`
+  masked), with min and max token/text ratios that give exactly the target length,
+  and `take_exact` on the token generator.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.cases import Case, Work
+from bench.fixed_length import FixedLengthSampler, take_exact
+from bench.interface import CallTimings, Prepared
+from bench.timing import CallClock
+
+# LLM precision names of the bench -> `cosyvoice2.convert.convert` / `cosyvoice2.load` arguments.
+PRECISIONS: dict[str, dict[str, Any]] = {
+    "fp32": {"llm_dtype": "float32"},
+    "bf16": {"llm_dtype": "bfloat16"},
+    "fp16": {"llm_dtype": "float16"},
+    "8bit": {"llm_bits": 8},
+    "4bit": {"llm_bits": 4},
+}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def bench_cache() -> Path:
+    from cosyvoice2.testing.synthetic import cache_root
+
+    return cache_root() / "bench"
+
+
+def converted_dir(official_dir: Path, precision: str, tag: str) -> Path:
+    """The MLX dir of `official_dir` at an LLM precision, converted once and cached (locked)."""
+    from cosyvoice2.convert import FORMAT_VERSION, convert
+
+    dst = bench_cache() / f"mlx-{tag}-{precision}-f{FORMAT_VERSION}"
+    if (dst / "config.json").exists():
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(dst.parent / f".{dst.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (dst / "config.json").exists():
+            convert(official_dir, dst, **PRECISIONS[precision], overwrite=True)
+    return dst
+
+
+def _weights_label(mlx_dir: Path) -> str:
+    meta = json.loads((mlx_dir / "config.json").read_text(encoding="utf-8"))
+    return "synthetic" if meta.get("weights") == "synthetic" else "real"
+
+
+def _dir_precision(mlx_dir: Path) -> str:
+    from cosyvoice2.convert import llm_precision_name
+
+    meta = json.loads((mlx_dir / "config.json").read_text(encoding="utf-8"))
+    return llm_precision_name(meta.get("llm_precision", {"dtype": "float32"}))
+
+
+class CosyVoice2Target:
+    name = "cosyvoice2"
+    backend = "mlx"
+
+    def env(self) -> dict[str, str | None]:
+        return {}
+
+    def supports(self, case: Case) -> str | None:
+        return None
+
+    def prepare(self, cases: list[Case], options: dict[str, Any]) -> Prepared:
+        precisions = sorted({c.llm for c in cases if c.target == self.name})
+        model = options.get("model")
+        if model is not None:
+            model = Path(model).resolve()
+            if (model / "config.json").exists() and not (model / "llm.pt").exists():
+                # A converted MLX dir: other precisions are made at load time from it.
+                own = _dir_precision(model)
+                dirs = {p: str(model) for p in precisions}
+                overrides = {p: PRECISIONS[p] for p in precisions if p != own}
+                weights = {"label": _weights_label(model), "path": str(model), "precision": own}
+                return Prepared(weights, {"dirs": dirs, "load_overrides": overrides})
+            if not (model / "llm.pt").exists():
+                raise ValueError(f"{model}: neither an MLX model dir nor an official model dir")
+            official = model
+            tag = "dir-" + hashlib.sha256(str(model).encode()).hexdigest()[:12]
+            label = "synthetic" if (model / "synthetic.json").exists() else "real"
+            weights = {"label": label, "path": str(model)}
+        else:
+            from cosyvoice2.testing.synthetic import GENERATOR_VERSION, cached_official_dir
+
+            size = options.get("size", "full")
+            official = cached_official_dir(size, seed=0, onnx=True)
+            tag = f"synthetic-{size}-seed0-g{GENERATOR_VERSION}"
+            weights = {"label": "synthetic", "size": size, "seed": 0, "path": str(official)}
+        dirs = {p: str(converted_dir(official, p, tag)) for p in precisions}
+        return Prepared(weights, {"dirs": dirs, "load_overrides": {}})
+
+    def load(self, case: Case, prepared: Prepared) -> Any:
+        import mlx.core as mx
+
+        import cosyvoice2
+
+        d = prepared.options["dirs"][case.llm]
+        model = cosyvoice2.load(d, **prepared.options["load_overrides"].get(case.llm, {}))
+        if case.dtype != "fp32":
+            dtype = getattr(mx, DTYPES[case.dtype])
+            model.flow.set_dtype(dtype)
+            model.hift.set_dtype(dtype)
+        mx.eval(model.llm.parameters(), model.flow.parameters(), model.hift.parameters())
+        return model
+
+    def unload(self, handle: Any) -> None:
+        import mlx.core as mx
+
+        mx.clear_cache()
+
+    def run(self, model: Any, case: Case, work: Work) -> CallTimings:
+        import mlx.core as mx
+
+        from cosyvoice2.llm import default_sampler
+        from cosyvoice2.model import Prompt
+
+        x = {k: mx.array(v) for k, v in work.inputs().items()}
+        feat_dtype = getattr(mx, DTYPES[case.dtype])
+        prompt = Prompt(
+            embedding=x["embedding"],
+            prompt_text=x["prompt_text"],
+            llm_speech_token=x["prompt_speech_token"],
+            flow_speech_token=x["prompt_speech_token"],
+            speech_feat=x["prompt_feat"].astype(feat_dtype),
+        )
+        n = work.speech_tokens
+        sampler = default_sampler(model.config.llm)
+        lengths: dict[str, float] = {}
+        if work.fixed_length:
+            sampler = FixedLengthSampler(sampler, model.config.llm.speech_token_size)
+            # int(text_tokens * ratio) == n (float32 product n + 0.5, truncated)
+            ratio = (n + 0.5) / work.text_tokens
+            lengths = {"max_token_text_ratio": ratio, "min_token_text_ratio": ratio}
+        mx.eval(prompt.embedding, prompt.prompt_text, prompt.llm_speech_token, prompt.speech_feat)
+
+        clock = CallClock()
+        token2mel, hift_inference = model.token2mel, model.hift.inference
+        model.token2mel = clock.timed("flow", token2mel, mx.eval)
+        model.hift.inference = clock.timed("hift", hift_inference, mx.eval)
+        to_audio = getattr(model, "token2wav_stream", None) or model._token2wav_stream
+        try:
+            clock.start()
+            tokens = model.speech_token_stream(
+                x["text"], prompt, seed=work.seed, sampling=sampler, **lengths
+            )
+            if work.fixed_length:
+                tokens = take_exact(tokens, n)
+            for out in to_audio(
+                clock.tokens(tokens),
+                prompt,
+                case.stream,
+                1.0,
+                seed=work.seed,
+                n_timesteps=case.steps,
+            ):
+                speech = out["tts_speech"]
+                mx.eval(speech)
+                clock.chunk(speech.shape[-1] / model.sample_rate)
+        finally:
+            model.token2mel, model.hift.inference = token2mel, hift_inference
+        return clock.timings(case.stream)

@@ -1,0 +1,93 @@
+"""`CallClock`: per-stage timing of one synthesis call, shared by the targets.
+
+A call runs in one thread: the token generator is pulled by the code that turns
+tokens into audio, so in streaming the LLM, the flow and HiFT interleave. The
+clock records when each token and each audio chunk arrives and how much flow/HiFT
+time had been spent by then, which separates the stages even when they
+interleave: LLM decode time = time between the first and last token minus the
+flow and HiFT time spent in between.
+
+Stage functions are wrapped with `clock.timed(stage, fn, evaluate)`; for MLX,
+`evaluate` is `mx.eval`, so the lazily built result is computed inside the timed
+region (an un-evaluated timing measures nothing).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from bench.interface import CallTimings
+
+
+class CallClock:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.stage: dict[str, float] = {"flow": 0.0, "hift": 0.0}
+        self.token_times: list[float] = []
+        self.stage_at_token: list[float] = []
+        self.chunk_times: list[float] = []
+        self.chunk_audio: list[float] = []
+
+    def start(self) -> None:
+        """Reset the clock: the call starts now."""
+        self.__init__()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def _stage_total(self) -> float:
+        return sum(self.stage.values())
+
+    def timed(
+        self, stage: str, fn: Callable[..., Any], evaluate: Callable[[Any], Any] | None = None
+    ) -> Callable[..., Any]:
+        """`fn` wrapped so that its time (result evaluated) counts towards `stage`."""
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            a = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if evaluate is not None:
+                evaluate(out)
+            self.stage[stage] = self.stage.get(stage, 0.0) + time.perf_counter() - a
+            return out
+
+        return wrapper
+
+    def tokens(self, gen: Iterable[Any]) -> Iterator[Any]:
+        """Pass a token generator through, stamping each token's arrival."""
+        for tok in gen:
+            self.token_times.append(self.now())
+            self.stage_at_token.append(self._stage_total())
+            yield tok
+
+    def chunk(self, audio_s: float) -> None:
+        """An audio chunk (evaluated) is in hand."""
+        self.chunk_times.append(self.now())
+        self.chunk_audio.append(audio_s)
+
+    def timings(self, stream: bool, extra: dict[str, float] | None = None) -> CallTimings:
+        """The call's `CallTimings`; call when the last chunk is in hand."""
+        wall = self.now()
+        n = len(self.token_times)
+        tt, st = self.token_times, self.stage_at_token
+        decode = None
+        if n > 1:
+            decode = (tt[-1] - tt[0]) - (st[-1] - st[0])
+        llm = (tt[-1] - st[-1]) if n else None
+        return CallTimings(
+            wall_s=wall,
+            audio_s=sum(self.chunk_audio),
+            speech_tokens=n,
+            ttft_s=tt[0] if n else None,
+            prefill_s=(tt[0] - st[0]) if n else None,
+            decode_s=decode,
+            llm_s=llm,
+            flow_s=self.stage.get("flow"),
+            hift_s=self.stage.get("hift"),
+            first_chunk_s=self.chunk_times[0] if stream and self.chunk_times else None,
+            chunk_times_s=list(self.chunk_times) if stream else None,
+            chunk_audio_s=list(self.chunk_audio) if stream else None,
+            extra=extra or {},
+        )
