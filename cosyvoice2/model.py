@@ -37,6 +37,11 @@ WEIGHT_FILES = (
 )
 
 
+def source_noise_key(seed: int) -> mx.array:
+    """The key of HiFT's source noise for a request seed (independent of the LLM's draws)."""
+    return mx.random.key(seed + 1_000_003)
+
+
 class ModelDirError(CosyVoiceError):
     """The MLX model dir is missing, incomplete, of another model or of another format version."""
 

@@ -50,3 +50,11 @@ def torch_threads() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_mlx_dir(tiny_official_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny synthetic official dir converted to an MLX model dir (once per session)."""
+    from cosyvoice2.convert import convert
+
+    return convert(tiny_official_dir, tmp_path_factory.mktemp("mlx") / "tiny")
