@@ -267,6 +267,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             isolate=not args.in_process,
             openblas=not args.no_openblas,
             case_timeout=args.case_timeout,
+            device=args.device,
             target_options={"size": args.size, **({"model": args.model} if args.model else {})},
         )
         if file_opts:

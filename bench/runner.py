@@ -50,6 +50,8 @@ class RunOptions:
     isolate: bool = True
     openblas: bool = True
     case_timeout: float | None = None
+    device: str | None = None
+    """MLX device for MLX targets (`cpu` or `gpu`); `None`: MLX's default (Metal on Apple silicon)."""
     target_options: dict[str, Any] = field(default_factory=dict)
     """Passed to each target's `prepare`: `model` (a converted or official model dir),
     `size` (`full` or `tiny` synthetic weights)."""
@@ -84,6 +86,23 @@ def _mlx_peak_mb() -> float | None:
     return None
 
 
+def _mlx_device() -> str:
+    """Apply `BENCH_MLX_DEVICE` (cpu/gpu) if set; return the MLX device cases run on."""
+    import mlx.core as mx
+
+    want = os.environ.get("BENCH_MLX_DEVICE")
+    if want:
+        mx.set_default_device(mx.gpu if want == "gpu" else mx.cpu)
+    dev = mx.default_device()
+    name = "gpu" if dev.type == mx.DeviceType.gpu else "cpu"
+    if name == "gpu":
+        try:
+            name += f" ({mx.device_info().get('device_name', '')})"
+        except Exception:  # older MLX: mx.metal.device_info
+            pass
+    return name
+
+
 def measure_case(
     target: BenchTarget, prepared: Prepared, case: Case, work: Work, repeats: int, warmup: int
 ) -> dict[str, Any]:
@@ -96,6 +115,7 @@ def measure_case(
     """
     started = now()
     t_start = time.perf_counter()
+    device = _mlx_device() if getattr(target, "backend", "mlx") == "mlx" else None
     t0 = time.perf_counter()
     handle = target.load(case, prepared)
     load_s = time.perf_counter() - t0
@@ -142,6 +162,7 @@ def measure_case(
         "calls": calls,
         "env": {
             "openblas_preloaded": openblas_preloaded(),
+            **({"mlx_device": device} if device else {}),
             "pid": os.getpid(),
             **{k: os.environ[k] for k in ("OMP_NUM_THREADS",) if k in os.environ},
             **prepared.options.get("worker_env", {}),
@@ -155,7 +176,9 @@ def measure_case(
 # --------------------------------------------------------------------------- executors
 
 
-def worker_env(target: BenchTarget, openblas: bool = True) -> dict[str, str]:
+def worker_env(
+    target: BenchTarget, openblas: bool = True, device: str | None = None
+) -> dict[str, str]:
     """The environment of a worker process for this target."""
     env = dict(os.environ)
     changes = target.env()
@@ -172,6 +195,8 @@ def worker_env(target: BenchTarget, openblas: bool = True) -> dict[str, str]:
         else:
             env[k] = v
     env.setdefault("PYTHONHASHSEED", "0")
+    if device:
+        env["BENCH_MLX_DEVICE"] = device
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(x for x in (root, env.get("PYTHONPATH")) if x)
     return env
@@ -227,7 +252,7 @@ def prepare_target(
 ) -> tuple[BenchTarget, Prepared, dict[str, str]]:
     """Prepare a target's weights (in a worker process when isolating)."""
     target = get_target(name)
-    env = worker_env(target, opts.openblas)
+    env = worker_env(target, opts.openblas, opts.device)
     if opts.isolate:
         spec = {
             "target": name,
