@@ -71,9 +71,31 @@ def get_padding(kernel_size: int, dilation: int = 1) -> int:
     return (kernel_size * dilation - dilation) // 2
 
 
-@functools.partial(mx.compile, shapeless=True)
-def _snake(x: mx.array, alpha: mx.array) -> mx.array:
-    return x + (1.0 / (alpha + SNAKE_EPS)) * mx.square(mx.sin(x * alpha))
+# sin(r) = r * P(r^2) on [-pi/2, pi/2], least-squares fit, max error 3.4e-9 (below float32 rounding).
+_SIN_COEFFS = (-1.6666648e-01, 8.3328988e-03, -1.9800865e-04, 2.5904301e-06)
+_INV_PI = float(1.0 / np.pi)
+_PI_HI = 3.140625  # 201 / 64: k * _PI_HI is exact for |k| < 2**16 (Cody-Waite reduction)
+_PI_LO = float(np.float32(np.pi - 3.140625))
+_ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds to the nearest integer for |v| < 2**22
+
+
+@mx.compile
+def _sin_squared(y: mx.array) -> mx.array:
+    """sin(y)^2 in float32 within about 1e-7 of the exact value for |y| < 2e5.
+
+    MLX-CPU evaluates `mx.sin` at 20-100 ns per element (a scalar libm call);
+    this is a reduction by multiples of pi (sin^2 has period pi) and an odd
+    polynomial, plain arithmetic that the fused CPU kernel evaluates at about
+    1 ns per element. Compiled per shape, not `shapeless`: a shapeless compile
+    passes the scalar constants as broadcast inputs, which selects MLX's
+    strided (scalar) kernel.
+    """
+    k = (y * _INV_PI + _ROUND_MAGIC) - _ROUND_MAGIC
+    r = (y - k * _PI_HI) - k * _PI_LO
+    u = r * r
+    c1, c2, c3, c4 = _SIN_COEFFS
+    s = r * (1.0 + u * (c1 + u * (c2 + u * (c3 + u * c4))))
+    return s * s
 
 
 class Snake(nn.Module):
@@ -84,7 +106,10 @@ class Snake(nn.Module):
         self.alpha = mx.ones((channels,))
 
     def __call__(self, x: mx.array) -> mx.array:
-        return _snake(x, self.alpha)
+        # Official: x + 1 / (alpha + 1e-9) * sin(x * alpha)^2. The two broadcast products
+        # stay outside the compiled kernel, which then sees one contiguous input.
+        alpha = self.alpha
+        return x + _sin_squared(x * alpha) * (1.0 / (alpha + SNAKE_EPS))
 
 
 class ResBlock(nn.Module):

@@ -94,6 +94,40 @@ def conv1d_unfold(
     return _matmul_bias(cols, weight.reshape(c_out, k * c_in).T, bias)
 
 
+def conv1d_taps(
+    x: mx.array,
+    weight: mx.array,
+    bias: mx.array | None = None,
+    padding: int | tuple[int, int] = 0,
+    dilation: int = 1,
+) -> mx.array:
+    """`mx.conv1d` (stride 1, groups 1) as a chain of K accumulating matmuls, one per tap.
+
+    Tap j reads the padded input shifted by j * dilation, a contiguous row range
+    (no copy), and adds `x_j @ W_j^T` to the output with `addmm` (BLAS beta = 1).
+    No im2col buffer: on MLX-CPU the strided copies that build one cost more than
+    the matmul itself when C_in is small (64-128 channels).
+    """
+    c_out, k, c_in = weight.shape
+    lo, hi = _pads(padding)
+    if lo or hi:
+        x = mx.pad(x, [(0, 0), (lo, hi), (0, 0)])
+    l_out = x.shape[1] - dilation * (k - 1)
+    if l_out <= 0:
+        raise ValueError(
+            f"conv1d: input of length {x.shape[1]} (padded) is shorter than the kernel"
+        )
+    y = None
+    for j in range(k):
+        tap = x[:, j * dilation : j * dilation + l_out]
+        w_j = weight[:, j, :].T
+        if y is None:
+            y = tap @ w_j if bias is None else mx.addmm(bias, tap, w_j)
+        else:
+            y = mx.addmm(y, tap, w_j)
+    return y
+
+
 def conv_transpose1d_matmul(
     x: mx.array,
     weight: mx.array,
@@ -149,6 +183,8 @@ def conv1d(
     x: (N, L, C_in); weight: (C_out, K, C_in // groups); `padding` an int or (left, right).
     """
     if groups == 1 and fast_paths_enabled():
+        if stride == 1:
+            return conv1d_taps(x, weight, bias, padding, dilation)
         return conv1d_unfold(x, weight, bias, stride, padding, dilation)
     lo, hi = _pads(padding)
     if lo == hi:
