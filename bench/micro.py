@@ -19,13 +19,21 @@ from bench.machine import OPENBLAS, ROOT
 BENCH_DIR = ROOT / "tests" / "benchmarks"
 
 
-def run_micro(out_dir: Path, run_id: str | None, extra: list[str] | None = None) -> dict[str, Any]:
-    """Run the micro-benchmarks; return where their JSON went and how pytest ended."""
+def run_micro(
+    out_dir: Path,
+    run_id: str | None,
+    extra: list[str] | None = None,
+    bench_dir: Path = BENCH_DIR,
+) -> dict[str, Any]:
+    """Run the micro-benchmarks in `bench_dir`; return where their JSON went and how pytest ended.
+
+    `path` in the result is the JSON's file name, relative to `out_dir` (beside the run).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"{run_id or time.strftime('%Y%m%d-%H%M%S')}.micro.json"
     json_path = out_dir / name
-    if not BENCH_DIR.is_dir() or not any(BENCH_DIR.glob("test_*.py")):
-        return {"path": None, "returncode": 0, "note": f"no micro-benchmarks in {BENCH_DIR}"}
+    if not bench_dir.is_dir() or not any(bench_dir.glob("test_*.py")):
+        return {"path": None, "returncode": 0, "note": f"no micro-benchmarks in {bench_dir}"}
     env = dict(os.environ)
     if sys.platform.startswith("linux") and os.path.exists(OPENBLAS):
         if "openblas" not in env.get("LD_PRELOAD", ""):
@@ -34,7 +42,7 @@ def run_micro(out_dir: Path, run_id: str | None, extra: list[str] | None = None)
         sys.executable,
         "-m",
         "pytest",
-        str(BENCH_DIR),
+        str(bench_dir),
         "-m",
         "not full",
         "--benchmark-only",

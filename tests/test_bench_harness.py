@@ -478,6 +478,28 @@ def test_list_and_baseline_commands(toy_run: Path, tmp_path: Path) -> None:
     assert proc.returncode == 3 and "python -m bench baseline" in proc.stdout
 
 
+def test_micro_benchmarks_store_their_json(tmp_path: Path) -> None:
+    from bench.micro import run_micro
+
+    pytest.importorskip("pytest_benchmark")
+    benches = tmp_path / "benchmarks"
+    benches.mkdir()
+    (benches / "test_tiny.py").write_text(
+        "def test_sum(benchmark):\n    assert benchmark(sum, range(100)) == 4950\n"
+    )
+    info = run_micro(
+        tmp_path / "out",
+        "r1",
+        ["-p", "no:cacheprovider", "--benchmark-max-time=0.01"],
+        bench_dir=benches,
+    )
+    assert info["returncode"] == 0
+    data = json.loads((tmp_path / "out" / info["path"]).read_text())
+    (bench,) = data["benchmarks"]
+    assert bench["name"] == "test_sum" and bench["stats"]["rounds"] >= 5
+    assert run_micro(tmp_path / "out", "r2", bench_dir=tmp_path / "none")["path"] is None
+
+
 # --------------------------------------------------------------------------- the pipeline
 
 
