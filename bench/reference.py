@@ -94,7 +94,8 @@ class OfficialTarget:
             from cosyvoice2.testing.synthetic import cached_official_dir
 
             size = options.get("size", "full")
-            path = cached_official_dir(size, seed=0, onnx=False)
+            # the same dir our target converts (its ONNX files are not used here)
+            path = cached_official_dir(size, seed=0, onnx=True)
             weights = {"label": "synthetic", "size": size, "seed": 0, "path": str(path)}
         return Prepared(
             weights=weights,
