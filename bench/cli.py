@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--no-openblas", action="store_true", help="do not preload OpenBLAS for MLX (Linux)"
     )
+    g.add_argument("--device", choices=["cpu", "gpu"], help="MLX device (default: MLX's default)")
     g.add_argument(
         "--case-timeout", type=float, default=None, help="seconds before a case is abandoned"
     )
