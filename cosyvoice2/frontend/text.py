@@ -49,8 +49,8 @@ import re
 import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-import inflect
 import regex
 
 from cosyvoice2.errors import InputError
@@ -86,7 +86,22 @@ def remove_bracket(text: str) -> str:
     return text.replace("——", " ")
 
 
-def spell_out_number(text: str, inflect_parser: inflect.engine) -> str:
+class LazyInflect:
+    """`inflect.engine()` created on first use: importing inflect takes seconds (typeguard
+    instruments it at import), and most texts have no digits to spell out."""
+
+    def __init__(self) -> None:
+        self._engine = None
+
+    def number_to_words(self, num: str) -> str:
+        if self._engine is None:
+            import inflect
+
+            self._engine = inflect.engine()
+        return self._engine.number_to_words(num)
+
+
+def spell_out_number(text: str, inflect_parser: Any) -> str:
     """Replace every run of `str.isdigit` characters by inflect's words for it (English)."""
     out: list[str] = []
     start: int | None = None
@@ -235,7 +250,7 @@ class TextFrontend:
         self.tokenizer = tokenizer
         self.config = config or TextFrontendConfig()
         self.allowed_special = allowed_special
-        self.inflect_parser = inflect.engine()
+        self.inflect_parser = LazyInflect()
         normalizers = None if backend == "none" else _wetext_normalizers()
         if normalizers is None and backend == "wetext":
             raise ImportError("text normalisation backend 'wetext' requested but not installed")
