@@ -56,7 +56,7 @@ import mlx.nn as nn
 import numpy as np
 
 from cosyvoice2.config import HiFTConfig
-from cosyvoice2.ops import Conv1d, ConvTranspose1d
+from cosyvoice2.ops import Conv1d, ConvTranspose1d, Derived
 
 # The official `decode` ends with `F.leaky_relu(x)`: torch's default slope, not `lrelu_slope`.
 FINAL_LRELU_SLOPE = 0.01
@@ -104,12 +104,13 @@ class Snake(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.alpha = mx.ones((channels,))
+        self._inv_alpha = Derived()
 
     def __call__(self, x: mx.array) -> mx.array:
         # Official: x + 1 / (alpha + 1e-9) * sin(x * alpha)^2. The two broadcast products
         # stay outside the compiled kernel, which then sees one contiguous input.
-        alpha = self.alpha
-        return x + _sin_squared(x * alpha) * (1.0 / (alpha + SNAKE_EPS))
+        inv_alpha = self._inv_alpha.get(self.alpha, lambda a: 1.0 / (a + SNAKE_EPS))
+        return x + _sin_squared(x * self.alpha) * inv_alpha
 
 
 class ResBlock(nn.Module):

@@ -34,6 +34,8 @@ preloaded, fp32), full-size HiFT shapes for 1 s of audio; see
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -94,21 +96,34 @@ def conv1d_unfold(
     return _matmul_bias(cols, weight.reshape(c_out, k * c_in).T, bias)
 
 
+def tap_matrices(weight: mx.array) -> list[mx.array]:
+    """Conv weight (C_out, K, C_in) -> K contiguous (C_in, C_out) matrices, one per tap."""
+    return [mx.contiguous(weight[:, j, :].T) for j in range(weight.shape[1])]
+
+
 def conv1d_taps(
     x: mx.array,
     weight: mx.array,
     bias: mx.array | None = None,
     padding: int | tuple[int, int] = 0,
     dilation: int = 1,
+    taps: Sequence[mx.array] | None = None,
 ) -> mx.array:
     """`mx.conv1d` (stride 1, groups 1) as a chain of K accumulating matmuls, one per tap.
 
     Tap j reads the padded input shifted by j * dilation, a contiguous row range
-    (no copy), and adds `x_j @ W_j^T` to the output with `addmm` (BLAS beta = 1).
+    (no copy), and adds `x_j @ W_j` to the output with `addmm` (BLAS beta = 1).
     No im2col buffer: on MLX-CPU the strided copies that build one cost more than
     the matmul itself when C_in is small (64-128 channels).
+
+    `taps`: `tap_matrices(weight)`, if the caller keeps them. MLX's matmul copies
+    an operand that is neither contiguous nor a plain transpose, which
+    `weight[:, j]` is not; kept tap matrices save that copy of every weight, and
+    two graph nodes per tap, on every call.
     """
     c_out, k, c_in = weight.shape
+    if taps is None:
+        taps = [weight[:, j, :].T for j in range(k)]
     lo, hi = _pads(padding)
     if lo or hi:
         x = mx.pad(x, [(0, 0), (lo, hi), (0, 0)])
@@ -119,12 +134,11 @@ def conv1d_taps(
         )
     y = None
     for j in range(k):
-        tap = x[:, j * dilation : j * dilation + l_out]
-        w_j = weight[:, j, :].T
+        tap = x if k == 1 else x[:, j * dilation : j * dilation + l_out]
         if y is None:
-            y = tap @ w_j if bias is None else mx.addmm(bias, tap, w_j)
+            y = tap @ taps[j] if bias is None else mx.addmm(bias, tap, taps[j])
         else:
-            y = mx.addmm(y, tap, w_j)
+            y = mx.addmm(y, tap, taps[j])
     return y
 
 
@@ -177,14 +191,16 @@ def conv1d(
     padding: int | tuple[int, int] = 0,
     dilation: int = 1,
     groups: int = 1,
+    taps: Sequence[mx.array] | None = None,
 ) -> mx.array:
     """1-D convolution (cross-correlation, as torch's `Conv1d`), routed to the fast formulation on CPU.
 
-    x: (N, L, C_in); weight: (C_out, K, C_in // groups); `padding` an int or (left, right).
+    x: (N, L, C_in); weight: (C_out, K, C_in // groups); `padding` an int or (left, right);
+    `taps`: optionally `tap_matrices(weight)`, kept by the caller (see `conv1d_taps`).
     """
     if groups == 1 and fast_paths_enabled():
         if stride == 1:
-            return conv1d_taps(x, weight, bias, padding, dilation)
+            return conv1d_taps(x, weight, bias, padding, dilation, taps)
         return conv1d_unfold(x, weight, bias, stride, padding, dilation)
     lo, hi = _pads(padding)
     if lo == hi:
@@ -224,8 +240,31 @@ def conv_transpose1d(
     return y if bias is None else y + bias
 
 
+class Derived:
+    """A value derived from a parameter array, kept until the parameter is replaced.
+
+    Modules hold one per derived form (not a parameter: it is a plain attribute).
+    `get` compares by identity, so `load_weights` or `update`, which put new arrays
+    in place, rebuild it on the next call.
+    """
+
+    def __init__(self) -> None:
+        self.source: mx.array | None = None
+        self.value: Any = None
+
+    def get(self, source: mx.array, make: Callable[[mx.array], Any]) -> Any:
+        if self.source is not source:
+            self.source, self.value = source, make(source)
+        return self.value
+
+
 class Conv1d(nn.Module):
-    """`torch.nn.Conv1d` on channels-last input, parameters `weight` (C_out, K, C_in) and `bias`."""
+    """`torch.nn.Conv1d` on channels-last input, parameters `weight` (C_out, K, C_in) and `bias`.
+
+    On the fast (CPU) route it keeps the per-tap matrices of `weight` (built on
+    first use, rebuilt if `weight` is replaced, e.g. by `load_weights`): one more
+    copy of the weights in memory, no per-call weight copies.
+    """
 
     def __init__(
         self,
@@ -245,9 +284,15 @@ class Conv1d(nn.Module):
         self.stride = stride
         self.padding = padding
         self.dilation = dilation
+        self._taps = Derived()
 
     def __call__(self, x: mx.array) -> mx.array:
-        return conv1d(x, self.weight, self.get("bias"), self.stride, self.padding, self.dilation)
+        taps = None
+        if self.stride == 1 and fast_paths_enabled():
+            taps = self._taps.get(self.weight, tap_matrices)
+        return conv1d(
+            x, self.weight, self.get("bias"), self.stride, self.padding, self.dilation, taps=taps
+        )
 
 
 class ConvTranspose1d(nn.Module):
