@@ -264,7 +264,11 @@ def campplus_features(speech_16k: mx.array | np.ndarray) -> mx.array:
 
 
 def whisper_log_mel(audio: mx.array | np.ndarray, n_mels: int = 128) -> mx.array:
-    """Whisper log-mel of 16 kHz audio: (n_mels, frames) for (N,) input, (B, n_mels, frames) for (B, N)."""
+    """Whisper log-mel of 16 kHz audio: (n_mels, frames) for (N,) input, (B, n_mels, frames) for (B, N).
+
+    As in Whisper, the floor (maximum minus 8) is taken over the whole input, so a batch is
+    floored at its overall maximum; pass prompts one at a time to match the official frontend.
+    """
     n_fft, hop = 400, 160
     x, single = _as_batch(audio)
     x = _reflect_pad(x, n_fft // 2, n_fft // 2)
