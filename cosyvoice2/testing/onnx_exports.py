@@ -20,8 +20,9 @@ scheme, so a converter tested on these files handles the real ones.
 Sizes: CAM++ has one size (6.8 M parameters, about 28 MB, the real shapes);
 the tokenizer is `full` (1280 wide, 20 heads, 6 blocks: the real shapes, about
 0.5 GB) or `tiny` (128 wide, 2 heads, 2 blocks). Weights are random but
-deterministic per seed; batch-norm statistics are calibrated on random input
-so activations keep a trained network's scale. Needs torch, onnx, `s3tokenizer`
+deterministic per seed; CAM++'s batch-norm statistics are calibrated on the
+fbank of speech-like signals so that, on real prompts, activations keep a
+trained network's scale (embeddings of order 1-3). Needs torch, onnx, `s3tokenizer`
 and `speakerlab` (install `speakerlab` with `--no-deps`: its CAM++ code imports
 only torch).
 """
@@ -73,7 +74,7 @@ def campplus_torch_model(seed: int = 0):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
             elif p.ndim == 1:  # batch-norm scales
                 p.copy_(0.5 + torch.rand(p.shape, generator=gen))
-        # Calibrate the batch-norm statistics on random mean-normalised "fbank" (cumulative averages).
+        # Batch-norm statistics: cumulative averages over the fbank of speech-like signals.
         bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         for m in bns:
             m.reset_running_stats()
