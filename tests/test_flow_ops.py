@@ -103,3 +103,74 @@ def test_euler_times_cover_the_cosine_schedule(n: int) -> None:
     assert abs(sum(dt for _, dt in steps) - 1.0) < 1e-6
     for (t, _), s in zip(steps, span[:-1]):
         assert abs(t - s) < 1e-6
+
+
+# --- the numba CPU kernels against the MLX ops they replace ---------------------------------
+
+
+@pytest.fixture
+def kernels_or_skip():
+    from cosyvoice2.flow import ops
+
+    if not ops.use_cpu_kernels():
+        pytest.skip("numba kernels unavailable (no numba, or not the CPU device)")
+    return ops
+
+
+def _mlx_route(monkeypatch, fn, *args, **kwargs):
+    from cosyvoice2.flow import ops
+
+    with monkeypatch.context() as m:
+        m.setattr(ops, "_KERNELS", False)
+        assert not ops.use_cpu_kernels()
+        out = fn(*args, **kwargs)
+        mx.eval(out)
+    return out
+
+
+@pytest.mark.parametrize(("t_q", "chunk"), [(37, 0), (37, 10), (120, 50)])
+def test_softmax_kernel_matches_mlx(kernels_or_skip, monkeypatch, t_q: int, chunk: int) -> None:
+    ops = kernels_or_skip
+    rng = np.random.default_rng(t_q + chunk)
+    s = mx.array((rng.standard_normal((2, 3, t_q, t_q)) * 8).astype(np.float32))
+    got = ops.softmax(s, chunk)
+    ref = _mlx_route(monkeypatch, ops.softmax, s, chunk)
+    assert got.shape == s.shape
+    assert mx.abs(got - ref).max().item() < 1e-6
+    if chunk:  # masked keys get exactly zero probability
+        masked = ~np.array(chunk_mask(t_q, chunk))
+        assert np.all(np.array(got)[:, :, masked] == 0.0)
+
+
+@pytest.mark.parametrize("name", ["gelu", "silu"])
+def test_bias_activation_kernels_match_mlx(kernels_or_skip, monkeypatch, name: str) -> None:
+    ops = kernels_or_skip
+    rng = np.random.default_rng(1)
+    x = mx.array((rng.standard_normal((3, 17, 64)) * 6).astype(np.float32))
+    x = mx.concatenate([x, mx.full((3, 1, 64), 95.0), mx.full((3, 1, 64), -95.0)], axis=1)
+    b = mx.array(rng.standard_normal(64).astype(np.float32))
+    fn = getattr(ops, name)
+    got, ref = fn(x, b), _mlx_route(monkeypatch, fn, x, b)
+    assert mx.abs(got - ref).max().item() < 5e-6 * max(1.0, mx.abs(ref).max().item())
+    got, ref = fn(x), _mlx_route(monkeypatch, fn, x)
+    assert mx.abs(got - ref).max().item() < 5e-6 * max(1.0, mx.abs(ref).max().item())
+
+
+def test_mish_kernel_matches_mlx(kernels_or_skip, monkeypatch) -> None:
+    ops = kernels_or_skip
+    x = mx.array(np.linspace(-100.0, 100.0, 10001).astype(np.float32)).reshape(1, -1, 1)
+    got, ref = ops.mish(x), _mlx_route(monkeypatch, ops.mish, x)
+    err = mx.abs(got - ref) / mx.maximum(mx.abs(ref), 1e-3)
+    assert err.max().item() < 1e-5
+
+
+@pytest.mark.parametrize("then_mish", [False, True])
+def test_layer_norm_kernel_matches_mlx(kernels_or_skip, monkeypatch, then_mish: bool) -> None:
+    ops = kernels_or_skip
+    rng = np.random.default_rng(2)
+    x = mx.array((rng.standard_normal((2, 33, 96)) * 4 + 3).astype(np.float32))
+    w = mx.array((1 + 0.1 * rng.standard_normal(96)).astype(np.float32))
+    b = mx.array((0.1 * rng.standard_normal(96)).astype(np.float32))
+    got = ops.layer_norm(x, w, b, 1e-5, then_mish)
+    ref = _mlx_route(monkeypatch, ops.layer_norm, x, w, b, 1e-5, then_mish)
+    assert mx.abs(got - ref).max().item() < 1e-5

@@ -32,7 +32,16 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from cosyvoice2.config import EstimatorConfig
-from cosyvoice2.flow.ops import causal_conv1d, chunk_mask, conv_transpose1d, gelu, mish
+from cosyvoice2.flow.ops import (
+    causal_conv1d,
+    chunk_mask,
+    conv_transpose1d,
+    gelu,
+    layer_norm,
+    mish,
+    softmax,
+    use_cpu_kernels,
+)
 
 
 class SinusoidalPosEmb(nn.Module):
@@ -139,9 +148,9 @@ class CausalBlock1D(nn.Module):
         ]
 
     def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
-        x = _masked(x, mask)
-        for layer in self.block:
-            x = layer(x)
+        x = self.block[0](_masked(x, mask))
+        norm = self.block[2]
+        x = layer_norm(x, norm.weight, norm.bias, norm.eps, then_mish=True)
         return _masked(x, mask)
 
 
@@ -209,16 +218,44 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(query_dim, inner, bias=False)
         self.to_v = nn.Linear(query_dim, inner, bias=False)
         self.to_out = [nn.Linear(inner, query_dim)]
+        self._fused = (
+            None  # (source weights, stacked q/k/v weight); "_" keeps it out of parameters()
+        )
 
-    def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
-        """`x` `(B, T, D)`; `mask` boolean broadcastable to `(B, heads, T, T)` (True = attend) or None."""
+    def __call__(self, x: mx.array, mask: mx.array | None, chunk: int = 0) -> mx.array:
+        """`x` `(B, T, D)`; `mask` boolean key-padding mask `(B, 1, 1, T)` or None; `chunk` > 0: chunk mask."""
         b, t, _ = x.shape
         h, d = self.heads, self.dim_head
-        q = self.to_q(x).reshape(b, t, h, d).transpose(0, 2, 1, 3)
-        k = self.to_k(x).reshape(b, t, h, d).transpose(0, 2, 1, 3)
-        v = self.to_v(x).reshape(b, t, h, d).transpose(0, 2, 1, 3)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=d**-0.5, mask=mask)
+        q, k, v = self._qkv(x)
+        if mask is None and use_cpu_kernels():
+            # CPU: explicit scores and the vectorised softmax kernel (MLX's exp is the bottleneck).
+            out = softmax(q @ k.transpose(0, 1, 3, 2), chunk) @ v
+        else:
+            if chunk > 0:
+                cm = chunk_mask(t, chunk)[None, None]
+                mask = cm if mask is None else mask & cm
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
         return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(b, t, h * d))
+
+    def _qkv(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries (already scaled by `dim_head ** -0.5`), keys and values, each `(B, heads, T, dim_head)`.
+
+        One matmul with the three weights stacked (cached until the weights change)
+        instead of three: fewer, larger GEMMs and one layout copy.
+        """
+        b, t, _ = x.shape
+        h, d = self.heads, self.dim_head
+        layers = (self.to_q, self.to_k, self.to_v)
+        if all(type(m) is nn.Linear for m in layers):
+            ws = tuple(m.weight for m in layers)
+            cached = self._fused
+            if cached is None or any(a is not c for a, c in zip(ws, cached[0])):
+                fused = mx.concatenate([ws[0] * d**-0.5, ws[1], ws[2]], axis=0).T
+                cached = self._fused = (ws, fused)
+            qkv = (x @ cached[1]).reshape(b, t, 3, h, d).transpose(2, 0, 3, 1, 4)
+            return qkv[0], qkv[1], qkv[2]
+        q, k, v = (m(x).reshape(b, t, h, d).transpose(0, 2, 1, 3) for m in layers)
+        return q * d**-0.5, k, v
 
 
 class GELU(nn.Module):
@@ -229,6 +266,8 @@ class GELU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if type(self.proj) is nn.Linear:  # bias added inside the GELU kernel
+            return gelu(x @ self.proj.weight.T, self.proj.bias)
         return gelu(self.proj(x))
 
 
@@ -262,20 +301,15 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, activation_fn=activation_fn)
 
-    def __call__(self, x: mx.array, attention_mask: mx.array | None) -> mx.array:
-        x = x + self.attn1(self.norm1(x), attention_mask)
-        return x + self.ff(self.norm3(x))
+    def __call__(self, x: mx.array, attention_mask: mx.array | None, chunk: int = 0) -> mx.array:
+        n1, n3 = self.norm1, self.norm3
+        x = x + self.attn1(layer_norm(x, n1.weight, n1.bias, n1.eps), attention_mask, chunk)
+        return x + self.ff(layer_norm(x, n3.weight, n3.bias, n3.eps))
 
 
-def _attention_mask(mask: mx.array | None, t: int, chunk: int) -> mx.array | None:
-    """Boolean `(B | 1, 1, T, T)` mask for one resolution level: key padding and, if `chunk`, chunks."""
-    out = None
-    if mask is not None:
-        out = (mask[:, :, 0] > 0)[:, None, None, :]
-    if chunk > 0:
-        cm = chunk_mask(t, chunk)[None, None]
-        out = cm if out is None else out & cm
-    return out
+def _padding_mask(mask: mx.array | None) -> mx.array | None:
+    """Boolean key-padding mask `(B, 1, 1, T)` for attention from a `(B, T, 1)` frame mask."""
+    return None if mask is None else (mask[:, :, 0] > 0)[:, None, None, :]
 
 
 class ConditionalDecoder(nn.Module):
@@ -361,9 +395,9 @@ class ConditionalDecoder(nn.Module):
         for resnet, blocks, down in self.down_blocks:
             mask_down = masks[-1]
             x = resnet(x, mask_down, temb)
-            attn_mask = _attention_mask(mask_down, x.shape[1], chunk)
+            attn_mask = _padding_mask(mask_down)
             for block in blocks:
-                x = block(x, attn_mask)
+                x = block(x, attn_mask, chunk)
             hiddens.append(x)
             x = down(_masked(x, mask_down))
             masks.append(None if mask_down is None else mask_down[:, ::2])
@@ -372,18 +406,18 @@ class ConditionalDecoder(nn.Module):
 
         for resnet, blocks in self.mid_blocks:
             x = resnet(x, mask_mid, temb)
-            attn_mask = _attention_mask(mask_mid, x.shape[1], chunk)
+            attn_mask = _padding_mask(mask_mid)
             for block in blocks:
-                x = block(x, attn_mask)
+                x = block(x, attn_mask, chunk)
 
         for resnet, blocks, up in self.up_blocks:
             mask_up = masks.pop()
             skip = hiddens.pop()
             x = mx.concatenate([x[:, : skip.shape[1]], skip], axis=-1)
             x = resnet(x, mask_up, temb)
-            attn_mask = _attention_mask(mask_up, x.shape[1], chunk)
+            attn_mask = _padding_mask(mask_up)
             for block in blocks:
-                x = block(x, attn_mask)
+                x = block(x, attn_mask, chunk)
             x = up(_masked(x, mask_up))
         x = self.final_block(x, mask_up)
         out = self.final_proj(_masked(x, mask_up))

@@ -41,7 +41,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from cosyvoice2.config import EncoderConfig
-from cosyvoice2.flow.ops import causal_conv1d, chunk_mask
+from cosyvoice2.flow.ops import causal_conv1d, chunk_mask, silu, softmax, use_cpu_kernels
 
 
 def rel_position_table(size: int, d_model: int) -> mx.array:
@@ -104,8 +104,8 @@ class RelPositionMultiHeadedAttention(nn.Module):
         x = x.reshape(b, h, p + 1, t)[:, :, 1:].reshape(b, h, t, p)
         return x[:, :, :, : p // 2 + 1]
 
-    def __call__(self, x: mx.array, pos_emb: mx.array, mask: mx.array | None) -> mx.array:
-        """`x` `(B, T, D)`, `pos_emb` `(1, 2T-1, D)`, `mask` boolean broadcastable to `(B, 1, T, T)` or None."""
+    def __call__(self, x: mx.array, pos_emb: mx.array, chunk: int = 0) -> mx.array:
+        """`x` `(B, T, D)`, `pos_emb` `(1, 2T-1, D)`; `chunk` > 0: chunk-masked attention."""
         b, t, _ = x.shape
         q = self.linear_q(x).reshape(b, t, self.h, self.d_k)
         k = self.linear_k(x).reshape(b, t, self.h, self.d_k).transpose(0, 2, 1, 3)
@@ -117,9 +117,12 @@ class RelPositionMultiHeadedAttention(nn.Module):
         scale = 1.0 / math.sqrt(self.d_k)
         # Position term as an additive bias of the content attention.
         bias = self.rel_shift(q_v @ p.transpose(0, 1, 3, 2)) * scale
-        if mask is not None:
-            bias = mx.where(mask, bias, -mx.inf)
-        out = mx.fast.scaled_dot_product_attention(q_u, k, v, scale=scale, mask=bias)
+        if use_cpu_kernels():
+            out = softmax((q_u * scale) @ k.transpose(0, 1, 3, 2) + bias, chunk) @ v
+        else:
+            if chunk > 0:
+                bias = mx.where(chunk_mask(t, chunk), bias, -mx.inf)
+            out = mx.fast.scaled_dot_product_attention(q_u, k, v, scale=scale, mask=bias)
         out = out.transpose(0, 2, 1, 3).reshape(b, t, self.h * self.d_k)
         return self.linear_out(out)
 
@@ -133,7 +136,9 @@ class PositionwiseFeedForward(nn.Module):
         self.w_2 = nn.Linear(hidden_units, idim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.w_2(nn.silu(self.w_1(x)))
+        if type(self.w_1) is nn.Linear:  # bias added inside the SiLU kernel
+            return self.w_2(silu(x @ self.w_1.weight.T, self.w_1.bias))
+        return self.w_2(silu(self.w_1(x)))
 
 
 class ConformerEncoderLayer(nn.Module):
@@ -146,8 +151,8 @@ class ConformerEncoderLayer(nn.Module):
         self.norm_ff = nn.LayerNorm(size, eps=1e-12)
         self.norm_mha = nn.LayerNorm(size, eps=1e-12)
 
-    def __call__(self, x: mx.array, pos_emb: mx.array, mask: mx.array | None) -> mx.array:
-        x = x + self.self_attn(self.norm_mha(x), pos_emb, mask)
+    def __call__(self, x: mx.array, pos_emb: mx.array, chunk: int = 0) -> mx.array:
+        x = x + self.self_attn(self.norm_mha(x), pos_emb, chunk)
         return x + self.feed_forward(self.norm_ff(x))
 
 
@@ -236,17 +241,13 @@ class UpsampleConformerEncoder(nn.Module):
             context = self.embed.embed(context)
         else:
             context = None
-        mask = chunk_mask(xs.shape[1], cfg.static_chunk_size) if streaming else None
+        chunk = cfg.static_chunk_size if streaming else 0
         xs = self.pre_lookahead_layer(xs, context)
         for layer in self.encoders:
-            xs = layer(xs, pos_emb, mask)
+            xs = layer(xs, pos_emb, chunk)
         xs = self.up_layer(xs)
         xs, pos_emb = self.up_embed(xs)
-        mask = (
-            chunk_mask(xs.shape[1], cfg.static_chunk_size * cfg.upsample_stride)
-            if streaming
-            else None
-        )
+        chunk = cfg.static_chunk_size * cfg.upsample_stride if streaming else 0
         for layer in self.up_encoders:
-            xs = layer(xs, pos_emb, mask)
+            xs = layer(xs, pos_emb, chunk)
         return self.after_norm(xs)

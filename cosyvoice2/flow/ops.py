@@ -23,7 +23,10 @@ the two are to be merged.
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
+import numpy as np
 
 
 def causal_conv1d(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
@@ -95,11 +98,116 @@ def chunk_mask(size: int, chunk_size: int) -> mx.array:
     return pos[None, :] < ends[:, None]
 
 
+def _kernels():
+    """The numba kernels module, or None where numba is missing or disabled (`COSYVOICE2_FLOW_KERNELS=0`)."""
+    global _KERNELS
+    if _KERNELS is None:
+        if os.environ.get("COSYVOICE2_FLOW_KERNELS", "1") == "0":
+            _KERNELS = False
+        else:
+            try:
+                from cosyvoice2.flow import cpu_kernels
+
+                _KERNELS = cpu_kernels
+            except ImportError:
+                _KERNELS = False
+    return _KERNELS or None
+
+
+_KERNELS = None
+
+
+def use_cpu_kernels() -> bool:
+    """Whether element-wise transcendentals go through the numba kernels (CPU device, numba present)."""
+    return mx.default_device() == mx.cpu and _kernels() is not None
+
+
+def _as_numpy(x: mx.array, shape: tuple[int, ...]) -> np.ndarray:
+    """A C-contiguous float32 numpy view (or copy) of `x` reshaped, after evaluating it."""
+    x = x.astype(mx.float32).reshape(shape)
+    mx.eval(x)
+    return np.ascontiguousarray(np.asarray(x))
+
+
+def _new_output(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
+    """An MLX-owned float32 buffer and a writable numpy view of it (MLX reuses freed buffers: no page faults)."""
+    out = mx.zeros(shape, dtype=mx.float32)
+    mx.eval(out)
+    return out, np.asarray(out)
+
+
+def softmax(scores: mx.array, chunk: int = 0) -> mx.array:
+    """Softmax over the last axis of `(..., T_q, T_k)` scores; with `chunk > 0`, chunk-masked.
+
+    Query `i` sees the keys `j < (i // chunk + 1) * chunk` (`chunk_mask`); the
+    masked probabilities are 0.
+    """
+    t_q, t_k = scores.shape[-2:]
+    k = _kernels() if mx.default_device() == mx.cpu else None
+    if k is None:
+        if chunk > 0:
+            scores = mx.where(chunk_mask(max(t_q, t_k), chunk)[:t_q, :t_k], scores, -mx.inf)
+        return mx.softmax(scores, axis=-1)
+    s = _as_numpy(scores, (-1, t_k))
+    out, o = _new_output(scores.shape)
+    k.softmax_rows(s, o.reshape(-1, t_k), t_q, chunk)
+    return out
+
+
+def gelu(x: mx.array, bias: mx.array | None = None) -> mx.array:
+    """Exact (erf) GELU of `x + bias`, as diffusers' `GELU` with `approximate="none"`."""
+    k = _kernels() if mx.default_device() == mx.cpu else None
+    if k is None:
+        if bias is not None:
+            x = x + bias
+        return 0.5 * x * (1.0 + mx.erf(x * 0.7071067811865476))
+    c = x.shape[-1]
+    b = np.zeros(c, np.float32) if bias is None else _as_numpy(bias, (c,))
+    out, o = _new_output(x.shape)
+    k.gelu_bias(_as_numpy(x, (-1, c)), b, o.reshape(-1, c))
+    return out
+
+
+def silu(x: mx.array, bias: mx.array | None = None) -> mx.array:
+    """`v * sigmoid(v)` with `v = x + bias` (the encoder's swish)."""
+    k = _kernels() if mx.default_device() == mx.cpu else None
+    if k is None:
+        if bias is not None:
+            x = x + bias
+        return x * mx.sigmoid(x)
+    c = x.shape[-1]
+    b = np.zeros(c, np.float32) if bias is None else _as_numpy(bias, (c,))
+    out, o = _new_output(x.shape)
+    k.silu_bias(_as_numpy(x, (-1, c)), b, o.reshape(-1, c))
+    return out
+
+
+def layer_norm(
+    x: mx.array, weight: mx.array, bias: mx.array, eps: float, then_mish: bool = False
+) -> mx.array:
+    """LayerNorm over the last axis (torch semantics), optionally followed by Mish, in one pass on CPU."""
+    k = _kernels() if mx.default_device() == mx.cpu else None
+    if k is None:
+        y = mx.fast.layer_norm(x, weight, bias, eps)
+        return mish(y) if then_mish else y
+    c = x.shape[-1]
+    out, o = _new_output(x.shape)
+    k.layer_norm_rows(
+        _as_numpy(x, (-1, c)),
+        _as_numpy(weight, (c,)),
+        _as_numpy(bias, (c,)),
+        eps,
+        o.reshape(-1, c),
+        then_mish,
+    )
+    return out
+
+
 def mish(x: mx.array) -> mx.array:
-    """`x * tanh(softplus(x))` (torch `nn.Mish`, with its softplus threshold of 20)."""
-    return x * mx.tanh(mx.where(x > 20.0, x, mx.logaddexp(x, 0.0)))
-
-
-def gelu(x: mx.array) -> mx.array:
-    """Exact (erf) GELU, as diffusers' `GELU` with `approximate="none"`."""
-    return 0.5 * x * (1.0 + mx.erf(x * 0.7071067811865476))
+    """`x * tanh(softplus(x))` (torch `nn.Mish`)."""
+    k = _kernels() if mx.default_device() == mx.cpu else None
+    if k is None:
+        return x * mx.tanh(mx.where(x > 20.0, x, mx.logaddexp(x, 0.0)))
+    out, o = _new_output(x.shape)
+    k.mish_flat(_as_numpy(x, (-1,)), o.reshape(-1))
+    return out

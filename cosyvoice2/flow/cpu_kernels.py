@@ -1,0 +1,204 @@
+"""Vectorised CPU kernels (numba) for the flow's transcendental element-wise work.
+
+Why: MLX 0.32.4 on Linux x86_64 evaluates `exp`, `erf`, `tanh`, `sigmoid` and
+`log1p` at 50-130 ns per element (its CPU backend has no vectorised
+transcendental path there, and `mx.compile`'s CPU kernels are built without
+`-march`, so they stay scalar), while a 256-wide matmul costs less per element.
+In the CFM estimator at full size (batch 2 x 400 frames) one Euler step computes
+about 143 M softmax exponentials, 46 M GELUs and 6 M Mish values, which made
+element-wise functions about 60% of the step time. These kernels compute the
+same functions with polynomial/rational approximations written so LLVM
+vectorises them (AVX2 here) and spread over the cores with `prange`: about
+0.3-1.3 ns per element, 40x or more faster than the MLX ops.
+
+Accuracy (float32): `exp` is `2^n * p(r)` with `|r| <= ln2/2` and a degree-6
+Taylor polynomial (relative error about 2e-7); `erf` is the rational
+approximation Eigen uses for float (absolute error 4.3e-7 over the real line);
+GELU's absolute error is within 1.5e-6 of the exact one, softmax rows within
+1.5e-6 relative. The tests compare each kernel with the direct MLX op.
+
+The kernels take numpy views of evaluated MLX arrays and write into a separate
+output buffer; `cosyvoice2.flow.ops` decides when to use them (CPU device and
+numba importable) and falls back to the MLX ops otherwise (Metal, or no numba).
+numba comes with librosa, a dependency of the package; compiled kernels are
+cached on disk (`cache=True`) so only the first process pays the compile time.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+_BLOCK = 4096  # elements per parallel work item in flat kernels
+
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693145751953125)
+_LN2_LO = np.float32(1.428606765330187e-06)
+
+
+@njit(inline="always", fastmath=True)
+def _exp_split(x: float) -> tuple:
+    """`exp(x) = p * 2**e` for float32 `x` in [-87, 88]: returns `(p, e + 127 shifted into float bits)`."""
+    x = min(max(x, np.float32(-87.0)), np.float32(88.0))
+    nf = np.floor(x * _LOG2E + np.float32(0.5))
+    r = x - nf * _LN2_HI
+    r = r - nf * _LN2_LO
+    p = np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    return p, (np.int32(nf) + np.int32(127)) << np.int32(23)
+
+
+@njit(inline="always", fastmath=True)
+def _erf(x: float) -> float:
+    """float32 erf by Eigen's rational approximation (clamped to [-4, 4], where erf is +-1 in float32)."""
+    x = min(max(x, np.float32(-4.0)), np.float32(4.0))
+    x2 = x * x
+    p = np.float32(-2.72614225801306e-10)
+    p = p * x2 + np.float32(2.77068142495902e-08)
+    p = p * x2 + np.float32(-2.10102402082508e-06)
+    p = p * x2 + np.float32(-5.69250639462346e-05)
+    p = p * x2 + np.float32(-7.34990630326855e-04)
+    p = p * x2 + np.float32(-2.95459980854025e-03)
+    p = p * x2 + np.float32(-1.60960333262415e-02)
+    q = np.float32(-1.45660718464996e-05)
+    q = q * x2 + np.float32(-2.13374055278905e-04)
+    q = q * x2 + np.float32(-1.68282697438203e-03)
+    q = q * x2 + np.float32(-7.37332916720468e-03)
+    q = q * x2 + np.float32(-1.42647390514189e-02)
+    return x * p / q
+
+
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+def softmax_rows(s: np.ndarray, out: np.ndarray, t_q: int, chunk: int) -> None:
+    """Row softmax of `s` `(R, T)` into `out`, with an optional chunk mask.
+
+    Row `i` is query `i % t_q`; with `chunk > 0` it sees only the keys before the
+    end of its chunk (`j < (q // chunk + 1) * chunk`); masked entries become 0.
+    """
+    n_rows, t = s.shape
+    n_blocks = (n_rows + 63) // 64
+    for blk in prange(n_blocks):
+        bits = np.empty(t, np.int32)
+        scale = bits.view(np.float32)
+        for i in range(blk * 64, min(n_rows, blk * 64 + 64)):
+            row = s[i]
+            o = out[i]
+            limit = t
+            if chunk > 0:
+                limit = min(t, ((i % t_q) // chunk + 1) * chunk)
+            m = row[0]
+            for j in range(1, limit):
+                m = max(m, row[j])
+            for j in range(limit):
+                p, b = _exp_split(row[j] - m)
+                o[j] = p
+                bits[j] = b
+            total = np.float32(0.0)
+            for j in range(limit):
+                e = o[j] * scale[j]
+                o[j] = e
+                total += e
+            inv = np.float32(1.0) / total
+            for j in range(limit):
+                o[j] *= inv
+            for j in range(limit, t):
+                o[j] = np.float32(0.0)
+
+
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+def gelu_bias(x: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
+    """`out = gelu(x + bias)` (exact-erf GELU) for `x` `(R, C)`, `bias` `(C,)`."""
+    n_rows, c = x.shape
+    for i in prange(n_rows):
+        row = x[i]
+        o = out[i]
+        for j in range(c):
+            v = row[j] + bias[j]
+            o[j] = (
+                np.float32(0.5) * v * (np.float32(1.0) + _erf(v * np.float32(0.7071067811865476)))
+            )
+
+
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+def silu_bias(x: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
+    """`out = silu(x + bias) = v / (1 + exp(-v))` for `x` `(R, C)`, `bias` `(C,)`."""
+    n_rows, c = x.shape
+    for i in prange(n_rows):
+        bits = np.empty(c, np.int32)
+        scale = bits.view(np.float32)
+        row = x[i]
+        o = out[i]
+        for j in range(c):
+            p, b = _exp_split(-(row[j] + bias[j]))
+            o[j] = p
+            bits[j] = b
+        for j in range(c):
+            v = row[j] + bias[j]
+            o[j] = v / (np.float32(1.0) + o[j] * scale[j])
+
+
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+def mish_flat(x: np.ndarray, out: np.ndarray) -> None:
+    """`out = x * tanh(softplus(x))` for flat `x`, as `x * n / (n + 2)` with `n = e^x (e^x + 2)`."""
+    size = x.shape[0]
+    n_blocks = (size + _BLOCK - 1) // _BLOCK
+    for blk in prange(n_blocks):
+        start = blk * _BLOCK
+        stop = min(size, start + _BLOCK)
+        bits = np.empty(stop - start, np.int32)
+        scale = bits.view(np.float32)
+        for j in range(start, stop):
+            p, b = _exp_split(min(x[j], np.float32(20.0)))
+            out[j] = p
+            bits[j - start] = b
+        for j in range(start, stop):
+            e = out[j] * scale[j - start]
+            n = e * (e + np.float32(2.0))
+            out[j] = x[j] * n / (n + np.float32(2.0))
+
+
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+def layer_norm_rows(
+    x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray, mish: bool
+) -> None:
+    """`out = LayerNorm(x)` over the last axis of `x` `(R, C)` (biased variance, as torch), then Mish if `mish`."""
+    n_rows, c = x.shape
+    inv_c = np.float32(1.0 / c)
+    for i in prange(n_rows):
+        bits = np.empty(c, np.int32)
+        scale = bits.view(np.float32)
+        poly = np.empty(c, np.float32)
+        row = x[i]
+        o = out[i]
+        mean = np.float32(0.0)
+        for j in range(c):
+            mean += row[j]
+        mean *= inv_c
+        var = np.float32(0.0)
+        for j in range(c):
+            d = row[j] - mean
+            var += d * d
+        var *= inv_c
+        rstd = np.float32(1.0) / np.sqrt(var + np.float32(eps))
+        for j in range(c):
+            o[j] = (row[j] - mean) * rstd * weight[j] + bias[j]
+        if mish:
+            for j in range(c):
+                p, b = _exp_split(min(o[j], np.float32(20.0)))
+                poly[j] = p
+                bits[j] = b
+            for j in range(c):
+                e = poly[j] * scale[j]
+                n = e * (e + np.float32(2.0))
+                o[j] = o[j] * n / (n + np.float32(2.0))
+
+
+def numba_threads() -> int:
+    """Threads numba's parallel loops use."""
+    return numba.get_num_threads()
