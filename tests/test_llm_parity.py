@@ -525,3 +525,32 @@ def test_bistream_upstream_reaches_eos_like_latest_upstream(tiny: Pair) -> None:
         )
     assert ours == ref
     assert ref[1] is None and len(ref[0]) < 500, "the stream should end with eos"
+
+
+# ------------------------------------------------------------------ full size
+
+
+@pytest.fixture(scope="module")
+def full() -> Pair:
+    pytest.importorskip("cosyvoice", reason="the official CosyVoice code is not installed")
+    from cosyvoice2.testing.synthetic import cached_official_dir
+
+    return Pair(cached_official_dir("full", onnx=False))
+
+
+@pytest.mark.full
+def test_full_logits_prefill_and_100_cached_steps(full: Pair) -> None:
+    prefill, steps = logits_parity(full, seed=0, n_steps=100)
+    print(f"\n[llm full] logits max abs diff: prefill {prefill:.2e}, 100 cached steps {steps:.2e}")
+    assert prefill <= LOGIT_TOL, f"prefill logits max abs diff {prefill:.2e}"
+    assert steps <= LOGIT_TOL, f"decode logits max abs diff {steps:.2e} over 100 cached steps"
+
+
+@pytest.mark.full
+def test_full_greedy_tokens_equal_installed_official(full: Pair) -> None:
+    text, prompt_text, prompt_speech = random_inputs(0, n_text=6, n_prompt_speech=75)
+    ref = official_inference(full.ref, text, prompt_text, prompt_speech, official_greedy)
+    ours = list(full.ours.inference(text, prompt_text, prompt_speech, sampling=MaskedGreedy()))
+    assert len(ref) == 120
+    first = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
+    assert ours == ref, f"first difference at {first}"
