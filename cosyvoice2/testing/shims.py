@@ -6,8 +6,9 @@ things that cannot be installed here or that drag in unrelated frameworks:
 - `torchaudio` (from `cosyvoice/utils/file_utils.py`, reached from `llm.py` and
   the encoder): no build pairs with torch 2.13. The model modules only need the
   import to succeed; `load_wav` is the one function that uses it, and the shim
-  implements it with soundfile + `scipy.signal.resample_poly` for tests that
-  want it. No model numerics pass through this shim.
+  implements it with soundfile and our numpy port of torchaudio's resampler
+  (`cosyvoice2.frontend.audio.resample`, within 6e-8 of torchaudio) for tests
+  that want it. No model numerics pass through this shim.
 - `matcha.utils` (its `__init__` pulls hydra, lightning, gdown, wget): the shim
   registers the package without running its `__init__`, so the real
   `matcha.utils.audio.mel_spectrogram` (the official mel) still imports
@@ -53,14 +54,11 @@ def _torchaudio_stub() -> types.ModuleType:
             self.orig_freq, self.new_freq = int(orig_freq), int(new_freq)
 
         def __call__(self, x):
-            import math
-
             import torch
-            from scipy.signal import resample_poly
 
-            g = math.gcd(self.orig_freq, self.new_freq)
-            y = resample_poly(x.numpy(), self.new_freq // g, self.orig_freq // g, axis=-1)
-            return torch.from_numpy(y.astype("float32"))
+            from cosyvoice2.frontend.audio import resample
+
+            return torch.from_numpy(resample(x.numpy(), self.orig_freq, self.new_freq))
 
     transforms = _stub_module("torchaudio.transforms")
     transforms.Resample = _Resample
