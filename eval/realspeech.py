@@ -83,7 +83,9 @@ def english_prompt_set(min_words: int = 5, limit: int | None = None) -> TestSet:
         wav = d / f"{name}.wav"
         if not wav.is_file():
             continue
-        utts.append(Utterance(id=name, prompt_wav=wav, prompt_text=text, target_text=text, lang="en"))
+        utts.append(
+            Utterance(id=name, prompt_wav=wav, prompt_text=text, target_text=text, lang="en")
+        )
         if limit is not None and len(utts) >= limit:
             break
     return TestSet(name="asterisk-en", source=d, format="asterisk", utterances=tuple(utts))

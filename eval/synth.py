@@ -90,13 +90,31 @@ def weights_label(model_dir: Path) -> str:
     return "real"
 
 
+def precision_kwargs(precision: str | None) -> dict[str, Any]:
+    """`cosyvoice2.load` arguments for a precision name of the bench (`bench.cases.LLM_PRECISIONS`).
+
+    None keeps the model dir's own precision; fp32/bf16/fp16 cast the speech LM;
+    `<n>bit` quantises it at load time (from a float dir).
+    """
+    if precision is None:
+        return {}
+    dtypes = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    if precision in dtypes:
+        return {"llm_dtype": dtypes[precision]}
+    if precision.endswith("bit") and precision[:-3].isdigit():
+        return {"llm_bits": int(precision[:-3])}
+    raise ValueError(f"unknown precision {precision!r}; use fp32, bf16, fp16 or <n>bit")
+
+
 class CosyVoice2Synthesizer:
-    """Adapter to this package's model: `cosyvoice2.load(model_dir, ...)` and zero-shot synthesis.
+    """Adapter to this package's model: `cosyvoice2.load(model_dir, ...)` then `generate`.
 
     This is the one place that calls the model API, so it is where the eval harness
-    follows changes of that API. Settings: `precision` (the model's LLM precision name,
-    e.g. fp32, bf16, 8bit, 4bit), `n_timesteps` (flow-matching diffusion steps) and the
-    run `seed` (each utterance gets `utterance_seed(seed, id)`, passed as `seed=`).
+    follows changes of that API. Settings: `precision` (the speech LM's precision,
+    named as in the bench: fp32, bf16, fp16, 8bit, 4bit; None keeps the dir's own),
+    `n_timesteps` (flow-matching diffusion steps) and the run `seed` (each utterance
+    gets `utterance_seed(seed, id)`, passed as `seed=`). Zero-shot mode: the prompt wav
+    with its transcript (cross-lingual when the transcript is empty).
     """
 
     takes_seed = True  # synthesize_set passes the per-utterance seed
@@ -111,6 +129,7 @@ class CosyVoice2Synthesizer:
     ) -> None:
         self.model_dir = Path(model_dir)
         self.precision = precision
+        self._load_kwargs = precision_kwargs(precision)
         self.n_timesteps = n_timesteps
         self.seed = seed
         self.weights = weights or weights_label(self.model_dir)
@@ -126,25 +145,24 @@ class CosyVoice2Synthesizer:
             if load is None:
                 raise RuntimeError(
                     "cosyvoice2.load is not available in this version of the package: the "
-                    "model API is not there yet, so only other synthesizers (e.g. --tts copy) "
+                    "model API is not there, so only other synthesizers (e.g. --tts copy) "
                     "can be evaluated"
                 )
-            kwargs = {} if self.precision is None else {"precision": self.precision}
-            self._model = load(str(self.model_dir), **kwargs)
+            self._model = load(str(self.model_dir), **self._load_kwargs)
         return self._model
 
     def __call__(
         self, target_text: str, prompt_wav: Path, prompt_text: str, seed: int | None = None
     ) -> tuple[np.ndarray, int]:
         model = self._load()
-        wav, sr = model.inference_zero_shot(
+        wav = model.generate(
             target_text,
-            prompt_text,
-            str(prompt_wav),
-            n_timesteps=self.n_timesteps,
+            ref_audio=str(prompt_wav),
+            ref_text=prompt_text,
             seed=self.seed if seed is None else seed,
+            n_timesteps=self.n_timesteps,
         )
-        return np.asarray(wav, dtype=np.float32).reshape(-1), int(sr)
+        return np.asarray(wav, dtype=np.float32).reshape(-1), int(model.sample_rate)
 
     def describe(self) -> dict[str, Any]:
         return {

