@@ -109,15 +109,11 @@ def test_failed_synthesis_is_listed(asterisk_meta: Path, tmp_path: Path) -> None
 
 
 @pytest.fixture(scope="module")
-def tiny_mlx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("torch")
-    pytest.importorskip("cosyvoice", reason="the official code makes the synthetic model")
-    import tests.official  # noqa: F401  (installs the shims the official code needs)
+def tiny_mlx_dir(tiny_official_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny synthetic official dir (conftest) converted to an MLX model dir."""
     from cosyvoice2.convert import convert
-    from cosyvoice2.testing.synthetic import cached_official_dir
 
-    src = cached_official_dir("tiny", seed=0, onnx=True)
-    return convert(src, tmp_path_factory.mktemp("eval-model") / "tiny-mlx")
+    return convert(tiny_official_dir, tmp_path_factory.mktemp("eval-model") / "tiny-mlx")
 
 
 def test_cosyvoice2_on_synthetic_weights(
