@@ -1,0 +1,65 @@
+"""Optional CPU kernels for cosyvoice2-mlx: MLX primitives for y = x W^T.
+
+- `linear_bf16(x, w, bias=None)`: `w` (N, K) bfloat16.
+- `linear_q8(x, w, scales, biases, bias=None, group_size=64, bits=8)`: 8-bit affine
+  weights in `mx.quantize`'s layout (packed uint32, per-group scales and biases), so
+  one converted model serves Metal (MLX's own kernels) and the CPU (these).
+
+Both take `x` (..., K) (converted to float32), accumulate in float32 and return
+(..., N) float32. They are lazy MLX operations on the CPU stream, usable inside
+`mx.compile`; they have no gradient and no GPU implementation (callers use MLX's
+own ops there, see `cosyvoice2.fastlinear`).
+
+Why: on the CPU, MLX computes bf16 and quantized matrix-vector products on slow
+paths and fp32 reads twice the bytes of bf16; decoding is bound by reading the
+weights. These kernels read bf16 or 8-bit weights directly, convert them in
+registers and use fp32 FMA, with the instruction set chosen at run time (AVX-512F,
+AVX2+FMA, or portable C++), in a thread pool created once.
+
+Environment: `COSYVOICE2_KERNELS_ISA` (avx512, avx2, portable; default: the best
+available), `COSYVOICE2_KERNELS_THREADS` (default: the CPUs this process may use,
+at most 8), `COSYVOICE2_KERNELS_SPIN_US` (how long idle workers poll before sleeping,
+default 50).
+
+Importing raises ImportError when the extension was built against another MLX
+version than the one installed (rebuild with `kernels/build.sh`).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx  # loads libmlx and registers mx.array before the extension
+
+from . import _ext
+
+__all__ = [
+    "BUILD_INFO",
+    "available_isas",
+    "isa",
+    "linear_bf16",
+    "linear_q8",
+    "num_threads",
+    "set_isa",
+    "set_num_threads",
+]
+
+BUILD_INFO: dict = dict(_ext.build_info())
+
+
+def _release(version: str) -> str:
+    """`0.32.4` from `0.32.4`, `0.32.4.dev20260101+abc` and the like."""
+    return ".".join(version.split("+")[0].split(".")[:3])
+
+
+if _release(mx.__version__) != BUILD_INFO["mlx_version"]:
+    raise ImportError(
+        f"cosyvoice2_kernels was built against MLX {BUILD_INFO['mlx_version']} but MLX "
+        f"{mx.__version__} is installed; rebuild it (kernels/build.sh)"
+    )
+
+linear_bf16 = _ext.linear_bf16
+linear_q8 = _ext.linear_q8
+isa = _ext.isa
+available_isas = _ext.available_isas
+set_isa = _ext.set_isa
+num_threads = _ext.num_threads
+set_num_threads = _ext.set_num_threads

@@ -1,0 +1,50 @@
+// Python bindings (nanobind, domain "mlx": MLX's own array type is shared with mlx.core).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include "linear.h"
+#include "mlx/version.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+#define CV2K_STR2(x) #x
+#define CV2K_STR(x) CV2K_STR2(x)
+
+NB_MODULE(_ext, m) {
+  m.doc() = "CPU matrix-vector kernels for MLX: y = x W^T with bf16 or 8-bit affine weights.";
+
+  m.def("linear_bf16", &cv2k::linear_bf16, "x"_a, "w"_a, "bias"_a = nb::none(), nb::kw_only(),
+        "stream"_a = nb::none(),
+        "y = x @ w.T (+ bias): x (..., K) float, w (N, K) bfloat16, bias (N,) or None.\n"
+        "Returns (..., N) float32 (fp32 accumulation). CPU stream only; lazy like any MLX op.");
+  m.def("linear_q8", &cv2k::linear_q8, "x"_a, "w"_a, "scales"_a, "biases"_a,
+        "bias"_a = nb::none(), nb::kw_only(), "group_size"_a = 64, "bits"_a = 8,
+        "stream"_a = nb::none(),
+        "y = x @ mx.dequantize(w, scales, biases, group_size, bits).T (+ bias), affine 8-bit\n"
+        "weights in mx.quantize's layout. Returns (..., N) float32. CPU stream only.");
+  m.def("isa", &cv2k::isa, "The instruction-set variant in use.");
+  m.def("available_isas", &cv2k::available_isas, "Variants this CPU can run, best first.");
+  m.def("set_isa", &cv2k::set_isa, "name"_a, "Select a variant by name, or 'auto'.");
+  m.def("num_threads", &cv2k::num_threads, "Threads the kernels use (the caller included).");
+  m.def("set_num_threads", &cv2k::set_num_threads, "n"_a, "Rebuild the thread pool.");
+  m.def("build_info", [] {
+    nb::dict d;
+    d["mlx_version"] = CV2K_STR(MLX_VERSION_MAJOR) "." CV2K_STR(MLX_VERSION_MINOR) "." CV2K_STR(
+        MLX_VERSION_PATCH);
+#if defined(CV2K_HAVE_X86)
+    d["variants"] = nb::make_tuple("avx512", "avx2", "portable");
+#else
+    d["variants"] = nb::make_tuple("portable");
+#endif
+#if defined(__clang__)
+    d["compiler"] = "clang " __clang_version__;
+#elif defined(__GNUC__)
+    d["compiler"] = "gcc " __VERSION__;
+#endif
+    return d;
+  });
+}

@@ -1,0 +1,57 @@
+// Plain-data interface between the dispatcher (linear.cpp, baseline flags) and the
+// per-instruction-set kernel files (kernels_*.cpp, each built with its own flags).
+//
+// This header must stay free of templates and standard-library includes other than
+// <cstdint>: whatever a kernel file includes is compiled with that file's target
+// flags, and an inline function emitted by two files with different flags may be
+// merged by the linker into the wide-instruction copy, which would then crash on a
+// CPU without those instructions.
+#pragma once
+
+#include <cstdint>
+
+namespace cv2k {
+
+// y[m][n] = sum_k x[m][k] * w[n][k] (+ bias[n]) for m in [0, M), n in [n0, n1).
+struct Bf16Args {
+  const float* x;      // M x K fp32, row-major
+  const float* xp;     // x permuted for the kernel's bf16 pair layout (see xperm_block), or null
+  const uint16_t* w;   // N x K bf16 bit patterns, row-major
+  const float* bias;   // N fp32, or null
+  float* y;            // M x N fp32, row-major
+  int64_t M, K, N;
+};
+
+// MLX affine quantisation (`mx.quantize`, bits 8): w[n][k] = scale[n][g] * q[n][k] + zero[n][g],
+// g = k / group_size, q stored as bytes in order (4 per uint32, little-endian).
+struct Q8Args {
+  const float* x;       // M x K fp32, row-major
+  const float* xsum;    // M x (K / group_size): per-group sums of x
+  const uint8_t* w;     // N x K bytes
+  const void* scales;   // N x (K / group_size), fp32 or bf16 (scale_bf16)
+  const void* zeros;    // N x (K / group_size), same dtype as scales (MLX's "biases")
+  const float* bias;    // N fp32 (the Linear layer's bias), or null
+  float* y;             // M x N fp32, row-major
+  int64_t M, K, N;
+  int group_size;       // 32, 64 or 128
+  bool scale_bf16;      // scales/zeros stored as bf16 (else fp32)
+};
+
+// One instruction-set variant.
+struct KernelTable {
+  const char* name;
+  // Elements per block of the permuted x used by bf16_cols (0: the kernel reads x
+  // in order and xp may be null). Block b of 2*h elements is stored as the h even
+  // elements followed by the h odd ones, h = xperm_block / 2.
+  int xperm_block;
+  void (*bf16_cols)(const Bf16Args& a, int64_t n0, int64_t n1);
+  void (*q8_cols)(const Q8Args& a, int64_t n0, int64_t n1);
+};
+
+const KernelTable* portable_table();
+#if defined(CV2K_HAVE_X86)
+const KernelTable* avx2_table();
+const KernelTable* avx512_table();
+#endif
+
+}  // namespace cv2k

@@ -1,0 +1,103 @@
+// Portable C++ kernels: any CPU, baseline compiler flags. Written so that compilers
+// can vectorise the inner loops for the baseline instruction set (8 partial sums per
+// dot product, weights converted to fp32 in short chunks reused across rows).
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace cv2k {
+namespace {
+
+constexpr int kRowBlock = 8;   // rows of x sharing one converted weight chunk
+constexpr int kChunk = 256;    // weights converted to fp32 at a time
+constexpr int kLanes = 8;      // partial sums per dot product
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// acc[m][j] += x[m][k0 + k] * wf[k] over k < kn, lanes j = k % kLanes (kn multiple of kLanes,
+// the remainder added to lane 0).
+inline void accumulate(float (*acc)[kLanes], const float* x, int64_t ldx, int64_t mb,
+                       int64_t k0, const float* wf, int64_t kn) {
+  int64_t kv = kn - kn % kLanes;
+  for (int64_t m = 0; m < mb; ++m) {
+    const float* xr = x + m * ldx + k0;
+    float* a = acc[m];
+    for (int64_t k = 0; k < kv; k += kLanes) {
+      for (int j = 0; j < kLanes; ++j) a[j] += xr[k + j] * wf[k + j];
+    }
+    for (int64_t k = kv; k < kn; ++k) a[0] += xr[k] * wf[k];
+  }
+}
+
+inline float lane_sum(const float* a) {
+  float s = 0.0f;
+  for (int j = 0; j < kLanes; ++j) s += a[j];
+  return s;
+}
+
+void bf16_cols(const Bf16Args& p, int64_t n0, int64_t n1) {
+  float wf[kChunk];
+  for (int64_t mb0 = 0; mb0 < p.M; mb0 += kRowBlock) {
+    int64_t mb = p.M - mb0 < kRowBlock ? p.M - mb0 : kRowBlock;
+    const float* x = p.x + mb0 * p.K;
+    for (int64_t n = n0; n < n1; ++n) {
+      float acc[kRowBlock][kLanes] = {};
+      const uint16_t* wr = p.w + n * p.K;
+      for (int64_t k0 = 0; k0 < p.K; k0 += kChunk) {
+        int64_t kn = p.K - k0 < kChunk ? p.K - k0 : kChunk;
+        for (int64_t k = 0; k < kn; ++k) wf[k] = bf16_to_float(wr[k0 + k]);
+        accumulate(acc, x, p.K, mb, k0, wf, kn);
+      }
+      float b = p.bias ? p.bias[n] : 0.0f;
+      for (int64_t m = 0; m < mb; ++m) p.y[(mb0 + m) * p.N + n] = lane_sum(acc[m]) + b;
+    }
+  }
+}
+
+inline float scale_at(const void* s, bool is_bf16, int64_t i) {
+  return is_bf16 ? bf16_to_float(static_cast<const uint16_t*>(s)[i])
+                 : static_cast<const float*>(s)[i];
+}
+
+void q8_cols(const Q8Args& p, int64_t n0, int64_t n1) {
+  const int64_t gs = p.group_size;
+  const int64_t ng = p.K / gs;
+  float wf[kChunk];
+  for (int64_t mb0 = 0; mb0 < p.M; mb0 += kRowBlock) {
+    int64_t mb = p.M - mb0 < kRowBlock ? p.M - mb0 : kRowBlock;
+    const float* x = p.x + mb0 * p.K;
+    for (int64_t n = n0; n < n1; ++n) {
+      float acc[kRowBlock][kLanes] = {};
+      const uint8_t* wr = p.w + n * p.K;
+      for (int64_t k0 = 0; k0 < p.K; k0 += kChunk) {
+        int64_t kn = p.K - k0 < kChunk ? p.K - k0 : kChunk;
+        for (int64_t k = 0; k < kn; ++k) {
+          wf[k] = static_cast<float>(wr[k0 + k]) * scale_at(p.scales, p.scale_bf16, n * ng + (k0 + k) / gs);
+        }
+        accumulate(acc, x, p.K, mb, k0, wf, kn);
+      }
+      float b = p.bias ? p.bias[n] : 0.0f;
+      for (int64_t m = 0; m < mb; ++m) {
+        // the zero points: sum_g zero[n][g] * sum_{k in g} x[m][k]
+        const float* xs = p.xsum + (mb0 + m) * ng;
+        float z = 0.0f;
+        for (int64_t g = 0; g < ng; ++g) z += scale_at(p.zeros, p.scale_bf16, n * ng + g) * xs[g];
+        p.y[(mb0 + m) * p.N + n] = lane_sum(acc[m]) + z + b;
+      }
+    }
+  }
+}
+
+const KernelTable kTable = {"portable", 0, bf16_cols, q8_cols};
+
+}  // namespace
+
+const KernelTable* portable_table() { return &kTable; }
+
+}  // namespace cv2k

@@ -1,0 +1,349 @@
+// The MLX side: operations, the primitive's eval_cpu, instruction-set dispatch.
+#include "linear.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <vector>
+
+#include "kernels.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/transforms.h"
+#include "mlx/utils.h"
+#include "pool.h"
+
+namespace cv2k {
+
+namespace {
+
+// ----------------------------------------------------------------- dispatch
+
+std::vector<const KernelTable*> supported_tables() {
+  std::vector<const KernelTable*> out;
+#if defined(CV2K_HAVE_X86)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && __builtin_cpu_supports("avx512f")) out.push_back(avx512_table());
+  if (avx2) out.push_back(avx2_table());
+#endif
+  out.push_back(portable_table());
+  return out;
+}
+
+const KernelTable* find_table(const std::string& name) {
+  for (auto* t : supported_tables()) {
+    if (name == t->name) return t;
+  }
+  return nullptr;
+}
+
+std::atomic<const KernelTable*>& current_table() {
+  static std::atomic<const KernelTable*> table{[] {
+    const char* env = std::getenv("COSYVOICE2_KERNELS_ISA");
+    if (env != nullptr && *env != '\0' && std::string(env) != "auto") {
+      if (auto* t = find_table(env)) return t;
+      std::cerr << "cosyvoice2_kernels: COSYVOICE2_KERNELS_ISA=" << env
+                << " is not available on this CPU; using " << supported_tables()[0]->name << "\n";
+    }
+    return supported_tables()[0];
+  }()};
+  return table;
+}
+
+// -------------------------------------------------------------- input views
+
+// A row-major view of an evaluated input; non-contiguous inputs are copied into `own`.
+struct Dense {
+  const void* ptr = nullptr;
+  std::vector<uint8_t> own;
+};
+
+struct Strided {
+  const uint8_t* base;
+  size_t itemsize;
+  mx::Shape shape;
+  mx::Strides strides;
+  bool contiguous;
+};
+
+Strided describe(const mx::array& a) {
+  return {static_cast<const uint8_t*>(a.data<void>()), a.itemsize(), a.shape(), a.strides(),
+          static_cast<bool>(a.flags().row_contiguous)};
+}
+
+void densify(const Strided& s, Dense& d) {
+  if (s.contiguous) {
+    d.ptr = s.base;
+    return;
+  }
+  size_t n = 1;
+  for (auto v : s.shape) n *= static_cast<size_t>(v);
+  d.own.resize(n * s.itemsize);
+  const int nd = static_cast<int>(s.shape.size());
+  std::vector<int64_t> idx(nd, 0);
+  for (size_t i = 0; i < n; ++i) {
+    int64_t off = 0;
+    for (int a = 0; a < nd; ++a) off += idx[a] * s.strides[a];
+    std::memcpy(d.own.data() + i * s.itemsize, s.base + off * static_cast<int64_t>(s.itemsize),
+                s.itemsize);
+    for (int a = nd - 1; a >= 0; --a) {
+      if (++idx[a] < s.shape[a]) break;
+      idx[a] = 0;
+    }
+  }
+  d.ptr = d.own.data();
+}
+
+// ------------------------------------------------------------- parallel run
+
+template <class Args>
+struct Job {
+  const Args* args;
+  void (*cols)(const Args&, int64_t, int64_t);
+  int64_t chunk;
+  int64_t n;
+};
+
+template <class Args>
+void run_chunk(const void* ctx, int64_t i) {
+  auto* job = static_cast<const Job<Args>*>(ctx);
+  int64_t n0 = i * job->chunk;
+  int64_t n1 = n0 + job->chunk < job->n ? n0 + job->chunk : job->n;
+  job->cols(*job->args, n0, n1);
+}
+
+// Split the N output columns into chunks (multiples of 16 columns, about 4 per thread)
+// and run them on the pool; tiny problems run on the calling thread.
+template <class Args>
+void run_columns(const Args& a, void (*cols)(const Args&, int64_t, int64_t)) {
+  Pool& pool = Pool::get();
+  const int64_t work = a.M * a.N * a.K;
+  const int threads = pool.threads();
+  if (threads == 1 || work < (1 << 16) || a.N < 32) {
+    cols(a, 0, a.N);
+    return;
+  }
+  int64_t chunk = (a.N + 4 * threads - 1) / (4 * threads);
+  chunk = (chunk + 15) / 16 * 16;
+  Job<Args> job{&a, cols, chunk, a.N};
+  pool.run((a.N + chunk - 1) / chunk, run_chunk<Args>, &job);
+}
+
+// Per-call scratch on the stream thread (reused across calls).
+std::vector<float>& scratch() {
+  thread_local std::vector<float> buf;
+  return buf;
+}
+
+void compute_bf16(const float* x, const uint16_t* w, const float* bias, float* y, int64_t M,
+                  int64_t K, int64_t N) {
+  const KernelTable* t = current_table().load();
+  Bf16Args a{x, nullptr, w, bias, y, M, K, N};
+  if (t->xperm_block > 0) {
+    const int64_t B = t->xperm_block, h = B / 2, Kv = K - K % B;
+    auto& xp = scratch();
+    xp.resize(static_cast<size_t>(M * K));
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      float* pr = xp.data() + m * K;
+      for (int64_t b = 0; b < Kv; b += B) {
+        for (int64_t j = 0; j < h; ++j) {
+          pr[b + j] = xr[b + 2 * j];
+          pr[b + h + j] = xr[b + 2 * j + 1];
+        }
+      }
+    }
+    a.xp = xp.data();
+  }
+  run_columns<Bf16Args>(a, t->bf16_cols);
+}
+
+void compute_q8(const float* x, const uint8_t* w, const void* scales, const void* zeros,
+                bool scale_bf16, const float* bias, float* y, int64_t M, int64_t K, int64_t N,
+                int group_size) {
+  const KernelTable* t = current_table().load();
+  const int64_t ng = K / group_size;
+  auto& xs = scratch();
+  xs.resize(static_cast<size_t>(M * ng));
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < ng; ++g) {
+      const float* xr = x + m * K + g * group_size;
+      float s = 0.0f;
+      for (int k = 0; k < group_size; ++k) s += xr[k];
+      xs[m * ng + g] = s;
+    }
+  }
+  Q8Args a{x, xs.data(), w, scales, zeros, bias, y, M, K, N, group_size, scale_bf16};
+  run_columns<Q8Args>(a, t->q8_cols);
+}
+
+mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op) {
+  mx::Stream stream = mx::to_stream(s);
+  if (stream.device.type != mx::Device::DeviceType::cpu) {
+    std::ostringstream msg;
+    msg << op << ": CPU only (use MLX's own ops on other devices)";
+    throw std::invalid_argument(msg.str());
+  }
+  return stream;
+}
+
+mx::Shape output_shape(const mx::array& x, int n) {
+  mx::Shape shape = x.shape();
+  shape.back() = n;
+  return shape;
+}
+
+}  // namespace
+
+// --------------------------------------------------------------- operations
+
+mx::array linear_bf16(const mx::array& x, const mx::array& w, const std::optional<mx::array>& bias,
+                      mx::StreamOrDevice s) {
+  mx::Stream stream = cpu_stream(s, "linear_bf16");
+  if (w.ndim() != 2 || w.dtype() != mx::bfloat16) {
+    throw std::invalid_argument("linear_bf16: w must be a 2-D bfloat16 array (N, K)");
+  }
+  if (x.ndim() < 1 || x.shape(-1) != w.shape(1)) {
+    throw std::invalid_argument("linear_bf16: x must have shape (..., K) with K = w.shape[1]");
+  }
+  const int n = w.shape(0);
+  std::vector<mx::array> inputs = {x.dtype() == mx::float32 ? x : mx::astype(x, mx::float32, stream), w};
+  if (bias) {
+    if (bias->ndim() != 1 || bias->shape(0) != n) {
+      throw std::invalid_argument("linear_bf16: bias must have shape (N,)");
+    }
+    inputs.push_back(bias->dtype() == mx::float32 ? *bias : mx::astype(*bias, mx::float32, stream));
+  }
+  return mx::array(output_shape(x, n), mx::float32,
+                   std::make_shared<LinearPrimitive>(stream, LinearPrimitive::Kind::Bf16, 0,
+                                                     bias.has_value()),
+                   std::move(inputs));
+}
+
+mx::array linear_q8(const mx::array& x, const mx::array& w, const mx::array& scales,
+                    const mx::array& biases, const std::optional<mx::array>& bias, int group_size,
+                    int bits, mx::StreamOrDevice s) {
+  mx::Stream stream = cpu_stream(s, "linear_q8");
+  if (bits != 8) throw std::invalid_argument("linear_q8: only bits=8 is supported");
+  if (group_size != 32 && group_size != 64 && group_size != 128) {
+    throw std::invalid_argument("linear_q8: group_size must be 32, 64 or 128");
+  }
+  if (w.ndim() != 2 || w.dtype() != mx::uint32) {
+    throw std::invalid_argument("linear_q8: w must be a 2-D uint32 array (N, K * bits / 32)");
+  }
+  const int n = w.shape(0);
+  const int k = w.shape(1) * 32 / bits;
+  if (x.ndim() < 1 || x.shape(-1) != k) {
+    throw std::invalid_argument("linear_q8: x must have shape (..., K) with K = w.shape[1] * 32 / bits");
+  }
+  const mx::Shape sshape = {n, k / group_size};
+  if (scales.shape() != sshape || biases.shape() != sshape) {
+    throw std::invalid_argument("linear_q8: scales and biases must have shape (N, K / group_size)");
+  }
+  mx::Dtype sdt = scales.dtype() == mx::bfloat16 && biases.dtype() == mx::bfloat16 ? mx::bfloat16
+                                                                                     : mx::float32;
+  auto as = [&](const mx::array& a, mx::Dtype d) { return a.dtype() == d ? a : mx::astype(a, d, stream); };
+  std::vector<mx::array> inputs = {as(x, mx::float32), w, as(scales, sdt), as(biases, sdt)};
+  if (bias) {
+    if (bias->ndim() != 1 || bias->shape(0) != n) {
+      throw std::invalid_argument("linear_q8: bias must have shape (N,)");
+    }
+    inputs.push_back(as(*bias, mx::float32));
+  }
+  return mx::array(output_shape(x, n), mx::float32,
+                   std::make_shared<LinearPrimitive>(stream, LinearPrimitive::Kind::Q8, group_size,
+                                                     bias.has_value()),
+                   std::move(inputs));
+}
+
+// ---------------------------------------------------------------- primitive
+
+void LinearPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) encoder.set_input_array(in);
+  encoder.set_output_array(out);
+
+  const mx::array& x = inputs[0];
+  const int64_t K = x.shape(-1);
+  const int64_t N = out.shape(-1);
+  const int64_t M = K > 0 ? static_cast<int64_t>(x.size()) / K : 0;
+  float* y = out.data<float>();
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    encoder.dispatch([y, n = out.size()] { std::memset(y, 0, n * sizeof(float)); });
+    return;
+  }
+  std::vector<Strided> views;
+  for (auto& in : inputs) views.push_back(describe(in));
+
+  if (kind_ == Kind::Bf16) {
+    encoder.dispatch([views = std::move(views), y, M, K, N, has_bias = has_bias_] {
+      Dense xd, wd, bd;
+      densify(views[0], xd);
+      densify(views[1], wd);
+      if (has_bias) densify(views[2], bd);
+      compute_bf16(static_cast<const float*>(xd.ptr), static_cast<const uint16_t*>(wd.ptr),
+                   static_cast<const float*>(bd.ptr), y, M, K, N);
+    });
+  } else {
+    const bool scale_bf16 = inputs[2].dtype() == mx::bfloat16;
+    encoder.dispatch([views = std::move(views), y, M, K, N, has_bias = has_bias_,
+                      gs = group_size_, scale_bf16] {
+      Dense xd, wd, sd, zd, bd;
+      densify(views[0], xd);
+      densify(views[1], wd);
+      densify(views[2], sd);
+      densify(views[3], zd);
+      if (has_bias) densify(views[4], bd);
+      compute_q8(static_cast<const float*>(xd.ptr), static_cast<const uint8_t*>(wd.ptr), sd.ptr,
+                 zd.ptr, scale_bf16, static_cast<const float*>(bd.ptr), y, M, K, N, gs);
+    });
+  }
+}
+
+void LinearPrimitive::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error(std::string(name()) + " has no GPU implementation");
+}
+
+bool LinearPrimitive::is_equivalent(const mx::Primitive& other) const {
+  auto* o = dynamic_cast<const LinearPrimitive*>(&other);
+  return o != nullptr && o->kind_ == kind_ && o->group_size_ == group_size_ &&
+         o->has_bias_ == has_bias_;
+}
+
+std::vector<mx::Shape> LinearPrimitive::output_shapes(const std::vector<mx::array>& inputs) {
+  return {output_shape(inputs[0], inputs[1].shape(0))};
+}
+
+// ------------------------------------------------------------- configuration
+
+std::string isa() { return current_table().load()->name; }
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> out;
+  for (auto* t : supported_tables()) out.emplace_back(t->name);
+  return out;
+}
+
+void set_isa(const std::string& name) {
+  const KernelTable* t = name == "auto" ? supported_tables()[0] : find_table(name);
+  if (t == nullptr) throw std::invalid_argument("isa '" + name + "' is not available on this CPU");
+  mx::synchronize();  // kernels already scheduled keep the variant they were built for
+  current_table().store(t);
+}
+
+int num_threads() { return Pool::get().threads(); }
+
+void set_num_threads(int n) {
+  if (n < 1) throw std::invalid_argument("num_threads must be >= 1");
+  mx::synchronize();
+  Pool::get().resize(n);
+}
+
+}  // namespace cv2k

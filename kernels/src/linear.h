@@ -1,0 +1,67 @@
+// MLX operations y = x W^T for bf16 and 8-bit affine-quantised weights on the CPU.
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace cv2k {
+
+namespace mx = mlx::core;
+
+// y = x W^T (+ bias): x (..., K) float, w (N, K) bfloat16, bias (N,) or none.
+// Output (..., N) float32; x is converted to float32 and accumulation is in float32.
+mx::array linear_bf16(
+    const mx::array& x,
+    const mx::array& w,
+    const std::optional<mx::array>& bias,
+    mx::StreamOrDevice s = {});
+
+// y = x dequantize(w, scales, biases)^T (+ bias), the layout of mx.quantize (affine,
+// `bits` 8): w (N, K / 4) uint32, scales and biases (N, K / group_size) float32 or
+// bfloat16 (float16 is converted to float32). Output (..., N) float32.
+mx::array linear_q8(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    const std::optional<mx::array>& bias,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s = {});
+
+// The instruction-set variant in use ("avx512", "avx2" or "portable").
+std::string isa();
+// Variants this CPU can run, best first.
+std::vector<std::string> available_isas();
+// Select a variant by name (must be available); "auto" picks the best one.
+void set_isa(const std::string& name);
+
+int num_threads();
+void set_num_threads(int n);
+
+class LinearPrimitive : public mx::UnaryPrimitive {
+ public:
+  enum class Kind { Bf16, Q8 };
+
+  LinearPrimitive(mx::Stream stream, Kind kind, int group_size, bool has_bias)
+      : mx::UnaryPrimitive(stream), kind_(kind), group_size_(group_size), has_bias_(has_bias) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+
+  const char* name() const override {
+    return kind_ == Kind::Bf16 ? "CosyVoice2LinearBf16" : "CosyVoice2LinearQ8";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+
+ private:
+  Kind kind_;
+  int group_size_;
+  bool has_bias_;
+};
+
+}  // namespace cv2k
