@@ -183,6 +183,64 @@ def conv_transpose1d_matmul(
     return out if bias is None else out + bias
 
 
+def transposed_tap_blocks(weight: mx.array, stride: int) -> list[mx.array]:
+    """Transposed-conv weight (C_out, K, C_in) -> ceil(K / stride) contiguous (C_in, stride * C_out) blocks.
+
+    Block j holds taps j * stride .. j * stride + stride - 1 (zero past K), output
+    phase-major: column r * C_out + o is tap j * stride + r, output channel o.
+    """
+    c_out, k, c_in = weight.shape
+    m = math.ceil(k / stride)
+    if m * stride > k:
+        weight = mx.pad(weight, [(0, 0), (0, m * stride - k), (0, 0)])
+    return [
+        mx.contiguous(
+            weight[:, j * stride : (j + 1) * stride, :].transpose(2, 1, 0).reshape(c_in, -1)
+        )
+        for j in range(m)
+    ]
+
+
+def conv_transpose1d_taps(
+    x: mx.array,
+    weight: mx.array,
+    bias: mx.array | None = None,
+    stride: int = 1,
+    padding: int = 0,
+    output_padding: int = 0,
+    blocks: Sequence[mx.array] | None = None,
+) -> mx.array:
+    """`mx.conv_transpose1d` (groups 1, dilation 1) as a stride-1 conv with stride * C_out outputs.
+
+    Output block b (samples b * stride .. b * stride + stride - 1) is
+    sum_j x[b - j] @ B_j over the m = ceil(K / stride) tap blocks B_j
+    (`transposed_tap_blocks`): m accumulating matmuls over shifted row ranges of
+    the zero-padded input, whose (N, L + m - 1, stride * C_out) result is already
+    the interleaved output, (N, (L + m - 1) * stride, C_out), by a free reshape;
+    then cropped by `padding`. No overlap-add pass, no strided copy.
+    `blocks`: the tap blocks, if the caller keeps them (as `ConvTranspose1d` does).
+    """
+    c_out, k, c_in = weight.shape
+    n, length, _ = x.shape
+    if blocks is None:
+        blocks = transposed_tap_blocks(weight, stride)
+    m = len(blocks)
+    if m > 1:
+        x = mx.pad(x, [(0, 0), (m - 1, m - 1), (0, 0)])
+    n_blocks = length + m - 1
+    y = None
+    for j in range(m):
+        tap = x[:, m - 1 - j : m - 1 - j + n_blocks] if m > 1 else x
+        y = tap @ blocks[j] if y is None else mx.addmm(y, tap, blocks[j])
+    y = y.reshape(n, n_blocks * stride, c_out)
+    l_out = (length - 1) * stride - 2 * padding + k + output_padding
+    end = padding + l_out
+    if end > y.shape[1]:  # output_padding reaches past the last tap
+        y = mx.pad(y, [(0, 0), (0, end - y.shape[1]), (0, 0)])
+    y = y[:, padding:end]
+    return y if bias is None else y + bias
+
+
 def conv1d(
     x: mx.array,
     weight: mx.array,
@@ -221,13 +279,15 @@ def conv_transpose1d(
     dilation: int = 1,
     output_padding: int = 0,
     groups: int = 1,
+    blocks: Sequence[mx.array] | None = None,
 ) -> mx.array:
     """1-D transposed convolution (torch's `ConvTranspose1d`), routed to the fast formulation on CPU.
 
-    x: (N, L, C_in); weight: (C_out, K, C_in // groups), MLX's layout (torch's is (C_in, C_out, K)).
+    x: (N, L, C_in); weight: (C_out, K, C_in // groups), MLX's layout (torch's is (C_in, C_out, K));
+    `blocks`: optionally `transposed_tap_blocks(weight, stride)`, kept by the caller.
     """
     if groups == 1 and dilation == 1 and fast_paths_enabled():
-        return conv_transpose1d_matmul(x, weight, bias, stride, padding, output_padding)
+        return conv_transpose1d_taps(x, weight, bias, stride, padding, output_padding, blocks)
     y = mx.conv_transpose1d(
         x,
         weight,
@@ -296,7 +356,10 @@ class Conv1d(nn.Module):
 
 
 class ConvTranspose1d(nn.Module):
-    """`torch.nn.ConvTranspose1d` on channels-last input, `weight` (C_out, K, C_in) and `bias`."""
+    """`torch.nn.ConvTranspose1d` on channels-last input, `weight` (C_out, K, C_in) and `bias`.
+
+    On the fast (CPU) route it keeps the tap blocks of `weight` (see `Conv1d`).
+    """
 
     def __init__(
         self,
@@ -314,6 +377,12 @@ class ConvTranspose1d(nn.Module):
             self.bias = mx.zeros((out_channels,))
         self.stride = stride
         self.padding = padding
+        self._blocks = Derived()
 
     def __call__(self, x: mx.array) -> mx.array:
-        return conv_transpose1d(x, self.weight, self.get("bias"), self.stride, self.padding)
+        blocks = None
+        if fast_paths_enabled():
+            blocks = self._blocks.get(self.weight, lambda w: transposed_tap_blocks(w, self.stride))
+        return conv_transpose1d(
+            x, self.weight, self.get("bias"), self.stride, self.padding, blocks=blocks
+        )

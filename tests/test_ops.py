@@ -60,6 +60,8 @@ def test_conv1d_formulations_equal_native(case):
     _assert_close(ops.conv1d_unfold(x, w, b, stride, padding, dilation), want, "unfold")
     if stride == 1:
         _assert_close(ops.conv1d_taps(x, w, b, padding, dilation), want, "taps")
+        taps = ops.tap_matrices(w)
+        _assert_close(ops.conv1d_taps(x, w, b, padding, dilation, taps), want, "kept taps")
         _assert_close(ops.conv1d_taps(x, w, None, padding, dilation), want - b, "taps, no bias")
     for fast in (True, False):
         ops.set_fast_paths(fast)
@@ -100,7 +102,7 @@ CONVT_CASES = [
 @pytest.mark.parametrize(
     "case", CONVT_CASES, ids=lambda c: "n{}l{}ci{}co{}k{}s{}p{}op{}".format(*c)
 )
-def test_conv_transpose1d_matmul_equals_native(case):
+def test_conv_transpose1d_formulations_equal_native(case):
     n, length, c_in, c_out, k, stride, padding, output_padding = case
     rng = np.random.default_rng(k * 10 + length)
     x, w, b = _rand(rng, n, length, c_in), _rand(rng, c_out, k, c_in), _rand(rng, c_out)
@@ -109,6 +111,11 @@ def test_conv_transpose1d_matmul_equals_native(case):
     )
     got = ops.conv_transpose1d_matmul(x, w, b, stride, padding, output_padding)
     _assert_close(got, want, "matmul + overlap-add")
+    got = ops.conv_transpose1d_taps(x, w, b, stride, padding, output_padding)
+    _assert_close(got, want, "tap blocks")
+    blocks = ops.transposed_tap_blocks(w, stride)
+    got = ops.conv_transpose1d_taps(x, w, None, stride, padding, output_padding, blocks)
+    _assert_close(got, want - b, "kept tap blocks, no bias")
     for fast in (True, False):
         ops.set_fast_paths(fast)
         got = ops.conv_transpose1d(
@@ -124,6 +131,23 @@ def test_routing_follows_the_default_device():
     assert not ops.fast_paths_enabled()
     ops.set_fast_paths(True)
     assert ops.fast_paths_enabled()
+
+
+def test_modules_rebuild_kept_weights_when_replaced():
+    """`Conv1d` / `ConvTranspose1d` keep derived weight forms; new weights must replace them."""
+    rng = np.random.default_rng(4)
+    x = _rand(rng, 1, 12, 3)
+    ops.set_fast_paths(True)
+    for module, ref in (
+        (ops.Conv1d(3, 5, 3, padding=2, dilation=2), lambda m: _native_conv(x, m.weight, 1, 2, 2)),
+        (
+            ops.ConvTranspose1d(3, 5, 7, 3, padding=2),
+            lambda m: mx.conv_transpose1d(x, m.weight, stride=3, padding=2),
+        ),
+    ):
+        _assert_close(module(x), ref(module) + module.bias, "first weights")
+        module.load_weights([("weight", _rand(rng, *module.weight.shape))], strict=False)
+        _assert_close(module(x), ref(module) + module.bias, "replaced weights")
 
 
 def test_modules_match_torch_layers():

@@ -74,12 +74,15 @@ def test_bench_dilated_conv1d(benchmark, route: str) -> None:
 CONVT = dict(length=400, c_in=256, c_out=128, kernel=11, stride=5, padding=3)
 
 
-@pytest.mark.parametrize("route", ["matmul", "native"])
+@pytest.mark.parametrize("route", ["taps", "matmul", "native"])
 def test_bench_conv_transpose1d(benchmark, route: str) -> None:
     x = _rand(5, 1, CONVT["length"], CONVT["c_in"])
     w = _rand(6, CONVT["c_out"], CONVT["kernel"], CONVT["c_in"])
     s, p = CONVT["stride"], CONVT["padding"]
+    blocks = ops.transposed_tap_blocks(w, s)
+    mx.eval(blocks)
     run = {
+        "taps": lambda: ops.conv_transpose1d_taps(x, w, None, s, p, 0, blocks),
         "matmul": lambda: ops.conv_transpose1d_matmul(x, w, None, s, p),
         "native": lambda: mx.conv_transpose1d(x, w, stride=s, padding=p),
     }[route]
