@@ -205,18 +205,19 @@ class SineGen2:
         up = self.upsample_scale
         harmonics = mx.arange(1, self.dim + 1, dtype=mx.float32)
         rad = (f0[:, :, None] * harmonics / self.sampling_rate) % 1.0  # (B, T, dim)
-        cpu = mx.cpu
-        # torch's CPU cumsum accumulates float32 in double and rounds each output.
-        cum = mx.cumsum(rad.astype(mx.float64, stream=cpu), axis=1, stream=cpu)
-        cum = cum.astype(mx.float32, stream=cpu)
-        frame_phase = cum * 2.0 * np.float32(np.pi) * float(up)  # (B, T, dim), float32 steps
         i0, i1, l0, l1 = _linear_upsample_taps(t, up)
-        x0 = mx.take(frame_phase, i0, axis=1)
-        x1 = mx.take(frame_phase, i1, axis=1)
-        # fma(x0, l0, l1 * x1), as torch's vectorised CPU upsampling kernel evaluates it.
-        far = (l1[:, None] * x1).astype(mx.float64, stream=cpu)
-        near = x0.astype(mx.float64, stream=cpu) * l0[:, None].astype(mx.float64, stream=cpu)
-        return mx.add(near, far, stream=cpu).astype(mx.float32, stream=cpu)
+        # float64 exists on the CPU only (not on Metal): this whole small step runs there.
+        with mx.stream(mx.cpu):
+            # torch's CPU cumsum accumulates float32 in double and rounds each output.
+            cum = mx.cumsum(rad.astype(mx.float64), axis=1).astype(mx.float32)
+            frame_phase = cum * 2.0 * np.float32(np.pi) * float(up)  # (B, T, dim), float32 steps
+            x0 = mx.take(frame_phase, i0, axis=1)
+            x1 = mx.take(frame_phase, i1, axis=1)
+            # fma(x0, l0, l1 * x1) as torch's vectorised CPU kernel evaluates it: x0 * l0 is
+            # exact in float64, so one rounding of the float64 sum gives the fused result.
+            far = (x1 * l1[:, None]).astype(mx.float64)
+            near = x0.astype(mx.float64) * l0[:, None].astype(mx.float64)
+            return (near + far).astype(mx.float32)
 
     def __call__(self, f0: mx.array, noise: mx.array) -> mx.array:
         """F0 per frame (B, T) and standard normal `noise` (B, T * scale, dim) -> sine waves (B, T * scale, dim)."""
