@@ -14,7 +14,6 @@ per text segment (or per chunk with `stream=True`), like the official generators
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,9 @@ import numpy as np
 from cosyvoice2.config import ModelConfig
 from cosyvoice2.errors import CosyVoiceError, InputError
 from cosyvoice2.speakers import Speaker, SpeakerStore
+from cosyvoice2.streaming import StreamSchedule, Timings, fade_in_out, stream_chunks
+
+__all__ = ["CosyVoice2", "Prompt", "StreamSchedule", "Timings", "fade_in_out", "load"]
 
 ENDOFPROMPT = "<|endofprompt|>"
 WEIGHT_FILES = (
@@ -46,24 +48,6 @@ class ModelDirError(CosyVoiceError):
     """The MLX model dir is missing, incomplete, of another model or of another format version."""
 
 
-@dataclass(frozen=True)
-class StreamSchedule:
-    """Audio-out streaming schedule (official CosyVoice2 values).
-
-    `token_hop_len` tokens per chunk plus the flow's look-ahead as context; the first
-    hop is padded so prompt + hop is a multiple of the hop. `stream_scale_factor` > 1
-    grows the hop after each chunk up to `token_max_hop_len` (the v1 schedule; off by
-    default). HiFT keeps `mel_cache_len` mel frames and their source between chunks
-    and cross-fades `2 * mel_cache_len * 480` samples with a Hamming window.
-    """
-
-    token_hop_len: int = 25
-    first_hop_len: int | None = None
-    stream_scale_factor: float = 1.0
-    token_max_hop_len: int = 100
-    mel_cache_len: int = 8
-
-
 @dataclass
 class Prompt:
     """The prompt side of a request (the official frontend's `model_input` minus the target text)."""
@@ -79,13 +63,6 @@ class Prompt:
 
 def _empty_tokens() -> mx.array:
     return mx.zeros((1, 0), dtype=mx.int32)
-
-
-def fade_in_out(fade_in: mx.array, fade_out: mx.array, window: mx.array) -> mx.array:
-    """The official cross-fade: the head of `fade_in` mixed with the tail of `fade_out`."""
-    n = window.shape[0] // 2
-    head = fade_in[:, :n] * window[:n] + fade_out[:, -n:] * window[n:]
-    return mx.concatenate([head, fade_in[:, n:]], axis=1)
 
 
 def interpolate_linear(x: mx.array, size: int) -> mx.array:
@@ -123,6 +100,7 @@ class CosyVoice2:
         self.sample_rate = config.sample_rate
         self.speakers = SpeakerStore(path / "speakers") if path is not None else None
         self._prefixes: dict[str, Any] = {}
+        self._flow_states: dict[tuple[str, int], Any] = {}  # saved speakers' prompt flow states
 
     # ------------------------------------------------------------------ loading
 
@@ -320,6 +298,8 @@ class CosyVoice2:
             )
         )
         self._prefixes.pop(zero_shot_spk_id, None)
+        for k in [k for k in self._flow_states if k[0] == zero_shot_spk_id]:
+            del self._flow_states[k]
         return True
 
     def list_available_spks(self) -> list[str]:
@@ -347,7 +327,14 @@ class CosyVoice2:
             prompt = self.prompt_from_wav(self._need_wav(prompt_wav), text)
             prefix_id = None
         yield from self._synthesise(
-            tts_text, prompt, stream, speed, text_frontend, prefix_id=prefix_id, **options
+            tts_text,
+            prompt,
+            stream,
+            speed,
+            text_frontend,
+            prefix_id=prefix_id,
+            spk_id=prefix_id,
+            **options,
         )
 
     def inference_cross_lingual(
@@ -442,7 +429,7 @@ class CosyVoice2:
                 f"source audio is too long: {src.shape[-1] / 16000:.1f} s (at most 30 s)"
             )
         tokens = [int(t) for t in np.asarray(self.speech_tokens(src)).reshape(-1)]
-        yield from self._token2wav_stream(iter(tokens), prompt, stream, speed, **options)
+        yield from self.token2wav_stream(iter(tokens), prompt, stream, speed, **options)
 
     def generate(
         self,
@@ -490,6 +477,7 @@ class CosyVoice2:
         speed: float,
         text_frontend: bool,
         prefix_id: str | None = None,
+        spk_id: str | None = None,
         **options: Any,
     ) -> Iterator[dict[str, mx.array]]:
         segments = self._segments(tts_text, text_frontend)
@@ -501,8 +489,8 @@ class CosyVoice2:
             tokens = self.speech_token_stream(
                 self._text_tokens(segment), prompt, seed=seed + i, prefix_id=prefix_id, **options
             )
-            yield from self._token2wav_stream(
-                tokens, prompt, stream, speed, seed=seed + i, **options
+            yield from self.token2wav_stream(
+                tokens, prompt, stream, speed, seed=seed + i, spk_id=spk_id, **options
             )
 
     def speech_token_stream(
@@ -540,8 +528,18 @@ class CosyVoice2:
         n_timesteps: int = 10,
         streaming: bool = False,
         finalize: bool = True,
+        start: int = 0,
+        cache: Any = None,
     ) -> mx.array:
-        """Mel (1, 80, T) of `tokens` (1, N) after the prompt (official `flow.inference`)."""
+        """Mel (1, 80, T) of `tokens` (1, N) after the prompt (official `flow.inference`), from frame `start`.
+
+        `cache`: a `streaming.FlowCursor`; the frames are then computed by the O(n)
+        streaming flow from its committed state (same values as the recompute).
+        """
+        if cache is not None:
+            if not streaming:
+                raise ValueError("the flow cache is for the streaming (chunk-masked) flow")
+            return cache.mel(tokens, finalize, start)
         mel = self.flow.inference(
             token=tokens,
             prompt_token=prompt.flow_speech_token,
@@ -551,9 +549,27 @@ class CosyVoice2:
             finalize=finalize,
             n_timesteps=n_timesteps,
         )
-        return mel.transpose(0, 2, 1)
+        return mel.transpose(0, 2, 1)[:, :, start:]
 
-    def _token2wav_stream(
+    def flow_prompt_state(self, prompt: Prompt, n_timesteps: int, spk_id: str | None = None) -> Any:
+        """The streaming flow's committed prompt state (`flow.cache.prompt_state`), kept per saved speaker."""
+        from cosyvoice2.flow.cache import prompt_state
+
+        if spk_id is None:
+            return prompt_state(
+                self.flow,
+                prompt.flow_speech_token,
+                prompt.speech_feat,
+                prompt.embedding,
+                n_timesteps,
+            )
+        key = (spk_id, n_timesteps)
+        state = self._flow_states.get(key)
+        if state is None:
+            state = self._flow_states[key] = self.flow_prompt_state(prompt, n_timesteps)
+        return state
+
+    def token2wav_stream(
         self,
         tokens: Iterator[int],
         prompt: Prompt,
@@ -562,92 +578,48 @@ class CosyVoice2:
         seed: int = 0,
         n_timesteps: int = 10,
         schedule: StreamSchedule | None = None,
+        timings: Timings | None = None,
+        spk_id: str | None = None,
         **_: Any,
     ) -> Iterator[dict[str, mx.array]]:
-        """Tokens -> audio, whole (stream=False) or in chunks on the official streaming schedule."""
+        """Tokens -> audio, whole (stream=False) or in chunks (see `cosyvoice2.streaming`).
+
+        `schedule`: the streaming schedule (official by default); `timings`: a
+        `streaming.Timings` that records first token / mel / audio times per chunk;
+        `spk_id`: a saved speaker whose prompt flow state is kept in memory.
+        """
         if not (0.25 <= speed <= 4.0):
             raise InputError(f"speed must be between 0.25 and 4, got {speed}")
-        key = mx.random.key(
-            seed + 1_000_003
-        )  # HiFT's source noise (independent of the LLM's draws)
+        key = source_noise_key(seed)  # HiFT's source noise (independent of the LLM's draws)
         if not stream:
             all_tokens = list(tokens)
             if not all_tokens:
                 raise CosyVoiceError("the speech LM produced no speech tokens")
+            if timings is not None:
+                timings.mark("first_token")
             mel = self.token2mel(mx.array([all_tokens], dtype=mx.int32), prompt, n_timesteps)
             if speed != 1.0:
                 mel = interpolate_linear(mel, int(mel.shape[2] / speed))
+            if timings is not None:
+                mx.eval(mel)
+                timings.mark("mel", chunk=0, frames=mel.shape[2])
             speech, _ = self.hift.inference(mel, key=key)
             mx.eval(speech)
+            if timings is not None:
+                timings.mark("audio", chunk=0, samples=speech.shape[1])
             yield {"tts_speech": speech}
             return
         if speed != 1.0:
             raise InputError(
                 "speed change is only supported without streaming (as the official code)"
             )
-        yield from self._stream_chunks(
-            tokens, prompt, n_timesteps, key, schedule or StreamSchedule()
-        )
+        sched = schedule or StreamSchedule()
+        state = None
+        if sched.flow_cache and spk_id is not None and prompt.flow_speech_token.shape[1]:
+            state = self.flow_prompt_state(prompt, n_timesteps, spk_id)
+        yield from stream_chunks(self, tokens, prompt, n_timesteps, key, sched, state, timings)
 
-    def _stream_chunks(
-        self,
-        tokens: Iterator[int],
-        prompt: Prompt,
-        n_timesteps: int,
-        key: mx.array,
-        sched: StreamSchedule,
-    ) -> Iterator[dict[str, mx.array]]:
-        """The official `CosyVoice2Model.tts` streaming loop, driven by the token generator itself."""
-        lookahead = self.config.flow.pre_lookahead_len
-        ratio = self.config.flow.token_mel_ratio
-        source_cache_len = sched.mel_cache_len * 480
-        window = mx.array(np.hamming(2 * source_cache_len).astype(np.float32))
-        n_prompt = prompt.flow_speech_token.shape[1]
-        hop = sched.token_hop_len
-        first = sched.first_hop_len if sched.first_hop_len is not None else hop
-        prompt_pad = (
-            math.ceil(n_prompt / hop) * hop - n_prompt if sched.first_hop_len is None else 0
-        )
-        got: list[int] = []
-        offset = 0
-        cache: dict[str, mx.array] | None = None
-
-        def chunk(finalize: bool, upto: int | None = None) -> mx.array:
-            nonlocal cache
-            toks = mx.array([got[:upto] if upto is not None else got], dtype=mx.int32)
-            mel = self.token2mel(toks, prompt, n_timesteps, streaming=True, finalize=finalize)
-            mel = mel[:, :, offset * ratio :]
-            if cache is not None:
-                mel = mx.concatenate([cache["mel"], mel], axis=2)
-                src = cache["source"]
-            else:
-                src = mx.zeros((1, 1, 0))
-            speech, source = self.hift.inference(
-                mel, cache_source=src, key=mx.random.split(key, offset + 2)[-1]
-            )
-            if cache is not None:
-                speech = fade_in_out(speech, cache["speech"], window)
-            if not finalize:
-                cache = {
-                    "mel": mel[:, :, -sched.mel_cache_len :],
-                    "source": source[:, :, -source_cache_len:],
-                    "speech": speech[:, -source_cache_len:],
-                }
-                speech = speech[:, :-source_cache_len]
-            mx.eval(speech)
-            return speech
-
-        this_hop = first + prompt_pad
-        for t in tokens:
-            got.append(int(t))
-            if len(got) - offset >= this_hop + lookahead:
-                yield {"tts_speech": chunk(False, offset + this_hop + lookahead)}
-                offset += this_hop
-                hop = min(sched.token_max_hop_len, int(hop * sched.stream_scale_factor))
-                this_hop = hop
-        if not got:
-            raise CosyVoiceError("the speech LM produced no speech tokens")
-        yield {"tts_speech": chunk(True)}
+    _token2wav_stream = token2wav_stream
 
 
 def load(path: str | Path, **kwargs: Any) -> CosyVoice2:

@@ -1,0 +1,228 @@
+"""Audio-out streaming: speech tokens in, 24 kHz chunks out, on the official CosyVoice2 schedule.
+
+One generator pipeline (tokens -> chunker -> flow -> HiFT -> cross-fade), no
+thread and no per-request state on the model: the state of a request (tokens so
+far, offset, the flow's cache, HiFT's mel/source/speech caches) lives in the
+generator.
+
+The schedule (`StreamSchedule`, official `CosyVoice2Model.tts(stream=True)` of
+the installed reference wheel): a chunk is emitted when `hop + pre_lookahead_len`
+tokens are available after the offset; the flow encodes the tokens up to
+`offset + hop` with the 3 look-ahead tokens as context (`finalize=False`); the
+first hop is padded so that prompt + hop is a multiple of the hop (the flow's
+chunk size), unless `first_hop_len` is given; when the LLM is done, one
+`finalize=True` call renders the remaining tokens. HiFT keeps the last 8 mel
+frames and 3840 source samples of each chunk and holds back the last 3840
+samples of audio, cross-faded (Hamming window of 7680) into the next chunk.
+
+Differences with the official code, each an option:
+
+- the flow: by default the O(n) cache (`cosyvoice2.flow.cache`) computes each
+  chunk once; `flow_cache=False` re-runs the flow over prompt + all tokens for
+  each chunk, as the official code does (the reference the cache is tested
+  against);
+- the final call: the official code runs it without the streaming flag (full
+  attention over everything, a whole non-streaming flow pass at the end);
+  `final_full_attention=None` keeps that on the recompute path and uses the
+  chunk-masked `finalize=True` step on the cached path (no full pass);
+  True/False force either;
+- the growing hop (`stream_scale_factor` > 1, up to `token_max_hop_len`): the v1
+  model class of the reference wheel; the latest upstream `CosyVoice2Model.tts`
+  also doubles the hop after each chunk up to 100 (not the reference); off by
+  default here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from cosyvoice2.flow.cache import FlowState, flow_step
+
+
+@dataclass(frozen=True)
+class StreamSchedule:
+    """Audio-out streaming schedule (official CosyVoice2 values by default).
+
+    `token_hop_len` tokens per chunk plus the flow's look-ahead as context; the first
+    hop is padded so prompt + hop is a multiple of the hop, unless `first_hop_len`
+    sets it (smaller: earlier first chunk, no padding). `stream_scale_factor` > 1
+    grows the hop after each chunk up to `token_max_hop_len` (the v1 schedule).
+    HiFT keeps `mel_cache_len` mel frames and their source between chunks and
+    cross-fades `2 * mel_cache_len * 480` samples with a Hamming window.
+    `flow_cache`: the O(n) flow (else the official recompute); `final_full_attention`:
+    see the module doc.
+    """
+
+    token_hop_len: int = 25
+    first_hop_len: int | None = None
+    stream_scale_factor: float = 1.0
+    token_max_hop_len: int = 100
+    mel_cache_len: int = 8
+    flow_cache: bool = True
+    final_full_attention: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.token_hop_len < 1 or (self.first_hop_len is not None and self.first_hop_len < 1):
+            raise ValueError("hop lengths must be at least 1")
+
+
+class FlowCursor:
+    """The flow's incremental state for one streaming request (see `cosyvoice2.flow.cache`)."""
+
+    def __init__(self, flow: Any, prompt: Any, n_timesteps: int, state: FlowState | None = None):
+        self.flow = flow
+        self.prompt = prompt
+        self.n_timesteps = n_timesteps
+        self.state = state or FlowState()
+        self.spks = flow.speaker(prompt.embedding)
+
+    def mel(self, tokens: mx.array, finalize: bool, start: int) -> mx.array:
+        """Mel `(1, 80, T)` of generated frames `start...` for speech tokens `(1, N)` so far."""
+        p = self.prompt
+        all_tokens = mx.concatenate([p.flow_speech_token.astype(mx.int32), tokens], axis=1)
+        c = self.state.tokens
+        mel, self.state = flow_step(
+            self.flow, self.state, all_tokens, p.speech_feat, self.spks, self.n_timesteps, finalize
+        )
+        skip = p.speech_feat.shape[1] + start - self.flow.config.token_mel_ratio * c
+        if skip < 0:
+            raise ValueError("the prompt mel must have token_mel_ratio frames per prompt token")
+        return mel[:, skip:].transpose(0, 2, 1)
+
+
+def fade_in_out(fade_in: mx.array, fade_out: mx.array, window: mx.array) -> mx.array:
+    """The official cross-fade: the head of `fade_in` mixed with the tail of `fade_out`."""
+    n = window.shape[0] // 2
+    head = fade_in[:, :n] * window[:n] + fade_out[:, -n:] * window[n:]
+    return mx.concatenate([head, fade_in[:, n:]], axis=1)
+
+
+class Timings:
+    """Latency events of one streaming request, in seconds since the request started.
+
+    `events` holds dicts `{"event", "t", ...}`: `first_token`, then per chunk `mel`
+    (flow done) and `audio` (HiFT done, with `chunk`, `samples`); `on_event`, when
+    given, is called with each dict as it happens.
+    """
+
+    def __init__(self, on_event: Callable[[dict], None] | None = None):
+        self.t0 = time.perf_counter()
+        self.events: list[dict] = []
+        self.on_event = on_event
+
+    def mark(self, event: str, **info: Any) -> None:
+        e = {"event": event, "t": time.perf_counter() - self.t0, **info}
+        self.events.append(e)
+        if self.on_event is not None:
+            self.on_event(e)
+
+    def first(self, event: str) -> float | None:
+        return next((e["t"] for e in self.events if e["event"] == event), None)
+
+    def summary(self) -> dict[str, Any]:
+        audio = [e for e in self.events if e["event"] == "audio"]
+        return {
+            "first_token_s": self.first("first_token"),
+            "first_mel_s": self.first("mel"),
+            "first_audio_s": self.first("audio"),
+            "chunk_s": [e["t"] for e in audio],
+            "chunk_samples": [e["samples"] for e in audio],
+        }
+
+
+def stream_chunks(
+    model: Any,
+    tokens: Iterator[int],
+    prompt: Any,
+    n_timesteps: int,
+    key: mx.array,
+    sched: StreamSchedule,
+    flow_state: FlowState | None = None,
+    timings: Timings | None = None,
+) -> Iterator[dict[str, mx.array]]:
+    """Speech tokens -> audio chunks (see module doc); `model` gives `token2mel`, `hift`, `config`.
+
+    The flow runs through `model.token2mel` (so per-stage timers that wrap it see
+    it); `flow_state` is a committed prompt state to start the cache from.
+    HiFT's source noise of chunk `i` is drawn with `split(key, offset + 2)[-1]`.
+    """
+    lookahead = model.config.flow.pre_lookahead_len
+    ratio = model.config.flow.token_mel_ratio
+    source_cache_len = sched.mel_cache_len * 480
+    window = mx.array(np.hamming(2 * source_cache_len).astype(np.float32))
+    n_prompt = prompt.flow_speech_token.shape[1]
+    hop = sched.token_hop_len
+    first = sched.first_hop_len if sched.first_hop_len is not None else hop
+    prompt_pad = math.ceil(n_prompt / hop) * hop - n_prompt if sched.first_hop_len is None else 0
+    full_final = (
+        sched.final_full_attention
+        if sched.final_full_attention is not None
+        else not sched.flow_cache
+    )
+    cursor = FlowCursor(model.flow, prompt, n_timesteps, flow_state) if sched.flow_cache else None
+    got: list[int] = []
+    offset = 0
+    n_chunk = 0
+    cache: dict[str, mx.array] | None = None
+
+    def chunk(finalize: bool, upto: int | None = None) -> mx.array:
+        nonlocal cache, n_chunk
+        toks = mx.array([got[:upto] if upto is not None else got], dtype=mx.int32)
+        if finalize and full_final:
+            mel = model.token2mel(toks, prompt, n_timesteps, streaming=False, finalize=True)
+            mel = mel[:, :, offset * ratio :]
+        elif cursor is not None:
+            mel = model.token2mel(
+                toks, prompt, n_timesteps, True, finalize, start=offset * ratio, cache=cursor
+            )
+        else:
+            mel = model.token2mel(toks, prompt, n_timesteps, streaming=True, finalize=finalize)
+            mel = mel[:, :, offset * ratio :]
+        if timings is not None:
+            mx.eval(mel)
+            timings.mark("mel", chunk=n_chunk, frames=mel.shape[2])
+        if cache is not None:
+            mel = mx.concatenate([cache["mel"], mel], axis=2)
+            src = cache["source"]
+        else:
+            src = mx.zeros((1, 1, 0))
+        speech, source = model.hift.inference(
+            mel, cache_source=src, key=mx.random.split(key, offset + 2)[-1]
+        )
+        if cache is not None:
+            speech = fade_in_out(speech, cache["speech"], window)
+        if not finalize:
+            cache = {
+                "mel": mel[:, :, -sched.mel_cache_len :],
+                "source": source[:, :, -source_cache_len:],
+                "speech": speech[:, -source_cache_len:],
+            }
+            speech = speech[:, :-source_cache_len]
+        mx.eval(speech)
+        if timings is not None:
+            timings.mark("audio", chunk=n_chunk, samples=speech.shape[1])
+        n_chunk += 1
+        return speech
+
+    this_hop = first + prompt_pad
+    for t in tokens:
+        if not got and timings is not None:
+            timings.mark("first_token")
+        got.append(int(t))
+        if len(got) - offset >= this_hop + lookahead:
+            yield {"tts_speech": chunk(False, offset + this_hop + lookahead)}
+            offset += this_hop
+            hop = min(sched.token_max_hop_len, int(hop * sched.stream_scale_factor))
+            this_hop = hop
+    if not got:
+        from cosyvoice2.errors import CosyVoiceError
+
+        raise CosyVoiceError("the speech LM produced no speech tokens")
+    yield {"tts_speech": chunk(True)}

@@ -1,0 +1,299 @@
+"""Audio-out streaming: chunk-by-chunk parity with the official `CosyVoice2Model.tts(stream=True)`,
+the O(n) flow cache against the recompute path, and the joins between chunks.
+
+Both sides get the same speech tokens (random, fed in place of the LLM), the same
+prompt (random tokens, mel and x-vector), the official fixed CFM noise, and the
+same HiFT source noise *per HiFT call*: call `i` (in order) draws
+`normal(shape, key=key(NOISE_SEED + i))`, injected into the official `SineGen2`
+through `torch.randn_like` and into ours through `hift.inference(noise=)`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+
+from cosyvoice2.model import CosyVoice2, Prompt
+from cosyvoice2.streaming import StreamSchedule, Timings
+
+TOL = 1e-3
+STEPS = 2
+NOISE_SEED = 50_000
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_mlx_dir) -> CosyVoice2:
+    return CosyVoice2.load(tiny_mlx_dir)
+
+
+def make_prompt(n_prompt: int, seed: int) -> Prompt:
+    rng = np.random.default_rng(seed)
+    tok = mx.array(rng.integers(0, 6561, (1, n_prompt)), dtype=mx.int32)
+    return Prompt(
+        embedding=mx.array(rng.standard_normal((1, 192)).astype(np.float32)),
+        prompt_text=mx.zeros((1, 0), dtype=mx.int32),
+        llm_speech_token=tok,
+        flow_speech_token=tok,
+        speech_feat=mx.array(rng.standard_normal((1, 2 * n_prompt, 80)).astype(np.float32)),
+    )
+
+
+def make_tokens(n: int, seed: int) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed + 99).integers(0, 6561, n)]
+
+
+class InjectNoise:
+    """Ours: HiFT call `i` gets `normal(shape, key(NOISE_SEED + i))` as its source noise."""
+
+    def __init__(self, hift):
+        self.hift, self.inner, self.calls = hift, hift.inference, 0
+
+    def __enter__(self):
+        def inference(mel, cache_source=None, noise=None, key=None):
+            noise = mx.random.normal(
+                self.hift.noise_shape(mel), key=mx.random.key(NOISE_SEED + self.calls)
+            )
+            self.calls += 1
+            return self.inner(mel, cache_source=cache_source, noise=noise)
+
+        self.hift.inference = inference
+        return self
+
+    def __exit__(self, *exc):
+        del self.hift.inference  # back to the class method
+
+
+def ours_chunks(model: CosyVoice2, prompt: Prompt, tokens: list[int], **sched) -> list[np.ndarray]:
+    with InjectNoise(model.hift):
+        return [
+            np.array(o["tts_speech"]).reshape(-1)
+            for o in model.token2wav_stream(
+                iter(tokens), prompt, True, 1.0, n_timesteps=STEPS, schedule=StreamSchedule(**sched)
+            )
+        ]
+
+
+def max_err(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+# ----------------------------------------------------------------------------- official parity
+
+
+@pytest.fixture(scope="module")
+def official(tiny_pt_dir):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("cosyvoice")
+    from cosyvoice2.testing.official import install_shims, load_official
+
+    install_shims()
+    from cosyvoice.cli.model import CosyVoice2Model
+
+    torch.set_num_threads(1)
+    model = CosyVoice2Model(
+        None, load_official("flow", tiny_pt_dir), load_official("hift", tiny_pt_dir)
+    )
+    decoder = model.flow.decoder
+    forward = type(decoder).forward
+    decoder.forward = lambda *a, **k: forward(decoder, *a, **{**k, "n_timesteps": STEPS})
+    return model
+
+
+def official_chunks(official, ours: CosyVoice2, prompt: Prompt, tokens: list[int]):
+    """The official `tts(stream=True)` (its own loop and thread) with `tokens` in place of the LLM."""
+    import torch
+
+    def t(x, dtype=None):
+        out = torch.from_numpy(np.array(x))
+        return out.to(dtype) if dtype is not None else out
+
+    def llm_job(text, prompt_text, llm_prompt_speech_token, llm_embedding, uuid):
+        official.tts_speech_token_dict[uuid].extend(tokens)
+        official.llm_end_dict[uuid] = True
+
+    harmonics = ours.config.hift.nb_harmonics + 1
+    real = torch.randn_like
+    calls = [0]
+
+    def randn_like(x, *args, **kwargs):
+        if x.dim() == 3 and x.shape[-1] == harmonics:
+            noise = mx.random.normal(tuple(x.shape), key=mx.random.key(NOISE_SEED + calls[0]))
+            calls[0] += 1
+            return t(noise).to(x.dtype)
+        return real(x, *args, **kwargs)
+
+    official.llm_job = llm_job
+    torch.randn_like = randn_like
+    try:
+        with torch.inference_mode():
+            out = official.tts(
+                text=torch.zeros(1, 1, dtype=torch.int32),
+                flow_embedding=t(prompt.embedding),
+                flow_prompt_speech_token=t(prompt.flow_speech_token, torch.int32),
+                prompt_speech_feat=t(prompt.speech_feat),
+                stream=True,
+            )
+            return [o["tts_speech"].numpy().reshape(-1) for o in out]
+    finally:
+        torch.randn_like = real
+
+
+@pytest.mark.parametrize(
+    "n_prompt,n_tokens",
+    [(37, 87), (0, 31), (50, 60)],  # padded first hop + short final; no prompt; aligned prompt
+)
+@pytest.mark.parametrize("flow_cache", [False, True])
+def test_chunks_match_official(ours, official, n_prompt, n_tokens, flow_cache, record_property):
+    prompt = make_prompt(n_prompt, seed=n_prompt)
+    tokens = make_tokens(n_tokens, seed=n_tokens)
+    want = official_chunks(official, ours, prompt, tokens)
+    got = ours_chunks(ours, prompt, tokens, flow_cache=flow_cache, final_full_attention=True)
+    assert len(got) == len(want) >= 2
+    errs = [max_err(g, w) for g, w in zip(got, want)]
+    record_property("chunk_max_abs_err", errs)
+    assert max(errs) <= TOL, f"per-chunk max abs error {errs}"
+
+
+# ----------------------------------------------------------------------------- cache == recompute
+
+
+@pytest.mark.parametrize(
+    "n_prompt,n_tokens,first,scale",
+    [(37, 87, None, 1.0), (37, 87, 10, 1.0), (0, 70, 7, 1.0), (61, 140, None, 2.0), (13, 50, 4, 1.0)],
+)
+def test_cached_flow_equals_recompute(ours, n_prompt, n_tokens, first, scale):
+    """The O(n) flow (each chunk computed once) against re-running the streaming flow per chunk."""
+    prompt = make_prompt(n_prompt, seed=1 + n_prompt)
+    tokens = make_tokens(n_tokens, seed=2 + n_tokens)
+    kw = dict(first_hop_len=first, stream_scale_factor=scale, final_full_attention=False)
+    ref = ours_chunks(ours, prompt, tokens, flow_cache=False, **kw)
+    got = ours_chunks(ours, prompt, tokens, flow_cache=True, **kw)
+    assert len(got) == len(ref) >= 2
+    errs = [max_err(g, r) for g, r in zip(got, ref)]
+    assert max(errs) <= TOL, f"per-chunk max abs error {errs}"
+
+
+def test_cached_flow_mel_equals_recompute(ours):
+    """At the mel level (tighter): every chunk's frames, with and without a prompt state."""
+    from cosyvoice2.flow.cache import FlowState, flow_step, prompt_state
+
+    flow = ours.flow
+    prompt = make_prompt(37, seed=5)
+    tokens = mx.array([make_tokens(61, seed=6)], dtype=mx.int32)
+    pt, pf, emb = prompt.flow_speech_token, prompt.speech_feat, prompt.embedding
+    spks = flow.speaker(emb)
+    for start_state in (FlowState(), prompt_state(flow, pt, pf, emb, STEPS)):
+        state, off, this = start_state, 0, 10
+        while True:
+            fin = tokens.shape[1] - off < this + 3
+            upto = tokens.shape[1] if fin else off + this + 3
+            ref = flow.inference(tokens[:, :upto], pt, pf, emb, True, fin, STEPS)
+            ref = ref[:, 2 * off :]
+            c = state.tokens
+            mel, state = flow_step(
+                flow, state, mx.concatenate([pt, tokens[:, :upto]], 1), pf, spks, STEPS, fin
+            )
+            got = mel[:, 2 * (37 + off) - 2 * c :]
+            assert max_err(np.array(got), np.array(ref)) <= 1e-4
+            if fin:
+                break
+            off, this = off + this, 25
+
+
+def test_prompt_state_is_kept_per_saved_speaker(ours, monkeypatch):
+    prompt = make_prompt(60, seed=3)
+    tokens = make_tokens(40, seed=4)
+    calls = []
+    import cosyvoice2.flow.cache as cache_mod
+
+    real = cache_mod.prompt_state
+    monkeypatch.setattr(cache_mod, "prompt_state", lambda *a: calls.append(1) or real(*a))
+    fresh = ours_chunks(ours, prompt, tokens)
+    outs = []
+    for _ in range(2):
+        with InjectNoise(ours.hift):
+            outs.append(
+                [
+                    np.array(o["tts_speech"]).reshape(-1)
+                    for o in ours.token2wav_stream(
+                        iter(tokens), prompt, True, 1.0, n_timesteps=STEPS, spk_id="spk-x"
+                    )
+                ]
+            )
+    assert len(calls) == 1  # computed once for the speaker
+    assert ours._flow_states[("spk-x", STEPS)].tokens == 50
+    for out in outs:
+        assert max(max_err(a, b) for a, b in zip(out, fresh)) <= TOL
+
+
+# ----------------------------------------------------------------------------- joins
+
+
+def join_ratios(chunks: list[np.ndarray], window: int = 240) -> list[float]:
+    """At each chunk boundary b of the concatenated waveform y: |y[b] - y[b-1]| divided by
+    the largest sample-to-sample step |y[i] - y[i-1]| within `window` samples on either
+    side of the boundary (boundary step excluded). A ratio <= 1: the join is no larger a
+    step than the signal itself takes around it."""
+    y = np.concatenate(chunks)
+    d = np.abs(np.diff(y))  # d[i-1] = |y[i] - y[i-1]|
+    out = []
+    b = 0
+    for c in chunks[:-1]:
+        b += c.size
+        around = np.concatenate([d[b - 1 - window : b - 1], d[b : b + window]])
+        out.append(float(d[b - 1] / max(around.max(), 1e-12)))
+    return out
+
+
+def test_joins_are_continuous_and_stream_vs_whole_reported(ours, record_property):
+    ratios, diffs = [], []
+    for seed in range(6):
+        n_prompt = [0, 13, 37, 50, 61, 24][seed]
+        n_tokens = [40, 57, 88, 103, 66, 75][seed]
+        prompt = make_prompt(n_prompt, seed=100 + seed)
+        tokens = make_tokens(n_tokens, seed=200 + seed)
+        first = [None, 5, None, 12, None, 25][seed]
+        chunks = ours_chunks(ours, prompt, tokens, first_hop_len=first)
+        assert len(chunks) >= 2
+        ratios += join_ratios(chunks)
+        whole = np.array(
+            next(ours.token2wav_stream(iter(tokens), prompt, False, 1.0, n_timesteps=STEPS))[
+                "tts_speech"
+            ]
+        ).reshape(-1)
+        y = np.concatenate(chunks)
+        assert y.size == whole.size  # same length: nothing dropped or duplicated at joins
+        diffs.append(float(np.sqrt(np.mean((y - whole) ** 2)) / np.sqrt(np.mean(whole**2))))
+    record_property("join_ratio_max", max(ratios))
+    record_property("stream_vs_whole_rel_rms", diffs)
+    print(f"join ratios max {max(ratios):.3f} over {len(ratios)} joins; stream vs whole rel RMS {diffs}")
+    assert max(ratios) <= 1.0, f"join steps vs local variation: {ratios}"
+
+
+def test_join_measure_detects_a_click():
+    """The join measure can fail: a step inserted at a boundary is caught."""
+    rng = np.random.default_rng(0)
+    y = np.cumsum(rng.standard_normal(4000)) * 1e-3
+    a, b = y[:2000], y[2000:].copy()
+    assert max(join_ratios([a, b])) <= 1.0
+    assert max(join_ratios([a, b + 0.1])) > 1.0
+
+
+def test_timings_recorded(ours):
+    prompt = make_prompt(20, seed=8)
+    tokens = make_tokens(60, seed=9)
+    tm = Timings()
+    with InjectNoise(ours.hift):
+        chunks = list(
+            ours.token2wav_stream(
+                iter(tokens), prompt, True, 1.0, n_timesteps=1, timings=tm,
+                schedule=StreamSchedule(first_hop_len=10),
+            )
+        )  # fmt: skip
+    s = tm.summary()
+    assert len(s["chunk_s"]) == len(chunks)
+    assert s["first_token_s"] <= s["first_mel_s"] <= s["first_audio_s"] == s["chunk_s"][0]
+    assert s["chunk_samples"] == [c["tts_speech"].shape[1] for c in chunks]
