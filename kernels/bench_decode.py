@@ -1,0 +1,125 @@
+"""Speech-LM decode and prefill speed with and without the CPU kernels (full size, synthetic weights).
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 \\
+        python kernels/bench_decode.py [--precisions fp32,bf16,8bit] [--tokens 40] [--repeats 3]
+
+Builds the speech LM at the real Qwen2-0.5B shapes from the synthetic official
+dir (`cached_official_dir("full", onnx=False)`, random weights), then for each
+precision and kernel setting: prefill of 120 positions (sos, 10 prompt-text, 8
+text tokens, task id, 100 prompt speech tokens) and greedy decoding through
+`Qwen2LM.inference` (its look-ahead loop: one evaluation per token). Reports the
+time to the first token (prefill plus one step) and the median time per decoded
+token over all repeats, with the load average, as one JSON line per case.
+Timings on a shared machine are noisy: compare cases of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from cosyvoice2 import fastlinear
+from cosyvoice2.checkpoint import load_torch_checkpoint
+from cosyvoice2.config import config_from_official_dir
+from cosyvoice2.llm import Qwen2LM, cast, quantize
+
+
+class SpeechGreedy:
+    """Arg-max over the speech tokens (no stop token): fixed-length decoding."""
+
+    window = 0
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, logp: mx.array, recent: mx.array, key: mx.array) -> mx.array:
+        return mx.argmax(logp[: self.n]).astype(mx.int32)
+
+
+def build(official, config, weights, precision: str, kernels: bool) -> Qwen2LM:
+    model = Qwen2LM.from_weights(config, weights)
+    if precision == "bf16":
+        cast(model, "bfloat16")
+    elif precision.endswith("bit"):
+        quantize(model, bits=int(precision[:-3]), group_size=64)
+    if kernels:
+        fastlinear.use_kernels(model)
+    mx.eval(model.parameters())
+    return model
+
+
+def run_case(model: Qwen2LM, n_tokens: int, repeats: int) -> dict:
+    rng = np.random.default_rng(0)
+    text = rng.integers(0, 151000, 8)
+    prompt_text = rng.integers(0, 151000, 10)
+    prompt_speech = rng.integers(0, 6561, 100)
+    sampler = SpeechGreedy(model.speech_token_size)
+    first, steps, tokens = [], [], None
+    for r in range(repeats + 1):  # the first repeat warms up
+        gen = model.inference(text, prompt_text, prompt_speech, sampling=sampler, key=0)
+        t0 = time.perf_counter()
+        out = [next(gen)]
+        t1 = time.perf_counter()
+        times = []
+        for _ in range(n_tokens):
+            out.append(next(gen))
+            t2 = time.perf_counter()
+            times.append(t2 - t1)
+            t1 = t2
+        gen.close()
+        if r > 0:
+            first.append(t1 - t0 - sum(times))
+            steps.extend(times)
+        tokens = out
+    return {
+        "first_token_s": float(np.median(first)),
+        "decode_ms_per_token": float(np.median(steps) * 1e3),
+        "decode_ms_mean": float(np.mean(steps) * 1e3),
+        "decode_ms_p10": float(np.percentile(steps, 10) * 1e3),
+        "tokens_head": tokens[:8],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--precisions", default="fp32,bf16,8bit")
+    ap.add_argument("--kernels", default="off,on")
+    ap.add_argument("--tokens", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    from cosyvoice2.testing.synthetic import cached_official_dir
+
+    official = cached_official_dir("full", onnx=False)
+    config = config_from_official_dir(official).llm
+    weights = Qwen2LM.sanitize(load_torch_checkpoint(official / "llm.pt"))
+    for precision in args.precisions.split(","):
+        for setting in args.kernels.split(","):
+            on = setting == "on"
+            if on and not fastlinear.enabled():
+                print(json.dumps({"precision": precision, "kernels": "unavailable"}))
+                continue
+            model = build(official, config, weights, precision, on)
+            load = os.getloadavg()[0]
+            result = run_case(model, args.tokens, args.repeats)
+            record = {
+                "precision": precision,
+                "kernels": fastlinear.describe() if on else "off",
+                **result,
+                "load_before": round(load, 2),
+                "load_after": round(os.getloadavg()[0], 2),
+            }
+            print(json.dumps(record), flush=True)
+            del model
+            gc.collect()
+            mx.clear_cache()
+
+
+if __name__ == "__main__":
+    main()

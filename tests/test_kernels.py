@@ -1,0 +1,473 @@
+"""The optional CPU kernels (`cosyvoice2_kernels`, built from `kernels/`) and `cosyvoice2.fastlinear`.
+
+Kernel tests skip when the extension is not built or `COSYVOICE2_KERNELS=0`; CI
+builds it (`kernels/build.sh`) and runs the suite both ways. The tests of the
+package without the extension always run.
+
+Tolerances (max |y - ref| over max |ref|, "relative to the output scale"):
+- primitives: <= 1e-5 against float32 `mx.matmul` on the same bf16-rounded x and W
+  (bf16), or on `mx.dequantize`'s weights (8-bit). There is no fast mode: x is never
+  quantised, every variant converts the weights exactly and accumulates in float32,
+  so only the summation order differs from the reference;
+- speech LM at one precision with and without the kernels (the same swapped model
+  on MLX's ops, and for 8-bit also MLX's own `QuantizedLinear` model): logits of a
+  prefill and 100 cached steps <= 1e-5, greedy tokens identical over 120 steps.
+  That bound is tight enough to fail on bf16 rounding of activations, as MLX's own
+  bf16 path does (checked in `test_bf16_kernels_closer_to_fp32_than_mlx_bf16`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map_with_path
+
+from cosyvoice2 import fastlinear
+from cosyvoice2.llm import Qwen2LM, cast, quantize, weights_of
+from tests.test_llm import BACKBONE_SCALE, TINY, NoStopGreedy, inputs, random_tiny
+
+K = fastlinear.kernels_module()
+needs_kernels = pytest.mark.skipif(
+    K is None, reason="cosyvoice2_kernels not built (kernels/build.sh) or COSYVOICE2_KERNELS=0"
+)
+ISAS = K.available_isas() if K is not None else ["none"]
+TOL = 1e-5
+S = 6561
+
+
+def rel_err(y: mx.array, ref: mx.array) -> float:
+    y, ref = np.array(y, dtype=np.float64), np.array(ref, dtype=np.float64)
+    return float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def bf16_round(a: np.ndarray) -> mx.array:
+    """float32 values exactly representable in bfloat16."""
+    return mx.array(a.astype(np.float32)).astype(mx.bfloat16).astype(mx.float32)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Run the test with each instruction-set variant this CPU supports."""
+    if K is None:
+        pytest.skip("cosyvoice2_kernels not built")
+    K.set_isa(request.param)
+    yield request.param
+    K.set_isa("auto")
+
+
+# ------------------------------------------------------------------ primitives
+
+BF16_SHAPES = [  # (rows, K, N): K not a multiple of 16/32/64, N = 1, rows 1..8 and beyond
+    (1, 1, 1),
+    (1, 7, 5),
+    (2, 33, 1),
+    (3, 100, 37),
+    (4, 129, 70),
+    (5, 64, 16),
+    (6, 896, 3),
+    (7, 47, 129),
+    (8, 896, 200),
+    (8, 4864, 96),
+    (13, 95, 50),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize(("m", "k", "n"), BF16_SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_matches_matmul(isa: str, m: int, k: int, n: int, with_bias: bool) -> None:
+    rng = np.random.default_rng(m * 1000 + k + n)
+    x = bf16_round(rng.standard_normal((m, k)))
+    w32 = bf16_round(rng.standard_normal((n, k)))
+    b = mx.array(rng.standard_normal(n).astype(np.float32)) if with_bias else None
+    y = K.linear_bf16(x, w32.astype(mx.bfloat16), b)
+    ref = x @ w32.T + (b if b is not None else 0)
+    assert y.dtype == mx.float32 and y.shape == (m, n)
+    err = rel_err(y, ref)
+    assert err <= TOL, f"{isa} bf16 {m}x{k} @ {n}: relative error {err:.2e}"
+
+
+Q8_SHAPES = [  # (rows, K, N, group size): K must be a multiple of the group size
+    (1, 64, 1, 64),
+    (2, 96, 5, 32),
+    (3, 128, 37, 128),
+    (4, 192, 70, 64),
+    (5, 320, 16, 32),
+    (6, 896, 3, 64),
+    (7, 256, 129, 128),
+    (8, 896, 200, 64),
+    (8, 4864, 96, 64),
+    (11, 160, 33, 32),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize(("m", "k", "n", "gs"), Q8_SHAPES)
+@pytest.mark.parametrize("scale_dtype", ["float32", "bfloat16"])
+def test_q8_matches_dequantized_matmul(
+    isa: str, m: int, k: int, n: int, gs: int, scale_dtype: str
+) -> None:
+    rng = np.random.default_rng(m * 1000 + k + n + gs)
+    x = mx.array(rng.standard_normal((m, k)).astype(np.float32))
+    w = mx.array(rng.standard_normal((n, k)).astype(np.float32)).astype(getattr(mx, scale_dtype))
+    wq, scales, biases = mx.quantize(w, group_size=gs, bits=8)
+    bias = mx.array(rng.standard_normal(n).astype(np.float32))
+    y = K.linear_q8(x, wq, scales, biases, bias, group_size=gs, bits=8)
+    # the exact weights: dequantised in float32 from the stored scales and biases
+    wd = mx.dequantize(
+        wq, scales.astype(mx.float32), biases.astype(mx.float32), group_size=gs, bits=8
+    )
+    ref = x @ wd.T + bias
+    assert y.dtype == mx.float32 and y.shape == (m, n)
+    err = rel_err(y, ref)
+    assert err <= TOL, f"{isa} q8 {m}x{k} @ {n} (gs {gs}, {scale_dtype}): relative error {err:.2e}"
+
+
+@needs_kernels
+def test_q8_float16_scales_are_converted(isa: str) -> None:
+    rng = np.random.default_rng(5)
+    x = mx.array(rng.standard_normal((2, 128)).astype(np.float32))
+    w = mx.array(rng.standard_normal((9, 128)).astype(np.float16))
+    wq, scales, biases = mx.quantize(w, group_size=64, bits=8)
+    y = K.linear_q8(x, wq, scales, biases, group_size=64)
+    wd = mx.dequantize(
+        wq, scales.astype(mx.float32), biases.astype(mx.float32), group_size=64, bits=8
+    )
+    assert rel_err(y, x @ wd.T) <= TOL
+
+
+@needs_kernels
+def test_leading_dims_strided_inputs_and_empty_rows(isa: str) -> None:
+    rng = np.random.default_rng(7)
+    wide = bf16_round(rng.standard_normal((2, 3, 2 * 45)))
+    x = wide[..., ::2]  # (2, 3, 45), not contiguous
+    src = bf16_round(rng.standard_normal((45, 11)))
+    w = src.T.astype(mx.bfloat16)  # (11, 45) cast from a transposed view
+    y = K.linear_bf16(x, w)
+    assert y.shape == (2, 3, 11)
+    assert rel_err(y, x @ src) <= TOL
+    wide_w = mx.repeat(src.T.astype(mx.bfloat16), 2, axis=1)  # (11, 90)
+    assert rel_err(K.linear_bf16(x, wide_w[:, ::2]), x @ src) <= TOL  # strided weights
+    empty = K.linear_bf16(mx.zeros((0, 45)), w)
+    assert empty.shape == (0, 11)
+    mx.eval(empty)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["bf16", "q8"])
+def test_results_do_not_depend_on_threads(kind: str) -> None:
+    rng = np.random.default_rng(11)
+    x = mx.array(rng.standard_normal((3, 896)).astype(np.float32))
+    w = mx.array(rng.standard_normal((1000, 896)).astype(np.float32))
+    if kind == "bf16":
+        wb = w.astype(mx.bfloat16)
+
+        def f() -> mx.array:
+            return K.linear_bf16(x, wb)
+
+    else:
+        q = mx.quantize(w, group_size=64, bits=8)
+
+        def f() -> mx.array:
+            return K.linear_q8(x, *q)
+
+    threads = K.num_threads()
+    try:
+        K.set_num_threads(1)
+        one = f()
+        mx.eval(one)
+        K.set_num_threads(3)
+        three = f()
+        mx.eval(three)
+    finally:
+        K.set_num_threads(threads)
+    assert K.num_threads() == threads
+    assert mx.array_equal(one, three)  # columns are split among threads, sums are not
+
+
+@needs_kernels
+@pytest.mark.parametrize("shapeless", [False, True])
+def test_inside_compile(shapeless: bool) -> None:
+    rng = np.random.default_rng(3)
+    w = mx.array(rng.standard_normal((37, 100)).astype(np.float32)).astype(mx.bfloat16)
+    q = mx.quantize(mx.array(rng.standard_normal((37, 128)).astype(np.float32)), 64, 8)
+    b = mx.array(rng.standard_normal(37).astype(np.float32))
+
+    def step(x, x8, w, b, wq, s, z):
+        y = K.linear_bf16(x, w, b)
+        y8 = K.linear_q8(x8, wq, s, z, group_size=64, bits=8)
+        return mx.tanh(y) * 2.0 + y8
+
+    compiled = mx.compile(step, shapeless=shapeless)
+    for m in (1, 4, 8):
+        x = mx.array(rng.standard_normal((m, 100)).astype(np.float32))
+        x8 = mx.array(rng.standard_normal((m, 128)).astype(np.float32))
+        got = compiled(x, x8, w, b, *q)
+        want = step(x, x8, w, b, *q)
+        assert got.shape == (m, 37)
+        assert rel_err(got, want) <= 1e-6
+
+
+@needs_kernels
+def test_composes_lazily() -> None:
+    w = mx.ones((4, 8), dtype=mx.bfloat16)
+    x = mx.ones((1, 8))
+    y = K.linear_bf16(x, w)
+    z = y + 1.0  # composes lazily with other ops
+    mx.async_eval(z)
+    assert z.tolist() == [[9.0] * 4]
+
+
+@needs_kernels
+def test_bad_arguments_raise() -> None:
+    x = mx.ones((2, 64))
+    w = mx.ones((3, 64), dtype=mx.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16"):
+        K.linear_bf16(x, w.astype(mx.float32))
+    with pytest.raises(ValueError, match="K"):
+        K.linear_bf16(mx.ones((2, 65)), w)
+    with pytest.raises(ValueError, match="bias"):
+        K.linear_bf16(x, w, mx.ones((4,)))
+    wq, s, z = mx.quantize(mx.ones((3, 64)), group_size=64, bits=8)
+    with pytest.raises(ValueError, match="bits"):
+        K.linear_q8(x, wq, s, z, group_size=64, bits=4)
+    with pytest.raises(ValueError, match="group_size"):
+        K.linear_q8(x, wq, s, z, group_size=16, bits=8)
+    with pytest.raises(ValueError, match="scales"):
+        K.linear_q8(x, wq, s[:, :0], z, group_size=64, bits=8)
+    if mx.is_available(mx.gpu):
+        with pytest.raises(ValueError, match="CPU only"):
+            K.linear_bf16(x, w, stream=mx.gpu)
+
+
+@needs_kernels
+def test_variant_selection() -> None:
+    if not os.environ.get("COSYVOICE2_KERNELS_ISA"):
+        assert K.isa() == K.available_isas()[0]  # the best one by default
+    assert "portable" in K.available_isas()
+    with pytest.raises(ValueError):
+        K.set_isa("no-such-isa")
+    assert K.BUILD_INFO["mlx_version"] == ".".join(mx.__version__.split("+")[0].split(".")[:3])
+
+
+# ------------------------------------------------------------ fastlinear layers
+
+
+def tiny_precision(base: Qwen2LM, precision: str) -> Qwen2LM:
+    model = Qwen2LM.from_weights(base.config, weights_of(base))
+    if precision == "bf16":
+        cast(model, "bfloat16")
+    else:
+        quantize(model, bits=8, group_size=64)
+    return model
+
+
+@needs_kernels
+@pytest.mark.parametrize("precision", ["bf16", "8bit"])
+def test_use_kernels_swaps_and_fuses(precision: str) -> None:
+    model = tiny_precision(random_tiny(0), precision)
+    n = fastlinear.use_kernels(model)
+    layers = TINY.qwen.num_hidden_layers
+    # per layer q, k, v, o, gate, up, down; plus llm_decoder in bf16 (it stays fp32 in 8-bit)
+    assert n == 7 * layers + (precision == "bf16")
+    attn, mlp = model.llm.layers[0].self_attn, model.llm.layers[0].mlp
+    assert isinstance(attn.q_proj, fastlinear.FusedPart)
+    assert isinstance(mlp.up_proj, fastlinear.FusedPart)
+    assert isinstance(attn.o_proj, fastlinear.KernelLinear)
+    assert isinstance(mlp.down_proj, fastlinear.KernelLinear)
+    assert isinstance(
+        model.llm_decoder, fastlinear.KernelLinear if precision == "bf16" else nn.Linear
+    )
+    keys = dict(tree_flatten(model.parameters()))
+    fused = keys["llm.layers.0.self_attn.q_proj.fused.weight"]
+    q = TINY.qwen
+    head = q.hidden_size // q.num_attention_heads
+    assert fused.shape[0] == q.hidden_size + 2 * q.num_key_value_heads * head
+    assert "llm.layers.0.self_attn.k_proj.weight" not in keys
+
+
+@needs_kernels
+def test_fused_parts_in_any_order() -> None:
+    rng = np.random.default_rng(1)
+    layers = {}
+    parent = nn.Module()
+    for name, n in (("q_proj", 8), ("k_proj", 4), ("v_proj", 4)):
+        lin = nn.Linear(16, n)
+        lin.set_dtype(mx.bfloat16)
+        setattr(parent, name, lin)
+        layers[name] = lin
+    x = mx.array(rng.standard_normal((1, 2, 16)).astype(np.float32))
+    want = {k: (x @ v.weight.astype(mx.float32).T + v.bias) for k, v in layers.items()}
+    assert fastlinear.use_kernels(parent) == 3
+    # k before q, a part called twice with the same x, then another x
+    assert rel_err(parent.k_proj(x), want["k_proj"]) <= TOL
+    assert rel_err(parent.q_proj(x), want["q_proj"]) <= TOL
+    assert rel_err(parent.q_proj(x), want["q_proj"]) <= TOL
+    x2 = x * 2
+    assert rel_err(parent.v_proj(x2), 2 * want["v_proj"] - layers["v_proj"].bias) <= TOL
+    assert rel_err(parent.v_proj(x), want["v_proj"]) <= TOL
+
+
+def test_float32_and_float16_layers_are_left_alone() -> None:
+    model = random_tiny(0)
+    assert fastlinear.use_kernels(model) == 0
+    assert isinstance(model.llm.layers[0].self_attn.q_proj, nn.Linear)
+    cast(model, "float16")
+    assert fastlinear.use_kernels(model) == 0
+
+
+# ------------------------------------------------------------------ speech LM
+
+
+def scaled_tiny(seed: int = 2) -> Qwen2LM:
+    """`tests.test_llm.backbone_model`'s weights: a backbone that shapes the logits."""
+    model = random_tiny(seed)
+
+    def scale(path: str, p: mx.array) -> mx.array:
+        if path.startswith("llm.layers.") and path.endswith(".weight") and "norm" not in path:
+            return p / 0.02 * BACKBONE_SCALE / math.sqrt(p.shape[-1])
+        return p
+
+    model.update(tree_map_with_path(scale, model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+def teacher_forced_logits(model: Qwen2LM, n_steps: int = 100) -> np.ndarray:
+    """Logits of a prefill and `n_steps` cached steps on fixed speech tokens, (n_steps + 1, V)."""
+    text, prompt_text, prompt_speech = inputs(12)
+    steps = np.random.default_rng(12).integers(0, S, n_steps)
+    cache = model.make_cache()
+    x = model.prompt_input(text, prompt_text, prompt_speech)
+    out = []
+    for i in range(n_steps + 1):
+        out.append(np.array(model.forward_one_step(x, cache)[0].astype(mx.float32)))
+        if i < n_steps:
+            x = model.speech_embedding(mx.array([[int(steps[i])]]))
+    return np.stack(out)
+
+
+def greedy_tokens(model: Qwen2LM) -> list[int]:
+    """120 greedy tokens (6 text tokens x max ratio 20; no stop token)."""
+    text, prompt_text, prompt_speech = inputs(13, n_text=6)
+    return list(model.inference(text, prompt_text, prompt_speech, sampling=NoStopGreedy()))
+
+
+def logits_rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+@pytest.fixture(scope="module")
+def synthetic_tiny(request) -> Qwen2LM:
+    """The speech LM of the tiny synthetic official dir (fixture `tiny_pt_dir`)."""
+    from cosyvoice2.checkpoint import load_torch_checkpoint
+    from cosyvoice2.config import config_from_official_dir
+
+    tiny_pt_dir: Path = request.getfixturevalue("tiny_pt_dir")
+    config = config_from_official_dir(tiny_pt_dir).llm
+    weights = Qwen2LM.sanitize(load_torch_checkpoint(tiny_pt_dir / "llm.pt"))
+    return Qwen2LM.from_weights(config, weights)
+
+
+@pytest.fixture(scope="module", params=["synthetic", "scaled"])
+def tiny_base(request) -> Qwen2LM:
+    if request.param == "synthetic":
+        return request.getfixturevalue("synthetic_tiny")
+    return scaled_tiny()
+
+
+@needs_kernels
+@pytest.mark.parametrize("precision", ["bf16", "8bit"])
+def test_llm_with_and_without_kernels(tiny_base: Qwen2LM, precision: str, capsys) -> None:
+    """The same swapped model on the kernels and on MLX's ops: logits and 120 greedy tokens."""
+    model = tiny_precision(tiny_base, precision)
+    assert fastlinear.use_kernels(model) > 0
+    with_k = teacher_forced_logits(model)
+    tokens_k = greedy_tokens(model)
+    with fastlinear.mlx_ops():
+        without = teacher_forced_logits(model)
+        tokens = greedy_tokens(model)
+    err = logits_rel(with_k, without)
+    same = first_difference(tokens_k, tokens)
+    with capsys.disabled():
+        print(
+            f"\n[kernels] {precision}: logits rel err {err:.2e}, tokens equal {same}/{len(tokens)}"
+        )
+    assert err <= TOL, f"{precision}: logits relative error {err:.2e}"
+    assert len(tokens) == 120 and tokens_k == tokens, f"tokens differ from step {same}"
+
+
+@needs_kernels
+def test_llm_8bit_kernels_equal_mlx_quantized_model(tiny_base: Qwen2LM) -> None:
+    """8-bit: the kernels against MLX's own `QuantizedLinear` model (both exact dequantisation)."""
+    mlx_model = tiny_precision(tiny_base, "8bit")
+    kernel_model = tiny_precision(tiny_base, "8bit")
+    fastlinear.use_kernels(kernel_model)
+    err = logits_rel(teacher_forced_logits(kernel_model), teacher_forced_logits(mlx_model))
+    assert err <= TOL, f"8-bit logits relative error {err:.2e}"
+    assert greedy_tokens(kernel_model) == greedy_tokens(mlx_model)
+
+
+@needs_kernels
+def test_bf16_kernels_closer_to_fp32_than_mlx_bf16(capsys) -> None:
+    """MLX's bf16 path rounds activations to bf16; the kernels keep them in fp32.
+
+    Also the power check of the tolerance above: the bf16 rounding of activations
+    moves the logits far more than TOL, so a kernel that rounded them would fail.
+    """
+    base = scaled_tiny()
+    fp32 = teacher_forced_logits(base, 20)
+    mlx_bf16 = teacher_forced_logits(tiny_precision(base, "bf16"), 20)
+    kernel = tiny_precision(base, "bf16")
+    fastlinear.use_kernels(kernel)
+    k_bf16 = teacher_forced_logits(kernel, 20)
+    d_mlx, d_k = logits_rel(mlx_bf16, fp32), logits_rel(k_bf16, fp32)
+    with capsys.disabled():
+        print(f"\n[kernels] bf16 vs fp32 logits: kernels {d_k:.2e}, MLX bf16 {d_mlx:.2e}")
+    assert logits_rel(k_bf16, mlx_bf16) > 10 * TOL
+    assert d_k < d_mlx
+
+
+# ------------------------------------------------------------ without kernels
+
+
+def test_absent_extension_changes_nothing(monkeypatch) -> None:
+    """With the extension missing, nothing is swapped and the model runs on MLX's ops."""
+    monkeypatch.setitem(sys.modules, "cosyvoice2_kernels", None)  # import raises
+    monkeypatch.setattr(fastlinear, "_module", None)
+    monkeypatch.setattr(fastlinear, "_tried", False)
+    assert fastlinear.kernels_module() is None
+    assert not fastlinear.enabled() and fastlinear.describe() == "off"
+    model = tiny_precision(random_tiny(0), "bf16")
+    assert fastlinear.use_kernels(model) == 0
+    assert isinstance(model.llm.layers[0].self_attn.q_proj, nn.Linear)
+    assert len(greedy_tokens(model)) == 120
+
+
+def test_environment_switch_disables(monkeypatch) -> None:
+    monkeypatch.setenv(fastlinear.ENV, "0")
+    assert fastlinear.kernels_module() is None and not fastlinear.enabled()
+    model = tiny_precision(random_tiny(0), "8bit")
+    assert fastlinear.use_kernels(model) == 0
+    assert isinstance(model.llm.layers[0].mlp.gate_proj, nn.QuantizedLinear)
+
+
+@needs_kernels
+def test_swapped_layers_fall_back_off_the_cpu(monkeypatch) -> None:
+    """Off the CPU (or in `mlx_ops`), swapped layers use MLX's ops and give the same results."""
+    model = tiny_precision(random_tiny(0), "8bit")
+    fastlinear.use_kernels(model)
+    want = teacher_forced_logits(model, 3)
+    monkeypatch.setattr(fastlinear, "_module", None)  # as if the kernels could not run here
+    assert logits_rel(teacher_forced_logits(model, 3), want) <= TOL
