@@ -112,11 +112,16 @@ class CosyVoice2:
         llm_bits: int | None = None,
         group_size: int = 64,
         text_backend: str = "auto",
+        llm_kernels: str = "auto",
     ) -> CosyVoice2:
         """Load an MLX model dir written by `cosyvoice2 convert`.
 
         `llm_dtype`/`llm_bits` change the speech LM's precision at load time (from a
-        float dir); the dir's own setting is used otherwise.
+        float dir); the dir's own setting is used otherwise. `llm_kernels="auto"`
+        runs a bf16 or 8-bit speech LM's projections on the optional CPU kernels
+        when they are installed (`cosyvoice2.fastlinear`; `COSYVOICE2_KERNELS=0`
+        disables them); `"off"` keeps MLX's own ops. `meta["llm_kernels"]` records
+        what is used.
         """
         from cosyvoice2 import llm as llm_mod
         from cosyvoice2.convert import FORMAT_VERSION, MODEL_TYPE
@@ -185,7 +190,15 @@ class CosyVoice2:
                     **record,
                     "quantization": llm_mod.quantize(llm, bits=llm_bits, group_size=group_size),
                 }
-        meta = {**meta, "llm_precision": record}
+        if llm_kernels not in ("auto", "off"):
+            raise ValueError(f"llm_kernels must be 'auto' or 'off', got {llm_kernels!r}")
+        kernels = "off"
+        if llm_kernels == "auto":
+            from cosyvoice2 import fastlinear
+
+            if fastlinear.use_kernels(llm):
+                kernels = fastlinear.describe()
+        meta = {**meta, "llm_precision": record, "llm_kernels": kernels}
         flow = load_into(CausalMaskedDiffWithXvec(config.flow), "flow.safetensors")
         hift = load_into(HiFTGenerator(config.hift), "hift.safetensors")
         campplus = load_into(

@@ -471,3 +471,26 @@ def test_swapped_layers_fall_back_off_the_cpu(monkeypatch) -> None:
     want = teacher_forced_logits(model, 3)
     monkeypatch.setattr(fastlinear, "_module", None)  # as if the kernels could not run here
     assert logits_rel(teacher_forced_logits(model, 3), want) <= TOL
+
+
+# ------------------------------------------------------------ model loading
+
+
+def test_load_selects_kernels_by_precision(tiny_mlx_dir: Path) -> None:
+    """`CosyVoice2.load(llm_kernels=...)`: kernels for a bf16 or 8-bit LM when installed."""
+    from cosyvoice2.model import CosyVoice2
+
+    fp32 = CosyVoice2.load(tiny_mlx_dir)
+    assert fp32.meta["llm_kernels"] == "off"  # nothing for the kernels in a float32 LM
+    off = CosyVoice2.load(tiny_mlx_dir, llm_bits=8, llm_kernels="off")
+    assert off.meta["llm_kernels"] == "off"
+    assert isinstance(off.llm.llm.layers[0].mlp.down_proj, nn.QuantizedLinear)
+    auto = CosyVoice2.load(tiny_mlx_dir, llm_dtype="bfloat16")
+    down = auto.llm.llm.layers[0].mlp.down_proj
+    if K is None:
+        assert auto.meta["llm_kernels"] == "off" and isinstance(down, nn.Linear)
+    else:
+        assert auto.meta["llm_kernels"] == fastlinear.describe() != "off"
+        assert isinstance(down, fastlinear.KernelLinear)
+    with pytest.raises(ValueError, match="llm_kernels"):
+        CosyVoice2.load(tiny_mlx_dir, llm_kernels="on")
