@@ -331,7 +331,18 @@ class CosyVoice2:
         text_frontend: bool = True,
         **options: Any,
     ) -> Iterator[dict[str, mx.array]]:
-        """Clone the voice of a prompt (wav + its transcript), or of a saved speaker."""
+        """Clone the voice of a prompt (wav + its transcript), or of a saved speaker.
+
+        `tts_text` may also be an iterable of text pieces (e.g. an LLM reply as it
+        is generated): it then goes through `inference_bistream`, like the official
+        CosyVoice2 given a generator.
+        """
+        if not isinstance(tts_text, str):
+            yield from self.inference_bistream(
+                tts_text, prompt_text, prompt_wav, zero_shot_spk_id, stream, text_frontend,
+                **options,
+            )  # fmt: skip
+            return
         if zero_shot_spk_id:
             prompt, _ = self._speaker_prompt(zero_shot_spk_id)
             prefix_id = zero_shot_spk_id
@@ -348,6 +359,72 @@ class CosyVoice2:
             prefix_id=prefix_id,
             spk_id=prefix_id,
             **options,
+        )
+
+    def inference_bistream(
+        self,
+        text: Iterable[str],
+        prompt_text: str = "",
+        prompt_wav: str | Path | tuple[np.ndarray, int] | None = None,
+        zero_shot_spk_id: str = "",
+        stream: bool = True,
+        text_frontend: bool = True,
+        **options: Any,
+    ) -> Iterator[dict[str, mx.array]]:
+        """Text in as a stream, audio out as a stream (zero-shot voice).
+
+        `text` yields pieces of any size; they are normalised incrementally (whole
+        sentences, as soon as their end is certain: `frontend.text.normalize_stream`),
+        tokenised and fed to `Qwen2LM.inference_bistream`, whose speech tokens go to
+        the streaming token2wav as they are sampled: audio chunks come out while
+        text still arrives. Options as the other modes (`seed`, `sampling`,
+        `n_timesteps`, `schedule`, `timings`, `max_token_text_ratio`, `max_tokens`).
+        """
+        if zero_shot_spk_id:
+            prompt, _ = self._speaker_prompt(zero_shot_spk_id)
+        else:
+            norm = self.frontend.normalize_prompt_text(prompt_text, text_frontend)
+            prompt = self.prompt_from_wav(self._need_wav(prompt_wav), norm)
+        seed = int(options.pop("seed", 0))
+        tokens = self.bistream_token_stream(text, prompt, text_frontend, seed=seed, **options)
+        yield from self.token2wav_stream(
+            tokens, prompt, stream, 1.0, seed=seed, spk_id=zero_shot_spk_id or None, **options
+        )
+
+    def bistream_token_stream(
+        self,
+        text: Iterable[str],
+        prompt: Prompt,
+        text_frontend: bool = True,
+        seed: int = 0,
+        sampling: Any = None,
+        max_token_text_ratio: float = 20,
+        max_tokens: int | None = None,
+        timings: Timings | None = None,
+        **_: Any,
+    ) -> Iterator[int]:
+        """Speech tokens while text pieces arrive (see `inference_bistream`)."""
+        from cosyvoice2.frontend.text import normalize_stream
+
+        if isinstance(text, str):
+            text = [text]
+
+        def text_tokens() -> Iterator[list[int]]:
+            for sentence in normalize_stream(self.frontend, text, text_frontend):
+                ids = self.frontend.text_tokens(sentence)
+                if ids:
+                    if timings is not None:
+                        timings.mark("text", tokens=len(ids))
+                    yield ids
+
+        return self.llm.inference_bistream(
+            text_tokens(),
+            prompt.prompt_text,
+            prompt.llm_speech_token,
+            sampling=sampling,
+            max_token_text_ratio=max_token_text_ratio,
+            key=mx.random.key(seed),
+            max_tokens=max_tokens,
         )
 
     def inference_cross_lingual(

@@ -162,7 +162,13 @@ def test_chunks_match_official(ours, official, n_prompt, n_tokens, flow_cache, r
 
 @pytest.mark.parametrize(
     "n_prompt,n_tokens,first,scale",
-    [(37, 87, None, 1.0), (37, 87, 10, 1.0), (0, 70, 7, 1.0), (61, 140, None, 2.0), (13, 50, 4, 1.0)],
+    [
+        (37, 87, None, 1.0),
+        (37, 87, 10, 1.0),
+        (0, 70, 7, 1.0),
+        (61, 140, None, 2.0),
+        (13, 50, 4, 1.0),
+    ],
 )
 def test_cached_flow_equals_recompute(ours, n_prompt, n_tokens, first, scale):
     """The O(n) flow (each chunk computed once) against re-running the streaming flow per chunk."""
@@ -269,7 +275,9 @@ def test_joins_are_continuous_and_stream_vs_whole_reported(ours, record_property
         diffs.append(float(np.sqrt(np.mean((y - whole) ** 2)) / np.sqrt(np.mean(whole**2))))
     record_property("join_ratio_max", max(ratios))
     record_property("stream_vs_whole_rel_rms", diffs)
-    print(f"join ratios max {max(ratios):.3f} over {len(ratios)} joins; stream vs whole rel RMS {diffs}")
+    print(
+        f"join ratios max {max(ratios):.3f} over {len(ratios)} joins; stream vs whole rel RMS {diffs}"
+    )
     assert max(ratios) <= 1.0, f"join steps vs local variation: {ratios}"
 
 
