@@ -322,11 +322,10 @@ def synthesize_set(
         entry.synth_time_s = time.perf_counter() - t0
         run.entries[u.id] = entry
         run.save()
-    # keep the manifest in set order with only this set's ids first
-    order = [u.id for u in test_set]
-    run.entries = {
-        **{i: run.entries[i] for i in order if i in run.entries},
-        **{k: v for k, v in run.entries.items() if k not in set(order)},
-    }
+    # keep the manifest in set order (entries of ids no longer in the set stay, after them)
+    order = [u.id for u in test_set if u.id in run.entries]
+    in_set = set(order)
+    rest = [k for k in run.entries if k not in in_set]
+    run.entries = {k: run.entries[k] for k in order + rest}
     run.save()
     return run
