@@ -348,95 +348,36 @@ class Qwen2LM(nn.Module):
         behaviour: Behaviour,
     ) -> Iterator[int]:
         """The official decode loop (`inference_wrapper`), one step scheduled ahead."""
-        if behaviour not in ("upstream", "legacy"):
-            raise ValueError(f"behaviour must be 'upstream' or 'legacy', got {behaviour!r}")
-        legacy = behaviour == "legacy"
+        legacy = _check_behaviour(behaviour) == "legacy"
         eos = self.eos_token
-        state = {"key": key}
-
-        def next_key() -> mx.array:
-            state["key"], sub = mx.random.split(state["key"])
-            return sub
-
-        def schedule(x: mx.array, i: int, recent: mx.array) -> tuple[mx.array, mx.array]:
-            logp = self.log_probs(x, cache)
-            if not legacy and i < min_len:
-                logp = self._eos_masked(logp)
-            token = sampler(logp, recent, next_key())
-            mx.async_eval(token)
-            return token, logp
-
+        dec = _Decoder(self, cache, sampler, key, legacy)
         if max_len <= 0:
             return
         i = 0
-        x = lm_input
         recent = empty_recent(sampler.window)
-        token, logp = schedule(x, 0, recent)
+        step = dec.schedule(lm_input, recent, ignore_eos=0 < min_len)
         while True:
             ahead = None
             if i + 1 < max_len:
-                ahead_recent = push_recent(recent, token)
-                ahead = schedule(self.speech_embedding(token.reshape(1, 1)), i + 1, ahead_recent)
-            t = token.item()
-            if legacy and i < min_len and t == eos:
-                for _ in range(MAX_EOS_TRIALS):  # legacy `sampling_ids`: draw again
-                    token = sampler(logp, recent, next_key())
-                    t = token.item()
-                    if t != eos:
-                        break
-                else:
-                    raise RuntimeError(
-                        f"sampling reached {MAX_EOS_TRIALS} trials and still got eos below the "
-                        "minimum length"
-                    )
-                if ahead is not None:
-                    trim_prompt_cache(cache, 1)
-                    ahead_recent = push_recent(recent, token)
-                    ahead = schedule(
-                        self.speech_embedding(token.reshape(1, 1)), i + 1, ahead_recent
-                    )
+                ahead = dec.schedule_next(step, ignore_eos=i + 1 < min_len)
+            t, redrawn = dec.resolve(step)
+            if redrawn:
+                ahead = dec.redo(ahead, step)
             if t == eos or (not legacy and t > eos):
                 return
             if t > eos:  # legacy: skip the token and feed the same input again
-                if ahead is not None:
-                    trim_prompt_cache(cache, 1)
+                dec.discard(ahead)
                 i += 1
                 if i >= max_len:
                     return
-                token, logp = schedule(x, i, recent)
+                step = dec.schedule(step.x, recent, ignore_eos=i < min_len)
                 continue
             yield t
             i += 1
             if ahead is None:
                 return
-            x = self.speech_embedding(token.reshape(1, 1))
-            recent = ahead_recent
-            token, logp = ahead
-
-    def _draw(
-        self,
-        logp: mx.array,
-        recent: mx.array,
-        sampler: Sampler,
-        key: mx.array,
-        ignore_eos: bool,
-        behaviour: Behaviour,
-    ) -> tuple[int, mx.array]:
-        """One `sampling_ids` call read on the host; returns the token and the unused key."""
-        if not ignore_eos:
-            key, sub = mx.random.split(key)
-            return sampler(logp, recent, sub).item(), key
-        if behaviour == "upstream":
-            key, sub = mx.random.split(key)
-            return sampler(self._eos_masked(logp), recent, sub).item(), key
-        for _ in range(MAX_EOS_TRIALS + 1):
-            key, sub = mx.random.split(key)
-            t = sampler(logp, recent, sub).item()
-            if t != self.eos_token:
-                return t, key
-        raise RuntimeError(
-            f"sampling reached {MAX_EOS_TRIALS} trials and still got eos when it is not allowed"
-        )
+            recent = ahead.recent
+            step = ahead
 
     def inference_bistream(
         self,
@@ -460,6 +401,9 @@ class Qwen2LM(nn.Module):
         text tokens; when the text stream ends, the remaining text and the task
         id are fed and decoding runs to eos. Fill tokens are not yielded but are
         part of the history the repetition check sees, as in the official code.
+        Official quirks kept for parity: prompt speech tokens still unconsumed
+        when the text ends are dropped, and after a fill token the last speech
+        token is fed a second time with the final text.
 
         Unlike the official code, the stream cannot run forever (with random
         or badly matched weights the official loop can): the number of yielded
@@ -472,13 +416,11 @@ class Qwen2LM(nn.Module):
         `ValueError`, as in the official code.
         """
         del embedding, min_token_text_ratio
-        if behaviour not in ("upstream", "legacy"):
-            raise ValueError(f"behaviour must be 'upstream' or 'legacy', got {behaviour!r}")
+        legacy = _check_behaviour(behaviour) == "legacy"
         sampler = sampling if sampling is not None else default_sampler(self.config, behaviour)
-        key = _as_key(key)
         n_text_mix, n_speech_mix = self.mix_ratio
         eos, fill = self.eos_token, self.fill_token
-        cache = self.make_cache()
+        dec = _Decoder(self, self.make_cache(), sampler, _as_key(key), legacy)
         recent = empty_recent(sampler.window)
         speech_tokens = _tokens(prompt_speech_token)
         n_prompt_speech = speech_tokens.shape[1]
@@ -491,19 +433,22 @@ class Qwen2LM(nn.Module):
         )
         lm_input = self.special_embedding(self.sos)
         text_cache = self.embed_text(_tokens(prompt_text))
-        if behaviour == "upstream":
-            next_fill = (n_prompt_speech // n_speech_mix + 1) * n_speech_mix - n_prompt_speech
-        else:
+        if legacy:
             next_fill = -1
+        else:
+            next_fill = (n_prompt_speech // n_speech_mix + 1) * n_speech_mix - n_prompt_speech
         out_tokens: list[int] = []
         n_text = 0
         n_yielded = 0
 
-        def capped() -> bool:
-            return n_yielded >= _length_limit(n_text, max_token_text_ratio)
+        def capped(n: int) -> bool:
+            return n >= _length_limit(n_text, max_token_text_ratio)
 
-        def at_max() -> bool:
-            return max_tokens is not None and n_yielded >= max_tokens
+        def at_max(n: int) -> bool:
+            return max_tokens is not None and n >= max_tokens
+
+        def forced(n_out: int, n: int) -> bool:
+            return capped(n) or (next_fill != -1 and n_out == next_fill)
 
         for chunk in text:
             chunk_t = _tokens(chunk)
@@ -526,16 +471,29 @@ class Qwen2LM(nn.Module):
                 head = text_cache[:, :n_text_mix]
                 lm_input = head if after_fill else mx.concatenate([lm_input, head], axis=1)
                 text_cache = text_cache[:, n_text_mix:]
+            step = None  # the step feeding `lm_input`, when already scheduled
             while True:
-                if at_max():
+                if at_max(n_yielded):
                     return
-                logp = self.log_probs(lm_input, cache)
-                if capped() or (next_fill != -1 and len(out_tokens) == next_fill):
-                    mx.eval([c.state for c in cache])
+                if forced(len(out_tokens), n_yielded):
+                    if step is None:
+                        dec.schedule(lm_input, recent, ignore_eos=True, draw=False)
                     top = fill
                     next_fill += n_speech_mix + 1
+                    ahead = None
                 else:
-                    top, key = self._draw(logp, recent, sampler, key, True, behaviour)
+                    if step is None:
+                        step = dec.schedule(lm_input, recent, ignore_eos=True)
+                    ahead = None
+                    if not at_max(n_yielded + 1):
+                        draw = not forced(len(out_tokens) + 1, n_yielded + 1)
+                        ahead = dec.schedule_next(step, ignore_eos=True, draw=draw)
+                    top, redrawn = dec.resolve(step)
+                    if top >= eos:
+                        dec.discard(ahead)
+                        ahead = None
+                    elif redrawn:
+                        ahead = dec.redo(ahead, step)
                 if top == fill:
                     next_fill = len(out_tokens) + n_speech_mix + 1
                 out_tokens.append(top)
@@ -547,15 +505,21 @@ class Qwen2LM(nn.Module):
                 yield top
                 n_yielded += 1
                 lm_input = self.speech_embedding(mx.array([[top]], dtype=mx.int32))
+                step = ahead
 
         lm_input = mx.concatenate(
             [lm_input, text_cache, self.special_embedding(self.task_id)], axis=1
         )
+        step = None
         while True:
-            if at_max() or capped():
+            if at_max(n_yielded) or capped(n_yielded):
                 return
-            logp = self.log_probs(lm_input, cache)
-            top, key = self._draw(logp, recent, sampler, key, False, behaviour)
+            if step is None:
+                step = dec.schedule(lm_input, recent, ignore_eos=False)
+            ahead = None
+            if not (at_max(n_yielded + 1) or capped(n_yielded + 1)):
+                ahead = dec.schedule_next(step, ignore_eos=False)
+            top, _ = dec.resolve(step)
             out_tokens.append(top)
             recent = push_recent(recent, mx.array(top, dtype=mx.int32))
             if top >= eos:
@@ -564,7 +528,93 @@ class Qwen2LM(nn.Module):
                 raise ValueError(f"should not get token {top} after the text ended")
             yield top
             n_yielded += 1
-            lm_input = self.speech_embedding(mx.array([[top]], dtype=mx.int32))
+            step = ahead
+
+
+def _check_behaviour(behaviour: str) -> str:
+    if behaviour not in ("upstream", "legacy"):
+        raise ValueError(f"behaviour must be 'upstream' or 'legacy', got {behaviour!r}")
+    return behaviour
+
+
+@dataclass
+class _Step:
+    """One scheduled decode step: its input, log-probabilities and drawn token (lazy)."""
+
+    x: mx.array  # the input embeddings fed
+    logp: mx.array
+    token: mx.array | None  # None when no draw was scheduled (a forced fill step)
+    recent: mx.array  # the history the draw saw
+    ignore_eos: bool
+
+
+class _Decoder:
+    """Feeds the backbone through one KV cache and draws tokens, keeping one step in flight.
+
+    `schedule` builds a step's graph and starts it with `mx.async_eval`;
+    `schedule_next` builds the step fed with a step's token before that token
+    is known on the host (look-ahead, as mlx-lm's `generate_step`); `resolve`
+    reads a token (applying the legacy re-draw rule); `discard` undoes a
+    look-ahead step by trimming its one position from the cache.
+    """
+
+    def __init__(
+        self, model: Qwen2LM, cache: list[KVCache], sampler: Sampler, key: mx.array, legacy: bool
+    ):
+        self.model, self.cache, self.sampler, self.key, self.legacy = (
+            model,
+            cache,
+            sampler,
+            key,
+            legacy,
+        )
+
+    def _next_key(self) -> mx.array:
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+    def schedule(self, x: mx.array, recent: mx.array, ignore_eos: bool, draw: bool = True) -> _Step:
+        logp = self.model.log_probs(x, self.cache)
+        if ignore_eos and not self.legacy:
+            logp = self.model._eos_masked(logp)
+        token = self.sampler(logp, recent, self._next_key()) if draw else None
+        mx.async_eval(token if token is not None else [c.state for c in self.cache])
+        return _Step(x, logp, token, recent, ignore_eos)
+
+    def schedule_next(self, step: _Step, ignore_eos: bool, draw: bool = True) -> _Step:
+        """Schedule the step fed with `step`'s token, before that token is read."""
+        x = self.model.speech_embedding(step.token.reshape(1, 1))
+        return self.schedule(x, push_recent(step.recent, step.token), ignore_eos, draw)
+
+    def resolve(self, step: _Step) -> tuple[int, bool]:
+        """The step's token on the host, and whether a legacy re-draw replaced the scheduled one.
+
+        Legacy (`sampling_ids` of the mid-2025 code): eos below the minimum
+        length is drawn again from the same scores, up to 100 times.
+        """
+        t = step.token.item()
+        if not (self.legacy and step.ignore_eos and t == self.model.eos_token):
+            return t, False
+        for _ in range(MAX_EOS_TRIALS):
+            step.token = self.sampler(step.logp, step.recent, self._next_key())
+            t = step.token.item()
+            if t != self.model.eos_token:
+                return t, True
+        raise RuntimeError(
+            f"sampling reached {MAX_EOS_TRIALS} trials and still got eos below the minimum length"
+        )
+
+    def discard(self, ahead: _Step | None) -> None:
+        """Undo a look-ahead step (one cache position)."""
+        if ahead is not None:
+            trim_prompt_cache(self.cache, 1)
+
+    def redo(self, ahead: _Step | None, step: _Step) -> _Step | None:
+        """Replace a look-ahead step after `step`'s token was re-drawn."""
+        if ahead is None:
+            return None
+        self.discard(ahead)
+        return self.schedule_next(step, ahead.ignore_eos, draw=ahead.token is not None)
 
 
 LLM = Qwen2LM
