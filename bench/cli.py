@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -184,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("baseline", help="store a run as the baseline for its machine kind")
     b.add_argument("run")
     b.add_argument("--kind", help="machine kind (default: the run's)")
+    b.add_argument("--to", metavar="FILE", help="write here instead of bench/baselines/<kind>.json")
+    b.add_argument(
+        "--partial",
+        action="store_true",
+        help="an interrupted run: store its finished cases only (the plan is cut to them)",
+    )
     b.add_argument("--dir", default=str(RESULTS))
 
     m = sub.add_parser("micro", help="run the component micro-benchmarks (tests/benchmarks)")
@@ -286,6 +293,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"{path} exists: pick another --name or --resume it", file=sys.stderr)
             return 2
     print(f"results: {path}")
+    # `kill` (SIGTERM, e.g. a cancelled CI job) stops the sweep as Ctrl-C does
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         run_sweep(doc, path, progress=not args.no_progress)
     except KeyboardInterrupt:
@@ -410,14 +419,27 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_baseline(args: argparse.Namespace) -> int:
     path = resolve_run(args.run, args.dir)
     doc = load(path)
+    dest = Path(args.to) if args.to else baseline_path(args.kind or doc["machine"]["kind"])
     if doc["status"] != "complete":
-        print(
-            f"{path}: run is {doc['status']}; only complete runs can be baselines", file=sys.stderr
-        )
-        return 2
-    dest = baseline_path(args.kind or doc["machine"]["kind"])
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, dest)
+        if not args.partial:
+            print(
+                f"{path}: run is {doc['status']}; store its finished cases with --partial",
+                file=sys.stderr,
+            )
+            return 2
+        ok = [c for c in doc["cases"] if c["status"] == "ok"]
+        if not ok:
+            print(f"{path}: no finished case", file=sys.stderr)
+            return 2
+        done = {c["id"] for c in ok}
+        doc["partial_of"] = {"status": doc["status"], "plan": [c["id"] for c in doc["plan"]]}
+        doc["plan"] = [c for c in doc["plan"] if c["id"] in done]
+        doc["cases"] = ok
+        doc["status"] = "complete"
+        write_json_atomic(dest, doc)
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
     print(f"baseline for {dest.stem}: {dest}")
     return 0
 

@@ -85,6 +85,14 @@ def compare(
         a, b = get(run), get(baseline)
         if a != b:
             out.warnings.append(f"{what} differ: run {a!r}, baseline {b!r}")
+    for what, doc in (("run", run), ("baseline", baseline)):
+        load = busiest(doc)
+        cores = doc.get("machine", {}).get("cores") or 1
+        if load is not None and load > 1.25 * cores:
+            out.warnings.append(
+                f"the {what} was measured on a loaded machine (load average up to {load:.1f}"
+                f" on {cores} cores): wall times are inflated, `cpu_s` is the steadier figure"
+            )
     runs, bases = case_index(run), case_index(baseline)
     for cid, rc in runs.items():
         bc = bases.get(cid)
@@ -105,6 +113,17 @@ def compare(
             out.rows.append(_judge(cid, name, r, b, tol, fig.better, fig.floor if floors else 0.0))
     out.missing = [cid for cid in bases if cid not in runs]
     return out
+
+
+def busiest(doc: dict[str, Any]) -> float | None:
+    """The highest 1-minute load average recorded at a case's start or end (None if unknown)."""
+    loads = [
+        v
+        for c in doc.get("cases", [])
+        for k in ("loadavg_start", "loadavg_end")
+        if isinstance(v := c.get("env", {}).get(k), (int, float))
+    ]
+    return max(loads, default=None)
 
 
 def _judge(case: str, name: str, run: float, base: float, tol: float, better: str, floor: float):

@@ -75,6 +75,15 @@ FIGURES: dict[str, Figure] = {
             "streaming: longest silence if chunks were played as they arrive (0 = no stall)",
             floor=0.05,
         ),
+        Figure(
+            "cpu_s",
+            "s",
+            "lower",
+            "process CPU time of the call (user + system, all threads); less sensitive than"
+            " wall time to other work on a shared machine",
+            floor=0.02,
+        ),
+        Figure("cpu_util", "cores", None, "cpu_s / wall_s: cores kept busy on average"),
         Figure("mlx_peak_mb", "MB", "lower", "MLX peak memory during the call", floor=1.0),
         Figure(
             "rss_peak_mb",
@@ -123,6 +132,7 @@ SUMMARY = [
     "decode_tok_s",
     "flow_s_per_audio_s",
     "hift_s_per_audio_s",
+    "cpu_s",
     "mlx_peak_mb",
     "rss_peak_mb",
     "load_s",

@@ -90,7 +90,15 @@ def machine_info() -> dict:
         "cores": cpu_count(),
         "memory_gb": memory_gb(),
         "hostname": platform.node(),
+        "loadavg": _loadavg(),
     }
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _version(dist: str) -> str | None:

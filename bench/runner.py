@@ -86,6 +86,14 @@ def _mlx_peak_mb() -> float | None:
     return None
 
 
+def _loadavg() -> float | None:
+    """The 1-minute system load average (other work on the machine distorts timings)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def _mlx_device() -> str:
     """Apply `BENCH_MLX_DEVICE` (cpu/gpu) if set; return the MLX device cases run on."""
     import mlx.core as mx
@@ -104,7 +112,13 @@ def _mlx_device() -> str:
 
 
 def measure_case(
-    target: BenchTarget, prepared: Prepared, case: Case, work: Work, repeats: int, warmup: int
+    target: BenchTarget,
+    prepared: Prepared,
+    case: Case,
+    work: Work,
+    repeats: int,
+    warmup: int,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Load, run the cold call and the warm-ups, then the timed repeats; return the case record.
 
@@ -114,17 +128,25 @@ def measure_case(
     RSS is read at the end (load plus every call).
     """
     started = now()
+    load_start = _loadavg()
     t_start = time.perf_counter()
     device = _mlx_device() if getattr(target, "backend", "mlx") == "mlx" else None
     t0 = time.perf_counter()
     handle = target.load(case, prepared)
     load_s = time.perf_counter() - t0
+    if progress is not None:
+        progress(f"loaded in {load_s:.2f} s")
     calls: list[dict[str, Any]] = []
     try:
         for i in range(max(warmup, 0) + repeats):
             _mlx_reset_peak()
+            cpu0 = time.process_time()
             timings: CallTimings = target.run(handle, case, work)
+            cpu = time.process_time() - cpu0
             figs = call_figures(timings)
+            figs["cpu_s"] = cpu
+            if timings.wall_s > 0:
+                figs["cpu_util"] = cpu / timings.wall_s
             peak = _mlx_peak_mb()
             if peak is not None:
                 figs["mlx_peak_mb"] = peak
@@ -136,6 +158,12 @@ def measure_case(
                     "timings": dataclasses.asdict(timings),
                 }
             )
+            if progress is not None:
+                kind = "cold" if i == 0 else ("warm-up" if i < warmup else "timed")
+                progress(
+                    f"call {i + 1}/{warmup + repeats} ({kind}): wall {timings.wall_s:.2f} s,"
+                    f" RTF {figs.get('rtf', float('nan')):.2f}"
+                )
             if work.fixed_length and timings.speech_tokens != work.speech_tokens:
                 raise RuntimeError(
                     f"fixed-length mode: asked for {work.speech_tokens} speech tokens,"
@@ -163,6 +191,8 @@ def measure_case(
         "env": {
             "openblas_preloaded": openblas_preloaded(),
             **({"mlx_device": device} if device else {}),
+            "loadavg_start": load_start,
+            "loadavg_end": _loadavg(),
             "pid": os.getpid(),
             **{k: os.environ[k] for k in ("OMP_NUM_THREADS",) if k in os.environ},
             **prepared.options.get("worker_env", {}),
@@ -206,10 +236,28 @@ class WorkerError(RuntimeError):
     pass
 
 
+def _last_line(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 400))
+            lines = f.read().decode("utf-8", errors="replace").strip().splitlines()
+        return lines[-1] if lines else ""
+    except OSError:
+        return ""
+
+
 def _call_worker(
-    mode: str, spec: dict[str, Any], env: dict[str, str], timeout: float | None
+    mode: str,
+    spec: dict[str, Any],
+    env: dict[str, str],
+    timeout: float | None,
+    status: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run `python -m bench.worker MODE SPEC OUT` and return what it wrote to OUT."""
+    """Run `python -m bench.worker MODE SPEC OUT` and return what it wrote to OUT.
+
+    While it runs, `status` gets the last line of its log every second (progress display).
+    """
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
         spec_path = Path(tmp) / "spec.json"
         out_path = Path(tmp) / "out.json"
@@ -218,8 +266,17 @@ def _call_worker(
         cmd = [sys.executable, "-m", "bench.worker", mode, str(spec_path), str(out_path)]
         with open(log_path, "w", encoding="utf-8") as log:
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            deadline = None if timeout is None else time.monotonic() + timeout
             try:
-                rc = proc.wait(timeout=timeout)
+                while True:
+                    try:
+                        rc = proc.wait(timeout=1.0)
+                        break
+                    except subprocess.TimeoutExpired:
+                        if deadline is not None and time.monotonic() > deadline:
+                            raise
+                        if status is not None:
+                            status(_last_line(log_path))
             except KeyboardInterrupt:
                 _stop(proc)
                 raise
@@ -273,6 +330,7 @@ def execute_case(
     case: Case,
     work: Work,
     opts: RunOptions,
+    status: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run one case (in a fresh worker when isolating); errors become `error` records."""
     reason = target.supports(case)
@@ -293,7 +351,7 @@ def execute_case(
                 "repeats": opts.repeats,
                 "warmup": opts.warmup,
             }
-            record = _call_worker("case", spec, env, opts.case_timeout)
+            record = _call_worker("case", spec, env, opts.case_timeout, status)
             record["env"]["isolated"] = True
         else:
             record = measure_case(target, prepared, case, work, opts.repeats, opts.warmup)
@@ -396,7 +454,8 @@ def run_sweep(
                 bar.set_postfix_str(case.id)
             target, prep, env = prepared[case.target]
             work = Work.for_case(case, opts.prompt_seconds, opts.seed, opts.fixed_length)
-            record = execute_case(target, prep, env, case, work, opts)
+            status = _bar_status(bar, case.id) if bar is not None else None
+            record = execute_case(target, prep, env, case, work, opts, status)
             doc["cases"] = [c for c in doc["cases"] if c["id"] != case.id] + [record]
             save()
             if bar is not None:
@@ -417,6 +476,15 @@ def run_sweep(
         if bar is not None:
             bar.close()
     return doc
+
+
+def _bar_status(bar: Any, case_id: str) -> Callable[[str], None]:
+    """Show a worker's last log line (e.g. `call 2/4 (timed): ...`) beside the progress bar."""
+
+    def status(line: str) -> None:
+        bar.set_postfix_str(f"{case_id}: {line}" if line else case_id)
+
+    return status
 
 
 def _first_line(record: dict[str, Any]) -> str:

@@ -38,6 +38,7 @@ def main(argv: list[str]) -> int:
                 Work.from_dict(spec["work"]),
                 spec["repeats"],
                 spec["warmup"],
+                progress=lambda line: print(line, file=sys.stderr, flush=True),
             )
             write_json_atomic(out_path, record)
     except KeyboardInterrupt:

@@ -95,8 +95,9 @@ def test_run_writes_a_valid_results_file(toy_run: Path) -> None:
         assert figs["speech_tokens"]["min"] == figs["speech_tokens"]["max"] == 125
         # 125 tokens at 25 Hz = 5 s of audio
         assert figs["audio_s"]["median"] == pytest.approx(5.0)
-        for name in ("rtf", "ttft_s", "decode_tok_s", "flow_s", "hift_s", "load_s"):
+        for name in ("rtf", "ttft_s", "decode_tok_s", "flow_s", "hift_s", "load_s", "cpu_s"):
             assert name in figs
+        assert case["env"]["loadavg_start"] is not None or sys.platform == "win32"
         assert figs["rss_peak_mb"]["median"] > 0
         assert figs["mlx_peak_mb"]["median"] > 0
     stream = doc["cases"][1]
@@ -280,6 +281,14 @@ def test_interrupted_sweep_resumes_without_repeating_finished_cases(
     assert [c["id"] for c in saved["cases"]] == [c.id for c in plan[:2]]
     first_records = copy.deepcopy(saved["cases"])
     calls_before = log.read_text().splitlines()
+    # the finished cases of an interrupted run can be stored as a (partial) baseline
+    base = tmp_path / "base.json"
+    assert _bench("baseline", str(path), "--to", str(base)).returncode == 2
+    proc = _bench("baseline", str(path), "--to", str(base), "--partial")
+    assert proc.returncode == 0, proc.stderr
+    partial = load(base)
+    assert partial["status"] == "complete" and partial["cases"] == first_records
+    assert [c["id"] for c in partial["plan"]] == [c.id for c in plan[:2]]
     assert calls_before == [plan[0].id] * 2 + [plan[1].id] * 2  # cold + 1 repeat each
 
     resumed = run_sweep(saved, path, progress=False)
