@@ -103,9 +103,9 @@ def test_zero_shot_with_a_generator_is_bistream(ours: CosyVoice2, monkeypatch) -
     monkeypatch.setattr(ours, "prompt_from_wav", lambda *a, **k: p)
     kw = dict(seed=5, n_timesteps=1, **OPTS)
     a = [np.array(o["tts_speech"]) for o in ours.inference_zero_shot(
-        iter(pieces(TEXT, 1)), "A short prompt.", ("unused", 16000), stream=True, **kw)]  # fmt: skip
+        iter(pieces(TEXT[:80], 1)), "A short prompt.", ("unused", 16000), stream=True, **kw)]  # fmt: skip
     b = [np.array(o["tts_speech"]) for o in ours.inference_bistream(
-        [TEXT], "A short prompt.", ("unused", 16000), **kw)]  # fmt: skip
+        [TEXT[:80]], "A short prompt.", ("unused", 16000), **kw)]  # fmt: skip
     assert len(a) == len(b) >= 2
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
