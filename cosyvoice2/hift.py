@@ -261,7 +261,7 @@ class SineGen2:
         return sines * uv + noise_amp * noise
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)  # 4 arrays of T * scale values each: keep few
 def _linear_upsample_taps(length: int, scale: int) -> tuple[mx.array, mx.array, mx.array, mx.array]:
     """Indices and weights of torch's CPU `interpolate(mode='linear', scale_factor=scale)`, float32 exact.
 
@@ -340,7 +340,7 @@ def _stft_mats(n_fft: int) -> tuple[mx.array, mx.array, np.ndarray]:
     )
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _istft_envelope(n_frames: int, n_fft: int, hop: int) -> mx.array:
     """1 / (sum of squared windows) over the trimmed istft output (length hop * (n_frames - 1))."""
     _, _, window = _stft_mats(n_fft)
