@@ -2,7 +2,9 @@
 
 A port of the official `cosyvoice/hifigan/generator.py` (`HiFTGenerator`,
 `ResBlock` with Snake activations, `SineGen2`, `SourceModuleHnNSF2`) and
-`cosyvoice/hifigan/f0_predictor.py` (`ConvRNNF0Predictor`). Module and
+`cosyvoice/hifigan/f0_predictor.py` (`ConvRNNF0Predictor`) as of mid-2025
+(latest upstream renames `SourceModuleHnNSF2` to `SourceModuleHnNSF` with
+`sinegen_type='2'`, same computation and keys, for any rate but 22.05 kHz). Module and
 parameter names are the official ones, so checkpoint keys map one to one
 (`sanitize` folds weight norm and moves conv weights to MLX's layout).
 
@@ -30,12 +32,13 @@ Where this port differs in form, not in result:
   official code and is not computed.
 - The sine phase is reproduced to the bit of the official float32 arithmetic (the
   cumulative sum accumulated in float64 then rounded, as torch's CPU `cumsum`
-  does, and the linear interpolation weights and sum rounded as torch's CPU
-  kernel rounds them, with a fused multiply-add). The phase reaches 2 pi * 480 per
-  frame times the frame count, about 1e5-1e6 rad for seconds of audio, where one
-  float32 ulp is 0.01-0.06 rad; a merely equivalent formula would differ from the
-  official source by that much. The few float64 steps run on the CPU stream (Metal
-  has no float64), on (B, L, 9) elements only.
+  does, and the linear interpolation weights and sum rounded as torch's x86-64
+  CPU kernel rounds them, with a fused multiply-add). The phase grows by up to
+  2 pi * 480 per frame, to 1e5-1e6 rad within seconds, where one float32 step is
+  0.01-0.06 rad: the same formula evaluated in plain float32 differed from the
+  official source by 1.7e-3 and its waveform by 6.4e-4 at 10 s of voiced audio
+  (bit-faithful: 2e-8 and 1.5e-7). The few float64 steps run on the CPU stream
+  (Metal has no float64), on (B, L, 9) elements only.
 - STFT and iSTFT are small matrix products (n_fft 16: a DFT matrix with the
   periodic Hann window folded in) plus framing / overlap-add by reshapes and
   shifted sums, equal to `torch.stft` / `torch.istft` (center=True, reflect pad).
