@@ -40,6 +40,9 @@ TEXT_LENGTHS: dict[str, float] = {"short": 5.0, "medium": 15.0, "long": 30.0}
 """Seconds of speech each text length asks for (`short` is the headline 5 s)."""
 
 TARGETS: tuple[str, ...] = ("cosyvoice2", "official", "toy")
+KERNELS: tuple[str, ...] = ("auto", "off")
+"""The speech LM's optional CPU kernels (`cosyvoice2.load(llm_kernels=...)`, issue 8): `auto` uses
+them where they apply (bf16/8-bit on a CPU that has them), `off` keeps MLX's own ops."""
 
 # Rates of the CosyVoice2 model (config: token_frame_rate, token_mel_ratio, sample_rate).
 SPEECH_TOKEN_RATE = 25  # speech tokens per second of audio
@@ -51,7 +54,20 @@ MEL_RATE = 50  # mel frames per second of audio (token_mel_ratio 2)
 TEXT_TOKENS_PER_SECOND = 5.6
 PROMPT_TEXT_TOKENS_PER_SECOND = 5.0
 
-HEADLINE = {"llm": "fp32", "dtype": "fp32", "steps": 10, "text": "short", "stream": False}
+HEADLINE = {
+    "llm": "fp32",
+    "dtype": "fp32",
+    "steps": 10,
+    "text": "short",
+    "stream": False,
+    "kernels": "auto",
+    "first_hop": None,
+}
+AXES = tuple(HEADLINE)
+LOW_LATENCY_FIRST_HOP = 10
+"""First hop (tokens) of the default sweep's low-latency streaming case: 0.24 s of audio in the
+first chunk (10 tokens = 20 mel frames, less HiFT's 8-frame hold-back) against 0.84 s for the
+official schedule."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,10 @@ class Case:
     steps: int = 10
     text: str = "short"
     stream: bool = False
+    kernels: str = "auto"
+    first_hop: int | None = None
+    """Streaming: tokens in the first chunk (no padding); `None` is the official schedule
+    (25, padded so prompt + hop is a multiple of 25)."""
 
     def __post_init__(self) -> None:
         if self.llm not in LLM_PRECISIONS:
@@ -76,19 +96,36 @@ class Case:
             raise ValueError(f"text must be one of {tuple(TEXT_LENGTHS)}, got {self.text!r}")
         if not isinstance(self.stream, bool):
             raise ValueError(f"stream must be true or false, got {self.stream!r}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
+        if self.first_hop is not None and (
+            not isinstance(self.first_hop, int)
+            or isinstance(self.first_hop, bool)
+            or self.first_hop < 1
+        ):
+            raise ValueError(
+                f"first_hop must be a positive integer or official, got {self.first_hop!r}"
+            )
 
     @property
     def id(self) -> str:
+        """`target/llm=../dtype=../steps=../text=../stream=..`, then the optional axes when not
+        at their defaults (`/kernels=off`, `/first_hop=10`), so older ids stay valid."""
         stream = "on" if self.stream else "off"
-        return (
+        out = (
             f"{self.target}/llm={self.llm}/dtype={self.dtype}/steps={self.steps}"
             f"/text={self.text}/stream={stream}"
         )
+        if self.kernels != "auto":
+            out += f"/kernels={self.kernels}"
+        if self.first_hop is not None:
+            out += f"/first_hop={self.first_hop}"
+        return out
 
     @property
-    def load_key(self) -> tuple[str, str, str]:
+    def load_key(self) -> tuple[str, str, str, str]:
         """Cases with the same load key can share one loaded model."""
-        return (self.target, self.llm, self.dtype)
+        return (self.target, self.llm, self.dtype, self.kernels)
 
     def without_target(self) -> tuple:
         """The settings that identify the same work across implementations (for side-by-side ratios)."""
@@ -115,6 +152,9 @@ def _coerce(data: dict[str, Any]) -> dict[str, Any]:
         out["stream"] = parse_bool(out["stream"])
     if "llm" in out and isinstance(out["llm"], int):
         out["llm"] = f"{out['llm']}bit"
+    if "first_hop" in out and isinstance(out["first_hop"], str):
+        v = out["first_hop"].strip().lower()
+        out["first_hop"] = None if v in ("official", "none", "") else int(v)
     return out
 
 
@@ -211,7 +251,10 @@ class Sweep:
 
 def product(target: str = "cosyvoice2", **axes: list[Any]) -> list[Case]:
     """Every combination of the given axis values (unset axes take the headline value)."""
-    names = ["llm", "dtype", "steps", "text", "stream"]
+    unknown = set(axes) - set(AXES)
+    if unknown:
+        raise ValueError(f"unknown axes {sorted(unknown)}; known: {AXES}")
+    names = list(AXES)
     values = [axes.get(n) or [HEADLINE[n]] for n in names]
     return [
         Case.from_dict({"target": target, **dict(zip(names, combo))})
@@ -233,7 +276,8 @@ def dedupe(cases: list[Case]) -> list[Case]:
 def default_cases(target: str = "cosyvoice2") -> list[Case]:
     """The default sweep: about 10 minutes with full-size weights on the 2-core Linux machine.
 
-    The headline (fp32, 10 steps, 5 s of speech) non-streaming and streaming, then
+    The headline (fp32, 10 steps, 5 s of speech) non-streaming and streaming (the
+    official schedule, then a first chunk of `LOW_LATENCY_FIRST_HOP` tokens), then
     fewer diffusion steps. The quantised LLM precisions are left to `--llm` and
     `--full`: on MLX-CPU they are slow paths (8-bit: about 80 s of LLM time per call
     of the headline work here), which alone would take the default past 10 minutes.
@@ -241,6 +285,7 @@ def default_cases(target: str = "cosyvoice2") -> list[Case]:
     return [
         Case(target=target),
         Case(target=target, stream=True),
+        Case(target=target, stream=True, first_hop=LOW_LATENCY_FIRST_HOP),
         Case(target=target, steps=3),
         Case(target=target, steps=1),
     ]
@@ -253,7 +298,8 @@ def quick_cases(target: str = "cosyvoice2") -> list[Case]:
 
 def full_cases(target: str = "cosyvoice2") -> list[Case]:
     """Everything: every LLM precision x steps x text length x streaming at fp32 flow/HiFT,
-    plus the other flow/HiFT dtypes at the headline settings."""
+    the other flow/HiFT dtypes at the headline settings, the LLM precisions without the
+    CPU kernels, and the low-latency first hop per text length."""
     cases = product(
         target,
         llm=list(LLM_PRECISIONS),
@@ -262,6 +308,10 @@ def full_cases(target: str = "cosyvoice2") -> list[Case]:
         stream=[False, True],
     )
     cases += product(target, dtype=list(DTYPES[1:]), stream=[False, True])
+    cases += product(target, llm=list(LLM_PRECISIONS), kernels=["off"])
+    cases += product(
+        target, text=list(TEXT_LENGTHS), stream=[True], first_hop=[LOW_LATENCY_FIRST_HOP]
+    )
     return dedupe(cases)
 
 
@@ -273,7 +323,8 @@ def reference_cases(cases: list[Case], target: str = "official") -> list[Case]:
     out = [c for c in out if any(x.stream == c.stream for x in cases)] or out[:1]
     for c in cases:
         if c.llm == "fp32" and c.dtype == "fp32":
-            out.append(dataclasses.replace(c, target=target))
+            # the official code has one schedule and no kernels: its twin uses the defaults
+            out.append(dataclasses.replace(c, target=target, kernels="auto", first_hop=None))
     return dedupe(out)
 
 
@@ -295,7 +346,7 @@ def load_sweep_file(path: str | Path, target: str = "cosyvoice2") -> Sweep:
     cases: list[Case] = []
     if "sweep" in data:
         axes = {k: v if isinstance(v, list) else [v] for k, v in data["sweep"].items()}
-        bad = set(axes) - {"llm", "dtype", "steps", "text", "stream"}
+        bad = set(axes) - set(AXES)
         if bad:
             raise ValueError(f"{path}: unknown sweep axes {sorted(bad)}")
         cases += product(target, **{k: [_coerce({k: x})[k] for x in v] for k, v in axes.items()})

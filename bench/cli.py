@@ -21,7 +21,9 @@ import sys
 from pathlib import Path
 
 from bench.cases import (
+    AXES,
     DTYPES,
+    KERNELS,
     LLM_PRECISIONS,
     STEPS,
     TEXT_LENGTHS,
@@ -57,6 +59,10 @@ def _axis(values: str | None, allowed, name: str, convert=str) -> list | None:
     return out
 
 
+def _hop(value: str) -> int | None:
+    return None if value.lower() in ("official", "none") else int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -71,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", help=f"diffusion steps ({','.join(map(str, STEPS))}, or any)")
     g.add_argument("--text", help=f"text lengths ({','.join(TEXT_LENGTHS)})")
     g.add_argument("--stream", help="streaming: off, on or off,on")
+    g.add_argument("--kernels", help="the speech LM's CPU kernels: auto, off or auto,off")
+    g.add_argument(
+        "--first-hop",
+        help="streaming: tokens in the first chunk, e.g. official,10 (official: 25, padded)",
+    )
     g.add_argument(
         "--target",
         default="cosyvoice2",
@@ -209,8 +220,10 @@ def plan_from_args(args: argparse.Namespace) -> tuple[list[Case], dict]:
         "steps": _axis(args.steps, None, "steps", int),
         "text": _axis(args.text, list(TEXT_LENGTHS), "text"),
         "stream": _axis(args.stream, None, "stream", parse_bool),
+        "kernels": _axis(args.kernels, list(KERNELS), "kernels"),
+        "first_hop": _axis(args.first_hop, None, "first-hop", _hop),
     }
-    given = {k: v for k, v in axes.items() if v}
+    given = {k: v for k, v in axes.items() if v is not None}
     if args.sweep:
         sweep = load_sweep_file(args.sweep, target)
         options = sweep.options
@@ -233,7 +246,7 @@ def plan_from_args(args: argparse.Namespace) -> tuple[list[Case], dict]:
 def _axes_of(cases: list[Case]) -> dict:
     axes: dict[str, list] = {}
     for c in cases:
-        for k in ("llm", "dtype", "steps", "text", "stream"):
+        for k in AXES:
             v = getattr(c, k)
             axes.setdefault(k, [])
             if v not in axes[k]:

@@ -74,6 +74,10 @@ class OfficialTarget:
     def supports(self, case: Case) -> str | None:
         if case.llm != "fp32" or case.dtype != "fp32":
             return "the official CPU code runs fp32 only"
+        if case.first_hop is not None:
+            return "the official code has one streaming schedule (first hop 25, padded)"
+        if case.kernels != "auto":
+            return "the official code has no optional kernels"
         return None
 
     def prepare(self, cases: list[Case], options: dict[str, Any]) -> Prepared:

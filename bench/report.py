@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from bench.cases import Case
@@ -106,15 +107,13 @@ def side_by_side_table(doc: dict[str, Any], markdown: bool = False) -> str:
 def streaming_ratios(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """For streaming cases with a non-streaming sibling: first chunk and total as fractions of it."""
     ok = [c for c in doc["cases"] if c["status"] == "ok"]
-    by_settings = {
-        (_case(c).target, *_case(c).without_target()): c for c in ok if not _case(c).stream
-    }
+    by_id = {c["id"]: c for c in ok}
     out = []
     for c in ok:
         case = _case(c)
         if not case.stream:
             continue
-        sib = by_settings.get((case.target, case.llm, case.dtype, case.steps, case.text, False))
+        sib = by_id.get(dataclasses.replace(case, stream=False, first_hop=None).id)
         if sib is None:
             continue
         base = _median(sib, "wall_s")

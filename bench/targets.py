@@ -7,16 +7,17 @@ What it calls (keep in step with `cosyvoice2/`):
   `cosyvoice2.convert.convert(src, dst, llm_dtype=..., llm_bits=...)`, once per LLM
   precision, cached under `<cache root>/bench/` (keyed by the synthetic generator's
   and the converter's format versions);
-- loading: `cosyvoice2.load(mlx_dir)` (the dir of the case's precision), or with
-  `llm_dtype=`/`llm_bits=` for a `--model` MLX dir of another precision;
+- loading: `cosyvoice2.load(mlx_dir, llm_kernels=case.kernels)` (the dir of the case's
+  precision), or with `llm_dtype=`/`llm_bits=` for a `--model` MLX dir of another precision;
   flow/HiFT dtypes other than fp32 by `set_dtype` on `model.flow` and `model.hift`;
 - a call: `cosyvoice2.model.Prompt(embedding, prompt_text, llm_speech_token,
   flow_speech_token, speech_feat)` built from the work's seeded inputs (as a saved
   speaker would give it: no frontend time), `model.speech_token_stream(text, prompt,
   seed=, sampling=, max_token_text_ratio=, min_token_text_ratio=)` for the tokens,
   and the pipeline's own tokens-to-audio generator `model.token2wav_stream(tokens,
-  prompt, stream, speed, seed=, n_timesteps=)` (today `_token2wav_stream`) for the
-  audio, whole or in chunks on the official streaming schedule;
+  prompt, stream, speed, seed=, n_timesteps=, schedule=)` for the audio, whole or in
+  chunks (`cosyvoice2.streaming.StreamSchedule(first_hop_len=case.first_hop)` when the
+  case sets a first hop; the official schedule otherwise);
 - per-stage times: `model.token2mel` (flow) and `model.hift.inference` (HiFT) are
   wrapped for the call so their results are evaluated and timed;
 - fixed length: `cosyvoice2.llm.default_sampler(config.llm)` wrapped in
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -124,9 +126,15 @@ class CosyVoice2Target:
         import mlx.core as mx
 
         import cosyvoice2
+        import cosyvoice2.model
 
         d = prepared.options["dirs"][case.llm]
-        model = cosyvoice2.load(d, **prepared.options["load_overrides"].get(case.llm, {}))
+        kwargs = dict(prepared.options["load_overrides"].get(case.llm, {}))
+        if "llm_kernels" in inspect.signature(cosyvoice2.model.CosyVoice2.load).parameters:
+            kwargs["llm_kernels"] = case.kernels
+        elif case.kernels != "auto":
+            raise RuntimeError("this cosyvoice2 has no llm_kernels option")
+        model = cosyvoice2.load(d, **kwargs)
         if case.dtype != "fp32":
             dtype = getattr(mx, DTYPES[case.dtype])
             model.flow.set_dtype(dtype)
@@ -144,6 +152,7 @@ class CosyVoice2Target:
 
         from cosyvoice2.llm import default_sampler
         from cosyvoice2.model import Prompt
+        from cosyvoice2.streaming import StreamSchedule
 
         x = {k: mx.array(v) for k, v in work.inputs().items()}
         feat_dtype = getattr(mx, DTYPES[case.dtype])
@@ -169,6 +178,9 @@ class CosyVoice2Target:
         model.token2mel = clock.timed("flow", token2mel, mx.eval)
         model.hift.inference = clock.timed("hift", hift_inference, mx.eval)
         to_audio = getattr(model, "token2wav_stream", None) or model._token2wav_stream
+        options: dict[str, Any] = {}
+        if case.first_hop is not None:
+            options["schedule"] = StreamSchedule(first_hop_len=case.first_hop)
         try:
             clock.start()
             tokens = model.speech_token_stream(
@@ -183,6 +195,7 @@ class CosyVoice2Target:
                 1.0,
                 seed=work.seed,
                 n_timesteps=case.steps,
+                **options,
             ):
                 speech = out["tts_speech"]
                 mx.eval(speech)

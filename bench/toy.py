@@ -193,11 +193,13 @@ class ToyTarget:
             gen = take_exact(gen, n)
         tokens: list[int] = []
         done = 0  # tokens already turned into audio (streaming)
+        hop = case.first_hop or HOP
         for tok in clock.tokens(gen):
             tokens.append(tok)
-            if case.stream and len(tokens) - done >= HOP + LOOKAHEAD:
-                to_audio(tokens[done : done + HOP])
-                done += HOP
+            if case.stream and len(tokens) - done >= hop + LOOKAHEAD:
+                to_audio(tokens[done : done + hop])
+                done += hop
+                hop = HOP
         if tokens[done:] or not clock.chunk_times:
             to_audio(tokens[done:] or [0])
         return clock.timings(case.stream)

@@ -455,15 +455,40 @@ def test_sweep_file_toml_and_json(tmp_path: Path) -> None:
 
 def test_plans() -> None:
     assert Case() in default_cases() and Case(stream=True) in default_cases()
+    assert Case(stream=True, first_hop=10) in default_cases()
     full = full_cases()
-    assert len(full) == len({c.id for c in full}) == 5 * 5 * 3 * 2 + 2 * 2
+    # precisions x steps x texts x streaming, flow/HiFT dtypes, no kernels, low-latency hop
+    assert len(full) == len({c.id for c in full}) == 5 * 5 * 3 * 2 + 2 * 2 + 5 + 3
     ref = reference_cases(default_cases())
     assert all(c.target == "official" and c.llm == c.dtype == "fp32" for c in ref)
     assert Case(target="official") in ref and Case(target="official", stream=True) in ref
+    assert all(c.first_hop is None and c.kernels == "auto" for c in ref)
+    # optional axes appear in the id only when set, so ids of older runs stay valid
+    assert Case().id == "cosyvoice2/llm=fp32/dtype=fp32/steps=10/text=short/stream=off"
+    assert Case(stream=True, first_hop=10, kernels="off").id.endswith("/kernels=off/first_hop=10")
+    assert Case.from_dict({"first_hop": "official", "stream": "on"}) == Case(stream=True)
+    with pytest.raises(ValueError):
+        Case(first_hop=0)
     proc = _bench("run", "--dry-run", "--reference", "official", "--steps", "1,10")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert Case(steps=1).id in lines and Case(target="official", steps=10).id in lines
+
+
+def test_toy_first_hop() -> None:
+    from bench.toy import ToyTarget
+
+    target = ToyTarget()
+    work = Work.for_case(Case(target="toy"), prompt_seconds=1.0)
+    chunks = {}
+    for hop in (None, 5):
+        case = Case(target="toy", stream=True, steps=1, first_hop=hop)
+        t = target.run(target.load(case, target.prepare([], {})), case, work)
+        assert t.speech_tokens == 125 and t.audio_s == pytest.approx(5.0)
+        chunks[hop] = t.chunk_audio_s
+    assert chunks[None][0] == pytest.approx(25 * 2 * 480 / 24000)
+    assert chunks[5][0] == pytest.approx(5 * 2 * 480 / 24000)
+    assert len(chunks[5]) == len(chunks[None]) + 1
 
 
 def test_playback_gaps() -> None:
@@ -565,8 +590,8 @@ def test_pipeline_fixed_length_tokens(tiny_mlx_dir: Path) -> None:
         assert list(take_exact(iter(tokens), n)) == tokens
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_pipeline_case_record(tiny_mlx_dir: Path, stream: bool) -> None:
+@pytest.mark.parametrize(("stream", "first_hop"), [(False, None), (True, None), (True, 10)])
+def test_pipeline_case_record(tiny_mlx_dir: Path, stream: bool, first_hop: int | None) -> None:
     from bench.interface import Prepared
     from bench.runner import measure_case
     from bench.targets import CosyVoice2Target
@@ -575,7 +600,7 @@ def test_pipeline_case_record(tiny_mlx_dir: Path, stream: bool) -> None:
     prepared = Prepared(
         {"label": "synthetic"}, {"dirs": {"fp32": str(tiny_mlx_dir)}, "load_overrides": {}}
     )
-    case = Case(steps=1, stream=stream)
+    case = Case(steps=1, stream=stream, first_hop=first_hop)
     # 2 s prompt, 60 speech tokens (2.4 s): three streaming chunks on the official schedule
     work = Work(2.0, 2.4, 10, 13, 50, 100, 60)
     record = measure_case(target, prepared, case, work, repeats=1, warmup=0)
@@ -586,9 +611,12 @@ def test_pipeline_case_record(tiny_mlx_dir: Path, stream: bool) -> None:
         assert name in figs, name
     if stream:
         t = record["calls"][-1]["timings"]
-        # first hop 25 (+ 3 look-ahead, the prompt's 50 tokens are a multiple of 25), then 25, then the rest
-        assert t["chunk_audio_s"][0] == pytest.approx((25 * 2 * 480 - 8 * 480) / 24000)
+        # official: first hop 25 (+ 3 look-ahead; the prompt's 50 tokens are a multiple of 25),
+        # then 25, then the rest (10); first_hop=10: 10, 25, then the rest (25)
+        hop = first_hop or 25
+        assert t["chunk_audio_s"][0] == pytest.approx((hop * 2 * 480 - 8 * 480) / 24000)
         assert len(t["chunk_times_s"]) == 3
+        assert sum(t["chunk_audio_s"]) == pytest.approx(60 / 25)
         assert t["chunk_times_s"] == sorted(t["chunk_times_s"])
         assert figs["first_chunk_s"]["median"] < figs["wall_s"]["median"]
     doc = new_run([case], RunOptions(repeats=1), run_id="p")
