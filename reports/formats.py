@@ -24,8 +24,10 @@
     cases[].figures.<name>.median for rtf, first_chunk_s, rss_peak_mb, mlx_peak_mb
 
 Joining (quality against speed): an eval run matches the bench cases of target
-`cosyvoice2`, not streaming, with `llm` equal to the eval `precision` and `steps` equal
-to `n_timesteps`; the RTF of the join is the median over the matching cases of text
+`cosyvoice2`, not streaming, with `llm` equal to the eval `precision`, `steps` equal to
+`n_timesteps`, the same weights label, and the other axes at the values eval runs the
+model with (`JOIN_AXES`: flow/HiFT `dtype` fp32, LLM `kernels` auto; a case without such
+a key matches). The RTF of the join is the median over the matching cases of text
 length `short` (the headline work), or over all matching cases when there is no
 `short` one.
 """
@@ -44,6 +46,7 @@ BENCH_SCHEMA_PREFIX = "cosyvoice2-mlx-bench/"
 BENCH_FIGURES = ("rtf", "first_chunk_s", "rss_peak_mb", "mlx_peak_mb")
 JOIN_TARGET = "cosyvoice2"
 JOIN_TEXT = "short"
+JOIN_AXES = {"dtype": "fp32", "kernels": "auto"}
 
 # Seed-TTS-eval set names -> the paper's names.
 SET_ALIASES = {
@@ -193,6 +196,7 @@ def join_rtf(run: EvalRun, benches: list[BenchRun]) -> float | None:
         and c.settings.get("llm") == run.precision
         and c.settings.get("steps") == run.n_timesteps
         and c.weights == run.weights
+        and all(c.settings.get(k, v) == v for k, v in JOIN_AXES.items())
         and "rtf" in c.figures
     ]
     short = [c for c in matches if c.settings.get("text") == JOIN_TEXT]

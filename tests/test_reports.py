@@ -110,6 +110,8 @@ def test_join_rule() -> None:
             case(8.0, steps=10),
             case(6.0, llm="8bit"),
             case(5.0, target="official"),
+            case(4.0, dtype="bf16"),  # flow/HiFT in another dtype than eval runs
+            case(4.5, kernels="off"),  # LLM kernels off: not how eval loads the model
         ),
     )
     assert join_rtf(run, [bench]) == 2.0  # median of the two short cases
