@@ -25,7 +25,9 @@ Behaviour: the latest upstream code, with the mid-2025 code (the
    to `-inf` before sampling; legacy draws again, up to 100 times, then raises.
 2. Stop tokens in `inference`: upstream stops on any of 6561, 6562, 6563; legacy
    stops only on 6561 and skips 6562/6563 without yielding them, feeding the
-   previous input again (a quirk of its `continue`, reproduced).
+   previous input again (a quirk of its `continue`, reproduced; at the very
+   first step that input is the whole prompt, which the legacy code itself
+   cannot re-feed: its attention mask has the wrong size and torch raises).
 3. Repetition-aware sampling's fallback: upstream excludes the repeated token
    (see `cosyvoice2.sampling`); `default_sampler(behaviour)` picks the matching one.
 4. `inference_bistream`: upstream forces the first fill token after
@@ -36,7 +38,8 @@ Prompt prefix reuse: `[sos, prompt_text]` does not depend on the target text,
 so its KV cache can be computed once per saved speaker (`make_prefix`) and
 reused (`inference(..., prefix=...)`): each call copies it, so the saved one is
 never modified. The prompt speech tokens come after the text in this layout and
-cannot be cached.
+cannot be cached. (`inference_bistream` interleaves prompt text and prompt
+speech in a text-dependent way and takes no prefix.)
 
 Decoding overlaps work as mlx-lm's `generate_step` does: step n+1 is built and
 scheduled with `mx.async_eval` before token n is read on the host, so the only

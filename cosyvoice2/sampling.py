@@ -9,6 +9,9 @@ sorted vocabulary in a Python loop with one tensor read per element):
   `< top_p` and fewer than `top_k` were taken; one of them is drawn with the
   renormalised probabilities. The cumulative sum is float32, as the official
   loop's `cum_prob += sorted_value[i]` is, so the candidate set is the same.
+  Only the `top_k` leading tokens can be candidates, so they are found with a
+  partition (O(V)) and only they are sorted; ties keep index order as in the
+  official stable sort (a full argsort of the 6564 scores took about 3x longer).
 - `ras_sampling` (repetition-aware sampling, VALL-E 2): draw with
   `nucleus_sampling`; if the drawn token occurs `>= win_size * tau_r` times
   among the last `win_size` decoded tokens, draw instead from the whole
@@ -24,7 +27,8 @@ Randomness: every draw takes an explicit `mx.random.key`; nothing here touches
 a global generator, so the same key gives the same token. Both branches of
 `ras_sampling` are computed and selected with `mx.where`, so a sampling step is
 one lazy graph without a host synchronisation (the decode loop reads the token
-once, after scheduling the next step).
+once, after scheduling the next step). The sampler objects compile their
+function once (`mx.compile`): about 30% less time per draw than op by op.
 
 The recent-token window is an `int32` array of the last `win_size` tokens,
 padded on the left with `-1` (which never matches a token), so its shape is
@@ -33,6 +37,8 @@ fixed and it never leaves the device.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,27 +49,45 @@ from cosyvoice2.config import SamplingConfig
 _NEG_INF = float("-inf")
 
 
-def _sorted_probs(weighted_scores: mx.array) -> tuple[mx.array, mx.array]:
-    """Softmax of the scores sorted in descending order (stable: ties keep index order)."""
-    probs = mx.softmax(weighted_scores.astype(mx.float32), axis=-1)
-    order = mx.argsort(-probs, axis=-1)  # MLX's argsort is stable, as torch's stable=True sort
-    return order.astype(mx.int32), mx.take_along_axis(probs, order, axis=-1)
+def _top_k_sorted(probs: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """The `k` most probable tokens in stable descending order (ties by index), and their probabilities.
+
+    Equal to the first `k` entries of a stable descending sort of the whole
+    vocabulary, in O(V): a partition finds the k-th largest value, ties at that
+    value are admitted in index order, the k candidates are gathered in index
+    order by a scatter and only they are sorted (stable, so ties keep index order).
+    """
+    v = probs.shape[-1]
+    if k >= v:
+        order = mx.argsort(-probs)  # stable, as torch's sort(stable=True)
+        return order.astype(mx.int32), probs[order]
+    kth = -mx.partition(-probs, k - 1)[k - 1]
+    greater = probs > kth
+    equal = probs == kth
+    room = k - greater.astype(mx.int32).sum()
+    take = greater | (equal & (mx.cumsum(equal.astype(mx.int32)) <= room))
+    slot = mx.where(take, mx.cumsum(take.astype(mx.int32)) - 1, k)  # non-candidates go to slot k
+    ids = mx.zeros((k + 1,), dtype=mx.int32).at[slot].add(mx.arange(v, dtype=mx.int32))[:k]
+    cand_p = probs[ids]
+    order = mx.argsort(-cand_p)  # stable over k candidates listed in index order
+    return ids[order], cand_p[order]
 
 
 def nucleus_mask(
     weighted_scores: mx.array, top_p: float = 0.8, top_k: int = 25
 ) -> tuple[mx.array, mx.array, mx.array]:
-    """Sorted token ids, their probabilities and the nucleus mask over them.
+    """The `top_k` most probable token ids (stable descending), their probabilities and the nucleus mask.
 
-    Token `order[i]` is a candidate iff `mask[i]`: the probability mass of the
-    tokens ranked before it is `< top_p` and `i < top_k` (the official loop's
-    `cum_prob < top_p and len(prob) < top_k` test, evaluated before adding).
+    Token `ids[i]` is a candidate iff `mask[i]`: the probability mass of the
+    tokens ranked before it is `< top_p` (and `i < top_k` by construction): the
+    official loop's `cum_prob < top_p and len(prob) < top_k` test, evaluated
+    before adding. The cumulative sum is float32 and sequential, as the official
+    loop's `cum_prob += sorted_value[i]` is.
     """
-    order, sorted_p = _sorted_probs(weighted_scores)
+    probs = mx.softmax(weighted_scores.astype(mx.float32), axis=-1)
+    ids, sorted_p = _top_k_sorted(probs, top_k)
     before = mx.cumsum(sorted_p, axis=-1, inclusive=False)
-    rank = mx.arange(sorted_p.shape[-1])
-    mask = (before < top_p) & (rank < top_k)
-    return order, sorted_p, mask
+    return ids, sorted_p, before < top_p
 
 
 def nucleus_candidates(
@@ -175,17 +199,21 @@ class RasSampler:
     def window(self) -> int:
         return self.win_size
 
-    def __call__(self, weighted_scores: mx.array, recent: mx.array, key: mx.array) -> mx.array:
-        return ras_sampling(
-            weighted_scores,
-            recent,
-            key,
-            self.top_p,
-            self.top_k,
-            self.win_size,
-            self.tau_r,
-            self.exclude_repeated,
+    @functools.cached_property
+    def _compiled(self) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+        return mx.compile(
+            functools.partial(
+                ras_sampling,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                win_size=self.win_size,
+                tau_r=self.tau_r,
+                exclude_repeated=self.exclude_repeated,
+            )
         )
+
+    def __call__(self, weighted_scores: mx.array, recent: mx.array, key: mx.array) -> mx.array:
+        return self._compiled(weighted_scores, recent, key)
 
 
 @dataclass(frozen=True)
@@ -196,8 +224,12 @@ class NucleusSampler:
     top_k: int = 25
     window: int = 0
 
+    @functools.cached_property
+    def _compiled(self) -> Callable[[mx.array, mx.array], mx.array]:
+        return mx.compile(functools.partial(nucleus_sampling, top_p=self.top_p, top_k=self.top_k))
+
     def __call__(self, weighted_scores: mx.array, recent: mx.array, key: mx.array) -> mx.array:
-        return nucleus_sampling(weighted_scores, key, self.top_p, self.top_k)
+        return self._compiled(weighted_scores, key)
 
 
 @dataclass(frozen=True)
