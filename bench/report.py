@@ -27,6 +27,7 @@ STAGES: list[tuple[str, str]] = [
     ("llm_s", "LLM total"),
     ("flow_s", "flow"),
     ("hift_s", "HiFT"),
+    ("cpu_s", "CPU time"),
     ("rss_peak_mb", "peak RSS"),
     ("load_s", "load"),
 ]
