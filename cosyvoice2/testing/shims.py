@@ -40,7 +40,9 @@ def _stub_module(name: str) -> types.ModuleType:
 
 def _torchaudio_stub() -> types.ModuleType:
     mod = _stub_module("torchaudio")
-    mod.__doc__ = "Test shim: import-only stand-in for torchaudio (see cosyvoice2/testing/shims.py)."
+    mod.__doc__ = (
+        "Test shim: import-only stand-in for torchaudio (see cosyvoice2/testing/shims.py)."
+    )
 
     def load(path, backend=None):  # noqa: ARG001 - official call signature
         import soundfile as sf
