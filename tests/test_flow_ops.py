@@ -12,7 +12,6 @@ from cosyvoice2.flow.encoder import RelPositionMultiHeadedAttention, rel_positio
 from cosyvoice2.flow.flow_matching import euler_times, time_schedule
 from cosyvoice2.flow.ops import (
     causal_conv1d,
-    causal_conv1d_unfold,
     chunk_mask,
     conv_transpose1d,
     gelu,
@@ -25,15 +24,15 @@ def _rand(rng: np.random.Generator, *shape: int) -> mx.array:
 
 
 @pytest.mark.parametrize("k", [1, 3, 4, 5])
-def test_causal_conv1d_matches_padded_conv_and_unfold(k: int) -> None:
+def test_causal_conv1d_matches_direct_sum(k: int) -> None:
     rng = np.random.default_rng(k)
     x, w, b = _rand(rng, 2, 19, 24), _rand(rng, 16, k, 24), _rand(rng, 16)
-    ref = mx.conv1d(mx.pad(x, [(0, 0), (k - 1, 0), (0, 0)]), w) + b
+    xn, wn = np.array(x, np.float64), np.array(w, np.float64)
+    xp = np.pad(xn, [(0, 0), (k - 1, 0), (0, 0)])
+    ref = np.einsum("btkc,okc->bto", np.stack([xp[:, i : i + 19] for i in range(k)], 2), wn)
     got = causal_conv1d(x, w, b)
-    unf = causal_conv1d_unfold(x, w, b)
     assert got.shape == (2, 19, 16)
-    assert mx.abs(got - ref).max().item() < 1e-5
-    assert mx.abs(unf - ref).max().item() < 1e-5
+    assert np.abs(np.array(got) - (ref + np.array(b))).max() < 1e-4
     # causality: changing the last frame changes only the last output frame
     x2 = mx.concatenate([x[:, :-1], x[:, -1:] + 1.0], axis=1)
     diff = mx.abs(causal_conv1d(x2, w, b) - got).max(axis=(0, 2))

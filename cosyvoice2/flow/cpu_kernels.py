@@ -8,7 +8,7 @@ In the CFM estimator at full size (batch 2 x 400 frames) one Euler step computes
 about 143 M softmax exponentials, 46 M GELUs and 6 M Mish values, which made
 element-wise functions about 60% of the step time. These kernels compute the
 same functions with polynomial/rational approximations written so LLVM
-vectorises them (AVX2 here) and spread over the cores with `prange`: about
+vectorises them (AVX2 here) and spread over the cores by a small thread pool: about
 0.3-1.3 ns per element, 40x or more faster than the MLX ops.
 
 Accuracy (float32): `exp` is `2^n * p(r)` with `|r| <= ln2/2` and a degree-6
@@ -20,17 +20,23 @@ GELU's absolute error is within 1.5e-6 of the exact one, softmax rows within
 The kernels take numpy views of evaluated MLX arrays and write into a separate
 output buffer; `cosyvoice2.flow.ops` decides when to use them (CPU device and
 numba importable) and falls back to the MLX ops otherwise (Metal, or no numba).
-numba comes with librosa, a dependency of the package; compiled kernels are
-cached on disk (`cache=True`) so only the first process pays the compile time.
+They are serial `nogil` functions over a range of rows: `run_rows` splits the
+rows over a small thread pool. (numba's `parallel=True` compiled twice as
+slowly, about 75 s for the five kernels on a loaded 2-core machine, and its
+single-thread code was slower.) numba comes with librosa, a dependency of the
+package; compiled kernels are cached on disk (`cache=True`), so only the first
+process on a machine pays the compile time (about 10-30 s).
 """
 
 from __future__ import annotations
 
-import numba
-import numpy as np
-from numba import njit, prange
+import os
+from concurrent.futures import ThreadPoolExecutor
 
-_BLOCK = 4096  # elements per parallel work item in flat kernels
+import numpy as np
+from numba import njit
+
+_MIN_PARALLEL = 1 << 15  # below this many elements one thread is faster than handing work out
 
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693145751953125)
@@ -74,48 +80,49 @@ def _erf(x: float) -> float:
     return x * p / q
 
 
-@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
-def softmax_rows(s: np.ndarray, out: np.ndarray, t_q: int, chunk: int) -> None:
-    """Row softmax of `s` `(R, T)` into `out`, with an optional chunk mask.
+_JIT = dict(fastmath=True, cache=True, nogil=True, error_model="numpy")
+
+
+@njit(**_JIT)
+def softmax_rows(s: np.ndarray, out: np.ndarray, t_q: int, chunk: int, lo: int, hi: int) -> None:
+    """Row softmax of rows `lo:hi` of `s` `(R, T)` into `out`, with an optional chunk mask.
 
     Row `i` is query `i % t_q`; with `chunk > 0` it sees only the keys before the
     end of its chunk (`j < (q // chunk + 1) * chunk`); masked entries become 0.
     """
-    n_rows, t = s.shape
-    n_blocks = (n_rows + 63) // 64
-    for blk in prange(n_blocks):
-        bits = np.empty(t, np.int32)
-        scale = bits.view(np.float32)
-        for i in range(blk * 64, min(n_rows, blk * 64 + 64)):
-            row = s[i]
-            o = out[i]
-            limit = t
-            if chunk > 0:
-                limit = min(t, ((i % t_q) // chunk + 1) * chunk)
-            m = row[0]
-            for j in range(1, limit):
-                m = max(m, row[j])
-            for j in range(limit):
-                p, b = _exp_split(row[j] - m)
-                o[j] = p
-                bits[j] = b
-            total = np.float32(0.0)
-            for j in range(limit):
-                e = o[j] * scale[j]
-                o[j] = e
-                total += e
-            inv = np.float32(1.0) / total
-            for j in range(limit):
-                o[j] *= inv
-            for j in range(limit, t):
-                o[j] = np.float32(0.0)
+    t = s.shape[1]
+    bits = np.empty(t, np.int32)
+    scale = bits.view(np.float32)
+    for i in range(lo, hi):
+        row = s[i]
+        o = out[i]
+        limit = t
+        if chunk > 0:
+            limit = min(t, ((i % t_q) // chunk + 1) * chunk)
+        m = row[0]
+        for j in range(1, limit):
+            m = max(m, row[j])
+        for j in range(limit):
+            p, b = _exp_split(row[j] - m)
+            o[j] = p
+            bits[j] = b
+        total = np.float32(0.0)
+        for j in range(limit):
+            e = o[j] * scale[j]
+            o[j] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for j in range(limit):
+            o[j] *= inv
+        for j in range(limit, t):
+            o[j] = np.float32(0.0)
 
 
-@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
-def gelu_bias(x: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
-    """`out = gelu(x + bias)` (exact-erf GELU) for `x` `(R, C)`, `bias` `(C,)`."""
-    n_rows, c = x.shape
-    for i in prange(n_rows):
+@njit(**_JIT)
+def gelu_bias(x: np.ndarray, bias: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
+    """`out = gelu(x + bias)` (exact-erf GELU) on rows `lo:hi` of `x` `(R, C)`, `bias` `(C,)`."""
+    c = x.shape[1]
+    for i in range(lo, hi):
         row = x[i]
         o = out[i]
         for j in range(c):
@@ -125,13 +132,13 @@ def gelu_bias(x: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
             )
 
 
-@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
-def silu_bias(x: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
-    """`out = silu(x + bias) = v / (1 + exp(-v))` for `x` `(R, C)`, `bias` `(C,)`."""
-    n_rows, c = x.shape
-    for i in prange(n_rows):
-        bits = np.empty(c, np.int32)
-        scale = bits.view(np.float32)
+@njit(**_JIT)
+def silu_bias(x: np.ndarray, bias: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
+    """`out = silu(x + bias) = v / (1 + exp(-v))` on rows `lo:hi` of `x` `(R, C)`, `bias` `(C,)`."""
+    c = x.shape[1]
+    bits = np.empty(c, np.int32)
+    scale = bits.view(np.float32)
+    for i in range(lo, hi):
         row = x[i]
         o = out[i]
         for j in range(c):
@@ -143,37 +150,43 @@ def silu_bias(x: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
             o[j] = v / (np.float32(1.0) + o[j] * scale[j])
 
 
-@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
-def mish_flat(x: np.ndarray, out: np.ndarray) -> None:
-    """`out = x * tanh(softplus(x))` for flat `x`, as `x * n / (n + 2)` with `n = e^x (e^x + 2)`."""
-    size = x.shape[0]
-    n_blocks = (size + _BLOCK - 1) // _BLOCK
-    for blk in prange(n_blocks):
-        start = blk * _BLOCK
-        stop = min(size, start + _BLOCK)
-        bits = np.empty(stop - start, np.int32)
-        scale = bits.view(np.float32)
-        for j in range(start, stop):
-            p, b = _exp_split(min(x[j], np.float32(20.0)))
-            out[j] = p
-            bits[j - start] = b
-        for j in range(start, stop):
-            e = out[j] * scale[j - start]
+@njit(**_JIT)
+def mish_rows(x: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
+    """`out = x * tanh(softplus(x))` on rows `lo:hi`, as `x * n / (n + 2)` with `n = e^x (e^x + 2)`."""
+    c = x.shape[1]
+    bits = np.empty(c, np.int32)
+    scale = bits.view(np.float32)
+    for i in range(lo, hi):
+        row = x[i]
+        o = out[i]
+        for j in range(c):
+            p, b = _exp_split(min(row[j], np.float32(20.0)))
+            o[j] = p
+            bits[j] = b
+        for j in range(c):
+            e = o[j] * scale[j]
             n = e * (e + np.float32(2.0))
-            out[j] = x[j] * n / (n + np.float32(2.0))
+            o[j] = row[j] * n / (n + np.float32(2.0))
 
 
-@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+@njit(**_JIT)
 def layer_norm_rows(
-    x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray, mish: bool
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    eps: float,
+    out: np.ndarray,
+    mish: bool,
+    lo: int,
+    hi: int,
 ) -> None:
-    """`out = LayerNorm(x)` over the last axis of `x` `(R, C)` (biased variance, as torch), then Mish if `mish`."""
-    n_rows, c = x.shape
+    """LayerNorm over the last axis (biased variance, as torch) of rows `lo:hi`, then Mish if `mish`."""
+    c = x.shape[1]
     inv_c = np.float32(1.0 / c)
-    for i in prange(n_rows):
-        bits = np.empty(c, np.int32)
-        scale = bits.view(np.float32)
-        poly = np.empty(c, np.float32)
+    bits = np.empty(c, np.int32)
+    scale = bits.view(np.float32)
+    poly = np.empty(c, np.float32)
+    for i in range(lo, hi):
         row = x[i]
         o = out[i]
         mean = np.float32(0.0)
@@ -199,6 +212,30 @@ def layer_norm_rows(
                 o[j] = o[j] * n / (n + np.float32(2.0))
 
 
-def numba_threads() -> int:
-    """Threads numba's parallel loops use."""
-    return numba.get_num_threads()
+_POOL: ThreadPoolExecutor | None = None
+
+
+def num_threads() -> int:
+    """Threads the kernels use: `COSYVOICE2_FLOW_THREADS`, else the CPUs this process may run on."""
+    env = os.environ.get("COSYVOICE2_FLOW_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
+
+
+def run_rows(kernel, n_rows: int, row_size: int, *args) -> None:
+    """Call `kernel(*args, lo, hi)` over `[0, n_rows)`, split into one row range per thread."""
+    global _POOL
+    n = min(num_threads(), n_rows)
+    if n <= 1 or n_rows * row_size < _MIN_PARALLEL:
+        kernel(*args, 0, n_rows)
+        return
+    if _POOL is None or _POOL._max_workers < n:
+        _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="cosyvoice2-flow")
+    bounds = [n_rows * i // n for i in range(n + 1)]
+    futures = [_POOL.submit(kernel, *args, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    for f in futures:
+        f.result()

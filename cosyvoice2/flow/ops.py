@@ -3,19 +3,21 @@
 Everything here works channels-last, as MLX does: sequences are `(B, T, C)` and
 convolution weights `(C_out, K, C_in)` (the converter moves torch's `(C_out, C_in, K)`).
 
-CPU notes (MLX 0.32.4 on Linux x86_64, OpenBLAS preloaded; see the flow package
-docstring for the whole profile):
+CPU notes (MLX 0.32.4 on Linux x86_64, OpenBLAS preloaded; the whole profile is in
+the `cosyvoice2.flow` package docstring):
 
-- An undilated `mx.conv1d` with kernel 3 runs at about GEMM speed, so the causal
-  convolutions use it directly after a left pad; `causal_conv1d_unfold` is the
-  unfold/matmul formulation kept for comparison (equal within rounding, tested).
-- `mx.conv_transpose1d` is a slow path on CPU (about 1.2 GFLOP/s). The estimator
-  of CosyVoice2 has a single resolution level and never uses it, but the
-  multi-level `ConditionalDecoder` does (`Upsample1D`); `conv_transpose1d` here is
-  a matmul plus overlap-add with the same result (tested against the direct op).
-- Transcendental element-wise functions (`exp`, `erf`, `tanh`, `log1p`) are the
-  real CPU cost of this network: MLX evaluates them at 15-60 ns per element,
-  slower than a 256-wide matmul per element. See `gelu`, `mish` and `softmax`.
+- An undilated `mx.conv1d` with kernel 3 runs at GEMM speed (measured equal to an
+  unfold + matmul formulation), so the causal convolutions use it after a left pad.
+- `mx.conv_transpose1d` is a slow path on CPU (about 1.2 GFLOP/s). CosyVoice2's
+  estimator has one resolution level and never uses it; the multi-level
+  `ConditionalDecoder` does (`Upsample1D`), through `conv_transpose1d` here: a
+  matmul plus overlap-add with the same result (tested against the direct op).
+- Transcendental element-wise functions (`exp`, `erf`, `tanh`, `sigmoid`,
+  `log1p`) cost MLX-CPU 50-130 ns per element, more than a 256-wide matmul per
+  element. `softmax`, `gelu`, `silu`, `mish` and `layer_norm` here therefore
+  run the numba kernels of `cpu_kernels` when the default device is the CPU and
+  numba imports (`use_cpu_kernels`), and the MLX ops otherwise (Metal; or
+  `COSYVOICE2_FLOW_KERNELS=0`). Both routes are tested against each other.
 
 This module is the flow's own; the HiFT helpers live in `cosyvoice2/ops.py` and
 the two are to be merged.
@@ -38,22 +40,6 @@ def causal_conv1d(x: mx.array, weight: mx.array, bias: mx.array | None = None) -
     if k > 1:
         x = mx.pad(x, [(0, 0), (k - 1, 0), (0, 0)])
     y = mx.conv1d(x, weight)
-    return y if bias is None else y + bias
-
-
-def causal_conv1d_unfold(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
-    """`causal_conv1d` as one matmul over `K` shifted copies of the input (unfold/GEMM form)."""
-    c_out, k, c_in = weight.shape
-    t = x.shape[1]
-    xp = mx.pad(x, [(0, 0), (k - 1, 0), (0, 0)])
-    cols = mx.concatenate([xp[:, i : i + t] for i in range(k)], axis=-1)
-    y = cols @ weight.reshape(c_out, k * c_in).T
-    return y if bias is None else y + bias
-
-
-def conv1d_same(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
-    """Centred 1-D convolution with `padding=(K-1)//2` (torch `Conv1d(..., padding=K//2)` for odd K)."""
-    y = mx.conv1d(x, weight, padding=(weight.shape[1] - 1) // 2)
     return y if bias is None else y + bias
 
 
@@ -150,7 +136,7 @@ def softmax(scores: mx.array, chunk: int = 0) -> mx.array:
         return mx.softmax(scores, axis=-1)
     s = _as_numpy(scores, (-1, t_k))
     out, o = _new_output(scores.shape)
-    k.softmax_rows(s, o.reshape(-1, t_k), t_q, chunk)
+    k.run_rows(k.softmax_rows, s.shape[0], t_k, s, o.reshape(-1, t_k), t_q, chunk)
     return out
 
 
@@ -164,7 +150,8 @@ def gelu(x: mx.array, bias: mx.array | None = None) -> mx.array:
     c = x.shape[-1]
     b = np.zeros(c, np.float32) if bias is None else _as_numpy(bias, (c,))
     out, o = _new_output(x.shape)
-    k.gelu_bias(_as_numpy(x, (-1, c)), b, o.reshape(-1, c))
+    xs = _as_numpy(x, (-1, c))
+    k.run_rows(k.gelu_bias, xs.shape[0], c, xs, b, o.reshape(-1, c))
     return out
 
 
@@ -178,7 +165,8 @@ def silu(x: mx.array, bias: mx.array | None = None) -> mx.array:
     c = x.shape[-1]
     b = np.zeros(c, np.float32) if bias is None else _as_numpy(bias, (c,))
     out, o = _new_output(x.shape)
-    k.silu_bias(_as_numpy(x, (-1, c)), b, o.reshape(-1, c))
+    xs = _as_numpy(x, (-1, c))
+    k.run_rows(k.silu_bias, xs.shape[0], c, xs, b, o.reshape(-1, c))
     return out
 
 
@@ -192,8 +180,12 @@ def layer_norm(
         return mish(y) if then_mish else y
     c = x.shape[-1]
     out, o = _new_output(x.shape)
-    k.layer_norm_rows(
-        _as_numpy(x, (-1, c)),
+    xs = _as_numpy(x, (-1, c))
+    k.run_rows(
+        k.layer_norm_rows,
+        xs.shape[0],
+        c,
+        xs,
         _as_numpy(weight, (c,)),
         _as_numpy(bias, (c,)),
         eps,
@@ -208,6 +200,8 @@ def mish(x: mx.array) -> mx.array:
     k = _kernels() if mx.default_device() == mx.cpu else None
     if k is None:
         return x * mx.tanh(mx.where(x > 20.0, x, mx.logaddexp(x, 0.0)))
+    c = x.shape[-1]
+    xs = _as_numpy(x, (-1, c))
     out, o = _new_output(x.shape)
-    k.mish_flat(_as_numpy(x, (-1,)), o.reshape(-1))
+    k.run_rows(k.mish_rows, xs.shape[0], c, xs, o.reshape(-1, c))
     return out
