@@ -1,30 +1,40 @@
-"""Speech-LM projections on the optional CPU kernels (`cosyvoice2_kernels`), MLX ops otherwise.
+"""The speech LM's decode step on the optional CPU kernels (`cosyvoice2_kernels`), MLX ops otherwise.
 
 Why: on the CPU, MLX computes bf16 and quantized matrix-vector products on slow
 paths (NOTES.md: about 5 GFLOP/s for bf16, 8-bit slower than fp32), so a bf16 or
 8-bit speech LM decodes 3-5x slower than in fp32, while decoding is bound by
-reading weights and those precisions read 2-4x fewer bytes. The kernels (built
-from `kernels/`, optional) read bf16 or 8-bit weights (in `mx.quantize`'s layout,
-so the converted model is the same one Metal uses) and accumulate in fp32.
+reading weights and those precisions read 2-4x fewer bytes. And MLX's CPU path
+builds `mx.fast.rms_norm`, `mx.fast.rope` and `mx.fast.scaled_dot_product_attention`
+from 7-20 basic ops each, about 30-200 us per call at decode shapes, which adds up
+to several milliseconds per token over 24 layers. The kernels (built from
+`kernels/`, optional) read bf16 or 8-bit weights (in `mx.quantize`'s layout, so the
+converted model is the one Metal uses) with fp32 accumulation, and do each of those
+small operations as one graph node.
 
-`use_kernels(model)` swaps, in place, every `nn.Linear` with bfloat16 weights and
-every 8-bit affine `nn.QuantizedLinear` for a `KernelLinear`; sibling projections
-that read the same input are fused into one call (q/k/v, gate/up: `FUSE`), so each
-decode step issues 4 kernel calls per layer instead of 7. Float32 and float16
-layers are left alone (OpenBLAS serves fp32 well; fp16 has no kernel). Nothing is
-swapped when the extension is not importable, or `COSYVOICE2_KERNELS` is `0`/`off`.
+`use_kernels(model)` swaps, in place:
 
-Numerics: the kernels take x in float32 and return float32 (fp32 accumulation), so
-with kernels a bf16 model keeps its activations in float32 after the first
-projection, where MLX's bf16 path rounds every activation to bf16: the kernel path
-is the more precise one. 8-bit results equal `x @ mx.dequantize(...).T` up to fp32
-summation order (both are exact dequantisation; no quantisation of x).
+- each Qwen2 decoder layer (mlx-lm's `TransformerBlock`: RMSNorm, attention with
+  plain rotary embeddings, SwiGLU MLP) whose projections are bfloat16, 8-bit affine
+  or float32 for a `KernelBlock`: q/k/v fused into one projection and gate/up into
+  another, so a layer is about 12 graph nodes instead of about 110;
+- then the other `nn.RMSNorm`s (the final norm) for `KernelRMSNorm`;
+- the other bfloat16 and 8-bit `Linear`s (e.g. `llm_decoder`) for `KernelLinear`.
 
-A swapped model is a runtime form: each fused group keeps one concatenated weight
-(under the first part, e.g. `q_proj.fused.weight`), so its `parameters()` no longer
-have the checkpoint's keys. Save weights from an unswapped model (the converter
-never swaps). Each `KernelLinear` falls back to MLX's ops when the default device
-is not the CPU, so a swapped model still runs on a GPU.
+Float32 projections stay on MLX's matmul (OpenBLAS serves them well); float16
+models are left alone. Nothing is swapped when the extension is not importable, or
+`COSYVOICE2_KERNELS` is `0`/`off` when the model is swapped.
+
+Numerics: everything after the embeddings runs in float32 (x converted, float32
+accumulation), as MLX's own path does for a float32 or 8-bit model: the swapped
+model computes the same function as the unswapped one up to summation order. For
+a bf16 model it computes the float32 model with bf16-rounded weights, where MLX's
+bf16 path also rounds every activation to bf16: the kernel path is the more
+precise one. 8-bit weights are dequantised exactly; x is never quantised.
+
+A swapped model is a runtime form: its parameters are renamed and fused (e.g.
+`llm.layers.0.qkv.weight`), so save weights from an unswapped model (the converter
+never swaps). Swapped modules fall back to MLX's ops when the default device is
+not the CPU (and inside `mlx_ops()`), so a swapped model runs anywhere.
 """
 
 from __future__ import annotations
@@ -38,10 +48,11 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+from mlx_lm.models import qwen2
+from mlx_lm.models.base import scaled_dot_product_attention
 
 ENV = "COSYVOICE2_KERNELS"
-# Sibling projections fused into one call when all are present and of one kind.
-FUSE: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 GROUP_SIZES = (32, 64, 128)
 
 _module: ModuleType | None = None
@@ -91,10 +102,7 @@ def describe() -> str:
 
 @contextlib.contextmanager
 def mlx_ops() -> Iterator[None]:
-    """Within the block, swapped layers compute with MLX's ops (as they do off the CPU).
-
-    For comparisons: the same swapped model with and without the kernels.
-    """
+    """Within the block, swapped modules compute with MLX's ops (as they do off the CPU)."""
     global _force_mlx
     saved, _force_mlx = _force_mlx, True
     try:
@@ -103,11 +111,21 @@ def mlx_ops() -> Iterator[None]:
         _force_mlx = saved
 
 
-class KernelLinear(nn.Module):
-    """y = x W^T (+ bias) with W bfloat16 (`weight`) or 8-bit affine (`weight`, `scales`, `biases`).
+def _active() -> ModuleType | None:
+    """The kernels module if this call should use it (CPU default device, not in `mlx_ops`)."""
+    if _module is None or _force_mlx or mx.default_device() != mx.cpu:
+        return None
+    return _module
 
-    x is taken in float32 and the output is float32, on the kernel path and on MLX's
-    ops alike (the same products, up to summation order). `bias` is kept in float32.
+
+# ------------------------------------------------------------------- layers
+
+
+class KernelLinear(nn.Module):
+    """y = x W^T (+ bias), W bfloat16, 8-bit affine (`scales`, `biases`) or float32.
+
+    x is taken in float32 and y is float32, on the kernels and on MLX's ops alike
+    (float32 weights always use MLX's matmul). `bias` is kept in float32.
     """
 
     def __init__(
@@ -128,30 +146,26 @@ class KernelLinear(nn.Module):
             self.bias = bias.astype(mx.float32)
         self.group_size = group_size
         self.bits = bits
-        self.quantized = scales is not None
+        self.kind = "q8" if scales is not None else "bf16" if weight.dtype == mx.bfloat16 else "f32"
         self.freeze()
-
-    @property
-    def output_dims(self) -> int:
-        return self.weight.shape[0]
 
     def __call__(self, x: mx.array) -> mx.array:
         bias = self.get("bias")
-        k = _module
-        if k is not None and not _force_mlx and mx.default_device() == mx.cpu:
-            if self.quantized:
-                return k.linear_q8(
-                    x,
-                    self.weight,
-                    self.scales,
-                    self.biases,
-                    bias,
-                    group_size=self.group_size,
-                    bits=self.bits,
-                )
+        k = _active()
+        if k is not None and self.kind == "q8":
+            return k.linear_q8(
+                x,
+                self.weight,
+                self.scales,
+                self.biases,
+                bias,
+                group_size=self.group_size,
+                bits=self.bits,
+            )
+        if k is not None and self.kind == "bf16":
             return k.linear_bf16(x, self.weight, bias)
-        x = x.astype(mx.float32)  # the kernels' semantics: float32 in and out
-        if self.quantized:
+        x = x.astype(mx.float32)
+        if self.kind == "q8":
             y = mx.quantized_matmul(
                 x,
                 self.weight,
@@ -166,50 +180,109 @@ class KernelLinear(nn.Module):
         return y + bias if bias is not None else y
 
 
-class _FusedGroup:
-    """One fused call shared by sibling `FusedPart`s: computed once per input array.
+class KernelRMSNorm(nn.Module):
+    """`nn.RMSNorm` in float32 (float32 copy of the weight), one graph node on the kernels."""
 
-    The parts are called one after another with the same `x` object (as mlx-lm's
-    attention and MLP do); the first call runs the fused projection and the others
-    take their slice. Calling a part again, or with another array, recomputes.
-    """
-
-    def __init__(self, proj: KernelLinear, sizes: list[int]):
-        self.proj = proj
-        self.splits = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
-        self.n = len(sizes)
-        self.x: mx.array | None = None
-        self.outs: list[mx.array] = []
-        self.taken: set[int] = set()
-
-    def take(self, x: mx.array, index: int) -> mx.array:
-        if self.x is not x or index in self.taken:
-            self.x = x
-            self.outs = mx.split(self.proj(x), self.splits, axis=-1)
-            self.taken = set()
-        self.taken.add(index)
-        out = self.outs[index]
-        if len(self.taken) == self.n:  # all parts served: drop the references
-            self.x, self.outs = None, []
-        return out
-
-
-class FusedPart(nn.Module):
-    """Stands in for one projection of a fused group; the first part holds the fused layer."""
-
-    def __init__(self, group: _FusedGroup, index: int):
+    def __init__(self, weight: mx.array, eps: float):
         super().__init__()
-        self._group = group
-        self.index = index
-        if index == 0:
-            self.fused = group.proj
+        self.weight = weight.astype(mx.float32)
+        self.eps = eps
+        self.freeze()
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self._group.take(x, self.index)
+        k = _active()
+        if k is not None:
+            return k.rms_norm(x, self.weight, self.eps)[0]
+        return mx.fast.rms_norm(x.astype(mx.float32), self.weight, self.eps)
 
 
-def _spec(module: nn.Module) -> dict[str, Any] | None:
-    """The kernel form of a layer (weights and settings), or None if no kernel serves it."""
+def _rope_inv_freq(dims: int, base: float) -> mx.array:
+    """`base ** (-2i / dims)` computed as `mx.fast.rope`'s CPU path does (float32, MLX's exp)."""
+    half = dims // 2
+    step = np.float32(np.log(np.float32(base))) / np.float32(half)
+    return mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * mx.array(step))
+
+
+class KernelBlock(nn.Module):
+    """A Qwen2 decoder layer (mlx-lm's `TransformerBlock`) with fused projections.
+
+    Same function as the layer it replaces: x + attn(norm1(x)) = h, h + mlp(norm2(h)),
+    grouped-query attention with rotary embeddings on q and k, the KV cache updated
+    through `cache.update_and_fetch` as mlx-lm does.
+    """
+
+    def __init__(self, block: nn.Module, specs: dict[str, dict[str, Any]]):
+        super().__init__()
+        attn = block.self_attn
+        self.n_heads, self.n_kv_heads = attn.n_heads, attn.n_kv_heads
+        self.scale = attn.scale
+        self.rope_dims, self.rope_base, self.rope_scale = (
+            attn.rope.dims,
+            attn.rope.base,
+            attn.rope.scale,
+        )
+        self.inv_freq = _rope_inv_freq(self.rope_dims, self.rope_base)
+        self.input_norm = KernelRMSNorm(block.input_layernorm.weight, block.input_layernorm.eps)
+        self.post_norm = KernelRMSNorm(
+            block.post_attention_layernorm.weight, block.post_attention_layernorm.eps
+        )
+        self.qkv = _fuse([specs["q_proj"], specs["k_proj"], specs["v_proj"]])
+        self.o_proj = _layer(specs["o_proj"])
+        self.gate_up = _fuse([specs["gate_proj"], specs["up_proj"]])
+        self.down_proj = _layer(specs["down_proj"])
+        self.freeze()
+
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        k = _active()
+        plain_mask = mask is None or (isinstance(mask, str) and mask == "causal")
+        plain_cache = cache is None or not hasattr(cache, "bits")
+        if k is None or not (plain_mask and plain_cache):
+            return self._mlx(x, mask, cache)
+        n = k.rms_norm(x, self.input_norm.weight, self.input_norm.eps)[0]
+        offset = cache.offset if cache is not None else 0
+        q, kk, v = k.rope_split(
+            self.qkv(n),
+            self.inv_freq,
+            self.n_heads,
+            self.n_kv_heads,
+            self.rope_dims,
+            self.rope_scale,
+            offset,
+        )
+        if cache is not None:
+            kk, v = cache.update_and_fetch(kk, v)
+        o = k.attention(q, kk, v, self.scale, mask is not None)
+        h, n = k.rms_norm(self.o_proj(o), self.post_norm.weight, self.post_norm.eps, x)
+        return h + self.down_proj(k.swiglu(self.gate_up(n)))
+
+    def _mlx(self, x: mx.array, mask: Any, cache: Any) -> mx.array:
+        """The same layer with MLX's ops (off the CPU, in `mlx_ops`, or unusual masks/caches)."""
+        x = x.astype(mx.float32)
+        B, L, _ = x.shape
+        qkv = self.qkv(self.input_norm(x))
+        hq, hkv = self.n_heads, self.n_kv_heads
+        d = qkv.shape[-1] // (hq + 2 * hkv)
+        q, kk, v = mx.split(qkv, [hq * d, (hq + hkv) * d], axis=-1)
+        q = q.reshape(B, L, hq, -1).transpose(0, 2, 1, 3)
+        kk = kk.reshape(B, L, hkv, -1).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, hkv, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        rope = {"traditional": False, "base": self.rope_base, "scale": self.rope_scale}
+        q = mx.fast.rope(q, self.rope_dims, offset=offset, **rope)
+        kk = mx.fast.rope(kk, self.rope_dims, offset=offset, **rope)
+        if cache is not None:
+            kk, v = cache.update_and_fetch(kk, v)
+        o = scaled_dot_product_attention(q, kk, v, cache=cache, scale=self.scale, mask=mask)
+        h = x + self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        gate, up = mx.split(self.gate_up(self.post_norm(h)), 2, axis=-1)
+        return h + self.down_proj(nn.silu(gate) * up)
+
+
+# ------------------------------------------------------------------ swapping
+
+
+def _spec(module: nn.Module, float32: bool = False) -> dict[str, Any] | None:
+    """The kernel form of a linear layer (weights and settings), or None if none serves it."""
     if isinstance(module, nn.QuantizedLinear):
         if (
             getattr(module, "mode", "affine") != "affine"
@@ -226,32 +299,27 @@ def _spec(module: nn.Module) -> dict[str, Any] | None:
             "group_size": module.group_size,
             "bits": module.bits,
         }
-    if isinstance(module, nn.Linear) and module.weight.dtype == mx.bfloat16:
-        return {"weight": module.weight, "bias": module.get("bias")}
+    if isinstance(module, nn.Linear):
+        dtype = module.weight.dtype
+        if dtype == mx.bfloat16 or (float32 and dtype == mx.float32):
+            return {"weight": module.weight, "bias": module.get("bias")}
     return None
 
 
-def _fuse(specs: list[dict[str, Any]]) -> KernelLinear | None:
-    """One layer computing all `specs` (same kind and input size), outputs concatenated."""
-    first = specs[0]
-    keys = ("group_size", "bits")
-    if any(s.get(k) != first.get(k) for s in specs for k in keys) or any(
-        s["weight"].shape[1] != first["weight"].shape[1] for s in specs
-    ):
-        return None
-    quantized = "scales" in first
-    if quantized and any(
-        s["scales"].dtype != first["scales"].dtype or s["biases"].dtype != first["biases"].dtype
-        for s in specs
-    ):
-        return None
+def _layer(spec: dict[str, Any]) -> KernelLinear:
+    spec = dict(spec)
+    return KernelLinear(bias=spec.pop("bias"), **spec)
+
+
+def _fuse(specs: list[dict[str, Any]]) -> KernelLinear:
+    """One layer computing all `specs` (of one kind and input size), outputs concatenated."""
     bias = None
     if any(s["bias"] is not None for s in specs):
         bias = mx.concatenate(
             [
-                (s["bias"] if s["bias"] is not None else mx.zeros((s["weight"].shape[0],))).astype(
-                    mx.float32
-                )
+                s["bias"].astype(mx.float32)
+                if s["bias"] is not None
+                else mx.zeros((s["weight"].shape[0],), mx.float32)
                 for s in specs
             ]
         )
@@ -259,14 +327,10 @@ def _fuse(specs: list[dict[str, Any]]) -> KernelLinear | None:
     def cat(name: str) -> mx.array:
         return mx.concatenate([s[name] for s in specs], axis=0)
 
-    if quantized:
+    first = specs[0]
+    if "scales" in first:
         layer = KernelLinear(
-            cat("weight"),
-            bias,
-            cat("scales"),
-            cat("biases"),
-            first["group_size"],
-            first["bits"],
+            cat("weight"), bias, cat("scales"), cat("biases"), first["group_size"], first["bits"]
         )
     else:
         layer = KernelLinear(cat("weight"), bias)
@@ -274,38 +338,73 @@ def _fuse(specs: list[dict[str, Any]]) -> KernelLinear | None:
     return layer
 
 
-def use_kernels(model: nn.Module, fuse: tuple[tuple[str, ...], ...] = FUSE) -> int:
-    """Swap `model`'s bf16 and 8-bit linear layers for kernel layers, in place; returns how many.
+_PROJECTIONS = {
+    "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
 
-    Returns 0 (and changes nothing) when the kernels are not available or disabled
-    (`COSYVOICE2_KERNELS=0`). Call it after setting the model's precision (`cast`,
-    `quantize`): it swaps the layers as they are then.
+
+def _block_specs(block: nn.Module) -> dict[str, dict[str, Any]] | None:
+    """The projections of a Qwen2 decoder layer a `KernelBlock` can take, or None."""
+    if not isinstance(block, qwen2.TransformerBlock):
+        return None
+    attn = block.self_attn
+    if not isinstance(attn, qwen2.Attention) or not isinstance(block.mlp, qwen2.MLP):
+        return None
+    if type(attn.rope) is not nn.RoPE or attn.rope.traditional:
+        return None
+    if not all(
+        type(n) is nn.RMSNorm for n in (block.input_layernorm, block.post_attention_layernorm)
+    ):
+        return None
+    specs = {}
+    for part, names in _PROJECTIONS.items():
+        for name in names:
+            spec = _spec(getattr(block, part)[name], float32=True)
+            if spec is None:
+                return None
+            specs[name] = spec
+    kinds = {
+        ("q8", s["group_size"], s["scales"].dtype) if "scales" in s else s["weight"].dtype
+        for s in specs.values()
+    }
+    in_dims = {specs[n]["weight"].shape[1] for n in ("q_proj", "k_proj", "v_proj")}
+    in_dims_mlp = {specs[n]["weight"].shape[1] for n in ("gate_proj", "up_proj")}
+    if len(kinds) != 1 or len(in_dims) != 1 or len(in_dims_mlp) != 1:
+        return None
+    return specs
+
+
+def use_kernels(model: nn.Module) -> int:
+    """Swap `model`'s decoder layers, norms and bf16/8-bit linears for kernel modules, in place.
+
+    Returns the number of modules swapped: 0 (and nothing changes) when the kernels
+    are not available or disabled (`COSYVOICE2_KERNELS=0`), or the model has nothing
+    for them. Call it after setting the model's precision (`cast`, `quantize`).
     """
     if not enabled():
         return 0
     swapped = 0
+    # decoder layers first; then, in the updated tree, the remaining norms and linears
     for _, parent in model.named_modules():
-        children = {k: v for k, v in parent.items() if isinstance(v, nn.Module)}
-        for names in fuse:
-            if not all(n in children for n in names):
-                continue
-            specs = [_spec(children[n]) for n in names]
-            if any(s is None for s in specs):
-                continue
-            layer = _fuse(specs)
-            if layer is None:
-                continue
-            group = _FusedGroup(layer, [s["weight"].shape[0] for s in specs])
-            for i, n in enumerate(names):
-                setattr(parent, n, FusedPart(group, i))
-                children.pop(n)
-            swapped += len(names)
-        for name, child in children.items():
-            spec = _spec(child)
-            if spec is None:
-                continue
-            bias = spec.pop("bias")
-            setattr(parent, name, KernelLinear(bias=bias, **spec))
-            swapped += 1
+        for key, value in list(parent.items()):
+            items = enumerate(value) if isinstance(value, list) else [(None, value)]
+            for i, item in items:
+                specs = _block_specs(item)
+                if specs is None:
+                    continue
+                if i is None:
+                    setattr(parent, key, KernelBlock(item, specs))
+                else:
+                    value[i] = KernelBlock(item, specs)
+                swapped += 1
+    for _, parent in model.named_modules():
+        for key, value in list(parent.items()):
+            if type(value) is nn.RMSNorm and swapped:  # the norm after kernel layers
+                setattr(parent, key, KernelRMSNorm(value.weight, value.eps))
+                swapped += 1
+            elif isinstance(value, nn.Module) and (spec := _spec(value)) is not None:
+                setattr(parent, key, _layer(spec))
+                swapped += 1
     mx.eval(model.parameters())
     return swapped

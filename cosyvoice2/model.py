@@ -118,10 +118,10 @@ class CosyVoice2:
 
         `llm_dtype`/`llm_bits` change the speech LM's precision at load time (from a
         float dir); the dir's own setting is used otherwise. `llm_kernels="auto"`
-        runs a bf16 or 8-bit speech LM's projections on the optional CPU kernels
-        when they are installed (`cosyvoice2.fastlinear`; `COSYVOICE2_KERNELS=0`
-        disables them); `"off"` keeps MLX's own ops. `meta["llm_kernels"]` records
-        what is used.
+        runs the speech LM's decoder layers (and its bf16 or 8-bit projections) on
+        the optional CPU kernels when they are installed (`cosyvoice2.fastlinear`;
+        `COSYVOICE2_KERNELS=0` disables them); `"off"` keeps MLX's own ops.
+        `meta["llm_kernels"]` records what is used.
         """
         from cosyvoice2 import llm as llm_mod
         from cosyvoice2.convert import FORMAT_VERSION, MODEL_TYPE

@@ -8,8 +8,9 @@ dir (`cached_official_dir("full", onnx=False)`, random weights), then for each
 precision and kernel setting: prefill of 120 positions (sos, 10 prompt-text, 8
 text tokens, task id, 100 prompt speech tokens) and greedy decoding through
 `Qwen2LM.inference` (its look-ahead loop: one evaluation per token). Reports the
-time to the first token (prefill plus one step) and the median time per decoded
-token over all repeats, with the load average, as one JSON line per case.
+time to the first token (prefill plus one step), the median wall time per decoded
+token over all repeats and the process CPU time per token (all threads, spinning
+included), with the load average, as one JSON line per case.
 Timings on a shared machine are noisy: compare cases of one run.
 """
 
@@ -42,16 +43,16 @@ class SpeechGreedy:
         return mx.argmax(logp[: self.n]).astype(mx.int32)
 
 
-def build(official, config, weights, precision: str, kernels: bool) -> Qwen2LM:
+def build(config, weights, precision: str, kernels: bool) -> tuple[Qwen2LM, int]:
+    """The speech LM at `precision`, with kernel modules swapped in if asked (and how many)."""
     model = Qwen2LM.from_weights(config, weights)
     if precision == "bf16":
         cast(model, "bfloat16")
     elif precision.endswith("bit"):
         quantize(model, bits=int(precision[:-3]), group_size=64)
-    if kernels:
-        fastlinear.use_kernels(model)
+    swapped = fastlinear.use_kernels(model) if kernels else 0
     mx.eval(model.parameters())
-    return model
+    return model, swapped
 
 
 def run_case(model: Qwen2LM, n_tokens: int, repeats: int) -> dict:
@@ -60,28 +61,32 @@ def run_case(model: Qwen2LM, n_tokens: int, repeats: int) -> dict:
     prompt_text = rng.integers(0, 151000, 10)
     prompt_speech = rng.integers(0, 6561, 100)
     sampler = SpeechGreedy(model.speech_token_size)
-    first, steps, tokens = [], [], None
+    first, steps, cpu, tokens = [], [], [], None
     for r in range(repeats + 1):  # the first repeat warms up
         gen = model.inference(text, prompt_text, prompt_speech, sampling=sampler, key=0)
         t0 = time.perf_counter()
         out = [next(gen)]
         t1 = time.perf_counter()
+        c1 = time.process_time()
         times = []
         for _ in range(n_tokens):
             out.append(next(gen))
             t2 = time.perf_counter()
             times.append(t2 - t1)
             t1 = t2
+        c2 = time.process_time()
         gen.close()
         if r > 0:
             first.append(t1 - t0 - sum(times))
             steps.extend(times)
+            cpu.append((c2 - c1) / n_tokens)
         tokens = out
     return {
         "first_token_s": float(np.median(first)),
         "decode_ms_per_token": float(np.median(steps) * 1e3),
         "decode_ms_mean": float(np.mean(steps) * 1e3),
         "decode_ms_p10": float(np.percentile(steps, 10) * 1e3),
+        "decode_cpu_ms_per_token": float(np.median(cpu) * 1e3),
         "tokens_head": tokens[:8],
     }
 
@@ -105,12 +110,12 @@ def main() -> None:
             if on and not fastlinear.enabled():
                 print(json.dumps({"precision": precision, "kernels": "unavailable"}))
                 continue
-            model = build(official, config, weights, precision, on)
+            model, swapped = build(config, weights, precision, on)
             load = os.getloadavg()[0]
             result = run_case(model, args.tokens, args.repeats)
             record = {
                 "precision": precision,
-                "kernels": fastlinear.describe() if on else "off",
+                "kernels": fastlinear.describe() if swapped else "off",
                 **result,
                 "load_before": round(load, 2),
                 "load_after": round(os.getloadavg()[0], 2),

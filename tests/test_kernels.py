@@ -9,11 +9,16 @@ Tolerances (max |y - ref| over max |ref|, "relative to the output scale"):
   (bf16), or on `mx.dequantize`'s weights (8-bit). There is no fast mode: x is never
   quantised, every variant converts the weights exactly and accumulates in float32,
   so only the summation order differs from the reference;
-- speech LM at one precision with and without the kernels (the same swapped model
-  on MLX's ops, and for 8-bit also MLX's own `QuantizedLinear` model): logits of a
-  prefill and 100 cached steps <= 1e-5, greedy tokens identical over 120 steps.
-  That bound is tight enough to fail on bf16 rounding of activations, as MLX's own
-  bf16 path does (checked in `test_bf16_kernels_closer_to_fp32_than_mlx_bf16`).
+- decode-step ops (rms_norm, rope_split, attention, swiglu): <= 1e-5 against
+  `mx.fast.rms_norm`, `mx.fast.rope`, `mx.fast.scaled_dot_product_attention` and
+  `nn.silu`;
+- speech LM at one precision with and without the kernels, against MLX's own
+  unswapped model computing the same function (fp32; 8-bit with MLX's
+  `QuantizedLinear`; bf16 as the fp32 model holding the bf16-rounded weights, since
+  the kernel path keeps activations in fp32): logits of a prefill and 100 cached
+  steps <= 1e-5, greedy tokens identical over 120 steps. That bound is tight enough
+  to fail on bf16 rounding of activations, as MLX's own bf16 path does (checked in
+  `test_bf16_kernels_closer_to_fp32_than_mlx_bf16`).
 """
 
 from __future__ import annotations
@@ -257,70 +262,135 @@ def test_variant_selection() -> None:
     assert K.BUILD_INFO["mlx_version"] == ".".join(mx.__version__.split("+")[0].split(".")[:3])
 
 
-# ------------------------------------------------------------ fastlinear layers
+# ------------------------------------------------------------ decode-step ops
+
+
+def _rand(rng: np.random.Generator, *shape: int) -> mx.array:
+    return mx.array(rng.standard_normal(shape).astype(np.float32))
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 1, 896), (2, 7, 33), (5, 1)])
+def test_rms_norm_matches_mlx(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(len(shape))
+    x, r, w = _rand(rng, *shape), _rand(rng, *shape), _rand(rng, shape[-1])
+    (y,) = K.rms_norm(x, w, 1e-6)
+    assert rel_err(y, mx.fast.rms_norm(x, w, 1e-6)) <= TOL
+    h, y2 = K.rms_norm(x.astype(mx.bfloat16), w.astype(mx.bfloat16), 1e-5, r)
+    xb = x.astype(mx.bfloat16).astype(mx.float32)
+    wb = w.astype(mx.bfloat16).astype(mx.float32)
+    assert mx.array_equal(h, xb + r)
+    assert rel_err(y2, mx.fast.rms_norm(xb + r, wb, 1e-5)) <= TOL
+
+
+def _heads(qkv: mx.array, hq: int, hkv: int) -> list[mx.array]:
+    b, L, width = qkv.shape
+    d = width // (hq + 2 * hkv)
+    parts = mx.split(qkv, [hq * d, (hq + hkv) * d], axis=-1)
+    return [p.reshape(b, L, -1, d).transpose(0, 2, 1, 3) for p in parts]
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("b", "L", "hq", "hkv", "d", "dims", "offset"),
+    [(1, 1, 14, 2, 64, 64, 300), (2, 5, 4, 2, 16, 16, 0), (1, 3, 2, 1, 24, 16, 7)],
+)
+def test_rope_split_matches_mlx(b, L, hq, hkv, d, dims, offset) -> None:
+    rng = np.random.default_rng(d + L)
+    qkv = _rand(rng, b, L, (hq + 2 * hkv) * d)
+    base, scale = 1e6, 1.0 if offset else 0.5
+    inv = fastlinear._rope_inv_freq(dims, base)
+    q, k, v = K.rope_split(qkv, inv, hq, hkv, dims, scale, offset)
+    rq, rk, rv = _heads(qkv, hq, hkv)
+    rope = {"traditional": False, "base": base, "scale": scale, "offset": offset}
+    assert rel_err(q, mx.fast.rope(rq, dims, **rope)) <= TOL
+    assert rel_err(k, mx.fast.rope(rk, dims, **rope)) <= TOL
+    assert mx.array_equal(v, rv)
+
+
+@needs_kernels
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    ("b", "L", "hq", "hkv", "T"), [(1, 1, 14, 2, 140), (2, 6, 4, 2, 9), (1, 4, 3, 3, 4)]
+)
+def test_attention_matches_mlx(b, L, hq, hkv, T, causal) -> None:
+    rng = np.random.default_rng(T + L)
+    d = 64
+    q = _rand(rng, b, hq, L, d)
+    # keys and values as the KV cache hands them over: slices of larger buffers
+    kbuf, vbuf = _rand(rng, b, hkv, T + 20, d), _rand(rng, b, hkv, T + 20, d)
+    k, v = kbuf[..., :T, :], vbuf[..., 3 : T + 3, :]
+    y = K.attention(q, k, v, d**-0.5, causal)
+    ref = mx.fast.scaled_dot_product_attention(
+        q, k, v, scale=d**-0.5, mask="causal" if causal else None
+    )
+    assert y.shape == (b, L, hq * d)
+    assert rel_err(y, ref.transpose(0, 2, 1, 3).reshape(b, L, -1)) <= TOL
+
+
+@needs_kernels
+def test_swiglu_matches_mlx() -> None:
+    rng = np.random.default_rng(4)
+    h = _rand(rng, 2, 3, 2 * 77) * 4
+    assert rel_err(K.swiglu(h), nn.silu(h[..., :77]) * h[..., 77:]) <= TOL
+
+
+@needs_kernels
+def test_decode_ops_inside_compile() -> None:
+    rng = np.random.default_rng(8)
+    w, inv = _rand(rng, 48), fastlinear._rope_inv_freq(16, 1e4)
+
+    def layer(x, kc, vc):
+        (n,) = K.rms_norm(x, w, 1e-6)
+        q, k, v = K.rope_split(n, inv, 1, 1, 16, 1.0, 5)
+        k = mx.concatenate([kc, k], axis=2)
+        v = mx.concatenate([vc, v], axis=2)
+        return K.swiglu(K.attention(q, k, v, 0.25, True) * 2.0)
+
+    x, kc, vc = _rand(rng, 1, 2, 48), _rand(rng, 1, 1, 5, 16), _rand(rng, 1, 1, 5, 16)
+    assert rel_err(mx.compile(layer)(x, kc, vc), layer(x, kc, vc)) <= 1e-6
+
+
+# ------------------------------------------------------------ fastlinear swapping
 
 
 def tiny_precision(base: Qwen2LM, precision: str) -> Qwen2LM:
+    """A copy of `base` at a precision; `bf16-in-fp32`: float32 holding bf16-rounded weights."""
     model = Qwen2LM.from_weights(base.config, weights_of(base))
-    if precision == "bf16":
+    if precision in ("bf16", "bf16-in-fp32"):
         cast(model, "bfloat16")
-    else:
+    elif precision == "8bit":
         quantize(model, bits=8, group_size=64)
+    if precision == "bf16-in-fp32":
+        cast(model, "float32")
     return model
 
 
 @needs_kernels
-@pytest.mark.parametrize("precision", ["bf16", "8bit"])
-def test_use_kernels_swaps_and_fuses(precision: str) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "8bit"])
+def test_use_kernels_swaps_layers(precision: str) -> None:
     model = tiny_precision(random_tiny(0), precision)
     n = fastlinear.use_kernels(model)
     layers = TINY.qwen.num_hidden_layers
-    # per layer q, k, v, o, gate, up, down; plus llm_decoder in bf16 (it stays fp32 in 8-bit)
-    assert n == 7 * layers + (precision == "bf16")
-    attn, mlp = model.llm.layers[0].self_attn, model.llm.layers[0].mlp
-    assert isinstance(attn.q_proj, fastlinear.FusedPart)
-    assert isinstance(mlp.up_proj, fastlinear.FusedPart)
-    assert isinstance(attn.o_proj, fastlinear.KernelLinear)
-    assert isinstance(mlp.down_proj, fastlinear.KernelLinear)
-    assert isinstance(
-        model.llm_decoder, fastlinear.KernelLinear if precision == "bf16" else nn.Linear
-    )
+    # the decoder layers, the final norm; llm_decoder only in bf16 (fp32 in the others)
+    assert n == layers + 1 + (precision == "bf16")
+    assert all(isinstance(layer, fastlinear.KernelBlock) for layer in model.llm.layers)
+    assert isinstance(model.llm.norm, fastlinear.KernelRMSNorm)
+    decoder = fastlinear.KernelLinear if precision == "bf16" else nn.Linear
+    assert isinstance(model.llm_decoder, decoder)
     keys = dict(tree_flatten(model.parameters()))
-    fused = keys["llm.layers.0.self_attn.q_proj.fused.weight"]
     q = TINY.qwen
-    head = q.hidden_size // q.num_attention_heads
-    assert fused.shape[0] == q.hidden_size + 2 * q.num_key_value_heads * head
-    assert "llm.layers.0.self_attn.k_proj.weight" not in keys
+    qkv_rows = q.hidden_size + 2 * q.num_key_value_heads * (q.hidden_size // q.num_attention_heads)
+    assert keys["llm.layers.0.qkv.weight"].shape[0] == qkv_rows
+    assert keys["llm.layers.0.gate_up.weight"].shape[0] == 2 * q.intermediate_size
+    assert "llm.layers.0.self_attn.q_proj.weight" not in keys
 
 
-@needs_kernels
-def test_fused_parts_in_any_order() -> None:
-    rng = np.random.default_rng(1)
-    layers = {}
-    parent = nn.Module()
-    for name, n in (("q_proj", 8), ("k_proj", 4), ("v_proj", 4)):
-        lin = nn.Linear(16, n)
-        lin.set_dtype(mx.bfloat16)
-        setattr(parent, name, lin)
-        layers[name] = lin
-    x = mx.array(rng.standard_normal((1, 2, 16)).astype(np.float32))
-    want = {k: (x @ v.weight.astype(mx.float32).T + v.bias) for k, v in layers.items()}
-    assert fastlinear.use_kernels(parent) == 3
-    # k before q, a part called twice with the same x, then another x
-    assert rel_err(parent.k_proj(x), want["k_proj"]) <= TOL
-    assert rel_err(parent.q_proj(x), want["q_proj"]) <= TOL
-    assert rel_err(parent.q_proj(x), want["q_proj"]) <= TOL
-    x2 = x * 2
-    assert rel_err(parent.v_proj(x2), 2 * want["v_proj"] - layers["v_proj"].bias) <= TOL
-    assert rel_err(parent.v_proj(x), want["v_proj"]) <= TOL
-
-
-def test_float32_and_float16_layers_are_left_alone() -> None:
-    model = random_tiny(0)
-    assert fastlinear.use_kernels(model) == 0
-    assert isinstance(model.llm.layers[0].self_attn.q_proj, nn.Linear)
+def test_float16_models_are_left_alone() -> None:
+    model = tiny_precision(random_tiny(0), "fp32")
     cast(model, "float16")
     assert fastlinear.use_kernels(model) == 0
+    assert isinstance(model.llm.layers[0].self_attn.q_proj, nn.Linear)
 
 
 # ------------------------------------------------------------------ speech LM
@@ -387,17 +457,20 @@ def tiny_base(request) -> Qwen2LM:
     return scaled_tiny()
 
 
+# The unswapped model computing the same function: bf16 with kernels is the float32
+# model with bf16-rounded weights (activations stay float32 on the kernel path).
+REFERENCE = {"fp32": "fp32", "bf16": "bf16-in-fp32", "8bit": "8bit"}
+
+
 @needs_kernels
-@pytest.mark.parametrize("precision", ["bf16", "8bit"])
+@pytest.mark.parametrize("precision", list(REFERENCE))
 def test_llm_with_and_without_kernels(tiny_base: Qwen2LM, precision: str, capsys) -> None:
-    """The same swapped model on the kernels and on MLX's ops: logits and 120 greedy tokens."""
+    """Kernels against MLX's own model at the same precision: logits, 120 greedy tokens."""
     model = tiny_precision(tiny_base, precision)
     assert fastlinear.use_kernels(model) > 0
-    with_k = teacher_forced_logits(model)
-    tokens_k = greedy_tokens(model)
-    with fastlinear.mlx_ops():
-        without = teacher_forced_logits(model)
-        tokens = greedy_tokens(model)
+    reference = tiny_precision(tiny_base, REFERENCE[precision])
+    with_k, without = teacher_forced_logits(model), teacher_forced_logits(reference)
+    tokens_k, tokens = greedy_tokens(model), greedy_tokens(reference)
     err = logits_rel(with_k, without)
     same = first_difference(tokens_k, tokens)
     with capsys.disabled():
@@ -409,14 +482,16 @@ def test_llm_with_and_without_kernels(tiny_base: Qwen2LM, precision: str, capsys
 
 
 @needs_kernels
-def test_llm_8bit_kernels_equal_mlx_quantized_model(tiny_base: Qwen2LM) -> None:
-    """8-bit: the kernels against MLX's own `QuantizedLinear` model (both exact dequantisation)."""
-    mlx_model = tiny_precision(tiny_base, "8bit")
-    kernel_model = tiny_precision(tiny_base, "8bit")
-    fastlinear.use_kernels(kernel_model)
-    err = logits_rel(teacher_forced_logits(kernel_model), teacher_forced_logits(mlx_model))
-    assert err <= TOL, f"8-bit logits relative error {err:.2e}"
-    assert greedy_tokens(kernel_model) == greedy_tokens(mlx_model)
+@pytest.mark.parametrize("precision", ["bf16", "8bit"])
+def test_swapped_model_on_mlx_ops(precision: str) -> None:
+    """A swapped model off the kernels (`mlx_ops`, as on a GPU) computes the same logits."""
+    base = scaled_tiny()
+    model = tiny_precision(base, precision)
+    fastlinear.use_kernels(model)
+    reference = teacher_forced_logits(tiny_precision(base, REFERENCE[precision]), 20)
+    with fastlinear.mlx_ops():
+        err = logits_rel(teacher_forced_logits(model, 20), reference)
+    assert err <= TOL, f"{precision}: logits relative error {err:.2e} on MLX's ops"
 
 
 @needs_kernels
@@ -464,12 +539,12 @@ def test_environment_switch_disables(monkeypatch) -> None:
 
 
 @needs_kernels
-def test_swapped_layers_fall_back_off_the_cpu(monkeypatch) -> None:
-    """Off the CPU (or in `mlx_ops`), swapped layers use MLX's ops and give the same results."""
+def test_swapped_layers_fall_back_without_the_module(monkeypatch) -> None:
+    """Where the kernels cannot run (here: the module gone), swapped layers use MLX's ops."""
     model = tiny_precision(random_tiny(0), "8bit")
     fastlinear.use_kernels(model)
     want = teacher_forced_logits(model, 3)
-    monkeypatch.setattr(fastlinear, "_module", None)  # as if the kernels could not run here
+    monkeypatch.setattr(fastlinear, "_module", None)
     assert logits_rel(teacher_forced_logits(model, 3), want) <= TOL
 
 
@@ -477,20 +552,21 @@ def test_swapped_layers_fall_back_off_the_cpu(monkeypatch) -> None:
 
 
 def test_load_selects_kernels_by_precision(tiny_mlx_dir: Path) -> None:
-    """`CosyVoice2.load(llm_kernels=...)`: kernels for a bf16 or 8-bit LM when installed."""
+    """`CosyVoice2.load(llm_kernels=...)`: kernel layers when installed, MLX's own with "off"."""
     from cosyvoice2.model import CosyVoice2
 
-    fp32 = CosyVoice2.load(tiny_mlx_dir)
-    assert fp32.meta["llm_kernels"] == "off"  # nothing for the kernels in a float32 LM
     off = CosyVoice2.load(tiny_mlx_dir, llm_bits=8, llm_kernels="off")
     assert off.meta["llm_kernels"] == "off"
     assert isinstance(off.llm.llm.layers[0].mlp.down_proj, nn.QuantizedLinear)
-    auto = CosyVoice2.load(tiny_mlx_dir, llm_dtype="bfloat16")
-    down = auto.llm.llm.layers[0].mlp.down_proj
-    if K is None:
-        assert auto.meta["llm_kernels"] == "off" and isinstance(down, nn.Linear)
-    else:
-        assert auto.meta["llm_kernels"] == fastlinear.describe() != "off"
-        assert isinstance(down, fastlinear.KernelLinear)
+    for kwargs in ({}, {"llm_dtype": "bfloat16"}, {"llm_bits": 8}):
+        auto = CosyVoice2.load(tiny_mlx_dir, **kwargs)
+        layer = auto.llm.llm.layers[0]
+        if K is None:
+            assert auto.meta["llm_kernels"] == "off" and not isinstance(
+                layer, fastlinear.KernelBlock
+            )
+        else:
+            assert auto.meta["llm_kernels"] == fastlinear.describe() != "off"
+            assert isinstance(layer, fastlinear.KernelBlock)
     with pytest.raises(ValueError, match="llm_kernels"):
         CosyVoice2.load(tiny_mlx_dir, llm_kernels="on")

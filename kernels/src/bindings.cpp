@@ -5,6 +5,7 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "decode_ops.h"
 #include "linear.h"
 #include "mlx/version.h"
 
@@ -26,6 +27,21 @@ NB_MODULE(_ext, m) {
         "stream"_a = nb::none(),
         "y = x @ mx.dequantize(w, scales, biases, group_size, bits).T (+ bias), affine 8-bit\n"
         "weights in mx.quantize's layout. Returns (..., N) float32. CPU stream only.");
+  m.def("rms_norm", &cv2k::rms_norm, "x"_a, "w"_a, "eps"_a, "residual"_a = nb::none(),
+        nb::kw_only(), "stream"_a = nb::none(),
+        "x * rsqrt(mean(x**2, -1) + eps) * w in float32, as a list [y]; with residual r,\n"
+        "h = x + r first and the list is [h, rms_norm(h)].");
+  m.def("rope_split", &cv2k::rope_split, "qkv"_a, "inv_freq"_a, "n_heads"_a, "n_kv_heads"_a,
+        "dims"_a, "scale"_a, "offset"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "Fused projection (B, L, (Hq + 2 Hkv) * D) -> [q (B, Hq, L, D), k, v (B, Hkv, L, D)],\n"
+        "rotary embeddings (non-traditional) on q and k at positions offset + t:\n"
+        "theta_i = (offset + t) * scale * inv_freq[i].");
+  m.def("attention", &cv2k::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a,
+        nb::kw_only(), "stream"_a = nb::none(),
+        "softmax(scale * q k^T) v, grouped heads, optional causal mask aligned to the last\n"
+        "queries: q (B, Hq, L, D), k, v (B, Hkv, T, D) -> (B, L, Hq * D) float32.");
+  m.def("swiglu", &cv2k::swiglu, "h"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "silu(h[..., :F]) * h[..., F:] for h (..., 2F), float32.");
   m.def("isa", &cv2k::isa, "The instruction-set variant in use.");
   m.def("available_isas", &cv2k::available_isas, "Variants this CPU can run, best first.");
   m.def("set_isa", &cv2k::set_isa, "name"_a, "Select a variant by name, or 'auto'.");

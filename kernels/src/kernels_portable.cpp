@@ -66,30 +66,28 @@ inline float scale_at(const void* s, bool is_bf16, int64_t i) {
 }
 
 void q8_cols(const Q8Args& p, int64_t n0, int64_t n1) {
-  const int64_t gs = p.group_size;
+  const int64_t gs = p.group_size;  // <= 128 = kChunk / 2
   const int64_t ng = p.K / gs;
   float wf[kChunk];
   for (int64_t mb0 = 0; mb0 < p.M; mb0 += kRowBlock) {
     int64_t mb = p.M - mb0 < kRowBlock ? p.M - mb0 : kRowBlock;
     const float* x = p.x + mb0 * p.K;
     for (int64_t n = n0; n < n1; ++n) {
-      float acc[kRowBlock][kLanes] = {};
+      float out[kRowBlock] = {};
       const uint8_t* wr = p.w + n * p.K;
-      for (int64_t k0 = 0; k0 < p.K; k0 += kChunk) {
-        int64_t kn = p.K - k0 < kChunk ? p.K - k0 : kChunk;
-        for (int64_t k = 0; k < kn; ++k) {
-          wf[k] = static_cast<float>(wr[k0 + k]) * scale_at(p.scales, p.scale_bf16, n * ng + (k0 + k) / gs);
+      for (int64_t g = 0; g < ng; ++g) {
+        // y += scale * (x . q) + zero * sum(x) over the group
+        for (int64_t k = 0; k < gs; ++k) wf[k] = static_cast<float>(wr[g * gs + k]);
+        float dot[kRowBlock][kLanes] = {};
+        accumulate(dot, x, p.K, mb, g * gs, wf, gs);
+        const float s = scale_at(p.scales, p.scale_bf16, n * ng + g);
+        const float z = scale_at(p.zeros, p.scale_bf16, n * ng + g);
+        for (int64_t m = 0; m < mb; ++m) {
+          out[m] += s * lane_sum(dot[m]) + z * p.xsum[(mb0 + m) * ng + g];
         }
-        accumulate(acc, x, p.K, mb, k0, wf, kn);
       }
-      float b = p.bias ? p.bias[n] : 0.0f;
-      for (int64_t m = 0; m < mb; ++m) {
-        // the zero points: sum_g zero[n][g] * sum_{k in g} x[m][k]
-        const float* xs = p.xsum + (mb0 + m) * ng;
-        float z = 0.0f;
-        for (int64_t g = 0; g < ng; ++g) z += scale_at(p.zeros, p.scale_bf16, n * ng + g) * xs[g];
-        p.y[(mb0 + m) * p.N + n] = lane_sum(acc[m]) + z + b;
-      }
+      const float b = p.bias ? p.bias[n] : 0.0f;
+      for (int64_t m = 0; m < mb; ++m) p.y[(mb0 + m) * p.N + n] = out[m] + b;
     }
   }
 }

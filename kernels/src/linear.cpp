@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "common.h"
 #include "kernels.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -53,50 +54,6 @@ std::atomic<const KernelTable*>& current_table() {
     return supported_tables()[0];
   }()};
   return table;
-}
-
-// -------------------------------------------------------------- input views
-
-// A row-major view of an evaluated input; non-contiguous inputs are copied into `own`.
-struct Dense {
-  const void* ptr = nullptr;
-  std::vector<uint8_t> own;
-};
-
-struct Strided {
-  const uint8_t* base;
-  size_t itemsize;
-  mx::Shape shape;
-  mx::Strides strides;
-  bool contiguous;
-};
-
-Strided describe(const mx::array& a) {
-  return {static_cast<const uint8_t*>(a.data<void>()), a.itemsize(), a.shape(), a.strides(),
-          static_cast<bool>(a.flags().row_contiguous)};
-}
-
-void densify(const Strided& s, Dense& d) {
-  if (s.contiguous) {
-    d.ptr = s.base;
-    return;
-  }
-  size_t n = 1;
-  for (auto v : s.shape) n *= static_cast<size_t>(v);
-  d.own.resize(n * s.itemsize);
-  const int nd = static_cast<int>(s.shape.size());
-  std::vector<int64_t> idx(nd, 0);
-  for (size_t i = 0; i < n; ++i) {
-    int64_t off = 0;
-    for (int a = 0; a < nd; ++a) off += idx[a] * s.strides[a];
-    std::memcpy(d.own.data() + i * s.itemsize, s.base + off * static_cast<int64_t>(s.itemsize),
-                s.itemsize);
-    for (int a = nd - 1; a >= 0; --a) {
-      if (++idx[a] < s.shape[a]) break;
-      idx[a] = 0;
-    }
-  }
-  d.ptr = d.own.data();
 }
 
 // ------------------------------------------------------------- parallel run
@@ -180,16 +137,6 @@ void compute_q8(const float* x, const uint8_t* w, const void* scales, const void
   }
   Q8Args a{x, xs.data(), w, scales, zeros, bias, y, M, K, N, group_size, scale_bf16};
   run_columns<Q8Args>(a, t->q8_cols);
-}
-
-mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op) {
-  mx::Stream stream = mx::to_stream(s);
-  if (stream.device.type != mx::Device::DeviceType::cpu) {
-    std::ostringstream msg;
-    msg << op << ": CPU only (use MLX's own ops on other devices)";
-    throw std::invalid_argument(msg.str());
-  }
-  return stream;
 }
 
 mx::Shape output_shape(const mx::array& x, int n) {

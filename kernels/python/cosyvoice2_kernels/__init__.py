@@ -6,7 +6,17 @@
   one converted model serves Metal (MLX's own kernels) and the CPU (these).
 
 Both take `x` (..., K) (converted to float32), accumulate in float32 and return
-(..., N) float32. They are lazy MLX operations on the CPU stream, usable inside
+(..., N) float32. The rest of a transformer decode step, each one graph node where
+MLX's CPU path builds `mx.fast.rms_norm`, `mx.fast.rope` and
+`mx.fast.scaled_dot_product_attention` from 7-20 basic ops:
+
+- `rms_norm(x, w, eps, residual=None)`: `[y]`, or `[x + residual, y(x + residual)]`;
+- `rope_split(qkv, inv_freq, n_heads, n_kv_heads, dims, scale, offset)`: a fused q/k/v
+  projection to `[q, k, v]` in (B, H, L, D), rotary embeddings on q and k;
+- `attention(q, k, v, scale, causal)`: grouped-head attention to (B, L, Hq * D);
+- `swiglu(h)`: `silu(gate) * up` from the fused gate/up projection.
+
+All are lazy MLX operations on the CPU stream in float32, usable inside
 `mx.compile`; they have no gradient and no GPU implementation (callers use MLX's
 own ops there, see `cosyvoice2.fastlinear`).
 
@@ -33,13 +43,17 @@ from . import _ext
 
 __all__ = [
     "BUILD_INFO",
+    "attention",
     "available_isas",
     "isa",
     "linear_bf16",
     "linear_q8",
     "num_threads",
+    "rms_norm",
+    "rope_split",
     "set_isa",
     "set_num_threads",
+    "swiglu",
 ]
 
 BUILD_INFO: dict = dict(_ext.build_info())
@@ -58,6 +72,10 @@ if _release(mx.__version__) != BUILD_INFO["mlx_version"]:
 
 linear_bf16 = _ext.linear_bf16
 linear_q8 = _ext.linear_q8
+rms_norm = _ext.rms_norm
+rope_split = _ext.rope_split
+attention = _ext.attention
+swiglu = _ext.swiglu
 isa = _ext.isa
 available_isas = _ext.available_isas
 set_isa = _ext.set_isa
