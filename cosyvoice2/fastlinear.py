@@ -2,34 +2,34 @@
 
 Why: on the CPU, MLX computes bf16 and quantized matrix-vector products on slow
 paths (NOTES.md: about 5 GFLOP/s for bf16, 8-bit slower than fp32), so a bf16 or
-8-bit speech LM decodes 3-5x slower than in fp32, while decoding is bound by
-reading weights and those precisions read 2-4x fewer bytes. And MLX's CPU path
+quantized speech LM decodes 3-5x slower than in fp32, while decoding is bound by
+reading weights and those precisions read 2-6x fewer bytes. And MLX's CPU path
 builds `mx.fast.rms_norm`, `mx.fast.rope` and `mx.fast.scaled_dot_product_attention`
 from 7-20 basic ops each, about 30-200 us per call at decode shapes, which adds up
 to several milliseconds per token over 24 layers. The kernels (built from
-`kernels/`, optional) read bf16 or 8-bit weights (in `mx.quantize`'s layout, so the
+`kernels/`, optional) read bf16, 8- or 4-bit weights (in `mx.quantize`'s layout, so the
 converted model is the one Metal uses) with fp32 accumulation, and do each of those
 small operations as one graph node.
 
 `use_kernels(model)` swaps, in place:
 
 - each Qwen2 decoder layer (mlx-lm's `TransformerBlock`: RMSNorm, attention with
-  plain rotary embeddings, SwiGLU MLP) whose projections are bfloat16, 8-bit affine
-  or float32 for a `KernelBlock`: q/k/v fused into one projection and gate/up into
+  plain rotary embeddings, SwiGLU MLP) whose projections are bfloat16, 8- or 4-bit
+  affine or float32 for a `KernelBlock`: q/k/v fused into one projection and gate/up into
   another, so a layer is about 12 graph nodes instead of about 110;
 - then the other `nn.RMSNorm`s (the final norm) for `KernelRMSNorm`;
-- the other bfloat16 and 8-bit `Linear`s (e.g. `llm_decoder`) for `KernelLinear`.
+- the other bfloat16 and 8- or 4-bit `Linear`s (e.g. `llm_decoder`) for `KernelLinear`.
 
 Float32 projections stay on MLX's matmul (OpenBLAS serves them well); float16
 models are left alone. Nothing is swapped when the extension is not importable, or
 `COSYVOICE2_KERNELS` is `0`/`off` when the model is swapped.
 
 Numerics: everything after the embeddings runs in float32 (x converted, float32
-accumulation), as MLX's own path does for a float32 or 8-bit model: the swapped
+accumulation), as MLX's own path does for a float32 or quantized model: the swapped
 model computes the same function as the unswapped one up to summation order. For
 a bf16 model it computes the float32 model with bf16-rounded weights, where MLX's
 bf16 path also rounds every activation to bf16: the kernel path is the more
-precise one. 8-bit weights are dequantised exactly; x is never quantised.
+precise one. 8- and 4-bit weights are dequantised exactly; x is never quantised.
 
 A swapped model is a runtime form: its parameters are renamed and fused (e.g.
 `llm.layers.0.qkv.weight`), so save weights from an unswapped model (the converter
@@ -122,7 +122,7 @@ def _active() -> ModuleType | None:
 
 
 class KernelLinear(nn.Module):
-    """y = x W^T (+ bias), W bfloat16, 8-bit affine (`scales`, `biases`) or float32.
+    """y = x W^T (+ bias), W bfloat16, 8- or 4-bit affine (`scales`, `biases`) or float32.
 
     x is taken in float32 and y is float32, on the kernels and on MLX's ops alike
     (float32 weights always use MLX's matmul). `bias` is kept in float32.
@@ -146,14 +146,14 @@ class KernelLinear(nn.Module):
             self.bias = bias.astype(mx.float32)
         self.group_size = group_size
         self.bits = bits
-        self.kind = "q8" if scales is not None else "bf16" if weight.dtype == mx.bfloat16 else "f32"
+        self.kind = "q" if scales is not None else "bf16" if weight.dtype == mx.bfloat16 else "f32"
         self.freeze()
 
     def __call__(self, x: mx.array) -> mx.array:
         bias = self.get("bias")
         k = _active()
-        if k is not None and self.kind == "q8":
-            return k.linear_q8(
+        if k is not None and self.kind == "q":
+            return k.linear_quantized(
                 x,
                 self.weight,
                 self.scales,
@@ -165,7 +165,7 @@ class KernelLinear(nn.Module):
         if k is not None and self.kind == "bf16":
             return k.linear_bf16(x, self.weight, bias)
         x = x.astype(mx.float32)
-        if self.kind == "q8":
+        if self.kind == "q":
             y = mx.quantized_matmul(
                 x,
                 self.weight,
@@ -286,7 +286,7 @@ def _spec(module: nn.Module, float32: bool = False) -> dict[str, Any] | None:
     if isinstance(module, nn.QuantizedLinear):
         if (
             getattr(module, "mode", "affine") != "affine"
-            or module.bits != 8
+            or module.bits not in (4, 8)
             or module.group_size not in GROUP_SIZES
             or module.get("biases") is None
         ):
@@ -365,7 +365,7 @@ def _block_specs(block: nn.Module) -> dict[str, dict[str, Any]] | None:
                 return None
             specs[name] = spec
     kinds = {
-        ("q8", s["group_size"], s["scales"].dtype) if "scales" in s else s["weight"].dtype
+        ("q", s["bits"], s["group_size"], s["scales"].dtype) if "scales" in s else s["weight"].dtype
         for s in specs.values()
     }
     in_dims = {specs[n]["weight"].shape[1] for n in ("q_proj", "k_proj", "v_proj")}
@@ -376,7 +376,7 @@ def _block_specs(block: nn.Module) -> dict[str, dict[str, Any]] | None:
 
 
 def use_kernels(model: nn.Module) -> int:
-    """Swap `model`'s decoder layers, norms and bf16/8-bit linears for kernel modules, in place.
+    """Swap `model`'s decoder layers, norms and bf16/quantized linears for kernel modules, in place.
 
     Returns the number of modules swapped: 0 (and nothing changes) when the kernels
     are not available or disabled (`COSYVOICE2_KERNELS=0`), or the model has nothing

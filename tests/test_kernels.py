@@ -6,14 +6,14 @@ package without the extension always run.
 
 Tolerances (max |y - ref| over max |ref|, "relative to the output scale"):
 - primitives: <= 1e-5 against float32 `mx.matmul` on the same bf16-rounded x and W
-  (bf16), or on `mx.dequantize`'s weights (8-bit). There is no fast mode: x is never
+  (bf16), or on `mx.dequantize`'s weights (8 and 4 bits). There is no fast mode: x is never
   quantised, every variant converts the weights exactly and accumulates in float32,
   so only the summation order differs from the reference;
 - decode-step ops (rms_norm, rope_split, attention, swiglu): <= 1e-5 against
   `mx.fast.rms_norm`, `mx.fast.rope`, `mx.fast.scaled_dot_product_attention` and
   `nn.silu`;
 - speech LM at one precision with and without the kernels, against MLX's own
-  unswapped model computing the same function (fp32; 8-bit with MLX's
+  unswapped model computing the same function (fp32; 8 and 4 bits with MLX's
   `QuantizedLinear`; bf16 as the fp32 model holding the bf16-rounded weights, since
   the kernel path keeps activations in fp32): logits of a prefill and 100 cached
   steps <= 1e-5, greedy tokens identical over 120 steps. That bound is tight enough
@@ -99,7 +99,7 @@ def test_bf16_matches_matmul(isa: str, m: int, k: int, n: int, with_bias: bool) 
     assert err <= TOL, f"{isa} bf16 {m}x{k} @ {n}: relative error {err:.2e}"
 
 
-Q8_SHAPES = [  # (rows, K, N, group size): K must be a multiple of the group size
+Q_SHAPES = [  # (rows, K, N, group size): K must be a multiple of the group size
     (1, 64, 1, 64),
     (2, 96, 5, 32),
     (3, 128, 37, 128),
@@ -114,34 +114,35 @@ Q8_SHAPES = [  # (rows, K, N, group size): K must be a multiple of the group siz
 
 
 @needs_kernels
-@pytest.mark.parametrize(("m", "k", "n", "gs"), Q8_SHAPES)
+@pytest.mark.parametrize(("m", "k", "n", "gs"), Q_SHAPES)
 @pytest.mark.parametrize("scale_dtype", ["float32", "bfloat16"])
-def test_q8_matches_dequantized_matmul(
-    isa: str, m: int, k: int, n: int, gs: int, scale_dtype: str
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_matches_dequantized_matmul(
+    isa: str, m: int, k: int, n: int, gs: int, scale_dtype: str, bits: int
 ) -> None:
     rng = np.random.default_rng(m * 1000 + k + n + gs)
     x = mx.array(rng.standard_normal((m, k)).astype(np.float32))
     w = mx.array(rng.standard_normal((n, k)).astype(np.float32)).astype(getattr(mx, scale_dtype))
-    wq, scales, biases = mx.quantize(w, group_size=gs, bits=8)
+    wq, scales, biases = mx.quantize(w, group_size=gs, bits=bits)
     bias = mx.array(rng.standard_normal(n).astype(np.float32))
-    y = K.linear_q8(x, wq, scales, biases, bias, group_size=gs, bits=8)
+    y = K.linear_quantized(x, wq, scales, biases, bias, group_size=gs, bits=bits)
     # the exact weights: dequantised in float32 from the stored scales and biases
     wd = mx.dequantize(
-        wq, scales.astype(mx.float32), biases.astype(mx.float32), group_size=gs, bits=8
+        wq, scales.astype(mx.float32), biases.astype(mx.float32), group_size=gs, bits=bits
     )
     ref = x @ wd.T + bias
     assert y.dtype == mx.float32 and y.shape == (m, n)
     err = rel_err(y, ref)
-    assert err <= TOL, f"{isa} q8 {m}x{k} @ {n} (gs {gs}, {scale_dtype}): relative error {err:.2e}"
+    assert err <= TOL, f"{isa} {bits}-bit {m}x{k} @ {n} (gs {gs}, {scale_dtype}): error {err:.2e}"
 
 
 @needs_kernels
-def test_q8_float16_scales_are_converted(isa: str) -> None:
+def test_quantized_float16_scales_are_converted(isa: str) -> None:
     rng = np.random.default_rng(5)
     x = mx.array(rng.standard_normal((2, 128)).astype(np.float32))
     w = mx.array(rng.standard_normal((9, 128)).astype(np.float16))
     wq, scales, biases = mx.quantize(w, group_size=64, bits=8)
-    y = K.linear_q8(x, wq, scales, biases, group_size=64)
+    y = K.linear_quantized(x, wq, scales, biases, group_size=64)
     wd = mx.dequantize(
         wq, scales.astype(mx.float32), biases.astype(mx.float32), group_size=64, bits=8
     )
@@ -166,7 +167,7 @@ def test_leading_dims_strided_inputs_and_empty_rows(isa: str) -> None:
 
 
 @needs_kernels
-@pytest.mark.parametrize("kind", ["bf16", "q8"])
+@pytest.mark.parametrize("kind", ["bf16", "q8", "q4"])
 def test_results_do_not_depend_on_threads(kind: str) -> None:
     rng = np.random.default_rng(11)
     x = mx.array(rng.standard_normal((3, 896)).astype(np.float32))
@@ -178,10 +179,11 @@ def test_results_do_not_depend_on_threads(kind: str) -> None:
             return K.linear_bf16(x, wb)
 
     else:
-        q = mx.quantize(w, group_size=64, bits=8)
+        bits = 8 if kind == "q8" else 4
+        q = mx.quantize(w, group_size=64, bits=bits)
 
         def f() -> mx.array:
-            return K.linear_q8(x, *q)
+            return K.linear_quantized(x, *q, group_size=64, bits=bits)
 
     threads = K.num_threads()
     try:
@@ -202,13 +204,15 @@ def test_results_do_not_depend_on_threads(kind: str) -> None:
 def test_inside_compile(shapeless: bool) -> None:
     rng = np.random.default_rng(3)
     w = mx.array(rng.standard_normal((37, 100)).astype(np.float32)).astype(mx.bfloat16)
-    q = mx.quantize(mx.array(rng.standard_normal((37, 128)).astype(np.float32)), 64, 8)
+    w8 = mx.array(rng.standard_normal((37, 128)).astype(np.float32))
+    q = mx.quantize(w8, 64, 8) + mx.quantize(w8, 64, 4)
     b = mx.array(rng.standard_normal(37).astype(np.float32))
 
-    def step(x, x8, w, b, wq, s, z):
+    def step(x, x8, w, b, wq, s, z, wq4, s4, z4):
         y = K.linear_bf16(x, w, b)
-        y8 = K.linear_q8(x8, wq, s, z, group_size=64, bits=8)
-        return mx.tanh(y) * 2.0 + y8
+        y8 = K.linear_quantized(x8, wq, s, z, group_size=64, bits=8)
+        y4 = K.linear_quantized(x8, wq4, s4, z4, group_size=64, bits=4)
+        return mx.tanh(y) * 2.0 + y8 - y4
 
     compiled = mx.compile(step, shapeless=shapeless)
     for m in (1, 4, 8):
@@ -242,11 +246,11 @@ def test_bad_arguments_raise() -> None:
         K.linear_bf16(x, w, mx.ones((4,)))
     wq, s, z = mx.quantize(mx.ones((3, 64)), group_size=64, bits=8)
     with pytest.raises(ValueError, match="bits"):
-        K.linear_q8(x, wq, s, z, group_size=64, bits=4)
+        K.linear_quantized(x, wq, s, z, group_size=64, bits=2)
     with pytest.raises(ValueError, match="group_size"):
-        K.linear_q8(x, wq, s, z, group_size=16, bits=8)
+        K.linear_quantized(x, wq, s, z, group_size=16, bits=8)
     with pytest.raises(ValueError, match="scales"):
-        K.linear_q8(x, wq, s[:, :0], z, group_size=64, bits=8)
+        K.linear_quantized(x, wq, s[:, :0], z, group_size=64, bits=8)
     if mx.is_available(mx.gpu):
         with pytest.raises(ValueError, match="CPU only"):
             K.linear_bf16(x, w, stream=mx.gpu)
@@ -359,15 +363,15 @@ def tiny_precision(base: Qwen2LM, precision: str) -> Qwen2LM:
     model = Qwen2LM.from_weights(base.config, weights_of(base))
     if precision in ("bf16", "bf16-in-fp32"):
         cast(model, "bfloat16")
-    elif precision == "8bit":
-        quantize(model, bits=8, group_size=64)
+    elif precision in ("8bit", "4bit"):
+        quantize(model, bits=int(precision[0]), group_size=64)
     if precision == "bf16-in-fp32":
         cast(model, "float32")
     return model
 
 
 @needs_kernels
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "8bit"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "8bit", "4bit"])
 def test_use_kernels_swaps_layers(precision: str) -> None:
     model = tiny_precision(random_tiny(0), precision)
     n = fastlinear.use_kernels(model)
@@ -459,7 +463,7 @@ def tiny_base(request) -> Qwen2LM:
 
 # The unswapped model computing the same function: bf16 with kernels is the float32
 # model with bf16-rounded weights (activations stay float32 on the kernel path).
-REFERENCE = {"fp32": "fp32", "bf16": "bf16-in-fp32", "8bit": "8bit"}
+REFERENCE = {"fp32": "fp32", "bf16": "bf16-in-fp32", "8bit": "8bit", "4bit": "4bit"}
 
 
 @needs_kernels

@@ -22,11 +22,11 @@ NB_MODULE(_ext, m) {
         "stream"_a = nb::none(),
         "y = x @ w.T (+ bias): x (..., K) float, w (N, K) bfloat16, bias (N,) or None.\n"
         "Returns (..., N) float32 (fp32 accumulation). CPU stream only; lazy like any MLX op.");
-  m.def("linear_q8", &cv2k::linear_q8, "x"_a, "w"_a, "scales"_a, "biases"_a,
+  m.def("linear_quantized", &cv2k::linear_quantized, "x"_a, "w"_a, "scales"_a, "biases"_a,
         "bias"_a = nb::none(), nb::kw_only(), "group_size"_a = 64, "bits"_a = 8,
         "stream"_a = nb::none(),
-        "y = x @ mx.dequantize(w, scales, biases, group_size, bits).T (+ bias), affine 8-bit\n"
-        "weights in mx.quantize's layout. Returns (..., N) float32. CPU stream only.");
+        "y = x @ mx.dequantize(w, scales, biases, group_size, bits).T (+ bias), affine 8- or\n"
+        "4-bit weights in mx.quantize's layout. Returns (..., N) float32. CPU stream only.");
   m.def("rms_norm", &cv2k::rms_norm, "x"_a, "w"_a, "eps"_a, "residual"_a = nb::none(),
         nb::kw_only(), "stream"_a = nb::none(),
         "x * rsqrt(mean(x**2, -1) + eps) * w in float32, as a list [y]; with residual r,\n"

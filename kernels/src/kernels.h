@@ -22,30 +22,34 @@ struct Bf16Args {
   int64_t M, K, N;
 };
 
-// MLX affine quantisation (`mx.quantize`, bits 8): w[n][k] = scale[n][g] * q[n][k] + zero[n][g],
-// g = k / group_size, q stored as bytes in order (4 per uint32, little-endian).
-struct Q8Args {
+// MLX affine quantisation (`mx.quantize`): w[n][k] = scale[n][g] * q[n][k] + zero[n][g],
+// g = k / group_size. 8 bits: q stored as bytes in order (4 per uint32, little-endian).
+// 4 bits: byte k / 2 holds element k in its low nibble if k is even, else the high one.
+struct QArgs {
   const float* x;       // M x K fp32, row-major
+  const float* xp;      // x permuted as for bf16_cols (4 bits, SIMD variants), or null
   const float* xsum;    // M x (K / group_size): per-group sums of x
-  const uint8_t* w;     // N x K bytes
+  const uint8_t* w;     // N x (K * bits / 8) bytes
   const void* scales;   // N x (K / group_size), fp32 or bf16 (scale_bf16)
   const void* zeros;    // N x (K / group_size), same dtype as scales (MLX's "biases")
   const float* bias;    // N fp32 (the Linear layer's bias), or null
   float* y;             // M x N fp32, row-major
   int64_t M, K, N;
   int group_size;       // 32, 64 or 128
+  int bits;             // 4 or 8
   bool scale_bf16;      // scales/zeros stored as bf16 (else fp32)
 };
 
 // One instruction-set variant.
 struct KernelTable {
   const char* name;
-  // Elements per block of the permuted x used by bf16_cols (0: the kernel reads x
+  // Elements per block of the permuted x used by bf16_cols and q4_cols (0: they read x
   // in order and xp may be null). Block b of 2*h elements is stored as the h even
   // elements followed by the h odd ones, h = xperm_block / 2.
   int xperm_block;
   void (*bf16_cols)(const Bf16Args& a, int64_t n0, int64_t n1);
-  void (*q8_cols)(const Q8Args& a, int64_t n0, int64_t n1);
+  void (*q8_cols)(const QArgs& a, int64_t n0, int64_t n1);
+  void (*q4_cols)(const QArgs& a, int64_t n0, int64_t n1);
 };
 
 const KernelTable* portable_table();

@@ -34,13 +34,20 @@ struct V {
   static F u8(const uint8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
+  // 8 bytes: low nibbles (even elements) to e, high nibbles (odd elements) to o.
+  static void u4x2(const uint8_t* p, F& e, F& o) {
+    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    __m128i mask = _mm_set1_epi8(0x0F);
+    e = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(b, mask)));
+    o = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)));
+  }
   // 16 vector registers: accumulators plus a few temporaries.
   static constexpr int cols(int m) { return m <= 2 ? 4 : m == 3 ? 3 : m <= 6 ? 2 : 1; }
 };
 
 #include "kernels_simd.inc"
 
-const KernelTable kTable = {"avx2", 2 * V::L, bf16_cols, q8_cols};
+const KernelTable kTable = {"avx2", 2 * V::L, bf16_cols, q8_cols, q4_cols};
 
 }  // namespace
 

@@ -30,13 +30,19 @@ struct V {
   static F u8(const uint8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
+  static void u4x2(const uint8_t* p, F& e, F& o) {
+    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    __m128i mask = _mm_set1_epi8(0x0F);
+    e = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, mask)));
+    o = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)));
+  }
   // 32 vector registers.
   static constexpr int cols(int m) { return m <= 4 ? 4 : m <= 6 ? 3 : 2; }
 };
 
 #include "kernels_simd.inc"
 
-const KernelTable kTable = {"avx512", 2 * V::L, bf16_cols, q8_cols};
+const KernelTable kTable = {"avx512", 2 * V::L, bf16_cols, q8_cols, q4_cols};
 
 }  // namespace
 

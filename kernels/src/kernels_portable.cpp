@@ -65,7 +65,7 @@ inline float scale_at(const void* s, bool is_bf16, int64_t i) {
                  : static_cast<const float*>(s)[i];
 }
 
-void q8_cols(const Q8Args& p, int64_t n0, int64_t n1) {
+void q_cols(const QArgs& p, int64_t n0, int64_t n1) {
   const int64_t gs = p.group_size;  // <= 128 = kChunk / 2
   const int64_t ng = p.K / gs;
   float wf[kChunk];
@@ -74,10 +74,18 @@ void q8_cols(const Q8Args& p, int64_t n0, int64_t n1) {
     const float* x = p.x + mb0 * p.K;
     for (int64_t n = n0; n < n1; ++n) {
       float out[kRowBlock] = {};
-      const uint8_t* wr = p.w + n * p.K;
+      const uint8_t* wr = p.w + n * p.K * p.bits / 8;
       for (int64_t g = 0; g < ng; ++g) {
         // y += scale * (x . q) + zero * sum(x) over the group
-        for (int64_t k = 0; k < gs; ++k) wf[k] = static_cast<float>(wr[g * gs + k]);
+        if (p.bits == 8) {
+          for (int64_t k = 0; k < gs; ++k) wf[k] = static_cast<float>(wr[g * gs + k]);
+        } else {
+          const uint8_t* b = wr + g * gs / 2;
+          for (int64_t k = 0; k < gs; k += 2) {
+            wf[k] = static_cast<float>(b[k / 2] & 0x0F);
+            wf[k + 1] = static_cast<float>(b[k / 2] >> 4);
+          }
+        }
         float dot[kRowBlock][kLanes] = {};
         accumulate(dot, x, p.K, mb, g * gs, wf, gs);
         const float s = scale_at(p.scales, p.scale_bf16, n * ng + g);
@@ -92,7 +100,7 @@ void q8_cols(const Q8Args& p, int64_t n0, int64_t n1) {
   }
 }
 
-const KernelTable kTable = {"portable", 0, bf16_cols, q8_cols};
+const KernelTable kTable = {"portable", 0, bf16_cols, q_cols, q_cols};
 
 }  // namespace
 

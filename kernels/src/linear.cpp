@@ -92,40 +92,44 @@ void run_columns(const Args& a, void (*cols)(const Args&, int64_t, int64_t)) {
 }
 
 // Per-call scratch on the stream thread (reused across calls).
-std::vector<float>& scratch() {
-  thread_local std::vector<float> buf;
-  return buf;
+std::vector<float>& scratch(int i) {
+  thread_local std::vector<float> buf[2];
+  return buf[i];
+}
+
+// x permuted for the SIMD bf16 and 4-bit kernels: in each block of B elements, the
+// B / 2 even-indexed ones, then the odd ones (the tail beyond a whole block is unused).
+const float* permuted(const float* x, int64_t M, int64_t K, int64_t B) {
+  const int64_t h = B / 2, Kv = K - K % B;
+  auto& xp = scratch(0);
+  xp.resize(static_cast<size_t>(M * K));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    float* pr = xp.data() + m * K;
+    for (int64_t b = 0; b < Kv; b += B) {
+      for (int64_t j = 0; j < h; ++j) {
+        pr[b + j] = xr[b + 2 * j];
+        pr[b + h + j] = xr[b + 2 * j + 1];
+      }
+    }
+  }
+  return xp.data();
 }
 
 void compute_bf16(const float* x, const uint16_t* w, const float* bias, float* y, int64_t M,
                   int64_t K, int64_t N) {
   const KernelTable* t = current_table().load();
   Bf16Args a{x, nullptr, w, bias, y, M, K, N};
-  if (t->xperm_block > 0) {
-    const int64_t B = t->xperm_block, h = B / 2, Kv = K - K % B;
-    auto& xp = scratch();
-    xp.resize(static_cast<size_t>(M * K));
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xr = x + m * K;
-      float* pr = xp.data() + m * K;
-      for (int64_t b = 0; b < Kv; b += B) {
-        for (int64_t j = 0; j < h; ++j) {
-          pr[b + j] = xr[b + 2 * j];
-          pr[b + h + j] = xr[b + 2 * j + 1];
-        }
-      }
-    }
-    a.xp = xp.data();
-  }
+  if (t->xperm_block > 0) a.xp = permuted(x, M, K, t->xperm_block);
   run_columns<Bf16Args>(a, t->bf16_cols);
 }
 
-void compute_q8(const float* x, const uint8_t* w, const void* scales, const void* zeros,
-                bool scale_bf16, const float* bias, float* y, int64_t M, int64_t K, int64_t N,
-                int group_size) {
+void compute_quantized(const float* x, const uint8_t* w, const void* scales, const void* zeros,
+                       bool scale_bf16, const float* bias, float* y, int64_t M, int64_t K,
+                       int64_t N, int group_size, int bits) {
   const KernelTable* t = current_table().load();
   const int64_t ng = K / group_size;
-  auto& xs = scratch();
+  auto& xs = scratch(1);
   xs.resize(static_cast<size_t>(M * ng));
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t g = 0; g < ng; ++g) {
@@ -135,8 +139,9 @@ void compute_q8(const float* x, const uint8_t* w, const void* scales, const void
       xs[m * ng + g] = s;
     }
   }
-  Q8Args a{x, xs.data(), w, scales, zeros, bias, y, M, K, N, group_size, scale_bf16};
-  run_columns<Q8Args>(a, t->q8_cols);
+  QArgs a{x, nullptr, xs.data(), w, scales, zeros, bias, y, M, K, N, group_size, bits, scale_bf16};
+  if (bits == 4 && t->xperm_block > 0) a.xp = permuted(x, M, K, t->xperm_block);
+  run_columns<QArgs>(a, bits == 4 ? t->q4_cols : t->q8_cols);
 }
 
 mx::Shape output_shape(const mx::array& x, int n) {
@@ -172,25 +177,28 @@ mx::array linear_bf16(const mx::array& x, const mx::array& w, const std::optiona
                    std::move(inputs));
 }
 
-mx::array linear_q8(const mx::array& x, const mx::array& w, const mx::array& scales,
-                    const mx::array& biases, const std::optional<mx::array>& bias, int group_size,
-                    int bits, mx::StreamOrDevice s) {
-  mx::Stream stream = cpu_stream(s, "linear_q8");
-  if (bits != 8) throw std::invalid_argument("linear_q8: only bits=8 is supported");
+mx::array linear_quantized(const mx::array& x, const mx::array& w, const mx::array& scales,
+                           const mx::array& biases, const std::optional<mx::array>& bias,
+                           int group_size, int bits, mx::StreamOrDevice s) {
+  mx::Stream stream = cpu_stream(s, "linear_quantized");
+  if (bits != 8 && bits != 4) throw std::invalid_argument("linear_quantized: bits must be 4 or 8");
   if (group_size != 32 && group_size != 64 && group_size != 128) {
-    throw std::invalid_argument("linear_q8: group_size must be 32, 64 or 128");
+    throw std::invalid_argument("linear_quantized: group_size must be 32, 64 or 128");
   }
   if (w.ndim() != 2 || w.dtype() != mx::uint32) {
-    throw std::invalid_argument("linear_q8: w must be a 2-D uint32 array (N, K * bits / 32)");
+    throw std::invalid_argument(
+        "linear_quantized: w must be a 2-D uint32 array (N, K * bits / 32)");
   }
   const int n = w.shape(0);
   const int k = w.shape(1) * 32 / bits;
   if (x.ndim() < 1 || x.shape(-1) != k) {
-    throw std::invalid_argument("linear_q8: x must have shape (..., K) with K = w.shape[1] * 32 / bits");
+    throw std::invalid_argument(
+        "linear_quantized: x must have shape (..., K) with K = w.shape[1] * 32 / bits");
   }
   const mx::Shape sshape = {n, k / group_size};
   if (scales.shape() != sshape || biases.shape() != sshape) {
-    throw std::invalid_argument("linear_q8: scales and biases must have shape (N, K / group_size)");
+    throw std::invalid_argument(
+        "linear_quantized: scales and biases must have shape (N, K / group_size)");
   }
   mx::Dtype sdt = scales.dtype() == mx::bfloat16 && biases.dtype() == mx::bfloat16 ? mx::bfloat16
                                                                                      : mx::float32;
@@ -198,13 +206,14 @@ mx::array linear_q8(const mx::array& x, const mx::array& w, const mx::array& sca
   std::vector<mx::array> inputs = {as(x, mx::float32), w, as(scales, sdt), as(biases, sdt)};
   if (bias) {
     if (bias->ndim() != 1 || bias->shape(0) != n) {
-      throw std::invalid_argument("linear_q8: bias must have shape (N,)");
+      throw std::invalid_argument("linear_quantized: bias must have shape (N,)");
     }
     inputs.push_back(as(*bias, mx::float32));
   }
   return mx::array(output_shape(x, n), mx::float32,
-                   std::make_shared<LinearPrimitive>(stream, LinearPrimitive::Kind::Q8, group_size,
-                                                     bias.has_value()),
+                   std::make_shared<LinearPrimitive>(
+                       stream, bits == 4 ? LinearPrimitive::Kind::Q4 : LinearPrimitive::Kind::Q8,
+                       group_size, bias.has_value()),
                    std::move(inputs));
 }
 
@@ -240,16 +249,18 @@ void LinearPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
     });
   } else {
     const bool scale_bf16 = inputs[2].dtype() == mx::bfloat16;
+    const int bits = kind_ == Kind::Q4 ? 4 : 8;
     encoder.dispatch([views = std::move(views), y, M, K, N, has_bias = has_bias_,
-                      gs = group_size_, scale_bf16] {
+                      gs = group_size_, scale_bf16, bits] {
       Dense xd, wd, sd, zd, bd;
       densify(views[0], xd);
       densify(views[1], wd);
       densify(views[2], sd);
       densify(views[3], zd);
       if (has_bias) densify(views[4], bd);
-      compute_q8(static_cast<const float*>(xd.ptr), static_cast<const uint8_t*>(wd.ptr), sd.ptr,
-                 zd.ptr, scale_bf16, static_cast<const float*>(bd.ptr), y, M, K, N, gs);
+      compute_quantized(static_cast<const float*>(xd.ptr), static_cast<const uint8_t*>(wd.ptr),
+                        sd.ptr, zd.ptr, scale_bf16, static_cast<const float*>(bd.ptr), y, M, K, N,
+                        gs, bits);
     });
   }
 }

@@ -20,9 +20,9 @@ mx::array linear_bf16(
     mx::StreamOrDevice s = {});
 
 // y = x dequantize(w, scales, biases)^T (+ bias), the layout of mx.quantize (affine,
-// `bits` 8): w (N, K / 4) uint32, scales and biases (N, K / group_size) float32 or
-// bfloat16 (float16 is converted to float32). Output (..., N) float32.
-mx::array linear_q8(
+// `bits` 8 or 4): w (N, K * bits / 32) uint32, scales and biases (N, K / group_size)
+// float32 or bfloat16 (float16 is converted to float32). Output (..., N) float32.
+mx::array linear_quantized(
     const mx::array& x,
     const mx::array& w,
     const mx::array& scales,
@@ -44,7 +44,7 @@ void set_num_threads(int n);
 
 class LinearPrimitive : public mx::UnaryPrimitive {
  public:
-  enum class Kind { Bf16, Q8 };
+  enum class Kind { Bf16, Q8, Q4 };
 
   LinearPrimitive(mx::Stream stream, Kind kind, int group_size, bool has_bias)
       : mx::UnaryPrimitive(stream), kind_(kind), group_size_(group_size), has_bias_(has_bias) {}
@@ -53,7 +53,9 @@ class LinearPrimitive : public mx::UnaryPrimitive {
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
 
   const char* name() const override {
-    return kind_ == Kind::Bf16 ? "CosyVoice2LinearBf16" : "CosyVoice2LinearQ8";
+    return kind_ == Kind::Bf16 ? "CosyVoice2LinearBf16"
+           : kind_ == Kind::Q8 ? "CosyVoice2LinearQ8"
+                               : "CosyVoice2LinearQ4";
   }
   bool is_equivalent(const mx::Primitive& other) const override;
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;

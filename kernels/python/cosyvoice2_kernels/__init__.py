@@ -1,9 +1,9 @@
 """Optional CPU kernels for cosyvoice2-mlx: MLX primitives for y = x W^T.
 
 - `linear_bf16(x, w, bias=None)`: `w` (N, K) bfloat16.
-- `linear_q8(x, w, scales, biases, bias=None, group_size=64, bits=8)`: 8-bit affine
-  weights in `mx.quantize`'s layout (packed uint32, per-group scales and biases), so
-  one converted model serves Metal (MLX's own kernels) and the CPU (these).
+- `linear_quantized(x, w, scales, biases, bias=None, group_size=64, bits=8)`: 8- or
+  4-bit affine weights in `mx.quantize`'s layout (packed uint32, per-group scales and
+  biases), so one converted model serves Metal (MLX's own kernels) and the CPU (these).
 
 Both take `x` (..., K) (converted to float32), accumulate in float32 and return
 (..., N) float32. The rest of a transformer decode step, each one graph node where
@@ -22,7 +22,7 @@ own ops there, see `cosyvoice2.fastlinear`).
 
 Why: on the CPU, MLX computes bf16 and quantized matrix-vector products on slow
 paths and fp32 reads twice the bytes of bf16; decoding is bound by reading the
-weights. These kernels read bf16 or 8-bit weights directly, convert them in
+weights. These kernels read bf16, 8-bit or 4-bit weights directly, convert them in
 registers and use fp32 FMA, with the instruction set chosen at run time (AVX-512F,
 AVX2+FMA, or portable C++), in a thread pool created once.
 
@@ -47,7 +47,7 @@ __all__ = [
     "available_isas",
     "isa",
     "linear_bf16",
-    "linear_q8",
+    "linear_quantized",
     "num_threads",
     "rms_norm",
     "rope_split",
@@ -71,7 +71,7 @@ if _release(mx.__version__) != BUILD_INFO["mlx_version"]:
     )
 
 linear_bf16 = _ext.linear_bf16
-linear_q8 = _ext.linear_q8
+linear_quantized = _ext.linear_quantized
 rms_norm = _ext.rms_norm
 rope_split = _ext.rope_split
 attention = _ext.attention
