@@ -69,11 +69,15 @@ def _stamp(extra: str) -> str:
 
 
 def _install(
-    session: nox.Session, extras: str, parity: bool = False, eval_stack: bool = False
+    session: nox.Session,
+    extras: str,
+    parity: bool = False,
+    eval_stack: bool = False,
+    kernels: bool = False,
 ) -> None:
     """Install the package and its extras into the session venv, once per change of inputs."""
     stamp_file = Path(session.virtualenv.location) / ".cosyvoice2-stamp"
-    stamp = _stamp(f"{extras}|{parity}|{eval_stack}")
+    stamp = _stamp(f"{extras}|{parity}|{eval_stack}|{kernels}")
     if (
         stamp_file.exists()
         and stamp_file.read_text() == stamp
@@ -99,6 +103,10 @@ def _install(
     if eval_stack:
         session.install("--no-deps", *EVAL_NODEPS)
         session.install(*EVAL_DEPS)
+    if kernels:
+        # The optional compiled CPU kernels (issue 8): one notice and nothing built
+        # without a compiler or on Apple silicon; a build that starts and fails fails.
+        session.run("bash", "kernels/build.sh", external=True, env={"PYTHON": "python"})
     stamp_file.write_text(stamp)
 
 
@@ -118,10 +126,21 @@ def _mlx_env(session: nox.Session) -> dict[str, str]:
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """Unit, parity (against the official PyTorch code) and end-to-end tests; full-size cases excluded."""
-    _install(session, "test,eval", parity=True, eval_stack=True)
+    """Unit, parity (against the official PyTorch code) and end-to-end tests; full-size cases excluded.
+
+    Runs everything with the optional CPU kernels when they could be built, then
+    the speech-LM and kernel tests again with them disabled (both paths tested).
+    """
+    _install(session, "test,eval", parity=True, eval_stack=True, kernels=True)
     args = [a for a in session.posargs if a != "--reinstall"]
-    session.run("pytest", "-m", "not full", "--benchmark-disable", *args, env=_mlx_env(session))
+    env = _mlx_env(session)
+    session.run("pytest", "-m", "not full", "--benchmark-disable", *args, env=env)
+    if not args:
+        session.log("again without the compiled kernels (COSYVOICE2_KERNELS=0)")
+        off = {**env, "COSYVOICE2_KERNELS": "0"}
+        session.run(
+            "pytest", "-m", "not full", "tests/test_kernels.py", "tests/test_llm.py", env=off
+        )
 
 
 @nox.session(python=PYTHON)
@@ -137,7 +156,7 @@ def bench(session: nox.Session) -> None:
     """The main job: RTF, first-chunk latency and memory sweep (default: synthetic full-size weights)."""
     # The parity stack is needed to generate the synthetic official model dir and
     # for `--reference official`.
-    _install(session, "test", parity=True)
+    _install(session, "test", parity=True, kernels=True)
     args = [a for a in session.posargs if a != "--reinstall"]
     session.run("python", "-m", "bench", "run", *args, env=_mlx_env(session))
 
