@@ -574,3 +574,30 @@ def test_load_selects_kernels_by_precision(tiny_mlx_dir: Path) -> None:
             assert isinstance(layer, fastlinear.KernelBlock)
     with pytest.raises(ValueError, match="llm_kernels"):
         CosyVoice2.load(tiny_mlx_dir, llm_kernels="on")
+
+
+# ------------------------------------------------------------------ full size
+
+
+@pytest.mark.full
+@needs_kernels
+@pytest.mark.parametrize("precision", ["bf16", "8bit"])
+def test_full_size_llm_with_and_without_kernels(precision: str, capsys) -> None:
+    """The 0.5B-shape speech LM (synthetic weights): kernels against MLX's model, 20 steps."""
+    from cosyvoice2.checkpoint import load_torch_checkpoint
+    from cosyvoice2.config import config_from_official_dir
+    from cosyvoice2.testing.synthetic import cached_official_dir
+
+    official = cached_official_dir("full", onnx=False)
+    config = config_from_official_dir(official).llm
+    base = Qwen2LM.from_weights(
+        config, Qwen2LM.sanitize(load_torch_checkpoint(official / "llm.pt"))
+    )
+    reference = teacher_forced_logits(tiny_precision(base, REFERENCE[precision]), 20)
+    model = tiny_precision(base, precision)
+    del base
+    assert fastlinear.use_kernels(model) > 0
+    err = logits_rel(teacher_forced_logits(model, 20), reference)
+    with capsys.disabled():
+        print(f"\n[kernels] full size {precision}: logits rel err {err:.2e}")
+    assert err <= TOL, f"{precision}: logits relative error {err:.2e}"
