@@ -213,6 +213,7 @@ def layer_norm_rows(
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
 
 
 def num_threads() -> int:
@@ -228,13 +229,14 @@ def num_threads() -> int:
 
 def run_rows(kernel, n_rows: int, row_size: int, *args) -> None:
     """Call `kernel(*args, lo, hi)` over `[0, n_rows)`, split into one row range per thread."""
-    global _POOL
+    global _POOL, _POOL_SIZE
     n = min(num_threads(), n_rows)
     if n <= 1 or n_rows * row_size < _MIN_PARALLEL:
         kernel(*args, 0, n_rows)
         return
-    if _POOL is None or _POOL._max_workers < n:
+    if _POOL is None or _POOL_SIZE < n:
         _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="cosyvoice2-flow")
+        _POOL_SIZE = n
     bounds = [n_rows * i // n for i in range(n + 1)]
     futures = [_POOL.submit(kernel, *args, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
     for f in futures:
