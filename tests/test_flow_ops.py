@@ -173,3 +173,16 @@ def test_layer_norm_kernel_matches_mlx(kernels_or_skip, monkeypatch, then_mish: 
     got = ops.layer_norm(x, w, b, 1e-5, then_mish)
     ref = _mlx_route(monkeypatch, ops.layer_norm, x, w, b, 1e-5, then_mish)
     assert mx.abs(got - ref).max().item() < 1e-5
+
+
+def test_flow_rejects_out_of_range_tokens() -> None:
+    from cosyvoice2.flow import CausalMaskedDiffWithXvec
+    from tests.test_flow_parity import tiny_flow_config
+
+    model = CausalMaskedDiffWithXvec(tiny_flow_config())
+    ok = mx.array([[1, 2, 3, 4, 5]])
+    with pytest.raises(ValueError, match="out of range"):
+        model.encode(mx.array([[1, 6561]]), ok)
+    with pytest.raises(ValueError, match="more than 3 tokens"):
+        model.encode(mx.array([[1]]), mx.zeros((1, 0), dtype=mx.int32), finalize=False)
+    assert model.encode(ok, ok).shape == (1, 20, 80)

@@ -17,6 +17,14 @@ before them through the `PreLookaheadLayer` but produce no frames themselves,
 exactly as the latest official `inference(..., streaming, finalize)`. The
 official hard-codes 10 Euler steps here; `n_timesteps` exposes it.
 
+Differences between the installed reference wheel (mid-2025) and the latest
+upstream `cosyvoice/flow/` that matter here: none for CosyVoice2 inference.
+Upstream adds a training-time speech-token extractor to the flow, the
+CosyVoice3 `CausalMaskedDiffWithDiT`, a dtype choice for TensorRT in
+`solve_euler`, and an `in_channels` argument to `PreLookaheadLayer` (still 512).
+The parity tests run against the wheel; the `finalize`/`streaming` semantics
+ported here are the same in both.
+
 Layout: channels-last. `prompt_feat` is `(1, T_prompt, 80)` (the official
 layout too), and the returned mel is `(1, T, 80)`; the official returns
 `(1, 80, T)`. Batch size 1, as the official asserts.
@@ -81,6 +89,10 @@ class CausalMaskedDiffWithXvec(nn.Module):
     ) -> mx.array:
         """`mu` `(1, 2 * N, 80)` for the N tokens of prompt + new tokens (minus the look-ahead if not `finalize`)."""
         tokens = mx.concatenate([prompt_token, token], axis=1).astype(mx.int32)
+        if tokens.size and mx.max(tokens).item() >= self.config.vocab_size:
+            raise ValueError(
+                f"speech token {mx.max(tokens).item()} out of range (vocab {self.config.vocab_size})"
+            )
         x = self.input_embedding(mx.maximum(tokens, 0))
         if finalize:
             h = self.encoder(x, None, streaming)
