@@ -43,7 +43,9 @@ comparisons are meaningful):
   2.6-3.9 s (ours 1.03-1.26x). Per transformer block: ours 52-60 ms (attention
   37-41: fused q/k/v GEMM 9-10, scores 6-7, softmax kernel 5-6, values 6.5-9,
   output projection 4.5-5; feed-forward 13.5-16), torch 46 ms (attention 30
-  with its fused flash-attention kernel, feed-forward 14).
+  with its fused flash-attention kernel, feed-forward 14). Two threads each
+  (load 2.4-3): ours 2.0-2.6 s wall per call, the official 1.7 s at best and
+  13.4 s when its threads collapsed.
 - Whole `inference`, 75 prompt + 125 new tokens, 10 steps: one thread each,
   ours 59 s (49.6 s CPU), official 37.5 s (33.9 s CPU); two threads each,
   interleaved, ours 44-80 s, official 134-220 s (its OpenMP threads wait on
