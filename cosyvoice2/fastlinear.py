@@ -18,10 +18,12 @@ small operations as one graph node.
   affine or float32 for a `KernelBlock`: q/k/v fused into one projection and gate/up into
   another, so a layer is about 12 graph nodes instead of about 110;
 - then the other `nn.RMSNorm`s (the final norm) for `KernelRMSNorm`;
-- the other bfloat16 and 8- or 4-bit `Linear`s (e.g. `llm_decoder`) for `KernelLinear`.
+- the other bfloat16 and 8- or 4-bit `Linear`s (e.g. `llm_decoder`) for `KernelLinear`,
+  and, in a model with kernel layers, its other float32 `Linear`s too.
 
-Float32 projections stay on MLX's matmul (OpenBLAS serves them well); float16
-models are left alone. Nothing is swapped when the extension is not importable, or
+Float32 projections use the kernel for up to `F32_KERNEL_ROWS` rows (decode: MLX's
+CPU matmul repacks the whole weight matrix for every call through OpenBLAS's GEMM)
+and MLX's matmul beyond (prefill). Float16 models are left alone. Nothing is swapped when the extension is not importable, or
 `COSYVOICE2_KERNELS` is `0`/`off` when the model is swapped.
 
 Numerics: everything after the embeddings runs in float32 (x converted, float32
@@ -121,11 +123,16 @@ def _active() -> ModuleType | None:
 # ------------------------------------------------------------------- layers
 
 
-class KernelLinear(nn.Module):
-    """y = x W^T (+ bias), W bfloat16, 8- or 4-bit affine (`scales`, `biases`) or float32.
+# float32 weights: the kernel for up to this many rows of x (decode, the last position),
+# MLX's matmul (OpenBLAS) for more (prefill), where it packs W once for many rows.
+F32_KERNEL_ROWS = 16
 
-    x is taken in float32 and y is float32, on the kernels and on MLX's ops alike
-    (float32 weights always use MLX's matmul). `bias` is kept in float32.
+
+class KernelLinear(nn.Module):
+    """y = x W^T (+ bias), W bfloat16, float32 or 8- or 4-bit affine (`scales`, `biases`).
+
+    x is taken in float32 and y is float32, on the kernels and on MLX's ops alike.
+    `bias` is kept in float32.
     """
 
     def __init__(
@@ -146,26 +153,28 @@ class KernelLinear(nn.Module):
             self.bias = bias.astype(mx.float32)
         self.group_size = group_size
         self.bits = bits
-        self.kind = "q" if scales is not None else "bf16" if weight.dtype == mx.bfloat16 else "f32"
+        self.quantized = scales is not None
+        self.float32 = weight.dtype == mx.float32
         self.freeze()
 
     def __call__(self, x: mx.array) -> mx.array:
         bias = self.get("bias")
         k = _active()
-        if k is not None and self.kind == "q":
-            return k.linear_quantized(
-                x,
-                self.weight,
-                self.scales,
-                self.biases,
-                bias,
-                group_size=self.group_size,
-                bits=self.bits,
-            )
-        if k is not None and self.kind == "bf16":
-            return k.linear_bf16(x, self.weight, bias)
+        if k is not None:
+            if self.quantized:
+                return k.linear_quantized(
+                    x,
+                    self.weight,
+                    self.scales,
+                    self.biases,
+                    bias,
+                    group_size=self.group_size,
+                    bits=self.bits,
+                )
+            if not self.float32 or x.size <= F32_KERNEL_ROWS * x.shape[-1]:
+                return k.linear_dense(x, self.weight, bias)
         x = x.astype(mx.float32)
-        if self.kind == "q":
+        if self.quantized:
             y = mx.quantized_matmul(
                 x,
                 self.weight,
@@ -403,7 +412,7 @@ def use_kernels(model: nn.Module) -> int:
             if type(value) is nn.RMSNorm and swapped:  # the norm after kernel layers
                 setattr(parent, key, KernelRMSNorm(value.weight, value.eps))
                 swapped += 1
-            elif isinstance(value, nn.Module) and (spec := _spec(value)) is not None:
+            elif isinstance(value, nn.Module) and (spec := _spec(value, bool(swapped))):
                 setattr(parent, key, _layer(spec))
                 swapped += 1
     mx.eval(model.parameters())

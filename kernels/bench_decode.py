@@ -1,7 +1,8 @@
 """Speech-LM decode and prefill speed with and without the CPU kernels (full size, synthetic weights).
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 \\
-        python kernels/bench_decode.py [--precisions fp32,bf16,8bit] [--tokens 40] [--repeats 3]
+        python kernels/bench_decode.py [--precisions fp32,bf16,8bit,4bit] [--kernels off,on]
+            [--tokens 40] [--repeats 3] [--rounds 1]
 
 Builds the speech LM at the real Qwen2-0.5B shapes from the synthetic official
 dir (`cached_official_dir("full", onnx=False)`, random weights), then for each
@@ -93,10 +94,16 @@ def run_case(model: Qwen2LM, n_tokens: int, repeats: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--precisions", default="fp32,bf16,8bit")
+    ap.add_argument("--precisions", default="fp32,bf16,8bit,4bit")
     ap.add_argument("--kernels", default="off,on")
     ap.add_argument("--tokens", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="alternate the kernel settings of a precision this many times (paired timings)",
+    )
     args = ap.parse_args()
 
     from cosyvoice2.testing.synthetic import cached_official_dir
@@ -105,25 +112,29 @@ def main() -> None:
     config = config_from_official_dir(official).llm
     weights = Qwen2LM.sanitize(load_torch_checkpoint(official / "llm.pt"))
     for precision in args.precisions.split(","):
+        models = {}
         for setting in args.kernels.split(","):
             on = setting == "on"
             if on and not fastlinear.enabled():
                 print(json.dumps({"precision": precision, "kernels": "unavailable"}))
                 continue
-            model, swapped = build(config, weights, precision, on)
-            load = os.getloadavg()[0]
-            result = run_case(model, args.tokens, args.repeats)
-            record = {
-                "precision": precision,
-                "kernels": fastlinear.describe() if swapped else "off",
-                **result,
-                "load_before": round(load, 2),
-                "load_after": round(os.getloadavg()[0], 2),
-            }
-            print(json.dumps(record), flush=True)
-            del model
-            gc.collect()
-            mx.clear_cache()
+            models[setting] = build(config, weights, precision, on)
+        for r in range(args.rounds):
+            for model, swapped in models.values():
+                load = os.getloadavg()[0]
+                result = run_case(model, args.tokens, args.repeats)
+                record = {
+                    "precision": precision,
+                    "kernels": fastlinear.describe() if swapped else "off",
+                    "round": r,
+                    **result,
+                    "load_before": round(load, 2),
+                    "load_after": round(os.getloadavg()[0], 2),
+                }
+                print(json.dumps(record), flush=True)
+        del models
+        gc.collect()
+        mx.clear_cache()
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def isa(request):
 
 # ------------------------------------------------------------------ primitives
 
-BF16_SHAPES = [  # (rows, K, N): K not a multiple of 16/32/64, N = 1, rows 1..8 and beyond
+DENSE_SHAPES = [  # (rows, K, N): K not a multiple of 16/32/64, N = 1, rows 1..8 and beyond
     (1, 1, 1),
     (1, 7, 5),
     (2, 33, 1),
@@ -85,18 +85,24 @@ BF16_SHAPES = [  # (rows, K, N): K not a multiple of 16/32/64, N = 1, rows 1..8 
 
 
 @needs_kernels
-@pytest.mark.parametrize(("m", "k", "n"), BF16_SHAPES)
+@pytest.mark.parametrize(("m", "k", "n"), DENSE_SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_bf16_matches_matmul(isa: str, m: int, k: int, n: int, with_bias: bool) -> None:
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_dense_matches_matmul(
+    isa: str, m: int, k: int, n: int, with_bias: bool, dtype: str
+) -> None:
     rng = np.random.default_rng(m * 1000 + k + n)
     x = bf16_round(rng.standard_normal((m, k)))
     w32 = bf16_round(rng.standard_normal((n, k)))
     b = mx.array(rng.standard_normal(n).astype(np.float32)) if with_bias else None
-    y = K.linear_bf16(x, w32.astype(mx.bfloat16), b)
+    if dtype == "float32":  # any float32 values
+        x = mx.array(rng.standard_normal((m, k)).astype(np.float32))
+        w32 = mx.array(rng.standard_normal((n, k)).astype(np.float32))
+    y = K.linear_dense(x, w32.astype(getattr(mx, dtype)), b)
     ref = x @ w32.T + (b if b is not None else 0)
     assert y.dtype == mx.float32 and y.shape == (m, n)
     err = rel_err(y, ref)
-    assert err <= TOL, f"{isa} bf16 {m}x{k} @ {n}: relative error {err:.2e}"
+    assert err <= TOL, f"{isa} {dtype} {m}x{k} @ {n}: relative error {err:.2e}"
 
 
 Q_SHAPES = [  # (rows, K, N, group size): K must be a multiple of the group size
@@ -156,27 +162,27 @@ def test_leading_dims_strided_inputs_and_empty_rows(isa: str) -> None:
     x = wide[..., ::2]  # (2, 3, 45), not contiguous
     src = bf16_round(rng.standard_normal((45, 11)))
     w = src.T.astype(mx.bfloat16)  # (11, 45) cast from a transposed view
-    y = K.linear_bf16(x, w)
+    y = K.linear_dense(x, w)
     assert y.shape == (2, 3, 11)
     assert rel_err(y, x @ src) <= TOL
     wide_w = mx.repeat(src.T.astype(mx.bfloat16), 2, axis=1)  # (11, 90)
-    assert rel_err(K.linear_bf16(x, wide_w[:, ::2]), x @ src) <= TOL  # strided weights
-    empty = K.linear_bf16(mx.zeros((0, 45)), w)
+    assert rel_err(K.linear_dense(x, wide_w[:, ::2]), x @ src) <= TOL  # strided weights
+    empty = K.linear_dense(mx.zeros((0, 45)), w)
     assert empty.shape == (0, 11)
     mx.eval(empty)
 
 
 @needs_kernels
-@pytest.mark.parametrize("kind", ["bf16", "q8", "q4"])
+@pytest.mark.parametrize("kind", ["bf16", "f32", "q8", "q4"])
 def test_results_do_not_depend_on_threads(kind: str) -> None:
     rng = np.random.default_rng(11)
     x = mx.array(rng.standard_normal((3, 896)).astype(np.float32))
     w = mx.array(rng.standard_normal((1000, 896)).astype(np.float32))
-    if kind == "bf16":
-        wb = w.astype(mx.bfloat16)
+    if kind in ("bf16", "f32"):
+        wb = w.astype(mx.bfloat16) if kind == "bf16" else w
 
         def f() -> mx.array:
-            return K.linear_bf16(x, wb)
+            return K.linear_dense(x, wb)
 
     else:
         bits = 8 if kind == "q8" else 4
@@ -209,7 +215,7 @@ def test_inside_compile(shapeless: bool) -> None:
     b = mx.array(rng.standard_normal(37).astype(np.float32))
 
     def step(x, x8, w, b, wq, s, z, wq4, s4, z4):
-        y = K.linear_bf16(x, w, b)
+        y = K.linear_dense(x, w, b)
         y8 = K.linear_quantized(x8, wq, s, z, group_size=64, bits=8)
         y4 = K.linear_quantized(x8, wq4, s4, z4, group_size=64, bits=4)
         return mx.tanh(y) * 2.0 + y8 - y4
@@ -228,7 +234,7 @@ def test_inside_compile(shapeless: bool) -> None:
 def test_composes_lazily() -> None:
     w = mx.ones((4, 8), dtype=mx.bfloat16)
     x = mx.ones((1, 8))
-    y = K.linear_bf16(x, w)
+    y = K.linear_dense(x, w)
     z = y + 1.0  # composes lazily with other ops
     mx.async_eval(z)
     assert z.tolist() == [[9.0] * 4]
@@ -239,11 +245,11 @@ def test_bad_arguments_raise() -> None:
     x = mx.ones((2, 64))
     w = mx.ones((3, 64), dtype=mx.bfloat16)
     with pytest.raises(ValueError, match="bfloat16"):
-        K.linear_bf16(x, w.astype(mx.float32))
+        K.linear_dense(x, w.astype(mx.float16))
     with pytest.raises(ValueError, match="K"):
-        K.linear_bf16(mx.ones((2, 65)), w)
+        K.linear_dense(mx.ones((2, 65)), w)
     with pytest.raises(ValueError, match="bias"):
-        K.linear_bf16(x, w, mx.ones((4,)))
+        K.linear_dense(x, w, mx.ones((4,)))
     wq, s, z = mx.quantize(mx.ones((3, 64)), group_size=64, bits=8)
     with pytest.raises(ValueError, match="bits"):
         K.linear_quantized(x, wq, s, z, group_size=64, bits=2)
@@ -253,7 +259,7 @@ def test_bad_arguments_raise() -> None:
         K.linear_quantized(x, wq, s[:, :0], z, group_size=64, bits=8)
     if mx.is_available(mx.gpu):
         with pytest.raises(ValueError, match="CPU only"):
-            K.linear_bf16(x, w, stream=mx.gpu)
+            K.linear_dense(x, w, stream=mx.gpu)
 
 
 @needs_kernels
@@ -376,12 +382,12 @@ def test_use_kernels_swaps_layers(precision: str) -> None:
     model = tiny_precision(random_tiny(0), precision)
     n = fastlinear.use_kernels(model)
     layers = TINY.qwen.num_hidden_layers
-    # the decoder layers, the final norm; llm_decoder only in bf16 (fp32 in the others)
-    assert n == layers + 1 + (precision == "bf16")
+    # the decoder layers, the final norm and llm_decoder (float32 outside bf16)
+    assert n == layers + 2
     assert all(isinstance(layer, fastlinear.KernelBlock) for layer in model.llm.layers)
     assert isinstance(model.llm.norm, fastlinear.KernelRMSNorm)
-    decoder = fastlinear.KernelLinear if precision == "bf16" else nn.Linear
-    assert isinstance(model.llm_decoder, decoder)
+    assert isinstance(model.llm_decoder, fastlinear.KernelLinear)
+    assert model.llm_decoder.weight.dtype == (mx.bfloat16 if precision == "bf16" else mx.float32)
     keys = dict(tree_flatten(model.parameters()))
     q = TINY.qwen
     qkv_rows = q.hidden_size + 2 * q.num_key_value_heads * (q.hidden_size // q.num_attention_heads)

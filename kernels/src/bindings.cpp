@@ -18,9 +18,9 @@ using namespace nb::literals;
 NB_MODULE(_ext, m) {
   m.doc() = "CPU matrix-vector kernels for MLX: y = x W^T with bf16 or 8-bit affine weights.";
 
-  m.def("linear_bf16", &cv2k::linear_bf16, "x"_a, "w"_a, "bias"_a = nb::none(), nb::kw_only(),
+  m.def("linear_dense", &cv2k::linear_dense, "x"_a, "w"_a, "bias"_a = nb::none(), nb::kw_only(),
         "stream"_a = nb::none(),
-        "y = x @ w.T (+ bias): x (..., K) float, w (N, K) bfloat16, bias (N,) or None.\n"
+        "y = x @ w.T (+ bias): x (..., K) float, w (N, K) bfloat16 or float32, bias (N,) or None.\n"
         "Returns (..., N) float32 (fp32 accumulation). CPU stream only; lazy like any MLX op.");
   m.def("linear_quantized", &cv2k::linear_quantized, "x"_a, "w"_a, "scales"_a, "biases"_a,
         "bias"_a = nb::none(), nb::kw_only(), "group_size"_a = 64, "bits"_a = 8,

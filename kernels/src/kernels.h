@@ -22,6 +22,15 @@ struct Bf16Args {
   int64_t M, K, N;
 };
 
+// The same with float32 weights.
+struct F32Args {
+  const float* x;      // M x K fp32, row-major
+  const float* w;      // N x K fp32, row-major
+  const float* bias;   // N fp32, or null
+  float* y;            // M x N fp32, row-major
+  int64_t M, K, N;
+};
+
 // MLX affine quantisation (`mx.quantize`): w[n][k] = scale[n][g] * q[n][k] + zero[n][g],
 // g = k / group_size. 8 bits: q stored as bytes in order (4 per uint32, little-endian).
 // 4 bits: byte k / 2 holds element k in its low nibble if k is even, else the high one.
@@ -48,6 +57,7 @@ struct KernelTable {
   // elements followed by the h odd ones, h = xperm_block / 2.
   int xperm_block;
   void (*bf16_cols)(const Bf16Args& a, int64_t n0, int64_t n1);
+  void (*f32_cols)(const F32Args& a, int64_t n0, int64_t n1);
   void (*q8_cols)(const QArgs& a, int64_t n0, int64_t n1);
   void (*q4_cols)(const QArgs& a, int64_t n0, int64_t n1);
 };

@@ -47,7 +47,7 @@ struct V {
 
 #include "kernels_simd.inc"
 
-const KernelTable kTable = {"avx2", 2 * V::L, bf16_cols, q8_cols, q4_cols};
+const KernelTable kTable = {"avx2", 2 * V::L, bf16_cols, f32_cols, q8_cols, q4_cols};
 
 }  // namespace
 

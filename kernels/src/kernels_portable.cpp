@@ -60,6 +60,19 @@ void bf16_cols(const Bf16Args& p, int64_t n0, int64_t n1) {
   }
 }
 
+void f32_cols(const F32Args& p, int64_t n0, int64_t n1) {
+  for (int64_t mb0 = 0; mb0 < p.M; mb0 += kRowBlock) {
+    int64_t mb = p.M - mb0 < kRowBlock ? p.M - mb0 : kRowBlock;
+    const float* x = p.x + mb0 * p.K;
+    for (int64_t n = n0; n < n1; ++n) {
+      float acc[kRowBlock][kLanes] = {};
+      accumulate(acc, x, p.K, mb, 0, p.w + n * p.K, p.K);
+      float b = p.bias ? p.bias[n] : 0.0f;
+      for (int64_t m = 0; m < mb; ++m) p.y[(mb0 + m) * p.N + n] = lane_sum(acc[m]) + b;
+    }
+  }
+}
+
 inline float scale_at(const void* s, bool is_bf16, int64_t i) {
   return is_bf16 ? bf16_to_float(static_cast<const uint16_t*>(s)[i])
                  : static_cast<const float*>(s)[i];
@@ -100,7 +113,7 @@ void q_cols(const QArgs& p, int64_t n0, int64_t n1) {
   }
 }
 
-const KernelTable kTable = {"portable", 0, bf16_cols, q_cols, q_cols};
+const KernelTable kTable = {"portable", 0, bf16_cols, f32_cols, q_cols, q_cols};
 
 }  // namespace
 

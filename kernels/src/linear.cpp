@@ -124,6 +124,13 @@ void compute_bf16(const float* x, const uint16_t* w, const float* bias, float* y
   run_columns<Bf16Args>(a, t->bf16_cols);
 }
 
+void compute_f32(const float* x, const float* w, const float* bias, float* y, int64_t M,
+                 int64_t K, int64_t N) {
+  const KernelTable* t = current_table().load();
+  F32Args a{x, w, bias, y, M, K, N};
+  run_columns<F32Args>(a, t->f32_cols);
+}
+
 void compute_quantized(const float* x, const uint8_t* w, const void* scales, const void* zeros,
                        bool scale_bf16, const float* bias, float* y, int64_t M, int64_t K,
                        int64_t N, int group_size, int bits) {
@@ -154,26 +161,26 @@ mx::Shape output_shape(const mx::array& x, int n) {
 
 // --------------------------------------------------------------- operations
 
-mx::array linear_bf16(const mx::array& x, const mx::array& w, const std::optional<mx::array>& bias,
-                      mx::StreamOrDevice s) {
-  mx::Stream stream = cpu_stream(s, "linear_bf16");
-  if (w.ndim() != 2 || w.dtype() != mx::bfloat16) {
-    throw std::invalid_argument("linear_bf16: w must be a 2-D bfloat16 array (N, K)");
+mx::array linear_dense(const mx::array& x, const mx::array& w, const std::optional<mx::array>& bias,
+                       mx::StreamOrDevice s) {
+  mx::Stream stream = cpu_stream(s, "linear_dense");
+  if (w.ndim() != 2 || (w.dtype() != mx::bfloat16 && w.dtype() != mx::float32)) {
+    throw std::invalid_argument("linear_dense: w must be a 2-D bfloat16 or float32 array (N, K)");
   }
   if (x.ndim() < 1 || x.shape(-1) != w.shape(1)) {
-    throw std::invalid_argument("linear_bf16: x must have shape (..., K) with K = w.shape[1]");
+    throw std::invalid_argument("linear_dense: x must have shape (..., K) with K = w.shape[1]");
   }
   const int n = w.shape(0);
-  std::vector<mx::array> inputs = {x.dtype() == mx::float32 ? x : mx::astype(x, mx::float32, stream), w};
+  std::vector<mx::array> inputs = {as_f32(x, stream), w};
   if (bias) {
     if (bias->ndim() != 1 || bias->shape(0) != n) {
-      throw std::invalid_argument("linear_bf16: bias must have shape (N,)");
+      throw std::invalid_argument("linear_dense: bias must have shape (N,)");
     }
-    inputs.push_back(bias->dtype() == mx::float32 ? *bias : mx::astype(*bias, mx::float32, stream));
+    inputs.push_back(as_f32(*bias, stream));
   }
+  auto kind = w.dtype() == mx::bfloat16 ? LinearPrimitive::Kind::Bf16 : LinearPrimitive::Kind::F32;
   return mx::array(output_shape(x, n), mx::float32,
-                   std::make_shared<LinearPrimitive>(stream, LinearPrimitive::Kind::Bf16, 0,
-                                                     bias.has_value()),
+                   std::make_shared<LinearPrimitive>(stream, kind, 0, bias.has_value()),
                    std::move(inputs));
 }
 
@@ -238,14 +245,20 @@ void LinearPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
   std::vector<Strided> views;
   for (auto& in : inputs) views.push_back(describe(in));
 
-  if (kind_ == Kind::Bf16) {
-    encoder.dispatch([views = std::move(views), y, M, K, N, has_bias = has_bias_] {
+  if (kind_ == Kind::Bf16 || kind_ == Kind::F32) {
+    encoder.dispatch([views = std::move(views), y, M, K, N, has_bias = has_bias_,
+                      f32 = kind_ == Kind::F32] {
       Dense xd, wd, bd;
       densify(views[0], xd);
       densify(views[1], wd);
       if (has_bias) densify(views[2], bd);
-      compute_bf16(static_cast<const float*>(xd.ptr), static_cast<const uint16_t*>(wd.ptr),
-                   static_cast<const float*>(bd.ptr), y, M, K, N);
+      const float* x = static_cast<const float*>(xd.ptr);
+      const float* b = static_cast<const float*>(bd.ptr);
+      if (f32) {
+        compute_f32(x, static_cast<const float*>(wd.ptr), b, y, M, K, N);
+      } else {
+        compute_bf16(x, static_cast<const uint16_t*>(wd.ptr), b, y, M, K, N);
+      }
     });
   } else {
     const bool scale_bf16 = inputs[2].dtype() == mx::bfloat16;

@@ -11,9 +11,9 @@ namespace cv2k {
 
 namespace mx = mlx::core;
 
-// y = x W^T (+ bias): x (..., K) float, w (N, K) bfloat16, bias (N,) or none.
+// y = x W^T (+ bias): x (..., K) float, w (N, K) bfloat16 or float32, bias (N,) or none.
 // Output (..., N) float32; x is converted to float32 and accumulation is in float32.
-mx::array linear_bf16(
+mx::array linear_dense(
     const mx::array& x,
     const mx::array& w,
     const std::optional<mx::array>& bias,
@@ -44,7 +44,7 @@ void set_num_threads(int n);
 
 class LinearPrimitive : public mx::UnaryPrimitive {
  public:
-  enum class Kind { Bf16, Q8, Q4 };
+  enum class Kind { Bf16, F32, Q8, Q4 };
 
   LinearPrimitive(mx::Stream stream, Kind kind, int group_size, bool has_bias)
       : mx::UnaryPrimitive(stream), kind_(kind), group_size_(group_size), has_bias_(has_bias) {}
@@ -53,9 +53,12 @@ class LinearPrimitive : public mx::UnaryPrimitive {
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
 
   const char* name() const override {
-    return kind_ == Kind::Bf16 ? "CosyVoice2LinearBf16"
-           : kind_ == Kind::Q8 ? "CosyVoice2LinearQ8"
-                               : "CosyVoice2LinearQ4";
+    switch (kind_) {
+      case Kind::Bf16: return "CosyVoice2LinearBf16";
+      case Kind::F32: return "CosyVoice2LinearF32";
+      case Kind::Q8: return "CosyVoice2LinearQ8";
+      default: return "CosyVoice2LinearQ4";
+    }
   }
   bool is_equivalent(const mx::Primitive& other) const override;
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;

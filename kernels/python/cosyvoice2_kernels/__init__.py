@@ -1,6 +1,6 @@
 """Optional CPU kernels for cosyvoice2-mlx: MLX primitives for y = x W^T.
 
-- `linear_bf16(x, w, bias=None)`: `w` (N, K) bfloat16.
+- `linear_dense(x, w, bias=None)`: `w` (N, K) bfloat16 or float32.
 - `linear_quantized(x, w, scales, biases, bias=None, group_size=64, bits=8)`: 8- or
   4-bit affine weights in `mx.quantize`'s layout (packed uint32, per-group scales and
   biases), so one converted model serves Metal (MLX's own kernels) and the CPU (these).
@@ -46,7 +46,7 @@ __all__ = [
     "attention",
     "available_isas",
     "isa",
-    "linear_bf16",
+    "linear_dense",
     "linear_quantized",
     "num_threads",
     "rms_norm",
@@ -70,7 +70,7 @@ if _release(mx.__version__) != BUILD_INFO["mlx_version"]:
         f"{mx.__version__} is installed; rebuild it (kernels/build.sh)"
     )
 
-linear_bf16 = _ext.linear_bf16
+linear_dense = _ext.linear_dense
 linear_quantized = _ext.linear_quantized
 rms_norm = _ext.rms_norm
 rope_split = _ext.rope_split
