@@ -8,12 +8,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from cosyvoice2.flow.decoder import ConvTranspose1d
 from cosyvoice2.flow.encoder import RelPositionMultiHeadedAttention, rel_position_table
 from cosyvoice2.flow.flow_matching import euler_times, time_schedule
 from cosyvoice2.flow.ops import (
     causal_conv1d,
     chunk_mask,
-    conv_transpose1d,
     gelu,
     mish,
 )
@@ -42,11 +42,13 @@ def test_causal_conv1d_matches_direct_sum(k: int) -> None:
 @pytest.mark.parametrize(
     ("k", "stride", "padding"), [(4, 2, 1), (3, 2, 0), (5, 3, 1), (16, 8, 4), (2, 2, 0)]
 )
-def test_conv_transpose1d_matches_mlx(k: int, stride: int, padding: int) -> None:
+def test_upsample_conv_transpose1d_matches_mlx(k: int, stride: int, padding: int) -> None:
     rng = np.random.default_rng(100 + k)
     x, w, b = _rand(rng, 2, 11, 12), _rand(rng, 8, k, 12), _rand(rng, 8)
     ref = mx.conv_transpose1d(x, w, stride=stride, padding=padding) + b
-    got = conv_transpose1d(x, w, stride, padding, b)
+    conv = ConvTranspose1d(12, 8, k, stride, padding)
+    conv.weight, conv.bias = w, b
+    got = conv(x)
     assert got.shape == ref.shape
     assert mx.abs(got - ref).max().item() < 1e-5
 

@@ -35,13 +35,13 @@ from cosyvoice2.config import EstimatorConfig
 from cosyvoice2.flow.ops import (
     causal_conv1d,
     chunk_mask,
-    conv_transpose1d,
     gelu,
     layer_norm,
     mish,
     softmax,
     use_cpu_kernels,
 )
+from cosyvoice2.ops import conv_transpose1d
 
 
 class SinusoidalPosEmb(nn.Module):
@@ -86,7 +86,7 @@ class CausalConv1d(nn.Module):
 
 
 class ConvTranspose1d(nn.Module):
-    """Transposed convolution with weight `(C_out, K, C_in)`, computed by `ops.conv_transpose1d`."""
+    """Transposed convolution with weight `(C_out, K, C_in)`, on the fast CPU route of `cosyvoice2.ops`."""
 
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int
@@ -99,7 +99,7 @@ class ConvTranspose1d(nn.Module):
         self.padding = padding
 
     def __call__(self, x: mx.array) -> mx.array:
-        return conv_transpose1d(x, self.weight, self.stride, self.padding, self.bias)
+        return conv_transpose1d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
 
 
 class Mish(nn.Module):

@@ -10,8 +10,8 @@ the `cosyvoice2.flow` package docstring):
   unfold + matmul formulation), so the causal convolutions use it after a left pad.
 - `mx.conv_transpose1d` is a slow path on CPU (about 1.2 GFLOP/s). CosyVoice2's
   estimator has one resolution level and never uses it; the multi-level
-  `ConditionalDecoder` does (`Upsample1D`), through `conv_transpose1d` here: a
-  matmul plus overlap-add with the same result (tested against the direct op).
+  `ConditionalDecoder` does (`Upsample1D`), through the shared fast route
+  `cosyvoice2.ops.conv_transpose1d` (the one HiFT uses).
 - Transcendental element-wise functions (`exp`, `erf`, `tanh`, `sigmoid`,
   `log1p`) cost MLX-CPU 50-130 ns per element, more than a 256-wide matmul per
   element. `softmax`, `gelu`, `silu`, `mish` and `layer_norm` here therefore
@@ -19,8 +19,8 @@ the `cosyvoice2.flow` package docstring):
   numba imports (`use_cpu_kernels`), and the MLX ops otherwise (Metal; or
   `COSYVOICE2_FLOW_KERNELS=0`). Both routes are tested against each other.
 
-This module is the flow's own; the HiFT helpers live in `cosyvoice2/ops.py` and
-the two are to be merged.
+The convolution routes shared with HiFT (dilated and transposed convolutions)
+live in `cosyvoice2/ops.py`; this module keeps what only the flow needs.
 """
 
 from __future__ import annotations
@@ -40,36 +40,6 @@ def causal_conv1d(x: mx.array, weight: mx.array, bias: mx.array | None = None) -
     if k > 1:
         x = mx.pad(x, [(0, 0), (k - 1, 0), (0, 0)])
     y = mx.conv1d(x, weight)
-    return y if bias is None else y + bias
-
-
-def conv_transpose1d(
-    x: mx.array, weight: mx.array, stride: int, padding: int, bias: mx.array | None = None
-) -> mx.array:
-    """Transposed 1-D convolution as a matmul plus overlap-add (fast on MLX-CPU).
-
-    Same result as `mx.conv_transpose1d(x, weight, stride, padding)`: `x` is
-    `(B, T, C_in)`, `weight` `(C_out, K, C_in)`; the output has length
-    `(T - 1) * stride - 2 * padding + K`.
-    """
-    b, t, c_in = x.shape
-    c_out, k, _ = weight.shape
-    # y[b, t, j, o] = sum_i x[b, t, i] w[o, j, i]: every input frame's K output taps.
-    taps = (x @ weight.transpose(1, 0, 2).reshape(k * c_out, c_in).T).reshape(b, t, k, c_out)
-    # Tap j of frame t lands at t * stride + j. Group taps by j // stride so each group
-    # is a strided placement that a reshape performs; sum the groups with offsets.
-    groups = -(-k // stride)
-    full = (t + groups - 1) * stride
-    out = mx.zeros((b, full, c_out), dtype=x.dtype)
-    for g in range(groups):
-        j0, j1 = g * stride, min((g + 1) * stride, k)
-        part = taps[:, :, j0:j1]
-        if j1 - j0 < stride:
-            part = mx.pad(part, [(0, 0), (0, 0), (0, stride - (j1 - j0)), (0, 0)])
-        part = part.reshape(b, t * stride, c_out)
-        out = out + mx.pad(part, [(0, 0), (g * stride, full - g * stride - t * stride), (0, 0)])
-    length = (t - 1) * stride - 2 * padding + k
-    y = out[:, padding : padding + length]
     return y if bias is None else y + bias
 
 
