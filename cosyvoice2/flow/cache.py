@@ -53,18 +53,23 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from cosyvoice2.flow import branches
 from cosyvoice2.flow.encoder import rel_position_table
 from cosyvoice2.flow.flow_matching import euler_times
 from cosyvoice2.flow.noise import cfm_noise
 from cosyvoice2.flow.ops import layer_norm, silu
 
 try:  # numba: the chunk-masked softmax with a query offset, fast on CPU
-    from numba import njit, prange
+    from numba import njit
 
-    @njit(parallel=True, cache=True, fastmath=False)
-    def _softmax_rows_offset(s: np.ndarray, out: np.ndarray, t_q: int, chunk: int, q0: int):
-        n_rows, t = s.shape
-        for i in prange(n_rows):
+    from cosyvoice2.flow.cpu_kernels import run_rows
+
+    @njit(nogil=True, cache=True, fastmath=False)
+    def _softmax_rows_offset(
+        s: np.ndarray, out: np.ndarray, t_q: int, chunk: int, q0: int, lo: int, hi: int
+    ):
+        t = s.shape[1]
+        for i in range(lo, hi):
             limit = min(t, ((q0 + i % t_q) // chunk + 1) * chunk)
             row = s[i]
             m = row[0]
@@ -95,7 +100,7 @@ def chunk_softmax(scores: mx.array, q0: int, chunk: int) -> mx.array:
     if _softmax_rows_offset is not None and mx.default_device() == mx.cpu:
         s = np.ascontiguousarray(np.asarray(scores.astype(mx.float32)).reshape(-1, n_k))
         out = np.empty_like(s)
-        _softmax_rows_offset(s, out, n_q, chunk, q0)
+        run_rows(_softmax_rows_offset, s.shape[0], n_k, s, out, n_q, chunk, q0)
         return mx.array(out.reshape(scores.shape)).astype(scores.dtype)
     q = mx.arange(q0, q0 + n_q)
     visible = mx.arange(n_k)[None, :] < ((q // chunk + 1) * chunk)[:, None]
@@ -295,6 +300,9 @@ class FlowState:
     tokens: int = 0
     encoder: list = field(default_factory=list)
     steps: tuple = ()  # per Euler step: the estimator's state list
+    # steps' layout: False, one list of batch-2 (CFG) arrays per step; True, a pair of
+    # batch-1 lists (conditional, unconditional), as `branches.map_branches` computes them
+    split: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -370,17 +378,49 @@ def flow_step(
     cond_in = mx.concatenate([cond, mx.zeros_like(cond)], axis=0)
     steps = []
     times = euler_times(n_timesteps, flow.decoder.config.t_scheduler)
-    old_steps = state.steps or (None,) * len(times)
+    split = branches.enabled()
+    old_steps = _steps_layout(state, split) or (None,) * len(times)
+    mx.eval(old_steps)  # worker threads cannot evaluate this thread's pending work
     for (t, dt), old in zip(times, old_steps):
-        ws = _Walk(old, f0, ratio * c2)
-        v = estimator_step(
-            ws, est, mx.concatenate([x, x], axis=0), mu_in, mx.full((2,), t, dtype=x.dtype),
-            spks_in, cond_in,
-        )  # fmt: skip
-        v = (1.0 + rate) * v[:1] - rate * v[1:]
-        x = x + dt * v
-        steps.append(ws.new)
-    return x, FlowState(c2, w.new, tuple(steps))
+        inputs = (mx.concatenate([x, x], axis=0), mu_in, mx.full((2,), t, dtype=x.dtype))
+        inputs += (spks_in, cond_in)
+        if split:  # the two CFG branches on two threads (see `cosyvoice2.flow.branches`)
+
+            def branch(i: int, *a: mx.array, old: Any = old) -> tuple[mx.array, list]:
+                ws = _Walk(old[i] if old is not None else None, f0, ratio * c2)
+                return estimator_step(ws, est, *a), ws.new
+
+            (v_cond, new0), (v_uncond, new1) = branches.map_branches(
+                branch, [[i, *(a[i : i + 1] for a in inputs)] for i in (0, 1)]
+            )
+            steps.append((new0, new1))
+        else:
+            ws = _Walk(old, f0, ratio * c2)
+            v = estimator_step(ws, est, *inputs)
+            v_cond, v_uncond = v[:1], v[1:]
+            steps.append(ws.new)
+        x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
+    return x, FlowState(c2, w.new, tuple(steps), split)
+
+
+def _steps_layout(state: FlowState, split: bool) -> tuple:
+    """`state.steps` in the requested layout (see `FlowState.split`)."""
+    if not state.steps or state.split == split:
+        return state.steps
+
+    def part(item: Any, i: int) -> Any:
+        if isinstance(item, (list, tuple)):
+            return type(item)(part(x, i) for x in item)
+        return item[i : i + 1]
+
+    def join(a: Any, b: Any) -> Any:
+        if isinstance(a, (list, tuple)):
+            return type(a)(join(x, y) for x, y in zip(a, b))
+        return mx.concatenate([a, b], axis=0)
+
+    if split:
+        return tuple((part(st, 0), part(st, 1)) for st in state.steps)
+    return tuple(join(a, b) for a, b in state.steps)
 
 
 def prompt_state(

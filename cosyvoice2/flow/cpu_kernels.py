@@ -31,6 +31,7 @@ process on a machine pays the compile time (about 10-30 s).
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -214,6 +215,12 @@ def layer_norm_rows(
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
+_LOCAL = threading.local()
+
+
+def serial_in_this_thread() -> None:
+    """Make `run_rows` run its kernels in the calling thread only (threads that are themselves parallel)."""
+    _LOCAL.serial = True
 
 
 def num_threads() -> int:
@@ -230,7 +237,7 @@ def num_threads() -> int:
 def run_rows(kernel, n_rows: int, row_size: int, *args) -> None:
     """Call `kernel(*args, lo, hi)` over `[0, n_rows)`, split into one row range per thread."""
     global _POOL, _POOL_SIZE
-    n = min(num_threads(), n_rows)
+    n = 1 if getattr(_LOCAL, "serial", False) else min(num_threads(), n_rows)
     if n <= 1 or n_rows * row_size < _MIN_PARALLEL:
         kernel(*args, 0, n_rows)
         return

@@ -20,6 +20,7 @@ import mlx.nn as nn
 import numpy as np
 
 from cosyvoice2.config import CFMConfig
+from cosyvoice2.flow import branches
 from cosyvoice2.flow.decoder import CausalConditionalDecoder
 from cosyvoice2.flow.noise import cfm_noise
 
@@ -110,10 +111,18 @@ class CausalConditionalCFM(nn.Module):
         mu_in = mx.concatenate([mu, mx.zeros_like(mu)], axis=0)
         spks_in = None if spks is None else mx.concatenate([spks, mx.zeros_like(spks)], axis=0)
         cond_in = None if cond is None else mx.concatenate([cond, mx.zeros_like(cond)], axis=0)
+        split = branches.enabled()
         for t, dt in euler_times(n_timesteps, self.config.t_scheduler):
             x_in = mx.concatenate([x, x], axis=0)
             t_in = mx.full((2,), t, dtype=x.dtype)
-            v = self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming)
-            v = (1.0 + rate) * v[:1] - rate * v[1:]
-            x = x + dt * v
+            inputs = (x_in, mask_in, mu_in, t_in, spks_in, cond_in)
+            if split:  # the two branches on two threads (see `branches`)
+                v_cond, v_uncond = branches.map_branches(
+                    lambda *a: self.estimator(*a, streaming),
+                    [[None if a is None else a[i : i + 1] for a in inputs] for i in (0, 1)],
+                )
+            else:
+                v = self.estimator(*inputs, streaming)
+                v_cond, v_uncond = v[:1], v[1:]
+            x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
         return x
