@@ -87,6 +87,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from cosyvoice2 import branches
 from cosyvoice2.config import HiFTConfig
 from cosyvoice2.ops import Conv1d, ConvTranspose1d, Derived
 
@@ -527,9 +528,10 @@ class HiFTGenerator(nn.Module):
                 x = mx.concatenate([x[:, 1:2], x], axis=1)  # ReflectionPad1d((1, 0))
             si = self.source_resblocks[i](self.source_downs[i](s_stft))
             x = x + si
-            xs = self.resblocks[i * self.num_kernels](x)
-            for j in range(1, self.num_kernels):
-                xs = xs + self.resblocks[i * self.num_kernels + j](x)
+            ys = self._parallel_resblocks(i, x)
+            xs = ys[0]
+            for y in ys[1:]:
+                xs = xs + y
             x = xs / self.num_kernels
         x = nn.leaky_relu(x, FINAL_LRELU_SLOPE)
         x = self.conv_post(x)
@@ -538,6 +540,24 @@ class HiFTGenerator(nn.Module):
         phase = mx.sin(x[..., bins:])  # the official "sin is redundancy" step, kept for parity
         wav = self._istft(magnitude, phase)
         return mx.clip(wav, -cfg.audio_limit, cfg.audio_limit)
+
+    def _parallel_resblocks(self, stage: int, x: mx.array) -> list[mx.array]:
+        """The stage's resblock outputs, in order; on CPU split over two threads by kernel size.
+
+        The three resblocks of a stage are independent and cost in proportion to
+        their kernel size (3, 7, 11): one thread takes the largest, the other the
+        rest (`cosyvoice2.branches`); the caller sums them in the official order.
+        """
+        blocks = self.resblocks[stage * self.num_kernels : (stage + 1) * self.num_kernels]
+        if len(blocks) < 2 or not branches.enabled():
+            return [b(x) for b in blocks]
+        order = sorted(range(len(blocks)), key=lambda j: -self.config.resblock_kernel_sizes[j])
+        groups = [[order[0]], sorted(order[1:])]
+        outs = branches.map_branches(
+            lambda idx, x: [blocks[j](x) for j in idx], [[g, x] for g in groups]
+        )
+        got = {j: y for g, ys in zip(groups, outs) for j, y in zip(g, ys)}
+        return [got[j] for j in range(len(blocks))]
 
     def inference(
         self,

@@ -331,7 +331,11 @@ class Derived:
 
     def get(self, source: mx.array, make: Callable[[mx.array], Any]) -> Any:
         if self.source is not source:
-            self.source, self.value = source, make(source)
+            value = make(source)
+            # Evaluated before it is shared: a lazy value would tie every later graph to
+            # the stream (thread) that built it (`cosyvoice2.branches` runs modules on two).
+            mx.eval(value)
+            self.source, self.value = source, value
         return self.value
 
 

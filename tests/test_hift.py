@@ -374,3 +374,22 @@ def test_full_size_parity():
     err = _max_err(wav, want_wav)
     assert _max_err(src, want_src) <= WAV_TOL
     assert err <= WAV_TOL, f"waveform max abs diff {err:.3g}"
+
+
+def test_resblocks_on_two_threads_equal_serial(tiny_random_model, monkeypatch):
+    """The resblocks of a stage split over two threads (`cosyvoice2.branches`) give the serial result."""
+    from cosyvoice2 import branches
+
+    model = tiny_random_model
+    mel = mx.random.normal((1, 80, 23), key=mx.random.key(3))
+    noise = mx.random.normal(model.noise_shape(mel), key=mx.random.key(4))
+    calls = []
+    real_map = branches.map_branches
+    monkeypatch.setattr(branches, "map_branches", lambda *a: calls.append(1) or real_map(*a))
+    monkeypatch.setattr(branches, "enabled", lambda: False)
+    serial, _ = model.inference(mel, noise=noise)
+    assert not calls
+    monkeypatch.setattr(branches, "enabled", lambda: True)
+    split, _ = model.inference(mel, noise=noise)
+    assert len(calls) == model.num_upsamples
+    assert _max_err(split, serial) <= 1e-6

@@ -209,10 +209,10 @@ def test_cached_flow_mel_equals_recompute(ours):
 
 
 def test_branch_threads_equal_batched_cfg(ours, monkeypatch):
-    """The CFG branches on two threads (`flow.branches`) against one batched estimator call:
+    """The CFG branches on two threads (`cosyvoice2.branches`) against one batched estimator call:
     the whole CFM solve and the cached streaming flow, with a prompt state computed in one
     layout and used in the other."""
-    from cosyvoice2.flow import branches
+    from cosyvoice2 import branches
     from cosyvoice2.flow.cache import flow_step, prompt_state
 
     flow = ours.flow

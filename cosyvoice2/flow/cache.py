@@ -53,7 +53,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from cosyvoice2.flow import branches
+from cosyvoice2 import branches
 from cosyvoice2.flow.encoder import rel_position_table
 from cosyvoice2.flow.flow_matching import euler_times
 from cosyvoice2.flow.noise import cfm_noise
@@ -384,7 +384,7 @@ def flow_step(
     for (t, dt), old in zip(times, old_steps):
         inputs = (mx.concatenate([x, x], axis=0), mu_in, mx.full((2,), t, dtype=x.dtype))
         inputs += (spks_in, cond_in)
-        if split:  # the two CFG branches on two threads (see `cosyvoice2.flow.branches`)
+        if split:  # the two CFG branches on two threads (see `cosyvoice2.branches`)
 
             def branch(i: int, *a: mx.array, old: Any = old) -> tuple[mx.array, list]:
                 ws = _Walk(old[i] if old is not None else None, f0, ratio * c2)

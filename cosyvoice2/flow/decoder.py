@@ -251,6 +251,7 @@ class Attention(nn.Module):
             cached = self._fused
             if cached is None or any(a is not c for a, c in zip(ws, cached[0])):
                 fused = mx.concatenate([ws[0] * d**-0.5, ws[1], ws[2]], axis=0).T
+                mx.eval(fused)  # shared by threads (`cosyvoice2.branches`): never lazy
                 cached = self._fused = (ws, fused)
             qkv = (x @ cached[1]).reshape(b, t, 3, h, d).transpose(2, 0, 3, 1, 4)
             return qkv[0], qkv[1], qkv[2]

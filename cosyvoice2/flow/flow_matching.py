@@ -19,8 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from cosyvoice2 import branches
 from cosyvoice2.config import CFMConfig
-from cosyvoice2.flow import branches
 from cosyvoice2.flow.decoder import CausalConditionalDecoder
 from cosyvoice2.flow.noise import cfm_noise
 

@@ -13,8 +13,8 @@ size: the GEMMs block M = 400 instead of 800).
 Used when the default device is the CPU, the machine has at least two cores and
 `COSYVOICE2_FLOW_BRANCH_THREADS` is not `0`. On Metal the batched call is kept.
 
-How: two long-lived worker threads, each with its own MLX CPU stream (MLX streams
-are per thread), each evaluating one branch to completion. While they run,
+How: two long-lived worker threads, each with its own MLX CPU stream (an MLX
+thread-local stream: plain streams belong to the thread that made them), each evaluating one branch to completion. While they run,
 OpenBLAS (when it is the BLAS in use, e.g. preloaded on Linux) is set to one
 thread and restored afterwards, and the numba kernels of `cpu_kernels` run
 serially in those threads (`cpu_kernels.serial_in_this_thread`).
@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import ctypes
 import os
+import queue
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import mlx.core as mx
 
-_LOCAL = threading.local()
-_POOL: ThreadPoolExecutor | None = None
+# One MLX CPU stream per thread that uses it (a plain MLX stream belongs to the
+# thread that made it; a thread-local stream is valid in any thread).
+_STREAM = mx.new_thread_local_stream(mx.cpu)
 _POOL_LOCK = threading.Lock()
 _BLAS: tuple[Callable[[], int], Callable[[int], None]] | None | bool = None
 
@@ -66,25 +68,48 @@ def enabled() -> bool:
     return mx.default_device() == mx.cpu and _cpus() >= 2
 
 
-def _init_worker() -> None:
-    from cosyvoice2.flow import cpu_kernels
+class _Worker:
+    """A daemon thread that runs submitted calls with serial kernels on its own MLX stream.
 
-    _LOCAL.stream = mx.new_stream(mx.cpu)
-    cpu_kernels.serial_in_this_thread()
+    Daemon and never joined: MLX keeps per-thread state (its compile cache) whose
+    destructor needs the GIL, so a worker thread must not exit while the interpreter
+    finalizes (as `ThreadPoolExecutor`'s workers do at exit, which aborts the process);
+    a daemon thread blocked on its queue simply ends with the process.
+    """
+
+    def __init__(self, name: str):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name=name, daemon=True).start()
+
+    def _loop(self) -> None:
+        from cosyvoice2.flow import cpu_kernels
+
+        cpu_kernels.serial_in_this_thread()
+        while True:
+            fn, args, fut = self.jobs.get()
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # handed to the caller
+                fut.set_exception(e)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        fut: Future = Future()
+        self.jobs.put((fn, args, fut))
+        return fut
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
+_WORKERS: list[_Worker] = []
+
+
+def _workers() -> list[_Worker]:
     with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(
-                max_workers=2, thread_name_prefix="cosyvoice2-cfg", initializer=_init_worker
-            )
-        return _POOL
+        if not _WORKERS:
+            _WORKERS.extend(_Worker(f"cosyvoice2-branch-{i}") for i in range(2))
+        return _WORKERS
 
 
 def _run(fn: Callable[..., mx.array], args: Sequence[Any]) -> mx.array:
-    with mx.stream(_LOCAL.stream):
+    with mx.stream(_STREAM):
         out = fn(*args)
         mx.eval(out)
     return out
@@ -102,7 +127,9 @@ def map_branches(fn: Callable[..., mx.array], branches: Sequence[Sequence[Any]])
     if blas:
         blas[1](1)
     try:
-        return list(_pool().map(_run, [fn] * len(args), args))
+        workers = _workers()
+        futures = [workers[i % 2].submit(_run, fn, a) for i, a in enumerate(args)]
+        return [f.result() for f in futures]
     finally:
         if blas:
             blas[1](before)
