@@ -62,8 +62,11 @@ HEADLINE = {
     "stream": False,
     "kernels": "auto",
     "first_hop": None,
+    "saved": False,
+    "final": "full",
 }
 AXES = tuple(HEADLINE)
+FINALS = ("full", "chunked")
 LOW_LATENCY_FIRST_HOP = 10
 """First hop (tokens) of the default sweep's low-latency streaming case: 0.24 s of audio in the
 first chunk (10 tokens = 20 mel frames, less HiFT's 8-frame hold-back) against 0.84 s for the
@@ -84,8 +87,19 @@ class Case:
     first_hop: int | None = None
     """Streaming: tokens in the first chunk (no padding); `None` is the official schedule
     (25, padded so prompt + hop is a multiple of 25)."""
+    saved: bool = False
+    """A saved speaker: the LLM's prompt-text prefix (`prefix_id`) and the flow's prompt
+    state (`spk_id`, streaming) are computed on the first call and reused by later ones."""
+    final: str = "full"
+    """Streaming: the last chunk as the official code renders it (`full`: a whole flow pass
+    with full attention) or chunk-masked from the flow cache (`chunked`: O(n) in all;
+    `StreamSchedule(final_full_attention=False)`)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.saved, bool):
+            raise ValueError(f"saved must be true or false, got {self.saved!r}")
+        if self.final not in FINALS:
+            raise ValueError(f"final must be one of {FINALS}, got {self.final!r}")
         if self.llm not in LLM_PRECISIONS:
             raise ValueError(f"llm precision must be one of {LLM_PRECISIONS}, got {self.llm!r}")
         if self.dtype not in DTYPES:
@@ -110,7 +124,8 @@ class Case:
     @property
     def id(self) -> str:
         """`target/llm=../dtype=../steps=../text=../stream=..`, then the optional axes when not
-        at their defaults (`/kernels=off`, `/first_hop=10`), so older ids stay valid."""
+        at their defaults (`/kernels=off`, `/first_hop=10`, `/saved=on`, `/final=chunked`),
+        so older ids stay valid."""
         stream = "on" if self.stream else "off"
         out = (
             f"{self.target}/llm={self.llm}/dtype={self.dtype}/steps={self.steps}"
@@ -120,6 +135,10 @@ class Case:
             out += f"/kernels={self.kernels}"
         if self.first_hop is not None:
             out += f"/first_hop={self.first_hop}"
+        if self.saved:
+            out += "/saved=on"
+        if self.final != "full":
+            out += f"/final={self.final}"
         return out
 
     @property
@@ -152,6 +171,8 @@ def _coerce(data: dict[str, Any]) -> dict[str, Any]:
         out["stream"] = parse_bool(out["stream"])
     if "llm" in out and isinstance(out["llm"], int):
         out["llm"] = f"{out['llm']}bit"
+    if "saved" in out and isinstance(out["saved"], str):
+        out["saved"] = parse_bool(out["saved"])
     if "first_hop" in out and isinstance(out["first_hop"], str):
         v = out["first_hop"].strip().lower()
         out["first_hop"] = None if v in ("official", "none", "") else int(v)
@@ -277,7 +298,8 @@ def default_cases(target: str = "cosyvoice2") -> list[Case]:
     """The default sweep: about 10 minutes with full-size weights on the 2-core Linux machine.
 
     The headline (fp32, 10 steps, 5 s of speech) non-streaming and streaming (the
-    official schedule, then a first chunk of `LOW_LATENCY_FIRST_HOP` tokens), then
+    official schedule; a first chunk of `LOW_LATENCY_FIRST_HOP` tokens; the same with a
+    saved speaker and the chunk-masked final chunk, the fastest streaming setup), then
     fewer diffusion steps. The quantised LLM precisions are left to `--llm` and
     `--full`: on MLX-CPU they are slow paths (8-bit: about 80 s of LLM time per call
     of the headline work here), which alone would take the default past 10 minutes.
@@ -286,6 +308,13 @@ def default_cases(target: str = "cosyvoice2") -> list[Case]:
         Case(target=target),
         Case(target=target, stream=True),
         Case(target=target, stream=True, first_hop=LOW_LATENCY_FIRST_HOP),
+        Case(
+            target=target,
+            stream=True,
+            first_hop=LOW_LATENCY_FIRST_HOP,
+            saved=True,
+            final="chunked",
+        ),
         Case(target=target, steps=3),
         Case(target=target, steps=1),
     ]
@@ -324,7 +353,11 @@ def reference_cases(cases: list[Case], target: str = "official") -> list[Case]:
     for c in cases:
         if c.llm == "fp32" and c.dtype == "fp32":
             # the official code has one schedule and no kernels: its twin uses the defaults
-            out.append(dataclasses.replace(c, target=target, kernels="auto", first_hop=None))
+            out.append(
+                dataclasses.replace(
+                    c, target=target, kernels="auto", first_hop=None, saved=False, final="full"
+                )
+            )
     return dedupe(out)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from bench.cases import (
     AXES,
     DTYPES,
+    FINALS,
     KERNELS,
     LLM_PRECISIONS,
     STEPS,
@@ -81,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--first-hop",
         help="streaming: tokens in the first chunk, e.g. official,10 (official: 25, padded)",
+    )
+    g.add_argument(
+        "--saved",
+        help="a saved speaker (LLM prefix and flow prompt state reused): off, on or off,on",
+    )
+    g.add_argument(
+        "--final",
+        help="streaming: last chunk full (official) or chunked (O(n) cache), e.g. full,chunked",
     )
     g.add_argument(
         "--target",
@@ -222,6 +231,8 @@ def plan_from_args(args: argparse.Namespace) -> tuple[list[Case], dict]:
         "stream": _axis(args.stream, None, "stream", parse_bool),
         "kernels": _axis(args.kernels, list(KERNELS), "kernels"),
         "first_hop": _axis(args.first_hop, None, "first-hop", _hop),
+        "saved": _axis(args.saved, None, "saved", parse_bool),
+        "final": _axis(args.final, list(FINALS), "final"),
     }
     given = {k: v for k, v in axes.items() if v is not None}
     if args.sweep:

@@ -78,6 +78,8 @@ class OfficialTarget:
             return "the official code has one streaming schedule (first hop 25, padded)"
         if case.kernels != "auto":
             return "the official code has no optional kernels"
+        if case.saved or case.final != "full":
+            return "the official code has no saved-speaker caches and one final chunk"
         return None
 
     def prepare(self, cases: list[Case], options: dict[str, Any]) -> Prepared:

@@ -114,7 +114,9 @@ def streaming_ratios(doc: dict[str, Any]) -> list[dict[str, Any]]:
         case = _case(c)
         if not case.stream:
             continue
-        sib = by_id.get(dataclasses.replace(case, stream=False, first_hop=None).id)
+        sib = by_id.get(
+            dataclasses.replace(case, stream=False, first_hop=None, saved=False, final="full").id
+        )
         if sib is None:
             continue
         base = _median(sib, "wall_s")

@@ -179,12 +179,17 @@ class CosyVoice2Target:
         model.hift.inference = clock.timed("hift", hift_inference, mx.eval)
         to_audio = getattr(model, "token2wav_stream", None) or model._token2wav_stream
         options: dict[str, Any] = {}
-        if case.first_hop is not None:
-            options["schedule"] = StreamSchedule(first_hop_len=case.first_hop)
+        if case.first_hop is not None or case.final != "full":
+            options["schedule"] = StreamSchedule(
+                first_hop_len=case.first_hop, final_full_attention=case.final == "full"
+            )
+        llm_options: dict[str, Any] = {}
+        if case.saved:  # computed on the first (cold) call, reused by the warm ones
+            llm_options["prefix_id"] = options["spk_id"] = "bench-speaker"
         try:
             clock.start()
             tokens = model.speech_token_stream(
-                x["text"], prompt, seed=work.seed, sampling=sampler, **lengths
+                x["text"], prompt, seed=work.seed, sampling=sampler, **lengths, **llm_options
             )
             if work.fixed_length:
                 tokens = take_exact(tokens, n)

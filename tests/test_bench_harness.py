@@ -456,6 +456,7 @@ def test_sweep_file_toml_and_json(tmp_path: Path) -> None:
 def test_plans() -> None:
     assert Case() in default_cases() and Case(stream=True) in default_cases()
     assert Case(stream=True, first_hop=10) in default_cases()
+    assert Case(stream=True, first_hop=10, saved=True, final="chunked") in default_cases()
     full = full_cases()
     # precisions x steps x texts x streaming, flow/HiFT dtypes, no kernels, low-latency hop
     assert len(full) == len({c.id for c in full}) == 5 * 5 * 3 * 2 + 2 * 2 + 5 + 3
@@ -463,12 +464,17 @@ def test_plans() -> None:
     assert all(c.target == "official" and c.llm == c.dtype == "fp32" for c in ref)
     assert Case(target="official") in ref and Case(target="official", stream=True) in ref
     assert all(c.first_hop is None and c.kernels == "auto" for c in ref)
+    assert all(not c.saved and c.final == "full" for c in ref)
     # optional axes appear in the id only when set, so ids of older runs stay valid
     assert Case().id == "cosyvoice2/llm=fp32/dtype=fp32/steps=10/text=short/stream=off"
     assert Case(stream=True, first_hop=10, kernels="off").id.endswith("/kernels=off/first_hop=10")
     assert Case.from_dict({"first_hop": "official", "stream": "on"}) == Case(stream=True)
+    assert Case(stream=True, saved=True, final="chunked").id.endswith("/saved=on/final=chunked")
+    assert Case.from_dict({"saved": "on"}) == Case(saved=True)
     with pytest.raises(ValueError):
         Case(first_hop=0)
+    with pytest.raises(ValueError, match="final"):
+        Case(final="masked")
     proc = _bench("run", "--dry-run", "--reference", "official", "--steps", "1,10")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -590,8 +596,12 @@ def test_pipeline_fixed_length_tokens(tiny_mlx_dir: Path) -> None:
         assert list(take_exact(iter(tokens), n)) == tokens
 
 
-@pytest.mark.parametrize(("stream", "first_hop"), [(False, None), (True, None), (True, 10)])
-def test_pipeline_case_record(tiny_mlx_dir: Path, stream: bool, first_hop: int | None) -> None:
+@pytest.mark.parametrize(
+    ("stream", "first_hop", "saved"), [(False, None, False), (True, None, False), (True, 10, True)]
+)
+def test_pipeline_case_record(
+    tiny_mlx_dir: Path, stream: bool, first_hop: int | None, saved: bool
+) -> None:
     from bench.interface import Prepared
     from bench.runner import measure_case
     from bench.targets import CosyVoice2Target
@@ -600,10 +610,11 @@ def test_pipeline_case_record(tiny_mlx_dir: Path, stream: bool, first_hop: int |
     prepared = Prepared(
         {"label": "synthetic"}, {"dirs": {"fp32": str(tiny_mlx_dir)}, "load_overrides": {}}
     )
-    case = Case(steps=1, stream=stream, first_hop=first_hop)
+    final = "chunked" if saved else "full"
+    case = Case(steps=1, stream=stream, first_hop=first_hop, saved=saved, final=final)
     # 2 s prompt, 60 speech tokens (2.4 s): three streaming chunks on the official schedule
     work = Work(2.0, 2.4, 10, 13, 50, 100, 60)
-    record = measure_case(target, prepared, case, work, repeats=1, warmup=0)
+    record = measure_case(target, prepared, case, work, repeats=1, warmup=int(saved))
     figs = record["figures"]
     assert figs["speech_tokens"]["median"] == 60
     assert figs["audio_s"]["median"] == pytest.approx(60 / 25)
