@@ -71,11 +71,14 @@ times are inflated several times; ratios taken in interleaved runs):
   (17.8 M elements per second of audio) therefore uses `_sin_squared`, a fused
   polynomial at about 1.5 ns per element with its two broadcast products; the
   sine source (0.2 M elements per second) keeps `mx.sin`.
+- On CPU the three resblocks of a stage run on two threads (kernel 11 on one,
+  3 and 7 on the other; `cosyvoice2.branches`): about 10% less wall time for 5 s
+  of audio (2.9-3.2 s against 3.2-3.6 s, quiet). Quiet bench, 2026-11-27: 0.53-0.67
+  s per second of audio, the official code 0.40-0.56 on the same machine.
 - Not done, would help: folding each Snake's alpha and 1 / alpha into the
-  neighbouring conv weights (drops two broadcast passes per activation); running
-  the three parallel resblocks of a stage on separate CPU streams with
-  single-threaded BLAS (elementwise ops are single-threaded in MLX); a compiled
-  conv kernel (`kernels/`).
+  neighbouring conv weights (drops two broadcast passes per activation); a
+  compiled conv kernel (`kernels/`), since torch's oneDNN convolutions beat the
+  per-tap GEMMs at 64-128 channels.
 """
 
 from __future__ import annotations

@@ -51,6 +51,12 @@ comparisons are meaningful):
   interleaved, ours 44-80 s, official 134-220 s (its OpenMP threads wait on
   each other when the cores are shared). None of these are quiet-machine
   figures (NOTES.md: official 10.3 s there).
+- Two cores: batched, only the GEMMs used both (OpenBLAS threads) while MLX's
+  element-wise ops and the kernel hand-offs ran on one, the other spinning. The
+  two CFG branches now run on two threads with single-threaded BLAS
+  (`cosyvoice2.branches`): 1.87-1.92 s per call instead of 2.3-2.9 (quiet); the
+  whole flow, 10 steps, 3.57 s per second of audio against the official 3.4-4.0
+  on the same machine (`bench/README.md`, 2026-11-27).
 - The issue's target (flow <= 1.2 s per second of audio at 10 steps) means 6 s
   for the 1.42 TFLOP above, i.e. 237 GFLOP/s sustained: above this machine's
   best fp32 GEMM rate (181 GFLOP/s, 1024x1024, 2 threads, quiet), so it is not
