@@ -34,6 +34,10 @@ every later frame; it can only be recomputed whole. `FlowStream(official_final=T
 does that (parity with the official output); the default finishes with a
 chunk-masked `finalize=True` step, which the cache computes incrementally.
 
+Keys and values are kept per layer as the list of blocks in which they were
+computed (`_Walk.keys_values`): attention runs over the blocks without joining
+them, so a chunk reads the cache but never copies it.
+
 Memory: per estimator attention block and Euler step the keys and values of
 both CFG branches, `2 * 2 * heads * head_dim * 4` bytes per frame (8 KiB for
 CosyVoice2's 8 x 64): with 64 blocks and 10 steps about 5.2 MB per mel frame
@@ -137,15 +141,41 @@ class _Walk:
         y = mx.conv1d(full, weight)
         return y if bias is None else y + bias
 
-    def keys_values(self, k: mx.array, v: mx.array, scale: int = 1) -> tuple[mx.array, mx.array]:
-        """Keys/values `(B, H, n, d)` of the new positions appended to the committed ones."""
+    def keys_values(
+        self, k: mx.array, v: mx.array, scale: int = 1
+    ) -> tuple[list[mx.array], list[mx.array]]:
+        """Keys and values `(B, H, n, d)` of all positions so far, as blocks in order.
+
+        The committed positions are kept as the list of blocks in which they were
+        computed, never concatenated: joining them into one array per layer and
+        Euler step would copy the whole cache on every chunk (memory traffic growing
+        with the square of the length). The new state is the old blocks plus the
+        committed part of this call's block.
+        """
         old = self._take()
-        if old is not None:
-            k = mx.concatenate([old[0], k], axis=2)
-            v = mx.concatenate([old[1], v], axis=2)
-        n = self.c2 * scale
-        self.new.append((k[:, :, :n], v[:, :, :n]))
-        return k, v
+        blocks = list(old) if old else []
+        n_old = sum(b[0].shape[2] for b in blocks)
+        keep = self.c2 * scale - n_old
+        self.new.append(blocks + ([(k[:, :, :keep], v[:, :, :keep])] if keep > 0 else []))
+        blocks.append((k, v))
+        return [b[0] for b in blocks], [b[1] for b in blocks]
+
+
+def _scores(q: mx.array, keys: list[mx.array]) -> mx.array:
+    """`q @ K^T` over key blocks: `(..., n_q, sum of block lengths)`."""
+    parts = [q @ k.transpose(0, 1, 3, 2) for k in keys]
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
+def _weighted_values(p: mx.array, values: list[mx.array]) -> mx.array:
+    """`p @ V` over value blocks (`p`'s last axis spans the blocks in order)."""
+    out, start = None, 0
+    for v in values:
+        n = v.shape[2]
+        term = p[..., start : start + n] @ v
+        out = term if out is None else out + term
+        start += n
+    return out
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -160,8 +190,8 @@ def _rel_attention(
     q = attn.linear_q(x).reshape(b, n, h, d)
     k = attn.linear_k(x).reshape(b, n, h, d).transpose(0, 2, 1, 3)
     v = attn.linear_v(x).reshape(b, n, h, d).transpose(0, 2, 1, 3)
-    k, v = w.keys_values(k, v, scale)
-    total = k.shape[2]
+    keys, values = w.keys_values(k, v, scale)
+    total = sum(b.shape[2] for b in keys)
     c = total - n
     # Relative positions i - j for queries c..total-1 and keys 0..total-1: from
     # total-1 down to -(n-1): rows 0 .. 2*total-2-c of the length-`total` table.
@@ -173,8 +203,8 @@ def _rel_attention(
     bd = q_v @ p.transpose(0, 1, 3, 2)  # (b, h, n, 2*total-1-c)
     idx = (n - 1) - mx.arange(n)[:, None] + mx.arange(total)[None, :]
     bd = mx.take_along_axis(bd, mx.broadcast_to(idx, (b, h, n, total)), axis=-1)
-    scores = (q_u * sc) @ k.transpose(0, 1, 3, 2) + bd * sc
-    out = chunk_softmax(scores, c, chunk) @ v
+    scores = _scores(q_u * sc, keys) + bd * sc
+    out = _weighted_values(chunk_softmax(scores, c, chunk), values)
     return attn.linear_out(out.transpose(0, 2, 1, 3).reshape(b, n, h * d))
 
 
@@ -244,8 +274,9 @@ def _transformer(w: _Walk, blk: Any, x: mx.array, chunk: int) -> mx.array:
     attn = blk.attn1
     b, n, _ = x.shape
     q, k, v = attn._qkv(layer_norm(x, n1.weight, n1.bias, n1.eps))  # q already scaled
-    k, v = w.keys_values(k, v)
-    out = chunk_softmax(q @ k.transpose(0, 1, 3, 2), k.shape[2] - n, chunk) @ v
+    keys, values = w.keys_values(k, v)
+    total = sum(b.shape[2] for b in keys)
+    out = _weighted_values(chunk_softmax(_scores(q, keys), total - n, chunk), values)
     x = x + attn.to_out[0](out.transpose(0, 2, 1, 3).reshape(b, n, attn.heads * attn.dim_head))
     return x + blk.ff(layer_norm(x, n3.weight, n3.bias, n3.eps))
 
