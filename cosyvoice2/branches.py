@@ -116,11 +116,16 @@ def _run(fn: Callable[..., mx.array], args: Sequence[Any]) -> mx.array:
 
 
 def map_branches(fn: Callable[..., mx.array], branches: Sequence[Sequence[Any]]) -> list[mx.array]:
-    """`[fn(*b) for b in branches]`, evaluated, each branch on its own worker thread.
+    """`[fn(*b) for b in branches]`, evaluated; each branch on its own worker thread when
+    `enabled()`, else one after the other in the calling thread.
 
     Inputs must be evaluated arrays (or plain values); the results are evaluated.
     """
     args = [list(b) for b in branches]
+    if not enabled():
+        outs = [fn(*a) for a in args]
+        mx.eval(outs)
+        return outs
     mx.eval([a for b in args for a in b if isinstance(a, mx.array)])
     blas = _openblas()
     before = blas[0]() if blas else 0

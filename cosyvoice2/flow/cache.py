@@ -330,10 +330,7 @@ class FlowState:
 
     tokens: int = 0
     encoder: list = field(default_factory=list)
-    steps: tuple = ()  # per Euler step: the estimator's state list
-    # steps' layout: False, one list of batch-2 (CFG) arrays per step; True, a pair of
-    # batch-1 lists (conditional, unconditional), as `branches.map_branches` computes them
-    split: bool = False
+    steps: tuple = ()  # per Euler step: (conditional, unconditional) estimator state lists
 
     @property
     def nbytes(self) -> int:
@@ -409,49 +406,24 @@ def flow_step(
     cond_in = mx.concatenate([cond, mx.zeros_like(cond)], axis=0)
     steps = []
     times = euler_times(n_timesteps, flow.decoder.config.t_scheduler)
-    split = branches.enabled()
-    old_steps = _steps_layout(state, split) or (None,) * len(times)
+    old_steps = state.steps or (None,) * len(times)
     mx.eval(old_steps)  # worker threads cannot evaluate this thread's pending work
     for (t, dt), old in zip(times, old_steps):
         inputs = (mx.concatenate([x, x], axis=0), mu_in, mx.full((2,), t, dtype=x.dtype))
         inputs += (spks_in, cond_in)
-        if split:  # the two CFG branches on two threads (see `cosyvoice2.branches`)
 
-            def branch(i: int, *a: mx.array, old: Any = old) -> tuple[mx.array, list]:
-                ws = _Walk(old[i] if old is not None else None, f0, ratio * c2)
-                return estimator_step(ws, est, *a), ws.new
+        def branch(i: int, *a: mx.array, old: Any = old) -> tuple[mx.array, list]:
+            ws = _Walk(old[i] if old is not None else None, f0, ratio * c2)
+            return estimator_step(ws, est, *a), ws.new
 
-            (v_cond, new0), (v_uncond, new1) = branches.map_branches(
-                branch, [[i, *(a[i : i + 1] for a in inputs)] for i in (0, 1)]
-            )
-            steps.append((new0, new1))
-        else:
-            ws = _Walk(old, f0, ratio * c2)
-            v = estimator_step(ws, est, *inputs)
-            v_cond, v_uncond = v[:1], v[1:]
-            steps.append(ws.new)
+        # The CFG branches one at a time (on two threads where `branches.enabled()`),
+        # each with its own state: no batch-2 state to split or join between calls.
+        (v_cond, new0), (v_uncond, new1) = branches.map_branches(
+            branch, [[i, *(a[i : i + 1] for a in inputs)] for i in (0, 1)]
+        )
+        steps.append((new0, new1))
         x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
-    return x, FlowState(c2, w.new, tuple(steps), split)
-
-
-def _steps_layout(state: FlowState, split: bool) -> tuple:
-    """`state.steps` in the requested layout (see `FlowState.split`)."""
-    if not state.steps or state.split == split:
-        return state.steps
-
-    def part(item: Any, i: int) -> Any:
-        if isinstance(item, (list, tuple)):
-            return type(item)(part(x, i) for x in item)
-        return item[i : i + 1]
-
-    def join(a: Any, b: Any) -> Any:
-        if isinstance(a, (list, tuple)):
-            return type(a)(join(x, y) for x, y in zip(a, b))
-        return mx.concatenate([a, b], axis=0)
-
-    if split:
-        return tuple((part(st, 0), part(st, 1)) for st in state.steps)
-    return tuple(join(a, b) for a, b in state.steps)
+    return x, FlowState(c2, w.new, tuple(steps))
 
 
 def prompt_state(
