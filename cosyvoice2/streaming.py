@@ -10,7 +10,8 @@ the installed reference wheel): a chunk is emitted when `hop + pre_lookahead_len
 tokens are available after the offset; the flow encodes the tokens up to
 `offset + hop` with the 3 look-ahead tokens as context (`finalize=False`); the
 first hop is padded so that prompt + hop is a multiple of the hop (the flow's
-chunk size), unless `first_hop_len` is given; when the LLM is done, one
+chunk size), unless `first_hop_len` is given (then the second hop returns to that
+grid, `hop_to_grid`, not an official option); when the LLM is done, one
 `finalize=True` call renders the remaining tokens. HiFT keeps the last 8 mel
 frames and 3840 source samples of each chunk and holds back the last 3840
 samples of audio, cross-faded (Hamming window of 7680) into the next chunk.
@@ -60,7 +61,10 @@ class StreamSchedule:
     HiFT keeps `mel_cache_len` mel frames and their source between chunks and
     cross-fades `2 * mel_cache_len * 480` samples with a Hamming window.
     `flow_cache`: the O(n) flow (else the official recompute); `final_full_attention`:
-    see the module doc.
+    see the module doc. `align_after_first`: after a `first_hop_len` off the hop grid,
+    the second chunk ends on the grid again (prompt + tokens a multiple of
+    `token_hop_len`, at least half a hop on), so later chunks fall on the flow cache's
+    block boundaries and none recomputes a block.
     """
 
     token_hop_len: int = 25
@@ -70,6 +74,7 @@ class StreamSchedule:
     mel_cache_len: int = 8
     flow_cache: bool = True
     final_full_attention: bool = True
+    align_after_first: bool = True
 
     def __post_init__(self) -> None:
         if self.token_hop_len < 1 or (self.first_hop_len is not None and self.first_hop_len < 1):
@@ -98,6 +103,17 @@ class FlowCursor:
         if skip < 0:
             raise ValueError("the prompt mel must have token_mel_ratio frames per prompt token")
         return mel[:, skip:].transpose(0, 2, 1)
+
+
+def hop_to_grid(position: int, grid: int) -> int:
+    """Tokens from `position` to the next multiple of `grid` at least `grid / 2` away.
+
+    The hop after an off-grid first chunk: a chunk ending on the grid lets the flow
+    cache commit it whole (`cosyvoice2.flow.cache`), and half a hop at least keeps
+    that chunk from being too short to cover the next one's compute time.
+    """
+    hop = -position % grid
+    return hop + grid if 2 * hop < grid else hop
 
 
 def fade_in_out(fade_in: mx.array, fade_out: mx.array, window: mx.array) -> mx.array:
@@ -211,6 +227,7 @@ def stream_chunks(
         return speech
 
     this_hop = first + prompt_pad
+    realign = sched.first_hop_len is not None and sched.align_after_first
     for t in tokens:
         if not got and timings is not None:
             timings.mark("first_token")
@@ -220,6 +237,9 @@ def stream_chunks(
             offset += this_hop
             hop = min(sched.token_max_hop_len, int(hop * sched.stream_scale_factor))
             this_hop = hop
+            if realign:
+                this_hop = hop_to_grid(n_prompt + offset, sched.token_hop_len)
+                realign = False
     if not got:
         from cosyvoice2.errors import CosyVoiceError
 

@@ -181,6 +181,49 @@ def test_cached_flow_equals_recompute(ours, n_prompt, n_tokens, first, scale):
     assert max(errs) <= TOL, f"per-chunk max abs error {errs}"
 
 
+def test_hop_to_grid():
+    from cosyvoice2.streaming import hop_to_grid
+
+    assert hop_to_grid(85, 25) == 15  # 75-token prompt + a 10-token first hop: back to 100
+    assert hop_to_grid(47, 25) == 28  # 3 to the grid is under half a hop: the next point
+    assert hop_to_grid(100, 25) == 25  # on the grid: a whole hop
+    assert hop_to_grid(0, 25) == 25
+
+
+@pytest.mark.parametrize("align", [True, False])
+def test_realigned_hops_commit_every_chunk_whole(ours, monkeypatch, align):
+    """After an off-grid first hop the second ends on the block grid, so later calls recompute nothing.
+
+    Without the realignment every later call starts one partial block back (the
+    cache commits whole blocks only): the `align=False` case shows the recompute.
+    """
+    import cosyvoice2.streaming as streaming
+
+    calls = []  # (committed tokens before, positions computed up to, committed after)
+    inner = streaming.flow_step
+
+    def flow_step(flow, state, tokens, *a, **k):
+        mel, new = inner(flow, state, tokens, *a, **k)
+        n = tokens.shape[1] - (0 if a[-1] else flow.config.pre_lookahead_len)
+        calls.append((state.tokens, n, new.tokens))
+        return mel, new
+
+    monkeypatch.setattr(streaming, "flow_step", flow_step)
+    prompt = make_prompt(37, seed=21)
+    tokens = make_tokens(87, seed=22)
+    sched = dict(first_hop_len=10, final_full_attention=False, align_after_first=align)
+    chunks = ours_chunks(ours, prompt, tokens, flow_cache=True, **sched)
+    sizes = [c.size for c in chunks]
+    if align:  # hops 10, then 28 (37 + 10 = 47: the grid point 50 is too close, so 75), 25
+        assert sizes[:3] == [10 * 960 - 3840, 28 * 960, 25 * 960]
+        assert [c for c in calls[1:-1] if not (c[0] < c[1] == c[2])] == []
+        assert all(prev[2] == nxt[0] for prev, nxt in zip(calls, calls[1:]))
+    else:
+        assert sizes[:3] == [10 * 960 - 3840, 25 * 960, 25 * 960]
+        assert any(c[2] < c[1] for c in calls[1:-1])
+    assert sum(sizes) == 87 * 960
+
+
 def test_cached_flow_mel_equals_recompute(ours):
     """At the mel level (tighter): every chunk's frames, with and without a prompt state."""
     from cosyvoice2.flow.cache import FlowState, flow_step, prompt_state
