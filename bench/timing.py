@@ -1,11 +1,15 @@
 """`CallClock`: per-stage timing of one synthesis call, shared by the targets.
 
-A call runs in one thread: the token generator is pulled by the code that turns
-tokens into audio, so in streaming the LLM, the flow and HiFT interleave. The
+The token generator is pulled by the code that turns tokens into audio. When
+that happens in the calling thread, the LLM, the flow and HiFT interleave: the
 clock records when each token and each audio chunk arrives and how much flow/HiFT
-time had been spent by then, which separates the stages even when they
-interleave: LLM decode time = time between the first and last token minus the
-flow and HiFT time spent in between.
+time had been spent by then, which separates the stages: LLM decode time = time
+between the first and last token minus the flow and HiFT time spent in between.
+When the tokens are pulled by another thread (streaming with the LLM overlapped,
+`cosyvoice2.streaming.prefetch`), the stages run at the same time: the LLM's
+figures are then its own wall times (prefill: call start to the first token;
+decode: first to last token), slowed by the flow sharing the cores, and the
+stage times add up to more than the wall time.
 
 Stage functions are wrapped with `clock.timed(stage, fn, evaluate)`; for MLX,
 `evaluate` is `mx.eval`, so the lazily built result is computed inside the timed
@@ -14,6 +18,7 @@ region (an un-evaluated timing measures nothing).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -29,6 +34,8 @@ class CallClock:
         self.stage_at_token: list[float] = []
         self.chunk_times: list[float] = []
         self.chunk_audio: list[float] = []
+        self.caller = threading.get_ident()
+        self.concurrent = False  # tokens stamped by another thread than the caller's
 
     def start(self) -> None:
         """Reset the clock: the call starts now."""
@@ -58,6 +65,7 @@ class CallClock:
     def tokens(self, gen: Iterable[Any]) -> Iterator[Any]:
         """Pass a token generator through, stamping each token's arrival."""
         for tok in gen:
+            self.concurrent = threading.get_ident() != self.caller
             self.token_times.append(self.now())
             self.stage_at_token.append(self._stage_total())
             yield tok
@@ -72,6 +80,8 @@ class CallClock:
         wall = self.now()
         n = len(self.token_times)
         tt, st = self.token_times, self.stage_at_token
+        if self.concurrent:  # the stages overlapped: the LLM's own wall times
+            st = [0.0] * n
         decode = None
         if n > 1:
             decode = (tt[-1] - tt[0]) - (st[-1] - st[0])
@@ -89,5 +99,5 @@ class CallClock:
             first_chunk_s=self.chunk_times[0] if stream and self.chunk_times else None,
             chunk_times_s=list(self.chunk_times) if stream else None,
             chunk_audio_s=list(self.chunk_audio) if stream else None,
-            extra=extra or {},
+            extra={**({"llm_overlapped": 1.0} if self.concurrent else {}), **(extra or {})},
         )

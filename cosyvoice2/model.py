@@ -417,13 +417,15 @@ class CosyVoice2:
                         timings.mark("text", tokens=len(ids))
                     yield ids
 
+        key = mx.random.key(seed)
+        mx.eval(key, prompt.prompt_text, prompt.llm_speech_token)  # may be pulled by another thread
         return self.llm.inference_bistream(
             text_tokens(),
             prompt.prompt_text,
             prompt.llm_speech_token,
             sampling=sampling,
             max_token_text_ratio=max_token_text_ratio,
-            key=mx.random.key(seed),
+            key=key,
             max_tokens=max_tokens,
         )
 
@@ -600,6 +602,9 @@ class CosyVoice2:
             prefix = self._prefixes.get(prefix_id)
             if prefix is None:
                 prefix = self._prefixes[prefix_id] = self.llm.make_prefix(prompt.prompt_text)
+        key = mx.random.key(seed)
+        # the generator may be pulled by another thread (`streaming.prefetch`): no lazy inputs
+        mx.eval(key, text, prompt.prompt_text, prompt.llm_speech_token)
         return self.llm.inference(
             text,
             None if prefix is not None else prompt.prompt_text,
@@ -607,7 +612,7 @@ class CosyVoice2:
             sampling=sampling,
             max_token_text_ratio=max_token_text_ratio,
             min_token_text_ratio=min_token_text_ratio,
-            key=mx.random.key(seed),
+            key=key,
             prefix=prefix,
         )
 
@@ -620,15 +625,21 @@ class CosyVoice2:
         finalize: bool = True,
         start: int = 0,
         cache: Any = None,
+        advance_only: bool = False,
     ) -> mx.array:
         """Mel (1, 80, T) of `tokens` (1, N) after the prompt (official `flow.inference`), from frame `start`.
 
         `cache`: a `streaming.FlowCursor`; the frames are then computed by the O(n)
         streaming flow from its committed state (same values as the recompute).
+        `advance_only` (with `cache`): commit the whole blocks these tokens complete
+        (`FlowCursor.advance`) and return no frames, `(1, 80, 0)`.
         """
         if cache is not None:
             if not streaming:
                 raise ValueError("the flow cache is for the streaming (chunk-masked) flow")
+            if advance_only:
+                cache.advance(tokens)
+                return mx.zeros((1, self.config.flow.output_size, 0))
             return cache.mel(tokens, finalize, start)
         mel = self.flow.inference(
             token=tokens,

@@ -30,6 +30,12 @@ Differences with the official code, each an option:
   then O(n) (no full pass, about half the flow work of a stream), and the final
   chunk differs from the official one by about 1e-3 to 2e-3 (measured on tiny
   random weights);
+- overlap (CPU, 2+ cores, `overlap_llm`): the LLM decodes in its own thread
+  (`prefetch`) while the flow and HiFT render chunks, as the official `tts` runs
+  its LLM in a thread; and as soon as the first `pre_lookahead_len` speech tokens
+  exist, the prompt's last block is committed in the flow cache
+  (`FlowCursor.advance`), so that work overlaps the rest of the first chunk's
+  decode. The chunks are the same (tested);
 - the growing hop (`stream_scale_factor` > 1, up to `token_max_hop_len`): the v1
   model class of the reference wheel; the latest upstream `CosyVoice2Model.tts`
   also doubles the hop after each chunk up to 100 (not the reference); off by
@@ -39,6 +45,9 @@ Differences with the official code, each an option:
 from __future__ import annotations
 
 import math
+import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,7 +56,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from cosyvoice2.flow.cache import FlowState, flow_step
+from cosyvoice2 import branches
+from cosyvoice2.flow.cache import FlowState, block_tokens, flow_step
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,10 @@ class StreamSchedule:
     see the module doc. `align_after_first`: after a `first_hop_len` off the hop grid,
     the second chunk ends on the grid again (prompt + tokens a multiple of
     `token_hop_len`, at least half a hop on), so later chunks fall on the flow cache's
-    block boundaries and none recomputes a block.
+    block boundaries and none recomputes a block. `overlap_llm`: the LLM decodes in a
+    thread of its own while the flow and HiFT render chunks (`prefetch`), and the
+    prompt's last block is committed as soon as its look-ahead tokens exist; None:
+    on where `overlap_enabled()`.
     """
 
     token_hop_len: int = 25
@@ -75,6 +88,7 @@ class StreamSchedule:
     flow_cache: bool = True
     final_full_attention: bool = True
     align_after_first: bool = True
+    overlap_llm: bool | None = None
 
     def __post_init__(self) -> None:
         if self.token_hop_len < 1 or (self.first_hop_len is not None and self.first_hop_len < 1):
@@ -103,6 +117,87 @@ class FlowCursor:
         if skip < 0:
             raise ValueError("the prompt mel must have token_mel_ratio frames per prompt token")
         return mel[:, skip:].transpose(0, 2, 1)
+
+    def advance(self, tokens: mx.array) -> bool:
+        """Commit the whole blocks whose look-ahead is among speech tokens `(1, N)`, emitting nothing.
+
+        The prompt's last block depends on the first `pre_lookahead_len` speech tokens
+        only; committing it when they exist moves its flow work ahead of the first
+        chunk (useful while the LLM decodes the rest of that chunk in its own thread).
+        False when no new block can be committed.
+        """
+        p = self.prompt
+        n = p.flow_speech_token.shape[1] + tokens.shape[1] - self.flow.config.pre_lookahead_len
+        m = block_tokens(self.flow)
+        commit = n // m * m
+        if commit <= self.state.tokens:
+            return False
+        all_tokens = mx.concatenate([p.flow_speech_token.astype(mx.int32), tokens], axis=1)
+        _, self.state = flow_step(
+            self.flow, self.state, all_tokens[:, : commit + self.flow.config.pre_lookahead_len],
+            p.speech_feat, self.spks, self.n_timesteps, False, commit,
+        )  # fmt: skip
+        mx.eval(self.state.encoder, self.state.steps)
+        return True
+
+
+def overlap_enabled() -> bool:
+    """Whether streaming runs the LLM in its own thread by default: CPU device, >= 2 cores,
+    `COSYVOICE2_STREAM_LLM_THREAD` not `0` (on one core, or on Metal, it would only add hand-offs)."""
+    if os.environ.get("COSYVOICE2_STREAM_LLM_THREAD", "1") == "0":
+        return False
+    return branches.enabled()
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_END = object()
+_LLM_STREAM = mx.new_thread_local_stream(mx.cpu)
+
+
+def prefetch(tokens: Iterator[int]) -> Iterator[int]:
+    """The items of `tokens`, pulled by a thread of their own as fast as it yields them.
+
+    Why: streaming on CPU otherwise alternates between LLM decode (memory-bound)
+    and flow (compute-bound) on the same cores; overlapped, the flow of chunk `k`
+    runs while the LLM decodes chunk `k + 1`. The thread evaluates on its own MLX
+    stream (a thread-local one); the arrays the generator reads must already be
+    evaluated. Errors in the generator are raised here; closing this iterator
+    stops the thread after its current token. A daemon thread: it never blocks exit.
+    """
+    q: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            with mx.stream(_LLM_STREAM):
+                for t in tokens:
+                    q.put(int(t))
+                    if stop.is_set():
+                        break
+        except BaseException as e:  # handed to the consumer
+            q.put(_Failed(e))
+            return
+        finally:
+            close = getattr(tokens, "close", None)
+            if close is not None:
+                close()
+        q.put(_END)
+
+    threading.Thread(target=produce, name="cosyvoice2-llm", daemon=True).start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
 
 
 def hop_to_grid(position: int, grid: int) -> int:
@@ -228,10 +323,16 @@ def stream_chunks(
 
     this_hop = first + prompt_pad
     realign = sched.first_hop_len is not None and sched.align_after_first
+    overlap = overlap_enabled() if sched.overlap_llm is None else sched.overlap_llm
+    if overlap:
+        tokens = prefetch(tokens)
     for t in tokens:
         if not got and timings is not None:
             timings.mark("first_token")
         got.append(int(t))
+        if overlap and cursor is not None and offset == 0 and len(got) == lookahead:
+            toks = mx.array([got], dtype=mx.int32)  # commits the prompt's last block
+            model.token2mel(toks, prompt, n_timesteps, True, False, cache=cursor, advance_only=True)
         if len(got) - offset >= this_hop + lookahead:
             yield {"tts_speech": chunk(False, offset + this_hop + lookahead)}
             offset += this_hop

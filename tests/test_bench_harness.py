@@ -659,3 +659,40 @@ def test_official_reference_case_record(tiny_mlx_dir: Path, monkeypatch) -> None
             t = record["calls"][-1]["timings"]
             assert len(t["chunk_times_s"]) == 3
             assert t["chunk_audio_s"][0] == pytest.approx((25 * 2 * 480 - 8 * 480) / 24000)
+
+
+def test_call_clock_separates_interleaved_stages_and_reports_overlapped_llm_wall_times() -> None:
+    """Same thread: decode = token span minus the flow time spent inside it. Tokens pulled by
+    another thread (the overlapped LLM): decode = the token span itself."""
+    import threading
+    import time
+
+    from bench.timing import CallClock
+
+    def run(in_thread: bool):
+        clock = CallClock()
+        clock.start()
+        flow = clock.timed("flow", lambda: time.sleep(0.05))
+
+        def gen():
+            for i in range(3):
+                time.sleep(0.01)
+                yield i
+
+        if in_thread:
+            out: list = []
+            t = threading.Thread(target=lambda: out.extend(clock.tokens(gen())))
+            t.start()
+            flow()
+            t.join()
+        else:
+            for _ in clock.tokens(gen()):
+                flow()
+        return clock.timings(stream=False)
+
+    serial = run(False)
+    assert serial.decode_s < 0.1  # two sleeps of 0.01; with the 2 x 0.05 s of flow left in: >= 0.12
+    assert "llm_overlapped" not in serial.extra
+    overlapped = run(True)
+    assert overlapped.extra["llm_overlapped"] == 1.0
+    assert overlapped.decode_s >= 0.015 and overlapped.llm_s >= overlapped.decode_s

@@ -211,7 +211,9 @@ def test_realigned_hops_commit_every_chunk_whole(ours, monkeypatch, align):
     monkeypatch.setattr(streaming, "flow_step", flow_step)
     prompt = make_prompt(37, seed=21)
     tokens = make_tokens(87, seed=22)
-    sched = dict(first_hop_len=10, final_full_attention=False, align_after_first=align)
+    sched = dict(
+        first_hop_len=10, final_full_attention=False, align_after_first=align, overlap_llm=False
+    )
     chunks = ours_chunks(ours, prompt, tokens, flow_cache=True, **sched)
     sizes = [c.size for c in chunks]
     if align:  # hops 10, then 28 (37 + 10 = 47: the grid point 50 is too close, so 75), 25
@@ -222,6 +224,83 @@ def test_realigned_hops_commit_every_chunk_whole(ours, monkeypatch, align):
         assert sizes[:3] == [10 * 960 - 3840, 25 * 960, 25 * 960]
         assert any(c[2] < c[1] for c in calls[1:-1])
     assert sum(sizes) == 87 * 960
+
+
+def test_overlapped_llm_equals_serial_and_commits_the_prompt_block_first(ours, monkeypatch):
+    """LLM in its own thread + the prompt's last block committed on the first look-ahead tokens:
+    the same chunks as the serial stream, and that block is committed before the first chunk."""
+    import threading
+
+    import cosyvoice2.streaming as streaming
+
+    calls, threads = [], set()
+    inner = streaming.flow_step
+
+    def flow_step(flow, state, tokens, *a, **k):
+        mel, new = inner(flow, state, tokens, *a, **k)
+        calls.append((state.tokens, tokens.shape[1], new.tokens))
+        return mel, new
+
+    def token_source(tokens):
+        for t in tokens:
+            threads.add(threading.get_ident())
+            yield t
+
+    monkeypatch.setattr(streaming, "flow_step", flow_step)
+    prompt = make_prompt(37, seed=23)
+    tokens = make_tokens(70, seed=24)
+    serial = ours_chunks(ours, prompt, tokens, overlap_llm=False)
+    calls.clear()
+    with InjectNoise(ours.hift):
+        overlapped = [
+            np.array(o["tts_speech"]).reshape(-1)
+            for o in ours.token2wav_stream(
+                token_source(tokens), prompt, True, 1.0, n_timesteps=STEPS,
+                schedule=StreamSchedule(overlap_llm=True),
+            )
+        ]  # fmt: skip
+    assert threads and threading.get_ident() not in threads  # pulled by another thread
+    assert len(overlapped) == len(serial)
+    assert max(max_err(o, s) for o, s in zip(overlapped, serial)) <= 1e-5
+    # 37 prompt tokens, no saved state: the first 3 speech tokens give the look-ahead of
+    # prompt token 36, so block 0..25 is committed (tokens 0..28 computed) before any
+    # chunk; the first chunk (hop 25 + 13 padding, ending at 75) starts from there
+    assert calls[0] == (0, 28, 25)
+    assert calls[1] == (25, 78, 75)
+
+
+def test_prefetch_raises_generator_errors_and_stops_when_closed():
+    import threading
+    import time
+
+    from cosyvoice2.streaming import prefetch
+
+    def failing():
+        yield 1
+        raise RuntimeError("sampler broke")
+
+    it = prefetch(failing())
+    assert next(it) == 1
+    with pytest.raises(RuntimeError, match="sampler broke"):
+        next(it)
+
+    pulled, closed = [], threading.Event()
+
+    def endless():
+        try:
+            for i in range(10**9):
+                pulled.append(i)
+                yield i
+        finally:
+            closed.set()
+
+    it = prefetch(endless())
+    assert next(it) == 0
+    it.close()
+    assert closed.wait(5)
+    n = len(pulled)
+    time.sleep(0.05)
+    assert len(pulled) == n  # the thread stopped pulling
 
 
 def test_cached_flow_mel_equals_recompute(ours):

@@ -74,14 +74,24 @@ def _first_diff(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def test_audio_chunks_come_while_text_arrives(ours: CosyVoice2, monkeypatch) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_audio_chunks_come_while_text_arrives(ours: CosyVoice2, monkeypatch, overlap) -> None:
+    """Serial: the first chunk comes before the text generator is exhausted. Overlapped (the
+    LLM pulls text in its own thread): the last text pieces are only released once the
+    first audio chunk is out, which cannot happen if the first chunk waits for the text."""
+    import threading
+
     p = prompt(ours)
     monkeypatch.setattr(ours, "prompt_from_wav", lambda *a, **k: p)
     split = pieces(TEXT, 7)
     pulled = []
+    first_chunk_out = threading.Event()
+    held = []
 
     def text():
-        for piece in split:
+        for i, piece in enumerate(split):
+            if overlap and i == len(split) - 2:
+                held.append(first_chunk_out.wait(120))
             pulled.append(piece)
             yield piece
 
@@ -89,12 +99,15 @@ def test_audio_chunks_come_while_text_arrives(ours: CosyVoice2, monkeypatch) -> 
     consumed_at_chunk = []
     for out in ours.inference_bistream(
         text(), "A short prompt.", ("unused", 16000), seed=3, n_timesteps=1, timings=tm,
-        schedule=StreamSchedule(first_hop_len=10), **OPTS,
+        schedule=StreamSchedule(first_hop_len=10, overlap_llm=overlap), **OPTS,
     ):  # fmt: skip
         consumed_at_chunk.append(len(pulled))
+        first_chunk_out.set()
         assert out["tts_speech"].shape[1] > 0
     assert len(consumed_at_chunk) >= 3
     assert consumed_at_chunk[0] < len(split), "the first audio chunk waited for the whole text"
+    if overlap:
+        assert held == [True], "the text was held back but no audio chunk came"
     assert tm.first("text") < tm.first("audio")
 
 
