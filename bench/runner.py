@@ -5,7 +5,8 @@ Each case runs in its own process (`python -m bench.worker`) by default, so that
 - the process peak RSS belongs to that case alone,
 - each implementation gets its own environment: MLX workers run with OpenBLAS preloaded
   on Linux, the official PyTorch worker without it (the preload distorts torch timing)
-  and with 2 torch threads.
+  and with 2 torch threads; a target with its own virtualenv (the `mlx-audio-plus` peer)
+  names its interpreter in `Prepared.options["python"]` and its case workers run with it.
 `isolate=False` runs cases in this process instead (for debugging; peak RSS is then
 the process's, and cold figures are only cold for the first case of each model).
 
@@ -253,17 +254,20 @@ def _call_worker(
     env: dict[str, str],
     timeout: float | None,
     status: Callable[[str], None] | None = None,
+    python: str | None = None,
 ) -> dict[str, Any]:
     """Run `python -m bench.worker MODE SPEC OUT` and return what it wrote to OUT.
 
-    While it runs, `status` gets the last line of its log every second (progress display).
+    `python` is the interpreter (default: this one's; a target with its own virtualenv
+    names its python in `Prepared.options["python"]`). While it runs, `status` gets the
+    last line of its log every second (progress display).
     """
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
         spec_path = Path(tmp) / "spec.json"
         out_path = Path(tmp) / "out.json"
         log_path = Path(tmp) / "log.txt"
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
-        cmd = [sys.executable, "-m", "bench.worker", mode, str(spec_path), str(out_path)]
+        cmd = [python or sys.executable, "-m", "bench.worker", mode, str(spec_path), str(out_path)]
         with open(log_path, "w", encoding="utf-8") as log:
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -341,6 +345,7 @@ def execute_case(
             "status": "unsupported",
             "reason": reason,
         }
+    python = prepared.options.get("python")
     try:
         if opts.isolate:
             spec = {
@@ -351,8 +356,14 @@ def execute_case(
                 "repeats": opts.repeats,
                 "warmup": opts.warmup,
             }
-            record = _call_worker("case", spec, env, opts.case_timeout, status)
+            record = _call_worker("case", spec, env, opts.case_timeout, status, python)
             record["env"]["isolated"] = True
+            if python is not None:
+                record["env"]["python"] = python
+        elif python is not None and Path(python) != Path(sys.executable):
+            raise WorkerError(
+                f"{target.name} runs in its own interpreter ({python}): run it without --in-process"
+            )
         else:
             record = measure_case(target, prepared, case, work, opts.repeats, opts.warmup)
             record["env"]["isolated"] = False
