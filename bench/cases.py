@@ -39,7 +39,9 @@ STEPS: tuple[int, ...] = (1, 2, 3, 5, 10)
 TEXT_LENGTHS: dict[str, float] = {"short": 5.0, "medium": 15.0, "long": 30.0}
 """Seconds of speech each text length asks for (`short` is the headline 5 s)."""
 
-TARGETS: tuple[str, ...] = ("cosyvoice2", "official", "toy")
+TARGETS: tuple[str, ...] = ("cosyvoice2", "official", "mlx-audio-plus", "toy")
+REFERENCES: tuple[str, ...] = ("official", "mlx-audio-plus")
+"""Implementations ours is compared with (`--reference`): their cases are twins of ours."""
 KERNELS: tuple[str, ...] = ("auto", "off")
 """The speech LM's optional CPU kernels (`cosyvoice2.load(llm_kernels=...)`, issue 8): `auto` uses
 them where they apply (bf16/8-bit on a CPU that has them), `off` keeps MLX's own ops."""
@@ -345,14 +347,16 @@ def full_cases(target: str = "cosyvoice2") -> list[Case]:
 
 
 def reference_cases(cases: list[Case], target: str = "official") -> list[Case]:
-    """The official-code cases beside a sweep: the headline work (fp32, 10 steps, 5 s of
-    speech), streaming off and on where the sweep has them, plus any other fp32 cases of
-    the sweep that the official code can run (it has no quantised or reduced-precision path)."""
+    """A reference implementation's cases beside a sweep (`target`: `official` or
+    `mlx-audio-plus`): the headline work (fp32, 10 steps, 5 s of speech), streaming off and
+    on where the sweep has them, plus twins of the sweep's other fp32 cases (neither has a
+    quantised or reduced-precision path here). What a reference cannot run (the peer's
+    streaming) is recorded as unsupported, with its reason, when the sweep runs."""
     out = [Case(target=target, **{**HEADLINE, "stream": s}) for s in (False, True)]
     out = [c for c in out if any(x.stream == c.stream for x in cases)] or out[:1]
     for c in cases:
         if c.llm == "fp32" and c.dtype == "fp32":
-            # the official code has one schedule and no kernels: its twin uses the defaults
+            # references have one schedule and no kernels: a twin uses the defaults
             out.append(
                 dataclasses.replace(
                     c, target=target, kernels="auto", first_hop=None, saved=False, final="full"

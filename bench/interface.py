@@ -10,6 +10,8 @@ Implementations (looked up by name with `get_target`):
 - `cosyvoice2`: our MLX pipeline (`bench/targets.py`, the one file to adapt when the
   pipeline's API changes);
 - `official`: the official PyTorch code on the same weights and work (`bench/reference.py`);
+- `mlx-audio-plus`: another MLX port of CosyVoice2 on the same weights and work, in its own
+  virtualenv (`bench/peer.py`);
 - `toy`: a small MLX workload shaped like the pipeline (`bench/toy.py`), to test the harness.
 """
 
@@ -66,7 +68,8 @@ class Prepared:
     weights: dict[str, Any]
     """At least `label` (`synthetic` or `real`); also `path`, `size`, `seed` where known."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Passed back to `load` (e.g. converted model dirs per precision)."""
+    """Passed back to `load` (e.g. converted model dirs per precision). `python`, if set, is
+    the interpreter the target's case workers run with (a target with its own virtualenv)."""
     versions: dict[str, str] = field(default_factory=dict)
     """Versions of what this target runs (e.g. torch for the official code)."""
 
@@ -107,6 +110,7 @@ class BenchTarget(Protocol):
 _REGISTRY: dict[str, str] = {
     "cosyvoice2": "bench.targets:CosyVoice2Target",
     "official": "bench.reference:OfficialTarget",
+    "mlx-audio-plus": "bench.peer:PeerTarget",
     "toy": "bench.toy:ToyTarget",
 }
 
