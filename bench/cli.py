@@ -2,6 +2,7 @@
 
 python -m bench run                       # default sweep, synthetic full-size weights
 python -m bench run --reference official  # plus the official PyTorch code on the same work
+python -m bench run --reference mlx-audio-plus  # plus the mlx-audio-plus peer (its own venv)
 python -m bench run --full                # every axis
 python -m bench run --steps 1,10 --llm fp32,8bit --stream off,on
 python -m bench run --sweep my.toml
@@ -26,6 +27,7 @@ from bench.cases import (
     FINALS,
     KERNELS,
     LLM_PRECISIONS,
+    REFERENCES,
     STEPS,
     TEXT_LENGTHS,
     Case,
@@ -94,13 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--target",
         default="cosyvoice2",
-        choices=["cosyvoice2", "official", "toy"],
+        choices=["cosyvoice2", *REFERENCES, "toy"],
         help="what the sweep measures (toy: a small MLX workload that tests the harness)",
     )
     g.add_argument(
         "--reference",
-        choices=["official"],
-        help="also time the official PyTorch code on the same weights and work",
+        help="also time a reference on the same weights and work, comma separated:"
+        " official (the official PyTorch code), mlx-audio-plus (another MLX port, its own venv)",
     )
     g.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     g = r.add_argument_group("weights and work")
@@ -249,8 +251,8 @@ def plan_from_args(args: argparse.Namespace) -> tuple[list[Case], dict]:
         cases = quick_cases(target)
     else:
         cases = default_cases(target)
-    if args.reference:
-        cases = cases + reference_cases(cases, args.reference)
+    references = _axis(args.reference, REFERENCES, "reference") or []
+    cases = cases + [c for ref in references for c in reference_cases(cases, ref)]
     return dedupe(cases), options
 
 

@@ -1,9 +1,9 @@
 """Terminal and markdown summaries of a results file.
 
 - `summary_table`: one row per case with its main figures (medians).
-- `side_by_side`: our cases against the official code's on the same work, as
-  ratios of our time to theirs per stage (below 1: ours is faster). Decode speed is
-  compared as time per token, so every ratio reads the same way.
+- `side_by_side`: our cases against a reference's on the same work (the official code,
+  or the mlx-audio-plus peer), as ratios of our time to theirs per stage (below 1: ours
+  is faster). Decode speed is compared as time per token, so every ratio reads the same way.
 - `streaming_ratios`: per streaming case, first-chunk latency and total time as
   fractions of the non-streaming wall time of the same settings (the issue's
   targets: first chunk <= 15%, total <= 1.3x).
@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from bench.cases import Case
+from bench.cases import REFERENCES, Case
 from bench.figures import FIGURES, SUMMARY
 
 # Stage figures compared side by side, with how to turn each into a time (lower is faster).
@@ -74,35 +74,39 @@ def summary_table(doc: dict[str, Any], markdown: bool = False) -> str:
     return _table(head, rows, markdown)
 
 
-def side_by_side(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """Ours/official ratios per stage for every pair of cases doing the same work."""
+def side_by_side(doc: dict[str, Any], reference: str = "official") -> list[dict[str, Any]]:
+    """Ours/reference ratios per stage for every pair of cases doing the same work (ours:
+    any case whose target is not a reference)."""
     ok = [c for c in doc["cases"] if c["status"] == "ok"]
-    official = {_case(c).without_target(): c for c in ok if _case(c).target == "official"}
+    twins = {_case(c).without_target(): c for c in ok if _case(c).target == reference}
     out = []
     for c in ok:
         case = _case(c)
-        if case.target == "official" or case.without_target() not in official:
+        if case.target in REFERENCES or case.without_target() not in twins:
             continue
-        ref = official[case.without_target()]
+        ref = twins[case.without_target()]
         ratios = {}
         for name, _label in STAGES:
             a, b = _median(c, name), _median(ref, name)
             if a is None or b is None or a == 0 or b == 0:
                 continue
             ratios[name] = b / a if FIGURES[name].better == "higher" else a / b
-        out.append({"case": c["id"], "official": ref["id"], "ratios": ratios})
+        out.append({"case": c["id"], reference: ref["id"], "ratios": ratios})
     return out
 
 
-def side_by_side_table(doc: dict[str, Any], markdown: bool = False) -> str:
-    pairs = side_by_side(doc)
+def side_by_side_table(
+    doc: dict[str, Any], markdown: bool = False, reference: str = "official"
+) -> str:
+    pairs = side_by_side(doc, reference)
     if not pairs:
         return ""
     head = ["case"] + [label for _, label in STAGES]
     rows = [[p["case"]] + [_fmt(p["ratios"].get(name)) for name, _ in STAGES] for p in pairs]
-    return ("ours / official (time ratios; < 1: ours faster)\n" if not markdown else "") + _table(
-        head, rows, markdown
-    )
+    title = f"ours / {reference} (time ratios; < 1: ours faster)"
+    if markdown:  # the official table keeps its bare form (older reports); others are titled
+        return ("" if reference == "official" else f"{title}\n\n") + _table(head, rows, markdown)
+    return f"{title}\n" + _table(head, rows, markdown)
 
 
 def streaming_ratios(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -177,7 +181,8 @@ def describe(doc: dict[str, Any], markdown: bool = False) -> str:
     s = streaming_table(doc, markdown)
     if s:
         parts.append(s)
-    s = side_by_side_table(doc, markdown)
-    if s:
-        parts.append(s)
+    for reference in REFERENCES:
+        s = side_by_side_table(doc, markdown, reference)
+        if s:
+            parts.append(s)
     return "\n\n".join(parts)
