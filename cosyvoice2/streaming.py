@@ -30,12 +30,14 @@ Differences with the official code, each an option:
   then O(n) (no full pass, about half the flow work of a stream), and the final
   chunk differs from the official one by about 1e-3 to 2e-3 (measured on tiny
   random weights);
-- overlap (CPU, 2+ cores, `overlap_llm`): the LLM decodes in its own thread
-  (`prefetch`) while the flow and HiFT render chunks, as the official `tts` runs
-  its LLM in a thread; and as soon as the first `pre_lookahead_len` speech tokens
-  exist, the prompt's last block is committed in the flow cache
-  (`FlowCursor.advance`), so that work overlaps the rest of the first chunk's
-  decode. The chunks are the same (tested);
+- overlap (opt-in, `overlap_llm=True` or `COSYVOICE2_STREAM_LLM_THREAD=1`): the
+  LLM decodes in its own thread (`prefetch`) while the flow and HiFT render
+  chunks, as the official `tts` runs its LLM in a thread; and as soon as the
+  first `pre_lookahead_len` speech tokens exist, the prompt's last block is
+  committed in the flow cache (`FlowCursor.advance`), so that work overlaps the
+  rest of the first chunk's decode. The chunks are the same (tested). Off by
+  default: on the 2-core machine the flow already uses both cores and the LLM
+  thread only competes with it (`overlap_enabled`);
 - the growing hop (`stream_scale_factor` > 1, up to `token_max_hop_len`): the v1
   model class of the reference wheel; the latest upstream `CosyVoice2Model.tts`
   also doubles the hop after each chunk up to 100 (not the reference); off by
@@ -77,7 +79,7 @@ class StreamSchedule:
     block boundaries and none recomputes a block. `overlap_llm`: the LLM decodes in a
     thread of its own while the flow and HiFT render chunks (`prefetch`), and the
     prompt's last block is committed as soon as its look-ahead tokens exist; None:
-    on where `overlap_enabled()`.
+    as `overlap_enabled()` (off unless asked for).
     """
 
     token_hop_len: int = 25
@@ -142,9 +144,17 @@ class FlowCursor:
 
 
 def overlap_enabled() -> bool:
-    """Whether streaming runs the LLM in its own thread by default: CPU device, >= 2 cores,
-    `COSYVOICE2_STREAM_LLM_THREAD` not `0` (on one core, or on Metal, it would only add hand-offs)."""
-    if os.environ.get("COSYVOICE2_STREAM_LLM_THREAD", "1") == "0":
+    """Whether streaming runs the LLM in its own thread by default: only when
+    `COSYVOICE2_STREAM_LLM_THREAD=1` (and on a CPU device with >= 2 cores).
+
+    Off by default because on the 2-core machine it measured slower: the flow's two
+    branch threads already use both cores, so the LLM thread only competes with them
+    (full size, 3 s prompt, 5 s of speech, saved speaker, 10-token first hop; quiet,
+    2026-11-27, runs quiet-2026-11-27-s9 and -s9-serial): first chunk 22.8 s against
+    7.9 s serial, whole stream 52.7 s against 50.1 s. It can pay where the flow leaves
+    cores idle (more cores than its two threads use).
+    """
+    if os.environ.get("COSYVOICE2_STREAM_LLM_THREAD", "0") != "1":
         return False
     return branches.enabled()
 

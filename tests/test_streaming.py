@@ -269,6 +269,16 @@ def test_overlapped_llm_equals_serial_and_commits_the_prompt_block_first(ours, m
     assert calls[1] == (25, 78, 75)
 
 
+def test_overlap_is_opt_in(monkeypatch):
+    from cosyvoice2 import branches
+    from cosyvoice2.streaming import overlap_enabled
+
+    monkeypatch.delenv("COSYVOICE2_STREAM_LLM_THREAD", raising=False)
+    assert not overlap_enabled()
+    monkeypatch.setenv("COSYVOICE2_STREAM_LLM_THREAD", "1")
+    assert overlap_enabled() == branches.enabled()
+
+
 def test_prefetch_raises_generator_errors_and_stops_when_closed():
     import threading
     import time
