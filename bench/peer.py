@@ -59,7 +59,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -312,8 +311,9 @@ def convert(python: Path, official_dir: Path, dst: Path) -> Path:
         if ready.exists():
             return dst
         sections, qwen2 = adaptation(official_dir)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-        try:
+        from cosyvoice2.files import staged_dir  # the harness's interpreter only
+
+        with staged_dir(dst) as tmp:
             env = {**os.environ, "HF_HUB_OFFLINE": "1"}
             env.pop("LD_PRELOAD", None)  # torch.load in the converter; no MLX compute
             cmd = [str(python), "-m", CONVERTER, "--model-id", str(official_dir)]
@@ -341,12 +341,6 @@ def convert(python: Path, official_dir: Path, dst: Path) -> Path:
                 "qwen2": qwen2,
             }
             (tmp / CONVERTED_READY).write_text(json.dumps(record, indent=1), encoding="utf-8")
-            if dst.exists():
-                shutil.rmtree(dst)
-            os.replace(tmp, dst)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return dst
 
 

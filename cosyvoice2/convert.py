@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,7 @@ from mlx.utils import tree_flatten
 
 from cosyvoice2.config import ModelConfig, config_from_official_dir
 from cosyvoice2.errors import CosyVoiceError
+from cosyvoice2.files import staged_dir
 
 FORMAT_VERSION = 1
 MODEL_TYPE = "cosyvoice2"
@@ -192,9 +191,7 @@ def convert(
     except (ValueError, KeyError, TypeError) as e:
         raise ConversionError(f"{src / 'cosyvoice2.yaml'}: {e}") from None
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with staged_dir(dst) as tmp:
         llm_weights, llm_record = _convert_llm(src, config, llm_dtype, llm_bits, group_size)
         _save(tmp / "llm.safetensors", llm_weights)
         del llm_weights
@@ -224,13 +221,6 @@ def convert(
         (tmp / "config.json").write_text(
             json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8"
         )
-        tmp.chmod(0o755)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

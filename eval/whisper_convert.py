@@ -30,12 +30,13 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from cosyvoice2.files import staged_dir
 
 CONVERTER_VERSION = 1
 
@@ -264,9 +265,7 @@ def convert(parts: Iterable[Path], out_dir: Path, dtype: str = "float32", source
     dims, weights = ct2_to_mlx(parse_ct2(data))
     np_dtype = {"float32": np.float32, "float16": np.float16}[dtype]
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         with open(tmp / "weights.npz", "wb") as f:
             np.savez(f, **{k: v.astype(np_dtype) for k, v in weights.items()})
         (tmp / "config.json").write_text(json.dumps(dims, indent=2, sort_keys=True) + "\n")
@@ -279,16 +278,6 @@ def convert(parts: Iterable[Path], out_dir: Path, dtype: str = "float32", source
             "multilingual": dims["n_vocab"] >= 51865,
         }
         (tmp / "conversion.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if out_dir.exists():
-            import shutil
-
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

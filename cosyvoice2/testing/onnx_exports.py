@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
+
+from cosyvoice2.files import staged_dir
 
 EXPORT_VERSION = 5
 SIZES = ("tiny", "full")
@@ -346,19 +346,11 @@ def cached_onnx_files(size: str = "tiny", seed: int = 0) -> Path:
     with open(path.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be exporting the same files
         if not done.exists():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=path.parent))
-            tmp.chmod(0o755)
-            try:
+            with staged_dir(path) as tmp:
                 write_onnx_files(tmp, size=size, seed=seed, state_dir=tmp)
                 (tmp / "done").write_text(
                     "synthetic ONNX exports (random weights)\n", encoding="utf-8"
                 )
-                if path.exists():
-                    shutil.rmtree(path)
-                os.replace(tmp, path)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
     return path
 
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from cosyvoice2.files import staged_dir
 
 GENERATOR_VERSION = 2
 SIZES = ("tiny", "full")
@@ -305,10 +305,7 @@ def make_official_dir(
     from cosyvoice2.testing.official import build_official, official_hparams
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
+    with staged_dir(out_dir) as tmp:
         (tmp / "cosyvoice2.yaml").write_text(official_yaml_text(size), encoding="utf-8")
         write_qwen_tokenizer_files(tmp / "CosyVoice-BlankEN", size)
         hp = official_hparams(tmp)
@@ -331,12 +328,6 @@ def make_official_dir(
             "generator_version": GENERATOR_VERSION,
         }
         (tmp / "synthetic.json").write_text(json.dumps(label, indent=2), encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
