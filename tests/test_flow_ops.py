@@ -143,6 +143,25 @@ def test_softmax_kernel_matches_mlx(kernels_or_skip, monkeypatch, t_q: int, chun
         assert np.all(np.array(got)[:, :, masked] == 0.0)
 
 
+@pytest.mark.parametrize(("q0", "t_q", "t_k", "chunk"), [(100, 70, 170, 50), (50, 40, 90, 25)])
+def test_softmax_with_query_offset(kernels_or_skip, monkeypatch, q0, t_q, t_k, chunk) -> None:
+    """New queries at positions `q0...` (the streaming cache) against all keys so far:
+    both routes equal the rows `q0...` of the full chunk-masked softmax."""
+    ops = kernels_or_skip
+    rng = np.random.default_rng(q0 + t_q)
+    s = (rng.standard_normal((2, t_q, t_k)) * 8).astype(np.float32)
+    full = np.full((2, t_k, t_k), -1e4, np.float32)  # rows before q0: anything
+    full[:, q0 : q0 + t_q] = s
+    ref = np.array(ops.softmax(mx.array(full), chunk))[:, q0 : q0 + t_q]
+    got = ops.softmax(mx.array(s), chunk, q0)
+    mlx = _mlx_route(monkeypatch, ops.softmax, mx.array(s), chunk, q0)
+    assert np.abs(np.array(got) - ref).max() < 1e-6
+    assert np.abs(np.array(mlx) - ref).max() < 1e-6
+    visible = np.arange(t_k)[None, :] < ((np.arange(q0, q0 + t_q) // chunk + 1) * chunk)[:, None]
+    assert not visible.all()  # the case masks something
+    assert np.all(np.array(got)[:, ~visible] == 0.0)
+
+
 @pytest.mark.parametrize("name", ["gelu", "silu"])
 def test_bias_activation_kernels_match_mlx(kernels_or_skip, monkeypatch, name: str) -> None:
     ops = kernels_or_skip

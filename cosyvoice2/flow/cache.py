@@ -55,60 +55,21 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from cosyvoice2 import branches
 from cosyvoice2.flow.encoder import rel_position_table
 from cosyvoice2.flow.flow_matching import euler_times
 from cosyvoice2.flow.noise import cfm_noise
-from cosyvoice2.flow.ops import layer_norm, silu
-
-try:  # numba: the chunk-masked softmax with a query offset, fast on CPU
-    from numba import njit
-
-    from cosyvoice2.flow.cpu_kernels import run_rows
-
-    @njit(nogil=True, cache=True, fastmath=False)
-    def _softmax_rows_offset(
-        s: np.ndarray, out: np.ndarray, t_q: int, chunk: int, q0: int, lo: int, hi: int
-    ):
-        t = s.shape[1]
-        for i in range(lo, hi):
-            limit = min(t, ((q0 + i % t_q) // chunk + 1) * chunk)
-            row = s[i]
-            m = row[0]
-            for j in range(1, limit):
-                m = max(m, row[j])
-            total = np.float32(0.0)
-            for j in range(limit):
-                e = np.exp(row[j] - m)
-                out[i, j] = e
-                total += e
-            inv = np.float32(1.0) / total
-            for j in range(limit):
-                out[i, j] *= inv
-            for j in range(limit, t):
-                out[i, j] = 0.0
-
-except ImportError:  # pragma: no cover
-    _softmax_rows_offset = None
+from cosyvoice2.flow.ops import layer_norm, silu, softmax
 
 
 def chunk_softmax(scores: mx.array, q0: int, chunk: int) -> mx.array:
     """Softmax over keys of `(..., n_q, n_k)` scores for queries at absolute positions `q0 + i`.
 
     Query `q` sees keys `j < (q // chunk + 1) * chunk` (the official chunk mask), keys
-    being at absolute positions `0 .. n_k - 1`.
+    being at absolute positions `0 .. n_k - 1` (on CPU: the vectorised numba kernel).
     """
-    n_q, n_k = scores.shape[-2:]
-    if _softmax_rows_offset is not None and mx.default_device() == mx.cpu:
-        s = np.ascontiguousarray(np.asarray(scores.astype(mx.float32)).reshape(-1, n_k))
-        out = np.empty_like(s)
-        run_rows(_softmax_rows_offset, s.shape[0], n_k, s, out, n_q, chunk, q0)
-        return mx.array(out.reshape(scores.shape)).astype(scores.dtype)
-    q = mx.arange(q0, q0 + n_q)
-    visible = mx.arange(n_k)[None, :] < ((q // chunk + 1) * chunk)[:, None]
-    return mx.softmax(mx.where(visible, scores, -mx.inf), axis=-1)
+    return softmax(scores, chunk, q0)
 
 
 class _Walk:

@@ -85,11 +85,14 @@ _JIT = dict(fastmath=True, cache=True, nogil=True, error_model="numpy")
 
 
 @njit(**_JIT)
-def softmax_rows(s: np.ndarray, out: np.ndarray, t_q: int, chunk: int, lo: int, hi: int) -> None:
+def softmax_rows(
+    s: np.ndarray, out: np.ndarray, t_q: int, chunk: int, q0: int, lo: int, hi: int
+) -> None:
     """Row softmax of rows `lo:hi` of `s` `(R, T)` into `out`, with an optional chunk mask.
 
-    Row `i` is query `i % t_q`; with `chunk > 0` it sees only the keys before the
-    end of its chunk (`j < (q // chunk + 1) * chunk`); masked entries become 0.
+    Row `i` is query `q = q0 + i % t_q` (`q0`: the absolute position of the first
+    query, as in the streaming cache); with `chunk > 0` it sees only the keys before
+    the end of its chunk (`j < (q // chunk + 1) * chunk`); masked entries become 0.
     """
     t = s.shape[1]
     bits = np.empty(t, np.int32)
@@ -99,7 +102,7 @@ def softmax_rows(s: np.ndarray, out: np.ndarray, t_q: int, chunk: int, lo: int, 
         o = out[i]
         limit = t
         if chunk > 0:
-            limit = min(t, ((i % t_q) // chunk + 1) * chunk)
+            limit = min(t, ((q0 + i % t_q) // chunk + 1) * chunk)
         m = row[0]
         for j in range(1, limit):
             m = max(m, row[j])

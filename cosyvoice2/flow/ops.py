@@ -92,21 +92,24 @@ def _new_output(shape: tuple[int, ...]) -> tuple[mx.array, np.ndarray]:
     return out, np.asarray(out)
 
 
-def softmax(scores: mx.array, chunk: int = 0) -> mx.array:
+def softmax(scores: mx.array, chunk: int = 0, q0: int = 0) -> mx.array:
     """Softmax over the last axis of `(..., T_q, T_k)` scores; with `chunk > 0`, chunk-masked.
 
-    Query `i` sees the keys `j < (i // chunk + 1) * chunk` (`chunk_mask`); the
-    masked probabilities are 0.
+    Query `i` is at absolute position `q0 + i` and keys at `0 .. T_k - 1`; query `q`
+    sees the keys `j < (q // chunk + 1) * chunk` (`chunk_mask`); the masked
+    probabilities are 0. (`q0 > 0`: the new queries of the streaming cache.)
     """
     t_q, t_k = scores.shape[-2:]
     k = _kernels() if mx.default_device() == mx.cpu else None
     if k is None:
         if chunk > 0:
-            scores = mx.where(chunk_mask(max(t_q, t_k), chunk)[:t_q, :t_k], scores, -mx.inf)
+            q = mx.arange(q0, q0 + t_q)
+            visible = mx.arange(t_k)[None, :] < ((q // chunk + 1) * chunk)[:, None]
+            scores = mx.where(visible, scores, -mx.inf)
         return mx.softmax(scores, axis=-1)
     s = _as_numpy(scores, (-1, t_k))
     out, o = _new_output(scores.shape)
-    k.run_rows(k.softmax_rows, s.shape[0], t_k, s, o.reshape(-1, t_k), t_q, chunk)
+    k.run_rows(k.softmax_rows, s.shape[0], t_k, s, o.reshape(-1, t_k), t_q, chunk, q0)
     return out
 
 
