@@ -235,7 +235,8 @@ def _transformer(w: _Walk, blk: Any, x: mx.array, chunk: int) -> mx.array:
     attn = blk.attn1
     b, n, _ = x.shape
     q, k, v = attn._qkv(layer_norm(x, n1.weight, n1.bias, n1.eps))  # q already scaled
-    keys, values = w.keys_values(k, v)
+    # Own buffers for what the cache keeps (views would pin the queries' memory too).
+    keys, values = w.keys_values(mx.contiguous(k), mx.contiguous(v))
     total = sum(b.shape[2] for b in keys)
     out = _weighted_values(chunk_softmax(_scores(q, keys), total - n, chunk), values)
     x = x + attn.to_out[0](out.transpose(0, 2, 1, 3).reshape(b, n, attn.heads * attn.dim_head))
