@@ -400,6 +400,58 @@ def test_prompt_state_is_kept_per_saved_speaker(ours, monkeypatch):
         assert max(max_err(a, b) for a, b in zip(out, fresh)) <= TOL
 
 
+def test_prepare_speaker_moves_the_prompt_work_before_the_first_request(
+    tiny_mlx_dir, tmp_path, monkeypatch
+):
+    """`prepare_speaker` computes the LLM prefix and the flow prompt state; the first
+    streaming request then computes neither, and its audio is the unprepared one's."""
+    import shutil
+
+    import soundfile as sf
+
+    import cosyvoice2.flow.cache as cache_mod
+    from cosyvoice2.errors import InputError
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_mlx_dir, model_dir)
+    t = np.arange(int(2.2 * 16000)) / 16000
+    wav = tmp_path / "prompt.wav"
+    sf.write(
+        wav,
+        (0.3 * np.sin(2 * np.pi * 150 * t) * (1 + 0.4 * np.sin(5 * t))).astype(np.float32),
+        16000,
+    )
+    CosyVoice2.load(model_dir).add_zero_shot_spk("A short prompt.", wav, "spk1")
+
+    def first_request(m: CosyVoice2) -> list[np.ndarray]:
+        out = m.inference_zero_shot(
+            "Hello there.", "", None, zero_shot_spk_id="spk1", stream=True,
+            n_timesteps=STEPS, seed=3, max_tokens=40,
+        )  # fmt: skip
+        return [np.array(o["tts_speech"]).reshape(-1) for o in out]
+
+    plain = CosyVoice2.load(model_dir)
+    want = first_request(plain)
+    assert plain._flow_states and plain._prefixes  # computed by the request itself
+
+    m = CosyVoice2.load(model_dir)
+    with pytest.raises(InputError, match="unknown speaker"):
+        m.prepare_speaker("nobody")
+    m.prepare_speaker("spk1", n_timesteps=STEPS)
+    assert ("spk1", STEPS) in m._flow_states and "spk1" in m._prefixes
+    calls = []
+    real_state, real_prefix = cache_mod.prompt_state, m.llm.make_prefix
+    monkeypatch.setattr(
+        cache_mod, "prompt_state", lambda *a: calls.append("flow") or real_state(*a)
+    )
+    monkeypatch.setattr(m.llm, "make_prefix", lambda *a: calls.append("llm") or real_prefix(*a))
+    got = first_request(m)
+    assert calls == []
+    assert len(got) == len(want) > 1
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
 # ----------------------------------------------------------------------------- joins
 
 
