@@ -67,6 +67,7 @@ from typing import Any
 
 from bench.cases import Case, Work
 from bench.interface import CallTimings, Prepared
+from bench.targets import bench_cache
 from bench.timing import CallClock
 
 NAME = "mlx-audio-plus"
@@ -94,12 +95,6 @@ STREAMING_REASON = (
 
 
 # --------------------------------------------------------------------------- the venv
-
-
-def bench_cache() -> Path:
-    from cosyvoice2.testing.synthetic import cache_root
-
-    return cache_root() / "bench"
 
 
 def venv_dir() -> Path:
