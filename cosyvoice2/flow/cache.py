@@ -63,15 +63,6 @@ from cosyvoice2.flow.noise import cfm_noise
 from cosyvoice2.flow.ops import layer_norm, silu, softmax
 
 
-def chunk_softmax(scores: mx.array, q0: int, chunk: int) -> mx.array:
-    """Softmax over keys of `(..., n_q, n_k)` scores for queries at absolute positions `q0 + i`.
-
-    Query `q` sees keys `j < (q // chunk + 1) * chunk` (the official chunk mask), keys
-    being at absolute positions `0 .. n_k - 1` (on CPU: the vectorised numba kernel).
-    """
-    return softmax(scores, chunk, q0)
-
-
 class _Walk:
     """One pass of a network over new positions `[c, end)`.
 
@@ -165,7 +156,7 @@ def _rel_attention(
     idx = (n - 1) - mx.arange(n)[:, None] + mx.arange(total)[None, :]
     bd = mx.take_along_axis(bd, mx.broadcast_to(idx, (b, h, n, total)), axis=-1)
     scores = _scores(q_u * sc, keys) + bd * sc
-    out = _weighted_values(chunk_softmax(scores, c, chunk), values)
+    out = _weighted_values(softmax(scores, chunk, c), values)
     return attn.linear_out(out.transpose(0, 2, 1, 3).reshape(b, n, h * d))
 
 
@@ -238,7 +229,7 @@ def _transformer(w: _Walk, blk: Any, x: mx.array, chunk: int) -> mx.array:
     # Own buffers for what the cache keeps (views would pin the queries' memory too).
     keys, values = w.keys_values(mx.contiguous(k), mx.contiguous(v))
     total = sum(b.shape[2] for b in keys)
-    out = _weighted_values(chunk_softmax(_scores(q, keys), total - n, chunk), values)
+    out = _weighted_values(softmax(_scores(q, keys), chunk, total - n), values)
     x = x + attn.to_out[0](out.transpose(0, 2, 1, 3).reshape(b, n, attn.heads * attn.dim_head))
     return x + blk.ff(layer_norm(x, n3.weight, n3.bias, n3.eps))
 
