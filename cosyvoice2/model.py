@@ -327,8 +327,7 @@ class CosyVoice2:
         prompt mel frame: too large to save with the speaker).
         """
         prompt, _ = self._speaker_prompt(zero_shot_spk_id)
-        if prompt.prompt_text.shape[1] and zero_shot_spk_id not in self._prefixes:
-            self._prefixes[zero_shot_spk_id] = self.llm.make_prefix(prompt.prompt_text)
+        self._llm_prefix(zero_shot_spk_id, prompt)
         if prompt.flow_speech_token.shape[1]:
             self.flow_prompt_state(prompt, n_timesteps, zero_shot_spk_id)
 
@@ -602,6 +601,16 @@ class CosyVoice2:
                 tokens, prompt, stream, speed, seed=seed + i, spk_id=spk_id, **options
             )
 
+    def _llm_prefix(self, spk_id: str, prompt: Prompt) -> Any:
+        """The saved speaker's LLM prompt prefix (`Qwen2LM.make_prefix`), computed once and
+        kept; None when the prompt has no text."""
+        if not prompt.prompt_text.shape[1]:
+            return None
+        prefix = self._prefixes.get(spk_id)
+        if prefix is None:
+            prefix = self._prefixes[spk_id] = self.llm.make_prefix(prompt.prompt_text)
+        return prefix
+
     def speech_token_stream(
         self,
         text: mx.array,
@@ -614,11 +623,7 @@ class CosyVoice2:
         **_: Any,
     ) -> Iterator[int]:
         """Speech tokens of one text segment, as the LLM samples them."""
-        prefix = None
-        if prefix_id is not None and prompt.prompt_text.shape[1]:
-            prefix = self._prefixes.get(prefix_id)
-            if prefix is None:
-                prefix = self._prefixes[prefix_id] = self.llm.make_prefix(prompt.prompt_text)
+        prefix = self._llm_prefix(prefix_id, prompt) if prefix_id is not None else None
         key = mx.random.key(seed)
         # the generator may be pulled by another thread (`streaming.prefetch`): no lazy inputs
         mx.eval(key, text, prompt.prompt_text, prompt.llm_speech_token)
