@@ -107,14 +107,17 @@ class FlowCursor:
         self.state = state or FlowState()
         self.spks = flow.speaker(prompt.embedding)
 
+    def _with_prompt(self, tokens: mx.array) -> mx.array:
+        return mx.concatenate([self.prompt.flow_speech_token.astype(mx.int32), tokens], axis=1)
+
     def mel(self, tokens: mx.array, finalize: bool, start: int) -> mx.array:
         """Mel `(1, 80, T)` of generated frames `start...` for speech tokens `(1, N)` so far."""
         p = self.prompt
-        all_tokens = mx.concatenate([p.flow_speech_token.astype(mx.int32), tokens], axis=1)
         c = self.state.tokens
         mel, self.state = flow_step(
-            self.flow, self.state, all_tokens, p.speech_feat, self.spks, self.n_timesteps, finalize
-        )
+            self.flow, self.state, self._with_prompt(tokens), p.speech_feat, self.spks,
+            self.n_timesteps, finalize,
+        )  # fmt: skip
         skip = p.speech_feat.shape[1] + start - self.flow.config.token_mel_ratio * c
         if skip < 0:
             raise ValueError("the prompt mel must have token_mel_ratio frames per prompt token")
@@ -128,16 +131,16 @@ class FlowCursor:
         chunk (useful while the LLM decodes the rest of that chunk in its own thread).
         False when no new block can be committed.
         """
-        p = self.prompt
-        n = p.flow_speech_token.shape[1] + tokens.shape[1] - self.flow.config.pre_lookahead_len
+        look = self.flow.config.pre_lookahead_len
+        n = self.prompt.flow_speech_token.shape[1] + tokens.shape[1] - look
         m = block_tokens(self.flow)
         commit = n // m * m
         if commit <= self.state.tokens:
             return False
-        all_tokens = mx.concatenate([p.flow_speech_token.astype(mx.int32), tokens], axis=1)
+        # Cut at the boundary (plus its look-ahead): flow_step then commits everything it computes.
         _, self.state = flow_step(
-            self.flow, self.state, all_tokens[:, : commit + self.flow.config.pre_lookahead_len],
-            p.speech_feat, self.spks, self.n_timesteps, False, commit,
+            self.flow, self.state, self._with_prompt(tokens)[:, : commit + look],
+            self.prompt.speech_feat, self.spks, self.n_timesteps, False,
         )  # fmt: skip
         mx.eval(self.state.encoder, self.state.steps)
         return True
