@@ -21,9 +21,12 @@ small operations as one graph node.
 - the other bfloat16 and 8- or 4-bit `Linear`s (e.g. `llm_decoder`) for `KernelLinear`,
   and, in a model with kernel layers, its other float32 `Linear`s too.
 
-Float32 projections use the kernel for up to `F32_KERNEL_ROWS` rows (decode: MLX's
-CPU matmul repacks the whole weight matrix for every call through OpenBLAS's GEMM)
-and MLX's matmul beyond (prefill). Float16 models are left alone. Nothing is swapped when the extension is not importable, or
+Float32 projections keep their weight packed once in panels of 16 columns
+(`pack_panels`) instead of row-major, the layout of a register-blocked GEMM kernel
+that serves every row count: decode at the memory's speed, and prefill at about
+115-140 GFLOP/s on 2 cores where MLX's matmul (OpenBLAS's GEMM, re-packing the whole
+weight matrix on every call) reached 60-80 (kernels/README.md). Float16 models are
+left alone. Nothing is swapped when the extension is not importable, or
 `COSYVOICE2_KERNELS` is `0`/`off` when the model is swapped.
 
 Numerics: everything after the embeddings runs in float32 (x converted, float32
@@ -123,16 +126,13 @@ def _active() -> ModuleType | None:
 # ------------------------------------------------------------------- layers
 
 
-# float32 weights: the kernel for up to this many rows of x (decode, the last position),
-# MLX's matmul (OpenBLAS) for more (prefill), where it packs W once for many rows.
-F32_KERNEL_ROWS = 16
-
-
 class KernelLinear(nn.Module):
     """y = x W^T (+ bias), W bfloat16, float32 or 8- or 4-bit affine (`scales`, `biases`).
 
     x is taken in float32 and y is float32, on the kernels and on MLX's ops alike.
-    `bias` is kept in float32.
+    `bias` is kept in float32. A float32 W is stored only as `panels`
+    (`pack_panels(W)`, `(ceil(N / 16), K, 16)`), which MLX's fallback multiplies as a
+    batch of `K x 16` matrices.
     """
 
     def __init__(
@@ -145,7 +145,12 @@ class KernelLinear(nn.Module):
         bits: int | None = None,
     ):
         super().__init__()
-        self.weight = weight
+        self.float32 = weight.dtype == mx.float32 and scales is None
+        self.out_features = weight.shape[0]
+        if self.float32:
+            self.panels = _module.pack_panels(weight, stream=mx.cpu)
+        else:
+            self.weight = weight
         if scales is not None:
             self.scales = scales
             self.biases = biases
@@ -154,7 +159,6 @@ class KernelLinear(nn.Module):
         self.group_size = group_size
         self.bits = bits
         self.quantized = scales is not None
-        self.float32 = weight.dtype == mx.float32
         self.freeze()
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -171,8 +175,9 @@ class KernelLinear(nn.Module):
                     group_size=self.group_size,
                     bits=self.bits,
                 )
-            if not self.float32 or x.size <= F32_KERNEL_ROWS * x.shape[-1]:
-                return k.linear_dense(x, self.weight, bias)
+            if self.float32:
+                return k.linear_panels(x, self.panels, self.out_features, bias)
+            return k.linear_dense(x, self.weight, bias)
         x = x.astype(mx.float32)
         if self.quantized:
             y = mx.quantized_matmul(
@@ -184,9 +189,19 @@ class KernelLinear(nn.Module):
                 group_size=self.group_size,
                 bits=self.bits,
             )
+        elif self.float32:
+            y = _panels_matmul(x, self.panels, self.out_features)
         else:
             y = x @ self.weight.T
         return y + bias if bias is not None else y
+
+
+def _panels_matmul(x: mx.array, panels: mx.array, n: int) -> mx.array:
+    """`x @ W.T` with MLX's ops, W given as `pack_panels(W)` (`n` rows)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    y = mx.matmul(x.reshape(1, -1, k), panels)  # (panels, rows, 16)
+    y = y.transpose(1, 0, 2).reshape(-1, panels.shape[0] * panels.shape[2])[:, :n]
+    return y.reshape(*lead, n)
 
 
 class KernelRMSNorm(nn.Module):

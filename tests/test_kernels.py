@@ -105,6 +105,69 @@ def test_dense_matches_matmul(
     assert err <= TOL, f"{isa} {dtype} {m}x{k} @ {n}: relative error {err:.2e}"
 
 
+PANEL_SHAPES = [  # (rows, K, N): rows across tile edges (6 / 12), K across depth blocks (256)
+    (1, 1, 1),
+    (1, 896, 1152),
+    (2, 7, 17),
+    (5, 300, 16),
+    (6, 256, 33),
+    (7, 513, 100),
+    (12, 64, 48),
+    (13, 257, 15),
+    (70, 256, 1536),
+    (121, 96, 31),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize(("m", "k", "n"), PANEL_SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_panels_match_matmul(
+    isa: str, m: int, k: int, n: int, with_bias: bool, parallel: bool
+) -> None:
+    rng = np.random.default_rng(m * 1000 + k + n)
+    x = mx.array(rng.standard_normal((m, k)).astype(np.float32))
+    w = mx.array(rng.standard_normal((n, k)).astype(np.float32))
+    b = mx.array(rng.standard_normal(n).astype(np.float32)) if with_bias else None
+    wp = K.pack_panels(w)
+    assert wp.shape == (-(-n // 16), k, 16)
+    # the layout the kernels read: column c of w.T in panel c // 16, lane c % 16, zero padding
+    c = n - 1
+    assert np.array_equal(np.array(wp[c // 16, :, c % 16]), np.array(w[c]))
+    if n % 16:
+        assert not np.array(wp[-1, :, n % 16 :]).any()
+    y = K.linear_panels(x, wp, n, b, parallel=parallel)
+    ref = x @ w.T + (b if b is not None else 0)
+    assert y.dtype == mx.float32 and y.shape == (m, n)
+    err = rel_err(y, ref)
+    assert err <= TOL, f"{isa} {m}x{k} @ {n}: relative error {err:.2e}"
+
+
+@needs_kernels
+def test_panels_take_any_leading_shape_and_strided_x() -> None:
+    rng = np.random.default_rng(3)
+    w = mx.array(rng.standard_normal((40, 24)).astype(np.float32))
+    x = mx.array(rng.standard_normal((2, 3, 24, 5)).astype(np.float32)).transpose(0, 1, 3, 2)
+    y = K.linear_panels(x, K.pack_panels(w), 40)
+    assert y.shape == (2, 3, 5, 40)
+    assert rel_err(y, x @ w.T) <= TOL
+
+
+@needs_kernels
+def test_panels_refuse_bad_arguments() -> None:
+    w = mx.zeros((40, 24))
+    wp = K.pack_panels(w)
+    with pytest.raises(ValueError, match="n must be"):
+        K.linear_panels(mx.zeros((2, 24)), wp, 20)  # 20 rows need 2 panels, not 3
+    with pytest.raises(ValueError, match="K = wp.shape"):
+        K.linear_panels(mx.zeros((2, 23)), wp, 40)
+    with pytest.raises(ValueError, match="pack_panels"):
+        K.linear_panels(mx.zeros((2, 24)), w, 40)
+    with pytest.raises(ValueError, match="bias"):
+        K.linear_panels(mx.zeros((2, 24)), wp, 40, mx.zeros((39,)))
+
+
 Q_SHAPES = [  # (rows, K, N, group size): K must be a multiple of the group size
     (1, 64, 1, 64),
     (2, 96, 5, 32),
@@ -387,12 +450,22 @@ def test_use_kernels_swaps_layers(precision: str) -> None:
     assert all(isinstance(layer, fastlinear.KernelBlock) for layer in model.llm.layers)
     assert isinstance(model.llm.norm, fastlinear.KernelRMSNorm)
     assert isinstance(model.llm_decoder, fastlinear.KernelLinear)
-    assert model.llm_decoder.weight.dtype == (mx.bfloat16 if precision == "bf16" else mx.float32)
     keys = dict(tree_flatten(model.parameters()))
     q = TINY.qwen
     qkv_rows = q.hidden_size + 2 * q.num_key_value_heads * (q.hidden_size // q.num_attention_heads)
-    assert keys["llm.layers.0.qkv.weight"].shape[0] == qkv_rows
-    assert keys["llm.layers.0.gate_up.weight"].shape[0] == 2 * q.intermediate_size
+    # float32 weights are kept only as panels of 16 columns, (ceil(N / 16), K, 16)
+    if precision == "bf16":
+        assert keys["llm_decoder.weight"].dtype == mx.bfloat16
+    else:  # llm_decoder stays float32 in the quantized models
+        assert "llm_decoder.weight" not in keys
+        assert keys["llm_decoder.panels"].dtype == mx.float32
+    assert model.llm_decoder.out_features == TINY.speech_token_size + 3
+    if precision == "fp32":
+        assert keys["llm.layers.0.qkv.panels"].shape == (-(-qkv_rows // 16), q.hidden_size, 16)
+        assert keys["llm.layers.0.gate_up.panels"].shape[0] * 16 == 2 * q.intermediate_size
+    else:
+        assert keys["llm.layers.0.qkv.weight"].shape[0] == qkv_rows
+        assert keys["llm.layers.0.gate_up.weight"].shape[0] == 2 * q.intermediate_size
     assert "llm.layers.0.self_attn.q_proj.weight" not in keys
 
 

@@ -27,6 +27,14 @@ NB_MODULE(_ext, m) {
         "stream"_a = nb::none(),
         "y = x @ mx.dequantize(w, scales, biases, group_size, bits).T (+ bias), affine 8- or\n"
         "4-bit weights in mx.quantize's layout. Returns (..., N) float32. CPU stream only.");
+  m.def("pack_panels", &cv2k::pack_panels, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "w (N, K) as the float32 panels linear_panels reads: (ceil(N / 16), K, 16), column n\n"
+        "of w.T in panel n // 16 at lane n % 16, the last panel zero-padded.");
+  m.def("linear_panels", &cv2k::linear_panels, "x"_a, "wp"_a, "n"_a, "bias"_a = nb::none(),
+        nb::kw_only(), "parallel"_a = true, "stream"_a = nb::none(),
+        "y = x @ w.T (+ bias) with wp = pack_panels(w) and n = w.shape[0]: x (..., K) float,\n"
+        "bias (n,) or None. Returns (..., n) float32. parallel=False computes on the calling\n"
+        "stream's thread only. CPU stream only; lazy like any MLX op.");
   m.def("rms_norm", &cv2k::rms_norm, "x"_a, "w"_a, "eps"_a, "residual"_a = nb::none(),
         nb::kw_only(), "stream"_a = nb::none(),
         "x * rsqrt(mean(x**2, -1) + eps) * w in float32, as a list [y]; with residual r,\n"

@@ -49,6 +49,21 @@ struct QArgs {
   bool scale_bf16;      // scales/zeros stored as bf16 (else fp32)
 };
 
+// The same with float32 weights stored as panels of kPanelWidth columns (pack_panels):
+// column n, row k of W^T is wp[(n / kPanelWidth) * K * kPanelWidth + k * kPanelWidth +
+// n % kPanelWidth], the last panel zero-padded. A panel's K x 16 block is read in
+// order, so the kernel streams the weights instead of re-packing them per call as a
+// BLAS GEMM does.
+constexpr int kPanelWidth = 16;
+
+struct PanelArgs {
+  const float* x;      // M x K fp32, row-major
+  const float* wp;     // ceil(N / kPanelWidth) panels of K x kPanelWidth fp32
+  const float* bias;   // N fp32, or null
+  float* y;            // M x N fp32, row-major
+  int64_t M, K, N;
+};
+
 // One instruction-set variant.
 struct KernelTable {
   const char* name;
@@ -60,6 +75,8 @@ struct KernelTable {
   void (*f32_cols)(const F32Args& a, int64_t n0, int64_t n1);
   void (*q8_cols)(const QArgs& a, int64_t n0, int64_t n1);
   void (*q4_cols)(const QArgs& a, int64_t n0, int64_t n1);
+  // Panels [p0, p1) of a PanelArgs product (columns 16 * p0 ... 16 * p1 - 1).
+  void (*panel_cols)(const PanelArgs& a, int64_t p0, int64_t p1);
 };
 
 const KernelTable* portable_table();

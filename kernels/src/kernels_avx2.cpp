@@ -18,6 +18,7 @@ struct V {
   static F set1(float f) { return _mm256_set1_ps(f); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static float hsum(F v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -42,12 +43,14 @@ struct V {
     o = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)));
   }
   // 16 vector registers: accumulators plus a few temporaries.
+  // Panel tiles: 6 rows x 16 columns = 12 accumulators, plus the weights and a broadcast.
+  static constexpr int panel_rows = 6;
   static constexpr int cols(int m) { return m <= 2 ? 4 : m == 3 ? 3 : m <= 6 ? 2 : 1; }
 };
 
 #include "kernels_simd.inc"
 
-const KernelTable kTable = {"avx2", 2 * V::L, bf16_cols, f32_cols, q8_cols, q4_cols};
+const KernelTable kTable = {"avx2", 2 * V::L, bf16_cols, f32_cols, q8_cols, q4_cols, panel_cols};
 
 }  // namespace
 

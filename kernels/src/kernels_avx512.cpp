@@ -20,6 +20,7 @@ struct V {
   static F set1(float f) { return _mm512_set1_ps(f); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static float hsum(F v) { return _mm512_reduce_add_ps(v); }
   static void bf16x2(const uint16_t* p, F& even, F& odd) {
@@ -37,12 +38,14 @@ struct V {
     o = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)));
   }
   // 32 vector registers.
+  // Panel tiles: 12 rows x 16 columns = 12 accumulators, plus the weights and a broadcast.
+  static constexpr int panel_rows = 12;
   static constexpr int cols(int m) { return m <= 4 ? 4 : m <= 6 ? 3 : 2; }
 };
 
 #include "kernels_simd.inc"
 
-const KernelTable kTable = {"avx512", 2 * V::L, bf16_cols, f32_cols, q8_cols, q4_cols};
+const KernelTable kTable = {"avx512", 2 * V::L, bf16_cols, f32_cols, q8_cols, q4_cols, panel_cols};
 
 }  // namespace
 

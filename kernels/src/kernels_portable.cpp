@@ -113,7 +113,29 @@ void q_cols(const QArgs& p, int64_t n0, int64_t n1) {
   }
 }
 
-const KernelTable kTable = {"portable", 0, bf16_cols, f32_cols, q_cols, q_cols};
+// Panel layout (kernels.h): per row of x and panel, 16 sums updated in order of k,
+// which the compiler vectorises over the panel's columns.
+void panel_cols(const PanelArgs& p, int64_t p0, int64_t p1) {
+  constexpr int W = kPanelWidth;
+  for (int64_t panel = p0; panel < p1; ++panel) {
+    const float* w = p.wp + panel * p.K * W;
+    const int64_t n0 = panel * W;
+    const int64_t cols = p.N - n0 < W ? p.N - n0 : W;
+    for (int64_t m = 0; m < p.M; ++m) {
+      const float* x = p.x + m * p.K;
+      float acc[W] = {};
+      for (int64_t k = 0; k < p.K; ++k) {
+        const float a = x[k];
+        for (int c = 0; c < W; ++c) acc[c] += a * w[k * W + c];
+      }
+      for (int64_t c = 0; c < cols; ++c) {
+        p.y[m * p.N + n0 + c] = acc[c] + (p.bias ? p.bias[n0 + c] : 0.0f);
+      }
+    }
+  }
+}
+
+const KernelTable kTable = {"portable", 0, bf16_cols, f32_cols, q_cols, q_cols, panel_cols};
 
 }  // namespace
 

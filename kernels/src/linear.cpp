@@ -151,6 +151,30 @@ void compute_quantized(const float* x, const uint8_t* w, const void* scales, con
   run_columns<QArgs>(a, bits == 4 ? t->q4_cols : t->q8_cols);
 }
 
+void compute_panels(const float* x, const float* wp, const float* bias, float* y, int64_t M,
+                    int64_t K, int64_t N, bool parallel) {
+  const KernelTable* t = current_table().load();
+  PanelArgs a{x, wp, bias, y, M, K, N};
+  const int64_t panels = (N + kPanelWidth - 1) / kPanelWidth;
+  Pool& pool = Pool::get();
+  const int threads = pool.threads();
+  if (!parallel || threads == 1 || M * N * K < (1 << 18) || panels < 2) {
+    t->panel_cols(a, 0, panels);
+    return;
+  }
+  // Chunks of panels, about 4 per thread (claimed dynamically).
+  struct Ctx {
+    const PanelArgs* a;
+    void (*cols)(const PanelArgs&, int64_t, int64_t);
+    int64_t chunk, panels;
+  } ctx{&a, t->panel_cols, (panels + 4 * threads - 1) / (4 * threads), panels};
+  pool.run((panels + ctx.chunk - 1) / ctx.chunk, [](const void* c, int64_t i) {
+    auto* j = static_cast<const Ctx*>(c);
+    int64_t p0 = i * j->chunk;
+    j->cols(*j->a, p0, p0 + j->chunk < j->panels ? p0 + j->chunk : j->panels);
+  }, &ctx);
+}
+
 mx::Shape output_shape(const mx::array& x, int n) {
   mx::Shape shape = x.shape();
   shape.back() = n;
@@ -224,6 +248,46 @@ mx::array linear_quantized(const mx::array& x, const mx::array& w, const mx::arr
                    std::move(inputs));
 }
 
+mx::array pack_panels(const mx::array& w, mx::StreamOrDevice s) {
+  mx::Stream stream = cpu_stream(s, "pack_panels");
+  if (w.ndim() != 2) throw std::invalid_argument("pack_panels: w must be 2-D (N, K)");
+  const int n = w.shape(0), k = w.shape(1);
+  const int panels = (n + kPanelWidth - 1) / kPanelWidth;
+  mx::array w32 = as_f32(w, stream);
+  if (panels * kPanelWidth != n) {
+    w32 = mx::concatenate({w32, mx::zeros({panels * kPanelWidth - n, k}, mx::float32, stream)}, 0,
+                          stream);
+  }
+  w32 = mx::reshape(w32, {panels, kPanelWidth, k}, stream);
+  return mx::contiguous(mx::transpose(w32, {0, 2, 1}, stream), false, stream);
+}
+
+mx::array linear_panels(const mx::array& x, const mx::array& wp, int n,
+                        const std::optional<mx::array>& bias, bool parallel,
+                        mx::StreamOrDevice s) {
+  mx::Stream stream = cpu_stream(s, "linear_panels");
+  if (wp.ndim() != 3 || wp.dtype() != mx::float32 || wp.shape(2) != kPanelWidth) {
+    throw std::invalid_argument(
+        "linear_panels: wp must be pack_panels(w), a float32 array (ceil(N / 16), K, 16)");
+  }
+  if (n < 1 || (n + kPanelWidth - 1) / kPanelWidth != wp.shape(0)) {
+    throw std::invalid_argument("linear_panels: n must be the packed matrix's row count N");
+  }
+  if (x.ndim() < 1 || x.shape(-1) != wp.shape(1)) {
+    throw std::invalid_argument("linear_panels: x must have shape (..., K) with K = wp.shape[1]");
+  }
+  std::vector<mx::array> inputs = {as_f32(x, stream), wp};
+  if (bias) {
+    if (bias->ndim() != 1 || bias->shape(0) != n) {
+      throw std::invalid_argument("linear_panels: bias must have shape (n,)");
+    }
+    inputs.push_back(as_f32(*bias, stream));
+  }
+  return mx::array(output_shape(x, n), mx::float32,
+                   std::make_shared<PanelLinearPrimitive>(stream, n, bias.has_value(), parallel),
+                   std::move(inputs));
+}
+
 // ---------------------------------------------------------------- primitive
 
 void LinearPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
@@ -290,6 +354,50 @@ bool LinearPrimitive::is_equivalent(const mx::Primitive& other) const {
 
 std::vector<mx::Shape> LinearPrimitive::output_shapes(const std::vector<mx::array>& inputs) {
   return {output_shape(inputs[0], inputs[1].shape(0))};
+}
+
+void PanelLinearPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) encoder.set_input_array(in);
+  encoder.set_output_array(out);
+
+  const mx::array& x = inputs[0];
+  const int64_t K = x.shape(-1);
+  const int64_t N = n_;
+  const int64_t M = K > 0 ? static_cast<int64_t>(x.size()) / K : 0;
+  float* y = out.data<float>();
+  if (M == 0) return;
+  std::vector<Strided> views;
+  for (auto& in : inputs) views.push_back(describe(in));
+  encoder.dispatch([views = std::move(views), y, M, K, N, has_bias = has_bias_,
+                    parallel = parallel_] {
+    Dense xd, wd, bd;
+    densify(views[0], xd);
+    densify(views[1], wd);
+    if (has_bias) densify(views[2], bd);
+    if (K == 0) {
+      const float* b = static_cast<const float*>(bd.ptr);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t c = 0; c < N; ++c) y[m * N + c] = b ? b[c] : 0.0f;
+      return;
+    }
+    compute_panels(static_cast<const float*>(xd.ptr), static_cast<const float*>(wd.ptr),
+                   static_cast<const float*>(bd.ptr), y, M, K, N, parallel);
+  });
+}
+
+void PanelLinearPrimitive::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error(std::string(name()) + " has no GPU implementation");
+}
+
+bool PanelLinearPrimitive::is_equivalent(const mx::Primitive& other) const {
+  auto* o = dynamic_cast<const PanelLinearPrimitive*>(&other);
+  return o != nullptr && o->n_ == n_ && o->has_bias_ == has_bias_ && o->parallel_ == parallel_;
+}
+
+std::vector<mx::Shape> PanelLinearPrimitive::output_shapes(const std::vector<mx::array>& inputs) {
+  return {output_shape(inputs[0], n_)};
 }
 
 // ------------------------------------------------------------- configuration

@@ -32,6 +32,22 @@ mx::array linear_quantized(
     int bits,
     mx::StreamOrDevice s = {});
 
+// W (N, K) as the panels linear_panels reads: (ceil(N / 16), K, 16) float32, column n
+// of W^T in panel n / 16 at lane n % 16, the last panel zero-padded. Pack once, at load.
+mx::array pack_panels(const mx::array& w, mx::StreamOrDevice s = {});
+
+// y = x W^T (+ bias) with W given as pack_panels(W) and its row count n: x (..., K)
+// float, bias (n,) or none. Output (..., n) float32. `parallel`: split the panels over
+// the kernels' thread pool (else the calling stream's thread computes them all, for
+// callers that already run one product per core).
+mx::array linear_panels(
+    const mx::array& x,
+    const mx::array& wp,
+    int n,
+    const std::optional<mx::array>& bias,
+    bool parallel,
+    mx::StreamOrDevice s = {});
+
 // The instruction-set variant in use ("avx512", "avx2" or "portable").
 std::string isa();
 // Variants this CPU can run, best first.
@@ -67,6 +83,24 @@ class LinearPrimitive : public mx::UnaryPrimitive {
   Kind kind_;
   int group_size_;
   bool has_bias_;
+};
+
+class PanelLinearPrimitive : public mx::UnaryPrimitive {
+ public:
+  PanelLinearPrimitive(mx::Stream stream, int n, bool has_bias, bool parallel)
+      : mx::UnaryPrimitive(stream), n_(n), has_bias_(has_bias), parallel_(parallel) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+
+  const char* name() const override { return "CosyVoice2LinearPanels"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+
+ private:
+  int n_;
+  bool has_bias_;
+  bool parallel_;
 };
 
 }  // namespace cv2k

@@ -5,7 +5,12 @@
   4-bit affine weights in `mx.quantize`'s layout (packed uint32, per-group scales and
   biases), so one converted model serves Metal (MLX's own kernels) and the CPU (these).
 
-Both take `x` (..., K) (converted to float32), accumulate in float32 and return
+- `pack_panels(w)` and `linear_panels(x, wp, n, bias=None, parallel=True)`: float32
+  `w` (N, K) packed once into panels of 16 columns, then products of any row count
+  at near the CPU's FMA peak (a register-blocked GEMM that streams the panels, where
+  a BLAS GEMM re-packs the weights on every call).
+
+All take `x` (..., K) (converted to float32), accumulate in float32 and return
 (..., N) float32. The rest of a transformer decode step, each one graph node where
 MLX's CPU path builds `mx.fast.rms_norm`, `mx.fast.rope` and
 `mx.fast.scaled_dot_product_attention` from 7-20 basic ops:
@@ -48,7 +53,9 @@ __all__ = [
     "isa",
     "linear_dense",
     "linear_quantized",
+    "linear_panels",
     "num_threads",
+    "pack_panels",
     "rms_norm",
     "rope_split",
     "set_isa",
@@ -72,6 +79,8 @@ if _release(mx.__version__) != BUILD_INFO["mlx_version"]:
 
 linear_dense = _ext.linear_dense
 linear_quantized = _ext.linear_quantized
+pack_panels = _ext.pack_panels
+linear_panels = _ext.linear_panels
 rms_norm = _ext.rms_norm
 rope_split = _ext.rope_split
 attention = _ext.attention
