@@ -36,6 +36,7 @@ import mlx.core as mx
 # thread that made it; a thread-local stream is valid in any thread).
 _STREAM = mx.new_thread_local_stream(mx.cpu)
 _POOL_LOCK = threading.Lock()
+_LOCAL = threading.local()  # `worker`: set in the branch worker threads
 _BLAS: tuple[Callable[[], int], Callable[[int], None]] | None | bool = None
 
 
@@ -59,6 +60,12 @@ def _cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
+
+
+def in_worker() -> bool:
+    """Whether this thread is a branch worker (which computes with one core: the other
+    branch has the other)."""
+    return getattr(_LOCAL, "worker", False)
 
 
 def enabled() -> bool:
@@ -85,6 +92,7 @@ class _Worker:
         from cosyvoice2.flow import cpu_kernels
 
         cpu_kernels.serial_in_this_thread()
+        _LOCAL.worker = True
         while True:
             fn, args, fut = self.jobs.get()
             try:

@@ -35,8 +35,8 @@ does that (parity with the official output); the default finishes with a
 chunk-masked `finalize=True` step, which the cache computes incrementally.
 
 Keys and values are kept per layer as the list of blocks in which they were
-computed (`_Walk.keys_values`): attention runs over the blocks without joining
-them, so a chunk reads the cache but never copies it.
+computed (`_Walk.keys_values`, `_Walk.kv_blocks`): attention runs over the blocks
+without joining them, so a chunk reads the cache but never copies it.
 
 Memory: per estimator attention block and Euler step the keys and values of
 both CFG branches, `2 * 2 * heads * head_dim * 4` bytes per frame (8 KiB for
@@ -57,10 +57,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from cosyvoice2 import branches
+from cosyvoice2.flow.decoder import block_scores, block_values
 from cosyvoice2.flow.encoder import rel_position_table
 from cosyvoice2.flow.flow_matching import euler_times
 from cosyvoice2.flow.noise import cfm_noise
-from cosyvoice2.flow.ops import layer_norm, silu, softmax
+from cosyvoice2.flow.ops import dense, layer_norm, silu, softmax
 
 
 class _Walk:
@@ -93,6 +94,19 @@ class _Walk:
         y = mx.conv1d(full, weight)
         return y if bias is None else y + bias
 
+    def kv_blocks(self, kv: mx.array) -> list[mx.array]:
+        """The earlier positions' keys and values `(B, n, 2 * inner)` as blocks in order.
+
+        `kv`: this call's keys and values, of which the committed part is kept (copied:
+        a view would pin the whole projection's buffer). Position-major, so that a
+        block is one contiguous array the attention reads head by head.
+        """
+        old = self._take()
+        blocks = list(old) if old else []
+        keep = self.c2 - sum(b.shape[1] for b in blocks)
+        self.new.append(blocks + ([mx.contiguous(kv[:, :keep])] if keep > 0 else []))
+        return blocks
+
     def keys_values(
         self, k: mx.array, v: mx.array, scale: int = 1
     ) -> tuple[list[mx.array], list[mx.array]]:
@@ -111,23 +125,6 @@ class _Walk:
         self.new.append(blocks + ([(k[:, :, :keep], v[:, :, :keep])] if keep > 0 else []))
         blocks.append((k, v))
         return [b[0] for b in blocks], [b[1] for b in blocks]
-
-
-def _scores(q: mx.array, keys: list[mx.array]) -> mx.array:
-    """`q @ K^T` over key blocks: `(..., n_q, sum of block lengths)`."""
-    parts = [q @ k.transpose(0, 1, 3, 2) for k in keys]
-    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
-
-
-def _weighted_values(p: mx.array, values: list[mx.array]) -> mx.array:
-    """`p @ V` over value blocks (`p`'s last axis spans the blocks in order)."""
-    out, start = None, 0
-    for v in values:
-        n = v.shape[2]
-        term = p[..., start : start + n] @ v
-        out = term if out is None else out + term
-        start += n
-    return out
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -155,8 +152,8 @@ def _rel_attention(
     bd = q_v @ p.transpose(0, 1, 3, 2)  # (b, h, n, 2*total-1-c)
     idx = (n - 1) - mx.arange(n)[:, None] + mx.arange(total)[None, :]
     bd = mx.take_along_axis(bd, mx.broadcast_to(idx, (b, h, n, total)), axis=-1)
-    scores = _scores(q_u * sc, keys) + bd * sc
-    out = _weighted_values(softmax(scores, chunk, c), values)
+    scores = block_scores(q_u * sc, keys) + bd * sc
+    out = block_values(softmax(scores, chunk, c), values)
     return attn.linear_out(out.transpose(0, 2, 1, 3).reshape(b, n, h * d))
 
 
@@ -218,19 +215,15 @@ def _resnet(w: _Walk, r: Any, x: mx.array, temb: mx.array) -> mx.array:
     h = _causal_block(w, r.block1, x)
     h = h + r.mlp[1](r.mlp[0](temb))[:, None, :]
     h = _causal_block(w, r.block2, h)
-    return h + r.res_conv(x)
+    return h + dense(r.res_conv, x)
 
 
 def _transformer(w: _Walk, blk: Any, x: mx.array, chunk: int) -> mx.array:
     n1, n3 = blk.norm1, blk.norm3
     attn = blk.attn1
-    b, n, _ = x.shape
-    q, k, v = attn._qkv(layer_norm(x, n1.weight, n1.bias, n1.eps))  # q already scaled
-    # Own buffers for what the cache keeps (views would pin the queries' memory too).
-    keys, values = w.keys_values(mx.contiguous(k), mx.contiguous(v))
-    total = sum(b.shape[2] for b in keys)
-    out = _weighted_values(softmax(_scores(q, keys), chunk, total - n), values)
-    x = x + attn.to_out[0](out.transpose(0, 2, 1, 3).reshape(b, n, attn.heads * attn.dim_head))
+    qkv = attn.qkv(layer_norm(x, n1.weight, n1.bias, n1.eps))
+    out = attn.attend(qkv, w.kv_blocks(qkv[..., attn.heads * attn.dim_head :]), chunk)
+    x = x + dense(attn.to_out[0], out)
     return x + blk.ff(layer_norm(x, n3.weight, n3.bias, n3.eps))
 
 
@@ -267,7 +260,7 @@ def estimator_step(
             x = _transformer(w, blk, x, chunk)
         x = w.conv(x, up.weight, up.bias)
     x = _causal_block(w, est.final_block, x)
-    return est.final_proj(x)
+    return dense(est.final_proj, x)
 
 
 # ----------------------------------------------------------------------------- state

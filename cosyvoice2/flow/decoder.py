@@ -31,13 +31,17 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from cosyvoice2 import branches
 from cosyvoice2.config import EstimatorConfig
 from cosyvoice2.flow.ops import (
     causal_conv1d,
     chunk_mask,
+    dense,
     gelu,
     layer_norm,
     mish,
+    panel_kernels,
+    panel_linear,
     softmax,
     use_cpu_kernels,
 )
@@ -174,7 +178,7 @@ class ResnetBlock1D(nn.Module):
         h = self.block1(x, mask)
         h = h + self.mlp[1](self.mlp[0](time_emb))[:, None, :]
         h = self.block2(h, mask)
-        return h + self.res_conv(_masked(x, mask))
+        return h + dense(self.res_conv, _masked(x, mask))
 
 
 class CausalResnetBlock1D(ResnetBlock1D):
@@ -218,48 +222,100 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(query_dim, inner, bias=False)
         self.to_v = nn.Linear(query_dim, inner, bias=False)
         self.to_out = [nn.Linear(inner, query_dim)]
-        self._fused = (
-            None  # (source weights, stacked q/k/v weight); "_" keeps it out of parameters()
-        )
+        # (panels?, source weights, stacked q/k/v weight); "_" keeps it out of parameters()
+        self._fused = None
 
     def __call__(self, x: mx.array, mask: mx.array | None, chunk: int = 0) -> mx.array:
         """`x` `(B, T, D)`; `mask` boolean key-padding mask `(B, 1, 1, T)` or None; `chunk` > 0: chunk mask."""
         b, t, _ = x.shape
         h, d = self.heads, self.dim_head
-        q, k, v = self._qkv(x)
         if mask is None and use_cpu_kernels():
-            # CPU: explicit scores and the vectorised softmax kernel (MLX's exp is the bottleneck).
-            out = softmax(q @ k.transpose(0, 1, 3, 2), chunk) @ v
+            # CPU: explicit scores and a vectorised softmax (MLX's exp is the bottleneck).
+            out = self.attend(self.qkv(x), [], chunk)
         else:
+            q, k, v = self._heads(self.qkv(x), 3)
             if chunk > 0:
                 cm = chunk_mask(t, chunk)[None, None]
                 mask = cm if mask is None else mask & cm
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
-        return self.to_out[0](out.transpose(0, 2, 1, 3).reshape(b, t, h * d))
+            out = out.transpose(0, 2, 1, 3).reshape(b, t, h * d)
+        return dense(self.to_out[0], out)
 
-    def _qkv(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """Queries (already scaled by `dim_head ** -0.5`), keys and values, each `(B, heads, T, dim_head)`.
+    def qkv(self, x: mx.array) -> mx.array:
+        """`(B, T, 3 * heads * dim_head)`: queries (already scaled by `dim_head ** -0.5`), keys, values.
 
-        One matmul with the three weights stacked (cached until the weights change)
-        instead of three: fewer, larger GEMMs. The three are views of its output
-        (strided: a matmul that reads one copies it; to keep one, copy it).
+        One matmul with the three weights stacked (cached until the weights change, as
+        packed panels where `panel_kernels` serves float32 weights) instead of three:
+        fewer, larger GEMMs.
         """
-        b, t, _ = x.shape
         h, d = self.heads, self.dim_head
         layers = (self.to_q, self.to_k, self.to_v)
-        if all(type(m) is nn.Linear for m in layers):
-            ws = tuple(m.weight for m in layers)
-            cached = self._fused
-            if cached is None or any(a is not c for a, c in zip(ws, cached[0])):
-                fused = mx.concatenate([ws[0] * d**-0.5, ws[1], ws[2]], axis=0).T
-                mx.eval(fused)  # shared by threads (`cosyvoice2.branches`): never lazy
-                cached = self._fused = (ws, fused)
-            # Heads-major view, then slices: `qkv[i]` on a (3, ...) transpose is an MLX
-            # gather (an element-wise strided copy, about 0.4 ms per call at 70 frames).
-            qkv = (x @ cached[1]).reshape(b, t, 3 * h, d).transpose(0, 2, 1, 3)
-            return qkv[:, :h], qkv[:, h : 2 * h], qkv[:, 2 * h :]
-        q, k, v = (m(x).reshape(b, t, h, d).transpose(0, 2, 1, 3) for m in layers)
-        return q * d**-0.5, k, v
+        if not all(type(m) is nn.Linear for m in layers):
+            return mx.concatenate([self.to_q(x) * d**-0.5, self.to_k(x), self.to_v(x)], axis=-1)
+        ws = tuple(m.weight for m in layers)
+        k = panel_kernels() if ws[0].dtype == mx.float32 else None
+        cached = self._fused
+        if (
+            cached is None
+            or cached[0] != (k is not None)
+            or any(a is not c for a, c in zip(ws, cached[1]))
+        ):
+            stacked = mx.concatenate([ws[0] * d**-0.5, ws[1], ws[2]], axis=0)
+            fused = k.pack_panels(stacked) if k is not None else stacked.T
+            mx.eval(fused)  # shared by threads (`cosyvoice2.branches`): never lazy
+            cached = self._fused = (k is not None, ws, fused)
+        return panel_linear(k, x, cached[2], 3 * h * d) if k is not None else x @ cached[2]
+
+    def attend(self, qkv: mx.array, blocks: list[mx.array], chunk: int) -> mx.array:
+        """Attention of the positions in `qkv` (`self.qkv`'s output) over the earlier positions'
+        keys and values `blocks` (each `(B, n, 2 * heads * dim_head)`, in order) and themselves.
+
+        Position `q0 + r` (`q0` the blocks' total length) sees the keys before the end
+        of its chunk (`chunk` 0: all). Returns `(B, T, heads * dim_head)`, the output
+        projection's input. On the CPU with `cosyvoice2_kernels` (batch 1) one
+        `block_attention` node; otherwise scores per block, the masked softmax and the
+        weighted values (blocks are never joined).
+        """
+        b, t, _ = qkv.shape
+        h, d = self.heads, self.dim_head
+        k = panel_kernels() if b == 1 and qkv.dtype == mx.float32 else None
+        if k is not None:
+            return k.block_attention(qkv, blocks, h, chunk, parallel=not branches.in_worker())
+        q, key, value = self._heads(qkv, 3)
+        old = [self._heads(blk, 2) for blk in blocks]
+        keys = [kv[0] for kv in old] + [key]
+        values = [kv[1] for kv in old] + [value]
+        q0 = sum(blk.shape[1] for blk in blocks)
+        out = block_values(softmax(block_scores(q, keys), chunk, q0), values)
+        return out.transpose(0, 2, 1, 3).reshape(b, t, h * d)
+
+    def _heads(self, a: mx.array, parts: int) -> list[mx.array]:
+        """`a` `(B, T, parts * heads * dim_head)` as `parts` views `(B, heads, T, dim_head)`.
+
+        Slices of one heads-major view: `x[i]` on a `(parts, ...)` transpose would be an
+        MLX gather (an element-wise strided copy, about 0.4 ms per call at 70 frames).
+        """
+        b, t, _ = a.shape
+        h = self.heads
+        a = a.reshape(b, t, parts * h, self.dim_head).transpose(0, 2, 1, 3)
+        return [a[:, i * h : (i + 1) * h] for i in range(parts)]
+
+
+def block_scores(q: mx.array, keys: list[mx.array]) -> mx.array:
+    """`q @ K^T` over key blocks: `(..., n_q, sum of block lengths)`."""
+    parts = [q @ k.transpose(0, 1, 3, 2) for k in keys]
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
+def block_values(p: mx.array, values: list[mx.array]) -> mx.array:
+    """`p @ V` over value blocks (`p`'s last axis spans the blocks in order)."""
+    out, start = None, 0
+    for v in values:
+        n = v.shape[2]
+        term = p[..., start : start + n] @ v
+        out = term if out is None else out + term
+        start += n
+    return out
 
 
 class GELU(nn.Module):
@@ -271,7 +327,7 @@ class GELU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if type(self.proj) is nn.Linear:  # bias added inside the GELU kernel
-            return gelu(x @ self.proj.weight.T, self.proj.bias)
+            return gelu(dense(self.proj, x, bias=False), self.proj.bias)
         return gelu(self.proj(x))
 
 
@@ -286,7 +342,7 @@ class FeedForward(nn.Module):
         self.net = [GELU(dim, inner), nn.Identity(), nn.Linear(inner, dim)]
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.net[2](self.net[0](x))
+        return dense(self.net[2], self.net[0](x))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -424,7 +480,7 @@ class ConditionalDecoder(nn.Module):
                 x = block(x, attn_mask, chunk)
             x = up(_masked(x, mask_up))
         x = self.final_block(x, mask_up)
-        out = self.final_proj(_masked(x, mask_up))
+        out = dense(self.final_proj, _masked(x, mask_up))
         return _masked(out, mask)
 
 

@@ -5,6 +5,7 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "attention_blocks.h"
 #include "decode_ops.h"
 #include "linear.h"
 #include "mlx/version.h"
@@ -35,6 +36,12 @@ NB_MODULE(_ext, m) {
         "y = x @ w.T (+ bias) with wp = pack_panels(w) and n = w.shape[0]: x (..., K) float,\n"
         "bias (n,) or None. Returns (..., n) float32. parallel=False computes on the calling\n"
         "stream's thread only. CPU stream only; lazy like any MLX op.");
+  m.def("block_attention", &cv2k::block_attention, "qkv"_a, "blocks"_a, "heads"_a, "chunk"_a,
+        nb::kw_only(), "parallel"_a = true, "stream"_a = nb::none(),
+        "Chunk-masked self-attention of M new positions over cached blocks: qkv (1, M, 3 H D)\n"
+        "(scaled queries | keys | values), blocks [(1, n_i, 2 H D)] (keys | values of the\n"
+        "q0 = sum n_i earlier positions). Position q0 + r sees keys j < (floor((q0 + r) /\n"
+        "chunk) + 1) * chunk (chunk 0: all). Returns (1, M, H D) float32, heads in order.");
   m.def("rms_norm", &cv2k::rms_norm, "x"_a, "w"_a, "eps"_a, "residual"_a = nb::none(),
         nb::kw_only(), "stream"_a = nb::none(),
         "x * rsqrt(mean(x**2, -1) + eps) * w in float32, as a list [y]; with residual r,\n"

@@ -57,10 +57,12 @@ struct QArgs {
 constexpr int kPanelWidth = 16;
 
 struct PanelArgs {
-  const float* x;      // M x K fp32, row-major
+  const float* x;      // M x K fp32, row m at x + m * ldx
+  int64_t ldx;
   const float* wp;     // ceil(N / kPanelWidth) panels of K x kPanelWidth fp32
   const float* bias;   // N fp32, or null
-  float* y;            // M x N fp32, row-major
+  float* y;            // M x N fp32, row m at y + m * ldy
+  int64_t ldy;
   int64_t M, K, N;
 };
 
@@ -77,9 +79,14 @@ struct KernelTable {
   void (*q4_cols)(const QArgs& a, int64_t n0, int64_t n1);
   // Panels [p0, p1) of a PanelArgs product (columns 16 * p0 ... 16 * p1 - 1).
   void (*panel_cols)(const PanelArgs& a, int64_t p0, int64_t p1);
+  // In place, for each of `rows` rows of s (stride ld): softmax over its first
+  // visible[r] entries (>= 1), zeros in the entries after them up to `cols`.
+  void (*softmax_rows)(float* s, int64_t rows, int64_t ld, const int64_t* visible, int64_t cols);
 };
 
 const KernelTable* portable_table();
+// The variant in use (COSYVOICE2_KERNELS_ISA, set_isa; defined in linear.cpp).
+const KernelTable* active_table();
 #if defined(CV2K_HAVE_X86)
 const KernelTable* avx2_table();
 const KernelTable* avx512_table();

@@ -1,6 +1,7 @@
 // Portable C++ kernels: any CPU, baseline compiler flags. Written so that compilers
 // can vectorise the inner loops for the baseline instruction set (8 partial sums per
 // dot product, weights converted to fp32 in short chunks reused across rows).
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -122,20 +123,36 @@ void panel_cols(const PanelArgs& p, int64_t p0, int64_t p1) {
     const int64_t n0 = panel * W;
     const int64_t cols = p.N - n0 < W ? p.N - n0 : W;
     for (int64_t m = 0; m < p.M; ++m) {
-      const float* x = p.x + m * p.K;
+      const float* x = p.x + m * p.ldx;
       float acc[W] = {};
       for (int64_t k = 0; k < p.K; ++k) {
         const float a = x[k];
         for (int c = 0; c < W; ++c) acc[c] += a * w[k * W + c];
       }
       for (int64_t c = 0; c < cols; ++c) {
-        p.y[m * p.N + n0 + c] = acc[c] + (p.bias ? p.bias[n0 + c] : 0.0f);
+        p.y[m * p.ldy + n0 + c] = acc[c] + (p.bias ? p.bias[n0 + c] : 0.0f);
       }
     }
   }
 }
 
-const KernelTable kTable = {"portable", 0, bf16_cols, f32_cols, q_cols, q_cols, panel_cols};
+void softmax_rows(float* s, int64_t rows, int64_t ld, const int64_t* visible, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * ld;
+    const int64_t n = visible[r];
+    float m = row[0];
+    for (int64_t k = 1; k < n; ++k) m = row[k] > m ? row[k] : m;
+    float total = 0.0f;
+    for (int64_t k = 0; k < n; ++k) {
+      row[k] = std::exp(row[k] - m);
+      total += row[k];
+    }
+    for (int64_t k = 0; k < n; ++k) row[k] /= total;
+    for (int64_t k = n; k < cols; ++k) row[k] = 0.0f;
+  }
+}
+
+const KernelTable kTable = {"portable", 0, bf16_cols, f32_cols, q_cols, q_cols, panel_cols, softmax_rows};
 
 }  // namespace
 

@@ -154,7 +154,7 @@ void compute_quantized(const float* x, const uint8_t* w, const void* scales, con
 void compute_panels(const float* x, const float* wp, const float* bias, float* y, int64_t M,
                     int64_t K, int64_t N, bool parallel) {
   const KernelTable* t = current_table().load();
-  PanelArgs a{x, wp, bias, y, M, K, N};
+  PanelArgs a{x, K, wp, bias, y, N, M, K, N};
   const int64_t panels = (N + kPanelWidth - 1) / kPanelWidth;
   Pool& pool = Pool::get();
   const int threads = pool.threads();
@@ -182,6 +182,8 @@ mx::Shape output_shape(const mx::array& x, int n) {
 }
 
 }  // namespace
+
+const KernelTable* active_table() { return current_table().load(); }
 
 // --------------------------------------------------------------- operations
 

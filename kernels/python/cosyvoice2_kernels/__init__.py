@@ -19,7 +19,11 @@ MLX's CPU path builds `mx.fast.rms_norm`, `mx.fast.rope` and
 - `rope_split(qkv, inv_freq, n_heads, n_kv_heads, dims, scale, offset)`: a fused q/k/v
   projection to `[q, k, v]` in (B, H, L, D), rotary embeddings on q and k;
 - `attention(q, k, v, scale, causal)`: grouped-head attention to (B, L, Hq * D);
-- `swiglu(h)`: `silu(gate) * up` from the fused gate/up projection.
+- `swiglu(h)`: `silu(gate) * up` from the fused gate/up projection;
+- `block_attention(qkv, blocks, heads, chunk, parallel=True)`: the flow estimator's
+  chunk-masked attention of new positions over its cached key/value blocks (scores
+  and weighted values on the panel GEMM, the softmax in place), one node where MLX
+  needs a matmul per block, a concatenation, the masked softmax and a sum.
 
 All are lazy MLX operations on the CPU stream in float32, usable inside
 `mx.compile`; they have no gradient and no GPU implementation (callers use MLX's
@@ -50,6 +54,7 @@ __all__ = [
     "BUILD_INFO",
     "attention",
     "available_isas",
+    "block_attention",
     "isa",
     "linear_dense",
     "linear_quantized",
@@ -84,6 +89,7 @@ linear_panels = _ext.linear_panels
 rms_norm = _ext.rms_norm
 rope_split = _ext.rope_split
 attention = _ext.attention
+block_attention = _ext.block_attention
 swiglu = _ext.swiglu
 isa = _ext.isa
 available_isas = _ext.available_isas

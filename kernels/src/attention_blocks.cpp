@@ -1,0 +1,143 @@
+// Block attention: per head, keys and values gathered into panels, scores and weighted
+// values by the panel GEMM, the masked softmax in place (kernels.h).
+#include "attention_blocks.h"
+
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "common.h"
+#include "kernels.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "pool.h"
+
+namespace cv2k {
+
+namespace {
+
+struct Problem {
+  const float* qkv;                  // M x 3HD
+  std::vector<const float*> blocks;  // n_i x 2HD each
+  std::vector<int64_t> lengths;      // n_i
+  float* out;                        // M x HD
+  int64_t M, H, D, q0, chunk;
+};
+
+// Row j of keys (values: + H * D) among all positions.
+const float* key_row(const Problem& p, int64_t j) {
+  const int64_t hd = p.H * p.D;
+  if (j >= p.q0) return p.qkv + (j - p.q0) * 3 * hd + hd;
+  for (size_t b = 0; b < p.blocks.size(); ++b) {
+    if (j < p.lengths[b]) return p.blocks[b] + j * 2 * hd;
+    j -= p.lengths[b];
+  }
+  return nullptr;  // unreachable: j < q0 = sum of lengths
+}
+
+void one_head(const Problem& p, int64_t h) {
+  constexpr int64_t W = kPanelWidth;
+  const KernelTable* t = active_table();
+  const int64_t hd = p.H * p.D, T = p.q0 + p.M, D = p.D;
+  thread_local std::vector<int64_t> visible;
+  thread_local std::vector<float> kp, vp, s;
+  visible.resize(p.M);
+  for (int64_t r = 0; r < p.M; ++r) {
+    int64_t end = p.chunk > 0 ? ((p.q0 + r) / p.chunk + 1) * p.chunk : T;
+    visible[r] = end < T ? end : T;
+  }
+  const int64_t n = visible[p.M - 1];  // keys any query sees
+  const int64_t kpanels = (n + W - 1) / W, vpanels = (D + W - 1) / W;
+  kp.assign(kpanels * D * W, 0.0f);
+  vp.assign(vpanels * n * W, 0.0f);
+  s.resize(p.M * n);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* k = key_row(p, j) + h * D;
+    const float* v = k + hd;
+    float* kcol = kp.data() + (j / W) * D * W + j % W;
+    for (int64_t d = 0; d < D; ++d) kcol[d * W] = k[d];
+    for (int64_t d = 0; d < D; ++d) vp[(d / W) * n * W + j * W + d % W] = v[d];
+  }
+  PanelArgs scores{p.qkv + h * D, 3 * hd, kp.data(), nullptr, s.data(), n, p.M, D, n};
+  t->panel_cols(scores, 0, kpanels);
+  t->softmax_rows(s.data(), p.M, n, visible.data(), n);
+  PanelArgs values{s.data(), n, vp.data(), nullptr, p.out + h * D, hd, p.M, n, D};
+  t->panel_cols(values, 0, vpanels);
+}
+
+}  // namespace
+
+mx::array block_attention(const mx::array& qkv, const std::vector<mx::array>& blocks, int heads,
+                          int chunk, bool parallel, mx::StreamOrDevice s) {
+  mx::Stream stream = cpu_stream(s, "block_attention");
+  if (heads < 1 || chunk < 0) {
+    throw std::invalid_argument("block_attention: heads must be >= 1 and chunk >= 0");
+  }
+  if (qkv.ndim() != 3 || qkv.shape(0) != 1 || qkv.shape(1) < 1 || qkv.shape(2) % (3 * heads)) {
+    throw std::invalid_argument(
+        "block_attention: qkv must have shape (1, M, 3 * heads * D) with M >= 1");
+  }
+  const int hd = qkv.shape(2) / 3;
+  std::vector<mx::array> inputs = {as_f32(qkv, stream)};
+  for (auto& b : blocks) {
+    if (b.ndim() != 3 || b.shape(0) != 1 || b.shape(2) != 2 * hd) {
+      throw std::invalid_argument(
+          "block_attention: each block must have shape (1, n, 2 * heads * D)");
+    }
+    inputs.push_back(as_f32(b, stream));
+  }
+  return mx::array({1, qkv.shape(1), hd}, mx::float32,
+                   std::make_shared<BlockAttentionPrimitive>(stream, heads, chunk, parallel),
+                   std::move(inputs));
+}
+
+void BlockAttentionPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) encoder.set_input_array(in);
+  encoder.set_output_array(out);
+  std::vector<Strided> views;
+  for (auto& in : inputs) views.push_back(describe(in));
+  encoder.dispatch([views = std::move(views), y = out.data<float>(), heads = heads_,
+                    chunk = chunk_, parallel = parallel_] {
+    std::vector<Dense> dense(views.size());
+    for (size_t i = 0; i < views.size(); ++i) densify(views[i], dense[i]);
+    Problem p;
+    p.qkv = static_cast<const float*>(dense[0].ptr);
+    p.M = views[0].shape[1];
+    p.H = heads;
+    p.D = views[0].shape[2] / (3 * heads);
+    p.q0 = 0;
+    for (size_t i = 1; i < views.size(); ++i) {
+      p.blocks.push_back(static_cast<const float*>(dense[i].ptr));
+      p.lengths.push_back(views[i].shape[1]);
+      p.q0 += views[i].shape[1];
+    }
+    p.out = y;
+    p.chunk = chunk;
+    if (p.D == 0) return;
+    Pool& pool = Pool::get();
+    if (!parallel || pool.threads() == 1) {
+      for (int64_t h = 0; h < p.H; ++h) one_head(p, h);
+      return;
+    }
+    pool.run(p.H, [](const void* ctx, int64_t h) { one_head(*static_cast<const Problem*>(ctx), h); },
+             &p);
+  });
+}
+
+void BlockAttentionPrimitive::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error(std::string(name()) + " has no GPU implementation");
+}
+
+bool BlockAttentionPrimitive::is_equivalent(const mx::Primitive& other) const {
+  auto* o = dynamic_cast<const BlockAttentionPrimitive*>(&other);
+  return o != nullptr && o->heads_ == heads_ && o->chunk_ == chunk_ && o->parallel_ == parallel_;
+}
+
+std::vector<mx::Shape> BlockAttentionPrimitive::output_shapes(
+    const std::vector<mx::array>& inputs) {
+  return {{1, inputs[0].shape(1), inputs[0].shape(2) / 3}};
+}
+
+}  // namespace cv2k
