@@ -119,14 +119,32 @@ def kernels_or_skip():
 
 
 def _mlx_route(monkeypatch, fn, *args, **kwargs):
+    """`fn` on MLX's ops: neither the numba kernels nor the `cosyvoice2_kernels` extension."""
     from cosyvoice2.flow import ops
 
     with monkeypatch.context() as m:
         m.setattr(ops, "_KERNELS", False)
+        m.setattr(ops, "panel_kernels", lambda: None)
         assert not ops.use_cpu_kernels()
         out = fn(*args, **kwargs)
         mx.eval(out)
     return out
+
+
+@pytest.fixture(params=["numba", "extension"])
+def fast_route(request, monkeypatch):
+    """The flow ops module on one of its fast CPU routes: the numba kernels alone, or the
+    `cosyvoice2_kernels` extension (which `layer_norm`, `gelu`, `dense` and attention
+    prefer when it is built)."""
+    from cosyvoice2.flow import ops
+
+    if request.param == "numba":
+        if not ops.use_cpu_kernels():
+            pytest.skip("numba kernels unavailable (no numba, or not the CPU device)")
+        monkeypatch.setattr(ops, "panel_kernels", lambda: None)
+    elif ops.panel_kernels() is None:
+        pytest.skip("cosyvoice2_kernels not built (kernels/build.sh) or COSYVOICE2_KERNELS=0")
+    return ops
 
 
 @pytest.mark.parametrize(("t_q", "chunk"), [(37, 0), (37, 10), (120, 50)])
@@ -163,8 +181,8 @@ def test_softmax_with_query_offset(kernels_or_skip, monkeypatch, q0, t_q, t_k, c
 
 
 @pytest.mark.parametrize("name", ["gelu", "silu"])
-def test_bias_activation_kernels_match_mlx(kernels_or_skip, monkeypatch, name: str) -> None:
-    ops = kernels_or_skip
+def test_bias_activation_kernels_match_mlx(fast_route, monkeypatch, name: str) -> None:
+    ops = fast_route
     rng = np.random.default_rng(1)
     x = mx.array((rng.standard_normal((3, 17, 64)) * 6).astype(np.float32))
     x = mx.concatenate([x, mx.full((3, 1, 64), 95.0), mx.full((3, 1, 64), -95.0)], axis=1)
@@ -185,15 +203,58 @@ def test_mish_kernel_matches_mlx(kernels_or_skip, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("then_mish", [False, True])
-def test_layer_norm_kernel_matches_mlx(kernels_or_skip, monkeypatch, then_mish: bool) -> None:
-    ops = kernels_or_skip
+def test_layer_norm_kernel_matches_mlx(fast_route, monkeypatch, then_mish: bool) -> None:
+    ops = fast_route
     rng = np.random.default_rng(2)
     x = mx.array((rng.standard_normal((2, 33, 96)) * 4 + 3).astype(np.float32))
+    ramp = np.broadcast_to(np.linspace(-60, 60, 96, dtype=np.float32), (2, 1, 96))
+    x = mx.concatenate([x, mx.array(ramp)], axis=1)  # rows far from 0 (Mish's tails)
     w = mx.array((1 + 0.1 * rng.standard_normal(96)).astype(np.float32))
     b = mx.array((0.1 * rng.standard_normal(96)).astype(np.float32))
     got = ops.layer_norm(x, w, b, 1e-5, then_mish)
     ref = _mlx_route(monkeypatch, ops.layer_norm, x, w, b, 1e-5, then_mish)
     assert mx.abs(got - ref).max().item() < 1e-5
+
+
+@pytest.mark.parametrize("layer", ["linear", "pointwise_conv"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_matches_the_layer(fast_route, monkeypatch, layer: str, bias: bool) -> None:
+    import mlx.nn as nn
+
+    ops = fast_route
+    mx.random.seed(4)
+    m = nn.Linear(40, 33) if layer == "linear" else nn.Conv1d(40, 33, 1)
+    x = mx.random.normal((2, 23, 40))
+    ref = _mlx_route(monkeypatch, lambda: m(x) if bias else x @ m.weight.reshape(33, 40).T)
+    got = ops.dense(m, x, bias=bias)
+    assert got.shape == ref.shape
+    assert mx.abs(got - ref).max().item() < 1e-5 * mx.abs(ref).max().item()
+    m.weight = m.weight * 2  # a new weight is packed again, not read from the old panels
+    assert mx.abs(ops.dense(m, x) - m(x)).max().item() < 1e-5 * mx.abs(m(x)).max().item()
+
+
+@pytest.mark.parametrize(("blocks", "n", "chunk"), [((), 37, 0), ((), 60, 25), ((50, 50), 70, 50), ((25,), 13, 25)])
+def test_attention_over_blocks_matches_mlx(fast_route, monkeypatch, blocks, n, chunk) -> None:
+    """`Attention.attend` of new positions over cached key/value blocks, on the fast route
+    against MLX's, and against plain full-sequence attention's rows for those positions."""
+    from cosyvoice2.flow.decoder import Attention
+
+    ops = fast_route
+    mx.random.seed(5)
+    attn = Attention(64, 4, 16)
+    total = sum(blocks) + n
+    x = mx.random.normal((1, total, 64))
+    qkv = attn.qkv(x)
+    inner = 4 * 16
+    cuts = np.cumsum((0, *blocks)).tolist()
+    kv = [qkv[:, a:b, inner:] for a, b in zip(cuts[:-1], cuts[1:])]
+    new = qkv[:, cuts[-1] :]
+    got = attn.attend(new, kv, chunk)
+    ref = _mlx_route(monkeypatch, attn.attend, new, kv, chunk)
+    full = _mlx_route(monkeypatch, attn.attend, qkv, [], chunk)[:, cuts[-1] :]
+    assert got.shape == (1, n, inner)
+    assert mx.abs(got - ref).max().item() < 1e-5
+    assert mx.abs(ref - full).max().item() < 1e-5
 
 
 def test_flow_rejects_out_of_range_tokens() -> None:

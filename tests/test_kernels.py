@@ -168,6 +168,97 @@ def test_panels_refuse_bad_arguments() -> None:
         K.linear_panels(mx.zeros((2, 24)), wp, 40, mx.zeros((39,)))
 
 
+def _attention_reference(qkv, blocks, heads, chunk):
+    """float64 chunk-masked attention of the new positions over blocks + themselves."""
+    m, hd = qkv.shape[1], qkv.shape[2] // 3
+    d = hd // heads
+    old = np.concatenate([b[0] for b in blocks], 0) if blocks else np.zeros((0, 2 * hd))
+    q0 = old.shape[0]
+    keys = np.concatenate([old[:, :hd], qkv[0, :, hd : 2 * hd]], 0).astype(np.float64)
+    values = np.concatenate([old[:, hd:], qkv[0, :, 2 * hd :]], 0).astype(np.float64)
+    out = np.zeros((m, hd))
+    for h in range(heads):
+        cols = slice(h * d, (h + 1) * d)
+        s = qkv[0, :, cols].astype(np.float64) @ keys[:, cols].T
+        for r in range(m):
+            if chunk:
+                s[r, ((q0 + r) // chunk + 1) * chunk :] = -np.inf
+        p = np.exp(s - s.max(1, keepdims=True))
+        out[:, cols] = (p / p.sum(1, keepdims=True)) @ values[:, cols]
+    return out
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("m", "lengths", "heads", "d", "chunk"),
+    [
+        (70, (50, 50), 8, 64, 50),  # the estimator's streaming cache: 70 new frames
+        (10, (50, 50, 50), 8, 64, 50),
+        (60, (100,), 8, 64, 50),
+        (13, (7, 30), 2, 20, 16),  # head size not a multiple of 16, chunks cut blocks
+        (33, (), 3, 8, 0),  # no cache, full attention
+        (1, (5,), 1, 4, 0),
+    ],
+)
+@pytest.mark.parametrize("parallel", [False, True])
+def test_block_attention_matches_reference(isa, m, lengths, heads, d, chunk, parallel) -> None:
+    rng = np.random.default_rng(m + len(lengths))
+    hd = heads * d
+    qkv = (rng.standard_normal((1, m, 3 * hd)) * 2).astype(np.float32)
+    blocks = [(rng.standard_normal((1, n, 2 * hd)) * 2).astype(np.float32) for n in lengths]
+    y = K.block_attention(mx.array(qkv), [mx.array(b) for b in blocks], heads, chunk, parallel=parallel)
+    ref = _attention_reference(qkv, blocks, heads, chunk)
+    assert y.shape == (1, m, hd) and y.dtype == mx.float32
+    err = float(np.abs(np.array(y[0], dtype=np.float64) - ref).max() / np.abs(ref).max())
+    assert err <= TOL, f"{isa}: relative error {err:.2e}"
+
+
+@needs_kernels
+def test_block_attention_refuses_bad_shapes() -> None:
+    qkv = mx.zeros((1, 5, 48))
+    with pytest.raises(ValueError, match="qkv"):
+        K.block_attention(mx.zeros((1, 5, 47)), [], 2, 0)
+    with pytest.raises(ValueError, match="block"):
+        K.block_attention(qkv, [mx.zeros((1, 3, 31))], 2, 0)
+    with pytest.raises(ValueError, match="heads"):
+        K.block_attention(qkv, [], 0, 0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("mish", [False, True])
+def test_layer_norm_matches_reference(isa, mish: bool) -> None:
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((37, 259)) * 6 + 2).astype(np.float32)
+    x[0, :6] = [30, -30, 0, 19.9, 20.1, -90]
+    w = rng.standard_normal(259).astype(np.float32)
+    b = rng.standard_normal(259).astype(np.float32)
+    xd = x.astype(np.float64)
+    mean = xd.mean(-1, keepdims=True)
+    ref = (xd - mean) / np.sqrt(((xd - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * w + b
+    if mish:
+        ref = ref * np.tanh(np.logaddexp(ref, 0.0))
+    for parallel in (False, True):
+        y = K.layer_norm(mx.array(x), mx.array(w), mx.array(b), 1e-5, mish=mish, parallel=parallel)
+        err = rel_err(y, mx.array(ref.astype(np.float32)))
+        assert err <= TOL, f"{isa}: relative error {err:.2e}"
+
+
+@needs_kernels
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gelu_matches_reference(isa, with_bias: bool) -> None:
+    from math import erf
+
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((5, 1029)) * 4).astype(np.float32)
+    x[0, :4] = [95, -95, 0, 1e-3]
+    b = rng.standard_normal(1029).astype(np.float32) if with_bias else None
+    v = x.astype(np.float64) + (b if with_bias else 0)
+    ref = 0.5 * v * (1 + np.vectorize(erf)(v / np.sqrt(2)))
+    y = K.gelu(mx.array(x), mx.array(b) if with_bias else None)
+    err = float(np.abs(np.array(y, dtype=np.float64) - ref).max())
+    assert err <= TOL * np.abs(ref).max(), f"{isa}: max error {err:.2e}"
+
+
 Q_SHAPES = [  # (rows, K, N, group size): K must be a multiple of the group size
     (1, 64, 1, 64),
     (2, 96, 5, 32),

@@ -252,6 +252,10 @@ def estimator_step(
         x = _resnet(w, resnet, x, temb)
         for blk in blocks:
             x = _transformer(w, blk, x, chunk)
+        # Start computing what is built while the rest of the graph is built (the Python
+        # of a step is about a tenth of its time, and the two branches' Python shares a
+        # GIL): no step waits for its whole graph first.
+        mx.async_eval(x)
     for resnet, blocks, up in est.up_blocks:
         skip = hiddens.pop()
         x = mx.concatenate([x, skip], axis=-1)

@@ -18,6 +18,9 @@ the `cosyvoice2.flow` package docstring):
   where MLX's matmul (OpenBLAS re-packing the weights per call) gave 36-70 in the
   same session. Without the extension (or with `COSYVOICE2_KERNELS=0`) they are
   MLX's matmul.
+- With the extension, `layer_norm` (and Mish) and `gelu` are its operations too, so a
+  transformer block is lazy end to end (a numba kernel needs an evaluation and a
+  buffer hand-off per call, about 60 us each at 60-70 frames, 3 per block).
 - Transcendental element-wise functions (`exp`, `erf`, `tanh`, `sigmoid`,
   `log1p`) cost MLX-CPU 50-130 ns per element, more than a 256-wide matmul per
   element. `softmax`, `gelu`, `silu`, `mish` and `layer_norm` here therefore
@@ -121,6 +124,10 @@ def chunk_mask(size: int, chunk_size: int) -> mx.array:
     return pos[None, :] < ends[:, None]
 
 
+# Below this many elements an element-wise op is cheaper in MLX than a kernel hand-off.
+SMALL = 4096
+
+
 def _kernels():
     """The numba kernels module, or None where numba is missing or disabled (`COSYVOICE2_FLOW_KERNELS=0`)."""
     global _KERNELS
@@ -182,6 +189,9 @@ def softmax(scores: mx.array, chunk: int = 0, q0: int = 0) -> mx.array:
 
 def gelu(x: mx.array, bias: mx.array | None = None) -> mx.array:
     """Exact (erf) GELU of `x + bias`, as diffusers' `GELU` with `approximate="none"`."""
+    ck = panel_kernels() if x.dtype == mx.float32 else None
+    if ck is not None:
+        return ck.gelu(x, bias, parallel=not branches.in_worker())
     k = _kernels() if mx.default_device() == mx.cpu else None
     if k is None:
         if bias is not None:
@@ -214,6 +224,9 @@ def layer_norm(
     x: mx.array, weight: mx.array, bias: mx.array, eps: float, then_mish: bool = False
 ) -> mx.array:
     """LayerNorm over the last axis (torch semantics), optionally followed by Mish, in one pass on CPU."""
+    ck = panel_kernels() if x.dtype == mx.float32 else None
+    if ck is not None:
+        return ck.layer_norm(x, weight, bias, eps, mish=then_mish, parallel=not branches.in_worker())
     k = _kernels() if mx.default_device() == mx.cpu else None
     if k is None:
         y = mx.fast.layer_norm(x, weight, bias, eps)
@@ -236,8 +249,12 @@ def layer_norm(
 
 
 def mish(x: mx.array) -> mx.array:
-    """`x * tanh(softplus(x))` (torch `nn.Mish`)."""
-    k = _kernels() if mx.default_device() == mx.cpu else None
+    """`x * tanh(softplus(x))` (torch `nn.Mish`).
+
+    Small inputs (the time embedding, 1 x 1024 per resnet block) take MLX's ops: a
+    kernel would force an evaluation there, stalling the rest of the lazily built step.
+    """
+    k = _kernels() if mx.default_device() == mx.cpu and x.size >= SMALL else None
     if k is None:
         return x * mx.tanh(mx.where(x > 20.0, x, mx.logaddexp(x, 0.0)))
     c = x.shape[-1]

@@ -8,6 +8,7 @@
 #include "attention_blocks.h"
 #include "decode_ops.h"
 #include "linear.h"
+#include "row_ops.h"
 #include "mlx/version.h"
 
 namespace nb = nanobind;
@@ -42,6 +43,12 @@ NB_MODULE(_ext, m) {
         "(scaled queries | keys | values), blocks [(1, n_i, 2 H D)] (keys | values of the\n"
         "q0 = sum n_i earlier positions). Position q0 + r sees keys j < (floor((q0 + r) /\n"
         "chunk) + 1) * chunk (chunk 0: all). Returns (1, M, H D) float32, heads in order.");
+  m.def("layer_norm", &cv2k::layer_norm, "x"_a, "w"_a, "b"_a, "eps"_a, nb::kw_only(),
+        "mish"_a = false, "parallel"_a = true, "stream"_a = nb::none(),
+        "LayerNorm over the last axis (torch: biased variance) times w plus b, then Mish if\n"
+        "mish: x (..., C), w and b (C,). float32.");
+  m.def("gelu", &cv2k::gelu, "x"_a, "bias"_a = nb::none(), nb::kw_only(), "parallel"_a = true,
+        "stream"_a = nb::none(), "The exact (erf) GELU of x + bias: x (..., C), bias (C,) or None.");
   m.def("rms_norm", &cv2k::rms_norm, "x"_a, "w"_a, "eps"_a, "residual"_a = nb::none(),
         nb::kw_only(), "stream"_a = nb::none(),
         "x * rsqrt(mean(x**2, -1) + eps) * w in float32, as a list [y]; with residual r,\n"

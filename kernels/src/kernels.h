@@ -82,6 +82,12 @@ struct KernelTable {
   // In place, for each of `rows` rows of s (stride ld): softmax over its first
   // visible[r] entries (>= 1), zeros in the entries after them up to `cols`.
   void (*softmax_rows)(float* s, int64_t rows, int64_t ld, const int64_t* visible, int64_t cols);
+  // Rows [r0, r1) of C channels: y = LayerNorm(x) * w + b over the channels (biased
+  // variance, as torch), then Mish if `mish`.
+  void (*layer_norm_rows)(const float* x, const float* w, const float* b, float eps, bool mish,
+                          float* y, int64_t C, int64_t r0, int64_t r1);
+  // Rows [r0, r1): y = GELU(x + bias) with the exact (erf) GELU; bias (C,) or null.
+  void (*gelu_rows)(const float* x, const float* bias, float* y, int64_t C, int64_t r0, int64_t r1);
 };
 
 const KernelTable* portable_table();

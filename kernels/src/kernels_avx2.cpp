@@ -42,6 +42,13 @@ struct V {
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
   }
+  static F min(F a, F b) { return _mm256_min_ps(a, b); }
+  static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static F abs(F a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  // |a| with the sign of s
+  static F copysign(F a, F s) {
+    return _mm256_or_ps(_mm256_and_ps(_mm256_set1_ps(-0.0f), s), abs(a));
+  }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static float hsum(F v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -73,7 +80,8 @@ struct V {
 
 #include "kernels_simd.inc"
 
-const KernelTable kTable = {"avx2", 2 * V::L, bf16_cols, f32_cols, q8_cols, q4_cols, panel_cols, softmax_rows};
+const KernelTable kTable = {"avx2", 2 * V::L, bf16_cols, f32_cols, q8_cols, q4_cols, panel_cols,
+                            softmax_rows, layer_norm_rows, gelu_rows};
 
 }  // namespace
 

@@ -40,6 +40,15 @@ struct V {
     __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
     return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
   }
+  static F min(F a, F b) { return _mm512_min_ps(a, b); }
+  static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static F abs(F a) { return _mm512_abs_ps(a); }
+  // |a| with the sign of s
+  static F copysign(F a, F s) {
+    const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(sign, _mm512_castps_si512(s)),
+                                               _mm512_castps_si512(abs(a))));
+  }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static float hsum(F v) { return _mm512_reduce_add_ps(v); }
   static void bf16x2(const uint16_t* p, F& even, F& odd) {
@@ -64,7 +73,8 @@ struct V {
 
 #include "kernels_simd.inc"
 
-const KernelTable kTable = {"avx512", 2 * V::L, bf16_cols, f32_cols, q8_cols, q4_cols, panel_cols, softmax_rows};
+const KernelTable kTable = {"avx512", 2 * V::L, bf16_cols, f32_cols, q8_cols, q4_cols, panel_cols,
+                            softmax_rows, layer_norm_rows, gelu_rows};
 
 }  // namespace
 

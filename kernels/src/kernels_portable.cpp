@@ -152,7 +152,34 @@ void softmax_rows(float* s, int64_t rows, int64_t ld, const int64_t* visible, in
   }
 }
 
-const KernelTable kTable = {"portable", 0, bf16_cols, f32_cols, q_cols, q_cols, panel_cols, softmax_rows};
+void layer_norm_rows(const float* x, const float* w, const float* b, float eps, bool mish,
+                     float* y, int64_t C, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * C;
+    float* yr = y + r * C;
+    float mean = 0.0f, var = 0.0f;
+    for (int64_t c = 0; c < C; ++c) mean += xr[c];
+    mean /= static_cast<float>(C);
+    for (int64_t c = 0; c < C; ++c) var += (xr[c] - mean) * (xr[c] - mean);
+    const float inv = 1.0f / std::sqrt(var / static_cast<float>(C) + eps);
+    for (int64_t c = 0; c < C; ++c) {
+      float v = (xr[c] - mean) * inv * w[c] + b[c];
+      yr[c] = mish ? (v >= 20.0f ? v : v * std::tanh(std::log1p(std::exp(v)))) : v;
+    }
+  }
+}
+
+void gelu_rows(const float* x, const float* bias, float* y, int64_t C, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t c = 0; c < C; ++c) {
+      float v = x[r * C + c] + (bias ? bias[c] : 0.0f);
+      y[r * C + c] = 0.5f * v * (1.0f + std::erf(v * 0.7071067811865476f));
+    }
+  }
+}
+
+const KernelTable kTable = {"portable", 0,         bf16_cols,    f32_cols,        q_cols,
+                            q_cols,     panel_cols, softmax_rows, layer_norm_rows, gelu_rows};
 
 }  // namespace
 

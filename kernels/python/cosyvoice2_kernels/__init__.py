@@ -23,7 +23,9 @@ MLX's CPU path builds `mx.fast.rms_norm`, `mx.fast.rope` and
 - `block_attention(qkv, blocks, heads, chunk, parallel=True)`: the flow estimator's
   chunk-masked attention of new positions over its cached key/value blocks (scores
   and weighted values on the panel GEMM, the softmax in place), one node where MLX
-  needs a matmul per block, a concatenation, the masked softmax and a sum.
+  needs a matmul per block, a concatenation, the masked softmax and a sum;
+- `layer_norm(x, w, b, eps, mish=False)` and `gelu(x, bias=None)`: the estimator's
+  row-wise operations (exponentials and erf vectorised in C++), one node each.
 
 All are lazy MLX operations on the CPU stream in float32, usable inside
 `mx.compile`; they have no gradient and no GPU implementation (callers use MLX's
@@ -54,6 +56,8 @@ __all__ = [
     "BUILD_INFO",
     "attention",
     "available_isas",
+    "gelu",
+    "layer_norm",
     "block_attention",
     "isa",
     "linear_dense",
@@ -90,6 +94,8 @@ rms_norm = _ext.rms_norm
 rope_split = _ext.rope_split
 attention = _ext.attention
 block_attention = _ext.block_attention
+layer_norm = _ext.layer_norm
+gelu = _ext.gelu
 swiglu = _ext.swiglu
 isa = _ext.isa
 available_isas = _ext.available_isas
