@@ -7,6 +7,7 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_map
 
 from cosyvoice2.flow.decoder import ConvTranspose1d
 from cosyvoice2.flow.encoder import RelPositionMultiHeadedAttention, rel_position_table
@@ -233,13 +234,14 @@ def test_dense_matches_the_layer(fast_route, monkeypatch, layer: str, bias: bool
     assert mx.abs(ops.dense(m, x) - m(x)).max().item() < 1e-5 * mx.abs(m(x)).max().item()
 
 
-@pytest.mark.parametrize(("blocks", "n", "chunk"), [((), 37, 0), ((), 60, 25), ((50, 50), 70, 50), ((25,), 13, 25)])
+@pytest.mark.parametrize(
+    ("blocks", "n", "chunk"), [((), 37, 0), ((), 60, 25), ((50, 50), 70, 50), ((25,), 13, 25)]
+)
 def test_attention_over_blocks_matches_mlx(fast_route, monkeypatch, blocks, n, chunk) -> None:
     """`Attention.attend` of new positions over cached key/value blocks, on the fast route
     against MLX's, and against plain full-sequence attention's rows for those positions."""
     from cosyvoice2.flow.decoder import Attention
 
-    ops = fast_route
     mx.random.seed(5)
     attn = Attention(64, 4, 16)
     total = sum(blocks) + n
@@ -255,6 +257,35 @@ def test_attention_over_blocks_matches_mlx(fast_route, monkeypatch, blocks, n, c
     assert got.shape == (1, n, inner)
     assert mx.abs(got - ref).max().item() < 1e-5
     assert mx.abs(ref - full).max().item() < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("blocks", "n", "chunk", "keep"), [((), 37, 0, 0), ((50, 50), 70, 50, 50), ((25,), 13, 25, 13)]
+)
+def test_transformer_block_over_blocks_matches_mlx(
+    fast_route, monkeypatch, blocks, n, chunk, keep
+) -> None:
+    """`BasicTransformerBlock.over_blocks` (one `transformer_block` node with the extension,
+    composed ops with numba) against MLX's ops, output and committed keys/values; and
+    the plain call (no cache) equal to it."""
+    from cosyvoice2.flow.decoder import BasicTransformerBlock
+
+    mx.random.seed(6)
+    blk = BasicTransformerBlock(64, 4, 16)
+    blk.update(tree_map(lambda p: p + 0.1 * mx.random.normal(p.shape), blk.parameters()))
+    x = mx.random.normal((1, n, 64))
+    kv = [mx.random.normal((1, b, 128)) for b in blocks]
+    y, kept = blk.over_blocks(x, kv, chunk, keep)
+    ref_y, ref_kept = _mlx_route(monkeypatch, blk.over_blocks, x, kv, chunk, keep)
+    assert y.shape == x.shape
+    assert mx.abs(y - ref_y).max().item() < 1e-5 * mx.abs(ref_y).max().item()
+    if keep:
+        assert kept.shape == (1, keep, 128)
+        assert mx.abs(kept - ref_kept).max().item() < 1e-5 * mx.abs(ref_kept).max().item()
+    else:
+        assert kept is None and ref_kept is None
+    if not blocks:
+        assert mx.abs(blk(x, None, chunk) - y).max().item() < 1e-6 * mx.abs(y).max().item()
 
 
 def test_flow_rejects_out_of_range_tokens() -> None:

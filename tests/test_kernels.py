@@ -206,7 +206,9 @@ def test_block_attention_matches_reference(isa, m, lengths, heads, d, chunk, par
     hd = heads * d
     qkv = (rng.standard_normal((1, m, 3 * hd)) * 2).astype(np.float32)
     blocks = [(rng.standard_normal((1, n, 2 * hd)) * 2).astype(np.float32) for n in lengths]
-    y = K.block_attention(mx.array(qkv), [mx.array(b) for b in blocks], heads, chunk, parallel=parallel)
+    y = K.block_attention(
+        mx.array(qkv), [mx.array(b) for b in blocks], heads, chunk, parallel=parallel
+    )
     ref = _attention_reference(qkv, blocks, heads, chunk)
     assert y.shape == (1, m, hd) and y.dtype == mx.float32
     err = float(np.abs(np.array(y[0], dtype=np.float64) - ref).max() / np.abs(ref).max())
@@ -257,6 +259,81 @@ def test_gelu_matches_reference(isa, with_bias: bool) -> None:
     y = K.gelu(mx.array(x), mx.array(b) if with_bias else None)
     err = float(np.abs(np.array(y, dtype=np.float64) - ref).max())
     assert err <= TOL * np.abs(ref).max(), f"{isa}: max error {err:.2e}"
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("m", "lengths", "chunk", "keep"), [(30, (16, 16), 16, 30), (9, (), 0, 0), (20, (7,), 8, 5)]
+)
+@pytest.mark.parametrize("parallel", [False, True])
+def test_transformer_block_matches_reference(isa, m, lengths, chunk, keep, parallel) -> None:
+    from math import erf
+
+    rng = np.random.default_rng(m + keep)
+    c, heads, d, ff = 40, 4, 8, 72
+    inner = heads * d
+
+    def arr(*shape, scale=0.3):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    x, ln1_w, ln1_b, w_qkv = arr(1, m, c, scale=1.0), 1 + arr(c), arr(c), arr(3 * inner, c)
+    w_o, b_o, ln3_w, ln3_b = arr(c, inner), arr(c), 1 + arr(c), arr(c)
+    w1, b1, w2, b2 = arr(ff, c), arr(ff), arr(c, ff), arr(c)
+    blocks = [arr(1, n, 2 * inner, scale=1.0) for n in lengths]
+
+    def ln(v, w, b):
+        v = v.astype(np.float64)
+        mu = v.mean(-1, keepdims=True)
+        return (v - mu) / np.sqrt(((v - mu) ** 2).mean(-1, keepdims=True) + 1e-5) * w + b
+
+    qkv = ln(x[0], ln1_w, ln1_b) @ w_qkv.T.astype(np.float64)
+    att = _attention_reference(qkv[None], blocks, heads, chunk)
+    x1 = x[0] + att @ w_o.T + b_o
+    f = ln(x1, ln3_w, ln3_b) @ w1.T + b1
+    ref = x1 + (0.5 * f * (1 + np.vectorize(erf)(f / np.sqrt(2)))) @ w2.T + b2
+
+    P = K.pack_panels
+    params = [ln1_w, ln1_b, P(mx.array(w_qkv)), P(mx.array(w_o)), b_o, ln3_w, ln3_b]
+    params += [P(mx.array(w1)), b1, P(mx.array(w2)), b2]
+    params = [mx.array(p) for p in params]
+    outs = K.transformer_block(
+        mx.array(x),
+        params,
+        [mx.array(b) for b in blocks],
+        heads,
+        inner,
+        ff,
+        chunk,
+        1e-5,
+        1e-5,
+        keep,
+        parallel=parallel,
+    )
+    assert len(outs) == (2 if keep else 1)
+    err = float(np.abs(np.array(outs[0][0], dtype=np.float64) - ref).max() / np.abs(ref).max())
+    assert err <= TOL, f"{isa}: relative error {err:.2e}"
+    if keep:  # the committed keys and values: the first `keep` rows of the projection's k | v
+        kv = np.array(outs[1][0], dtype=np.float64)
+        assert np.abs(kv - qkv[:keep, inner:]).max() <= TOL * np.abs(qkv).max()
+
+
+@needs_kernels
+def test_transformer_block_refuses_bad_arguments() -> None:
+    c, inner, ff = 16, 16, 32
+    P = K.pack_panels
+    params = [mx.ones((c,)), mx.zeros((c,)), P(mx.zeros((3 * inner, c))), P(mx.zeros((c, inner)))]
+    params += [mx.zeros((c,)), mx.ones((c,)), mx.zeros((c,)), P(mx.zeros((ff, c))), mx.zeros((ff,))]
+    params += [P(mx.zeros((c, ff))), mx.zeros((c,))]
+    x = mx.zeros((1, 5, c))
+    K.transformer_block(x, params, [], 2, inner, ff, 0, 1e-5, 1e-5)  # well formed
+    with pytest.raises(ValueError, match="keep"):
+        K.transformer_block(x, params, [], 2, inner, ff, 0, 1e-5, 1e-5, 6)
+    with pytest.raises(ValueError, match="ff1"):
+        K.transformer_block(x, params, [], 2, inner, ff + 16, 0, 1e-5, 1e-5)
+    with pytest.raises(ValueError, match="11 arrays"):
+        K.transformer_block(x, params[:-1], [], 2, inner, ff, 0, 1e-5, 1e-5)
+    with pytest.raises(ValueError, match="block"):
+        K.transformer_block(x, params, [mx.zeros((1, 3, inner))], 2, inner, ff, 0, 1e-5, 1e-5)
 
 
 Q_SHAPES = [  # (rows, K, N, group size): K must be a multiple of the group size

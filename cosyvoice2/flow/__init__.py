@@ -10,7 +10,8 @@ Modules (each ports the official file of the same name, names kept so the
 - `decoder.py`: the U-Net estimator (`CausalConditionalDecoder`, `ConditionalDecoder`);
 - `noise.py`: the official fixed starting noise, computed without torch;
 - `ops.py`: convolution, mask and activation helpers (CPU kernels or MLX ops);
-- `cpu_kernels.py`: numba kernels for softmax, GELU, SiLU, Mish, LayerNorm.
+- `cpu_kernels.py`: numba kernels for softmax, GELU, SiLU, Mish, LayerNorm (the
+  optional `cosyvoice2_kernels` extension supersedes them in the estimator when built).
 
 Layout is channels-last throughout (`(B, T, C)`); `inference` returns `(1, T, 80)`.
 
@@ -57,18 +58,18 @@ comparisons are meaningful):
   (`cosyvoice2.branches`): 1.87-1.92 s per call instead of 2.3-2.9 (quiet); the
   whole flow, 10 steps, 3.57 s per second of audio against the official 3.4-4.0
   on the same machine (`bench/README.md`, 2026-11-27).
-- Few frames (the streaming cache's calls: 50-70 new frames on a cached prompt):
-  one CFG branch, one thread, 70 new frames on 100 cached, about 0.28-0.37 s
-  per step (quiet, but +-15% between repeats), of which the GEMMs (54-68
-  GFLOP/s single-threaded at M = 70, as fast as at M = 400) take about 0.19 s.
-  Two fixes of 2026-11-27 took it down from 0.35-0.45 s: q/k/v are sliced from
-  one heads-major view (`qkv[i]` on the transposed projection was an MLX gather,
-  0.4 ms per block), and the cache's masked softmax uses the vectorised kernel
-  (it had a scalar-`exp` copy: 0.58 ms against 0.14 ms per call). The rest is
-  spread thin: kernel hand-offs (an `eval` and an output buffer each, about
-  0.03 ms), layout copies of scores and probabilities across key blocks,
-  OpenBLAS packing every weight matrix per call (12% of the samples; 2-thread
-  batching of the branches to M = 140 measured slower, 407 against 294 ms).
+- Few frames (the streaming cache's calls: 50-70 new frames on a cached prompt).
+  With the optional extension (`kernels/`), each transformer block is one
+  `transformer_block` node (panel GEMM over weights packed once, block attention over
+  the cached keys/values, LayerNorm and GELU in C++, residuals in place) and the
+  remaining projections and row ops are extension nodes too, so a step is built
+  lazily without a numba hand-off. One CFG branch, one thread, 70 new frames on 100
+  cached: 0.19-0.24 s per Euler step; both branches on two threads 0.22-0.30 s (the
+  same process without the extension: 0.39-0.52; quiet machine, 2026-11-27,
+  interleaved). Per block about 3 ms, of which the GEMMs (65-77 GFLOP/s on one core)
+  take 2 and the attention over 170 keys 0.6. Without the extension: numba kernels
+  and MLX matmuls (OpenBLAS re-packing every weight per call), 0.28-0.37 s per
+  branch step in the previous profile.
 - The issue's target (flow <= 1.2 s per second of audio at 10 steps) means 6 s
   for the 1.42 TFLOP above, i.e. 237 GFLOP/s sustained: above this machine's
   best fp32 GEMM rate (181 GFLOP/s, 1024x1024, 2 threads, quiet), so it is not

@@ -94,18 +94,18 @@ class _Walk:
         y = mx.conv1d(full, weight)
         return y if bias is None else y + bias
 
-    def kv_blocks(self, kv: mx.array) -> list[mx.array]:
-        """The earlier positions' keys and values `(B, n, 2 * inner)` as blocks in order.
-
-        `kv`: this call's keys and values, of which the committed part is kept (copied:
-        a view would pin the whole projection's buffer). Position-major, so that a
-        block is one contiguous array the attention reads head by head.
-        """
+    def kv_blocks(self) -> tuple[list[mx.array], int]:
+        """The earlier positions' keys and values `(B, n, 2 * inner)` as blocks in order, and
+        how many of this call's positions to commit (pass their keys and values to
+        `commit_kv` next). Position-major: a block is one contiguous array the attention
+        reads head by head."""
         old = self._take()
         blocks = list(old) if old else []
-        keep = self.c2 - sum(b.shape[1] for b in blocks)
-        self.new.append(blocks + ([mx.contiguous(kv[:, :keep])] if keep > 0 else []))
-        return blocks
+        return blocks, self.c2 - sum(b.shape[1] for b in blocks)
+
+    def commit_kv(self, blocks: list[mx.array], kv: mx.array | None) -> None:
+        """The new state: `blocks` (from `kv_blocks`) plus the committed positions' `kv`."""
+        self.new.append(blocks + ([kv] if kv is not None else []))
 
     def keys_values(
         self, k: mx.array, v: mx.array, scale: int = 1
@@ -219,12 +219,10 @@ def _resnet(w: _Walk, r: Any, x: mx.array, temb: mx.array) -> mx.array:
 
 
 def _transformer(w: _Walk, blk: Any, x: mx.array, chunk: int) -> mx.array:
-    n1, n3 = blk.norm1, blk.norm3
-    attn = blk.attn1
-    qkv = attn.qkv(layer_norm(x, n1.weight, n1.bias, n1.eps))
-    out = attn.attend(qkv, w.kv_blocks(qkv[..., attn.heads * attn.dim_head :]), chunk)
-    x = x + dense(attn.to_out[0], out)
-    return x + blk.ff(layer_norm(x, n3.weight, n3.bias, n3.eps))
+    blocks, keep = w.kv_blocks()
+    y, kv = blk.over_blocks(x, blocks, chunk, keep)
+    w.commit_kv(blocks, kv)
+    return y
 
 
 def estimator_step(

@@ -40,6 +40,7 @@ from cosyvoice2.flow.ops import (
     gelu,
     layer_norm,
     mish,
+    packed,
     panel_kernels,
     panel_linear,
     softmax,
@@ -252,19 +253,25 @@ class Attention(nn.Module):
         layers = (self.to_q, self.to_k, self.to_v)
         if not all(type(m) is nn.Linear for m in layers):
             return mx.concatenate([self.to_q(x) * d**-0.5, self.to_k(x), self.to_v(x)], axis=-1)
-        ws = tuple(m.weight for m in layers)
-        k = panel_kernels() if ws[0].dtype == mx.float32 else None
+        k = panel_kernels() if self.to_q.weight.dtype == mx.float32 else None
+        fused = self.fused_weight(k)
+        return panel_linear(k, x, fused, 3 * h * d) if k is not None else x @ fused
+
+    def fused_weight(self, kernels) -> mx.array:
+        """The q/k/v weights stacked (q scaled): `kernels.pack_panels` of it, or (kernels None)
+        its transpose for MLX's matmul. Cached until the weights change."""
+        ws = (self.to_q.weight, self.to_k.weight, self.to_v.weight)
         cached = self._fused
         if (
             cached is None
-            or cached[0] != (k is not None)
+            or cached[0] != (kernels is not None)
             or any(a is not c for a, c in zip(ws, cached[1]))
         ):
-            stacked = mx.concatenate([ws[0] * d**-0.5, ws[1], ws[2]], axis=0)
-            fused = k.pack_panels(stacked) if k is not None else stacked.T
+            stacked = mx.concatenate([ws[0] * self.dim_head**-0.5, ws[1], ws[2]], axis=0)
+            fused = kernels.pack_panels(stacked) if kernels is not None else stacked.T
             mx.eval(fused)  # shared by threads (`cosyvoice2.branches`): never lazy
-            cached = self._fused = (k is not None, ws, fused)
-        return panel_linear(k, x, cached[2], 3 * h * d) if k is not None else x @ cached[2]
+            cached = self._fused = (kernels is not None, ws, fused)
+        return cached[2]
 
     def attend(self, qkv: mx.array, blocks: list[mx.array], chunk: int) -> mx.array:
         """Attention of the positions in `qkv` (`self.qkv`'s output) over the earlier positions'
@@ -362,9 +369,61 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, activation_fn=activation_fn)
 
     def __call__(self, x: mx.array, attention_mask: mx.array | None, chunk: int = 0) -> mx.array:
+        if attention_mask is None:
+            fused = self._kernel(x, [], chunk, 0)
+            if fused is not None:
+                return fused[0]
         n1, n3 = self.norm1, self.norm3
         x = x + self.attn1(layer_norm(x, n1.weight, n1.bias, n1.eps), attention_mask, chunk)
         return x + self.ff(layer_norm(x, n3.weight, n3.bias, n3.eps))
+
+    def over_blocks(
+        self, x: mx.array, blocks: list[mx.array], chunk: int, keep: int
+    ) -> tuple[mx.array, mx.array | None]:
+        """The block for new positions `x` over earlier positions' key/value `blocks`
+        (`Attention.attend`), and the keys and values `(B, keep, 2 * inner)` of the first
+        `keep` new positions (None if 0), which a streaming cache keeps."""
+        fused = self._kernel(x, blocks, chunk, keep)
+        if fused is not None:
+            return fused[0], fused[1] if keep > 0 else None
+        n1, n3, attn = self.norm1, self.norm3, self.attn1
+        inner = attn.heads * attn.dim_head
+        qkv = attn.qkv(layer_norm(x, n1.weight, n1.bias, n1.eps))
+        x = x + dense(attn.to_out[0], attn.attend(qkv, blocks, chunk))
+        y = x + self.ff(layer_norm(x, n3.weight, n3.bias, n3.eps))
+        # copied: a view would pin the whole projection's buffer in the cache
+        return y, mx.contiguous(qkv[:, :keep, inner:]) if keep > 0 else None
+
+    def _kernel(
+        self, x: mx.array, blocks: list[mx.array], chunk: int, keep: int
+    ) -> list[mx.array] | None:
+        """The whole block as one `transformer_block` node, where the extension serves it
+        (CPU, batch 1, float32 `nn.Linear` weights); else None."""
+        k = panel_kernels() if x.dtype == mx.float32 and x.shape[0] == 1 else None
+        attn, gelu_proj, down = self.attn1, self.ff.net[0].proj, self.ff.net[2]
+        layers = (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0], gelu_proj, down)
+        if k is None or not all(
+            type(m) is nn.Linear and m.weight.dtype == mx.float32 for m in layers
+        ):
+            return None
+        n1, n3, out = self.norm1, self.norm3, attn.to_out[0]
+        params = [n1.weight, n1.bias, attn.fused_weight(k), packed(k, out), out.bias]
+        params += [n3.weight, n3.bias, packed(k, gelu_proj), gelu_proj.bias, packed(k, down)]
+        params.append(down.bias)
+        inner, ff = attn.heads * attn.dim_head, gelu_proj.weight.shape[0]
+        return k.transformer_block(
+            x,
+            params,
+            blocks,
+            attn.heads,
+            inner,
+            ff,
+            chunk,
+            n1.eps,
+            n3.eps,
+            keep,
+            parallel=not branches.in_worker(),
+        )
 
 
 def _padding_mask(mask: mx.array | None) -> mx.array | None:

@@ -98,19 +98,25 @@ def dense(layer: nn.Module, x: mx.array, bias: bool = True) -> mx.array:
     on first use and kept on the layer (again when the weight changes); otherwise MLX.
     """
     w = layer.weight
-    b = layer.get("bias") if bias else None
     k = panel_kernels() if w.dtype == mx.float32 and _is_pointwise(layer) else None
     if k is None:
         if bias:
             return layer(x)
         return x @ w.reshape(w.shape[0], -1).T
+    return panel_linear(k, x, packed(k, layer), w.shape[0], layer.get("bias") if bias else None)
+
+
+def packed(kernels, layer: nn.Module) -> mx.array:
+    """`kernels.pack_panels` of a pointwise layer's weight, packed on first use and kept on
+    the layer (again when the weight changes)."""
+    w = layer.weight
     cache = getattr(layer, "_panel_cache", None)
     if cache is None or cache.source is not w:
-        panels = k.pack_panels(w.reshape(w.shape[0], -1))
+        panels = kernels.pack_panels(w.reshape(w.shape[0], -1))
         mx.eval(panels)  # shared by threads (`cosyvoice2.branches`): never lazy
         cache = _Packed(w, panels)
         layer._panel_cache = cache
-    return panel_linear(k, x, cache.panels, w.shape[0], b)
+    return cache.panels
 
 
 def chunk_mask(size: int, chunk_size: int) -> mx.array:
@@ -226,7 +232,9 @@ def layer_norm(
     """LayerNorm over the last axis (torch semantics), optionally followed by Mish, in one pass on CPU."""
     ck = panel_kernels() if x.dtype == mx.float32 else None
     if ck is not None:
-        return ck.layer_norm(x, weight, bias, eps, mish=then_mish, parallel=not branches.in_worker())
+        return ck.layer_norm(
+            x, weight, bias, eps, mish=then_mish, parallel=not branches.in_worker()
+        )
     k = _kernels() if mx.default_device() == mx.cpu else None
     if k is None:
         y = mx.fast.layer_norm(x, weight, bias, eps)

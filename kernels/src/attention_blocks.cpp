@@ -7,6 +7,7 @@
 #include <string>
 
 #include "common.h"
+#include "internal.h"
 #include "kernels.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -16,16 +17,8 @@ namespace cv2k {
 
 namespace {
 
-struct Problem {
-  const float* qkv;                  // M x 3HD
-  std::vector<const float*> blocks;  // n_i x 2HD each
-  std::vector<int64_t> lengths;      // n_i
-  float* out;                        // M x HD
-  int64_t M, H, D, q0, chunk;
-};
-
 // Row j of keys (values: + H * D) among all positions.
-const float* key_row(const Problem& p, int64_t j) {
+const float* key_row(const AttentionProblem& p, int64_t j) {
   const int64_t hd = p.H * p.D;
   if (j >= p.q0) return p.qkv + (j - p.q0) * 3 * hd + hd;
   for (size_t b = 0; b < p.blocks.size(); ++b) {
@@ -35,7 +28,7 @@ const float* key_row(const Problem& p, int64_t j) {
   return nullptr;  // unreachable: j < q0 = sum of lengths
 }
 
-void one_head(const Problem& p, int64_t h) {
+void one_head(const AttentionProblem& p, int64_t h) {
   constexpr int64_t W = kPanelWidth;
   const KernelTable* t = active_table();
   const int64_t hd = p.H * p.D, T = p.q0 + p.M, D = p.D;
@@ -66,6 +59,18 @@ void one_head(const Problem& p, int64_t h) {
 }
 
 }  // namespace
+
+void run_attention(const AttentionProblem& p, bool parallel) {
+  if (p.D == 0 || p.M == 0) return;
+  Pool& pool = Pool::get();
+  if (!parallel || pool.threads() == 1) {
+    for (int64_t h = 0; h < p.H; ++h) one_head(p, h);
+    return;
+  }
+  pool.run(p.H, [](const void* ctx, int64_t h) {
+    one_head(*static_cast<const AttentionProblem*>(ctx), h);
+  }, &p);
+}
 
 mx::array block_attention(const mx::array& qkv, const std::vector<mx::array>& blocks, int heads,
                           int chunk, bool parallel, mx::StreamOrDevice s) {
@@ -102,7 +107,7 @@ void BlockAttentionPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx:
                     chunk = chunk_, parallel = parallel_] {
     std::vector<Dense> dense(views.size());
     for (size_t i = 0; i < views.size(); ++i) densify(views[i], dense[i]);
-    Problem p;
+    AttentionProblem p;
     p.qkv = static_cast<const float*>(dense[0].ptr);
     p.M = views[0].shape[1];
     p.H = heads;
@@ -115,14 +120,7 @@ void BlockAttentionPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx:
     }
     p.out = y;
     p.chunk = chunk;
-    if (p.D == 0) return;
-    Pool& pool = Pool::get();
-    if (!parallel || pool.threads() == 1) {
-      for (int64_t h = 0; h < p.H; ++h) one_head(p, h);
-      return;
-    }
-    pool.run(p.H, [](const void* ctx, int64_t h) { one_head(*static_cast<const Problem*>(ctx), h); },
-             &p);
+    run_attention(p, parallel);
   });
 }
 

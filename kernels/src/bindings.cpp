@@ -9,6 +9,7 @@
 #include "decode_ops.h"
 #include "linear.h"
 #include "row_ops.h"
+#include "transformer_block.h"
 #include "mlx/version.h"
 
 namespace nb = nanobind;
@@ -49,6 +50,15 @@ NB_MODULE(_ext, m) {
         "mish: x (..., C), w and b (C,). float32.");
   m.def("gelu", &cv2k::gelu, "x"_a, "bias"_a = nb::none(), nb::kw_only(), "parallel"_a = true,
         "stream"_a = nb::none(), "The exact (erf) GELU of x + bias: x (..., C), bias (C,) or None.");
+  m.def("transformer_block", &cv2k::transformer_block, "x"_a, "params"_a, "blocks"_a, "heads"_a,
+        "inner"_a, "ff"_a, "chunk"_a, "eps1"_a, "eps3"_a, "keep"_a = 0, nb::kw_only(),
+        "parallel"_a = true, "stream"_a = nb::none(),
+        "The flow estimator's transformer block for x (1, M, C) over cached key/value blocks:\n"
+        "LayerNorm, fused q/k/v (queries pre-scaled), block_attention, output projection and\n"
+        "residual, LayerNorm, GELU feed-forward and residual. params: [ln1_w, ln1_b, qkv panels,\n"
+        "out panels, out bias, ln3_w, ln3_b, ff1 panels, ff1 bias, ff2 panels, ff2 bias].\n"
+        "Returns [y] or, keep > 0, [y, kv (1, keep, 2 inner)]: the first keep positions' keys\n"
+        "and values.");
   m.def("rms_norm", &cv2k::rms_norm, "x"_a, "w"_a, "eps"_a, "residual"_a = nb::none(),
         nb::kw_only(), "stream"_a = nb::none(),
         "x * rsqrt(mean(x**2, -1) + eps) * w in float32, as a list [y]; with residual r,\n"

@@ -64,6 +64,7 @@ struct PanelArgs {
   float* y;            // M x N fp32, row m at y + m * ldy
   int64_t ldy;
   int64_t M, K, N;
+  bool accumulate = false;  // y += x W^T (+ bias) instead of y = ...
 };
 
 // One instruction-set variant.

@@ -130,7 +130,8 @@ void panel_cols(const PanelArgs& p, int64_t p0, int64_t p1) {
         for (int c = 0; c < W; ++c) acc[c] += a * w[k * W + c];
       }
       for (int64_t c = 0; c < cols; ++c) {
-        p.y[m * p.ldy + n0 + c] = acc[c] + (p.bias ? p.bias[n0 + c] : 0.0f);
+        float base = p.accumulate ? p.y[m * p.ldy + n0 + c] : 0.0f;
+        p.y[m * p.ldy + n0 + c] = base + acc[c] + (p.bias ? p.bias[n0 + c] : 0.0f);
       }
     }
   }

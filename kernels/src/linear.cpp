@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common.h"
+#include "internal.h"
 #include "kernels.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -151,14 +152,22 @@ void compute_quantized(const float* x, const uint8_t* w, const void* scales, con
   run_columns<QArgs>(a, bits == 4 ? t->q4_cols : t->q8_cols);
 }
 
-void compute_panels(const float* x, const float* wp, const float* bias, float* y, int64_t M,
-                    int64_t K, int64_t N, bool parallel) {
+mx::Shape output_shape(const mx::array& x, int n) {
+  mx::Shape shape = x.shape();
+  shape.back() = n;
+  return shape;
+}
+
+}  // namespace
+
+const KernelTable* active_table() { return current_table().load(); }
+
+void run_panels(const PanelArgs& a, bool parallel) {
   const KernelTable* t = current_table().load();
-  PanelArgs a{x, K, wp, bias, y, N, M, K, N};
-  const int64_t panels = (N + kPanelWidth - 1) / kPanelWidth;
+  const int64_t panels = (a.N + kPanelWidth - 1) / kPanelWidth;
   Pool& pool = Pool::get();
   const int threads = pool.threads();
-  if (!parallel || threads == 1 || M * N * K < (1 << 18) || panels < 2) {
+  if (!parallel || threads == 1 || a.M * a.N * a.K < (1 << 18) || panels < 2) {
     t->panel_cols(a, 0, panels);
     return;
   }
@@ -174,16 +183,6 @@ void compute_panels(const float* x, const float* wp, const float* bias, float* y
     j->cols(*j->a, p0, p0 + j->chunk < j->panels ? p0 + j->chunk : j->panels);
   }, &ctx);
 }
-
-mx::Shape output_shape(const mx::array& x, int n) {
-  mx::Shape shape = x.shape();
-  shape.back() = n;
-  return shape;
-}
-
-}  // namespace
-
-const KernelTable* active_table() { return current_table().load(); }
 
 // --------------------------------------------------------------- operations
 
@@ -384,8 +383,8 @@ void PanelLinearPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::ar
         for (int64_t c = 0; c < N; ++c) y[m * N + c] = b ? b[c] : 0.0f;
       return;
     }
-    compute_panels(static_cast<const float*>(xd.ptr), static_cast<const float*>(wd.ptr),
-                   static_cast<const float*>(bd.ptr), y, M, K, N, parallel);
+    run_panels({static_cast<const float*>(xd.ptr), K, static_cast<const float*>(wd.ptr),
+                static_cast<const float*>(bd.ptr), y, N, M, K, N}, parallel);
   });
 }
 

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "common.h"
+#include "internal.h"
 #include "kernels.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -32,6 +33,21 @@ void run_rows(const RowsJob& j, int64_t r0, int64_t r1) {
   }
 }
 
+void run_rows_job(RowsJob& job, bool parallel) {
+  Pool& pool = Pool::get();
+  const int threads = pool.threads();
+  if (!parallel || threads == 1 || job.rows * job.C < (1 << 15)) {
+    run_rows(job, 0, job.rows);
+    return;
+  }
+  job.chunk = (job.rows + 2 * threads - 1) / (2 * threads);
+  pool.run((job.rows + job.chunk - 1) / job.chunk, [](const void* ctx, int64_t i) {
+    auto* j = static_cast<const RowsJob*>(ctx);
+    int64_t r0 = i * j->chunk;
+    run_rows(*j, r0, r0 + j->chunk < j->rows ? r0 + j->chunk : j->rows);
+  }, &job);
+}
+
 void check_vector(const mx::array& v, int c, const char* what) {
   if (v.ndim() != 1 || v.shape(0) != c) {
     throw std::invalid_argument(std::string(what) + " must have shape (C,), C = x.shape[-1]");
@@ -39,6 +55,18 @@ void check_vector(const mx::array& v, int c, const char* what) {
 }
 
 }  // namespace
+
+void run_layer_norm(const float* x, const float* w, const float* b, float eps, bool mish, float* y,
+                    int64_t C, int64_t rows, bool parallel) {
+  RowsJob job{mish ? RowsPrimitive::Kind::LayerNormMish : RowsPrimitive::Kind::LayerNorm,
+              x, w, b, eps, y, C, rows, rows};
+  run_rows_job(job, parallel);
+}
+
+void run_gelu(const float* x, const float* bias, float* y, int64_t C, int64_t rows, bool parallel) {
+  RowsJob job{RowsPrimitive::Kind::Gelu, x, nullptr, bias, 0.0f, y, C, rows, rows};
+  run_rows_job(job, parallel);
+}
 
 mx::array layer_norm(const mx::array& x, const mx::array& w, const mx::array& b, float eps,
                      bool mish, bool parallel, mx::StreamOrDevice s) {
@@ -89,18 +117,7 @@ void RowsPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& ou
       job.w = f(1);
       job.b = f(2);
     }
-    Pool& pool = Pool::get();
-    const int threads = pool.threads();
-    if (!parallel || threads == 1 || rows * C < (1 << 15)) {
-      run_rows(job, 0, rows);
-      return;
-    }
-    job.chunk = (rows + 2 * threads - 1) / (2 * threads);
-    pool.run((rows + job.chunk - 1) / job.chunk, [](const void* ctx, int64_t i) {
-      auto* j = static_cast<const RowsJob*>(ctx);
-      int64_t r0 = i * j->chunk;
-      run_rows(*j, r0, r0 + j->chunk < j->rows ? r0 + j->chunk : j->rows);
-    }, &job);
+    run_rows_job(job, parallel);
   });
 }
 
