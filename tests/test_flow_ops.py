@@ -125,7 +125,7 @@ def _mlx_route(monkeypatch, fn, *args, **kwargs):
 
     with monkeypatch.context() as m:
         m.setattr(ops, "_KERNELS", False)
-        m.setattr(ops, "panel_kernels", lambda: None)
+        m.setattr(ops, "cpu_extension", lambda: None)
         assert not ops.use_cpu_kernels()
         out = fn(*args, **kwargs)
         mx.eval(out)
@@ -142,8 +142,8 @@ def fast_route(request, monkeypatch):
     if request.param == "numba":
         if not ops.use_cpu_kernels():
             pytest.skip("numba kernels unavailable (no numba, or not the CPU device)")
-        monkeypatch.setattr(ops, "panel_kernels", lambda: None)
-    elif ops.panel_kernels() is None:
+        monkeypatch.setattr(ops, "cpu_extension", lambda: None)
+    elif ops.cpu_extension() is None:
         pytest.skip("cosyvoice2_kernels not built (kernels/build.sh) or COSYVOICE2_KERNELS=0")
     return ops
 

@@ -36,12 +36,12 @@ from cosyvoice2.config import EstimatorConfig
 from cosyvoice2.flow.ops import (
     causal_conv1d,
     chunk_mask,
+    cpu_extension,
     dense,
     gelu,
     layer_norm,
     mish,
     packed,
-    panel_kernels,
     panel_linear,
     softmax,
     use_cpu_kernels,
@@ -246,14 +246,14 @@ class Attention(nn.Module):
         """`(B, T, 3 * heads * dim_head)`: queries (already scaled by `dim_head ** -0.5`), keys, values.
 
         One matmul with the three weights stacked (cached until the weights change, as
-        packed panels where `panel_kernels` serves float32 weights) instead of three:
+        packed panels where `cpu_extension` serves float32 weights) instead of three:
         fewer, larger GEMMs.
         """
         h, d = self.heads, self.dim_head
         layers = (self.to_q, self.to_k, self.to_v)
         if not all(type(m) is nn.Linear for m in layers):
             return mx.concatenate([self.to_q(x) * d**-0.5, self.to_k(x), self.to_v(x)], axis=-1)
-        k = panel_kernels() if self.to_q.weight.dtype == mx.float32 else None
+        k = cpu_extension() if self.to_q.weight.dtype == mx.float32 else None
         fused = self.fused_weight(k)
         return panel_linear(k, x, fused, 3 * h * d) if k is not None else x @ fused
 
@@ -285,7 +285,7 @@ class Attention(nn.Module):
         """
         b, t, _ = qkv.shape
         h, d = self.heads, self.dim_head
-        k = panel_kernels() if b == 1 and qkv.dtype == mx.float32 else None
+        k = cpu_extension() if b == 1 and qkv.dtype == mx.float32 else None
         if k is not None:
             return k.block_attention(qkv, blocks, h, chunk, parallel=not branches.in_worker())
         q, key, value = self._heads(qkv, 3)
@@ -399,7 +399,7 @@ class BasicTransformerBlock(nn.Module):
     ) -> list[mx.array] | None:
         """The whole block as one `transformer_block` node, where the extension serves it
         (CPU, batch 1, float32 `nn.Linear` weights); else None."""
-        k = panel_kernels() if x.dtype == mx.float32 and x.shape[0] == 1 else None
+        k = cpu_extension() if x.dtype == mx.float32 and x.shape[0] == 1 else None
         attn, gelu_proj, down = self.attn1, self.ff.net[0].proj, self.ff.net[2]
         layers = (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0], gelu_proj, down)
         if k is None or not all(

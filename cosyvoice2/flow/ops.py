@@ -55,12 +55,10 @@ def causal_conv1d(x: mx.array, weight: mx.array, bias: mx.array | None = None) -
     return y if bias is None else y + bias
 
 
-def panel_kernels():
-    """`cosyvoice2_kernels` when float32 projections should use its panel GEMM, else None.
-
-    The default device is the CPU and the extension is built and not disabled
-    (`COSYVOICE2_KERNELS=0`).
-    """
+def cpu_extension():
+    """`cosyvoice2_kernels` where the flow should use it (its panel GEMM, row ops,
+    attention and transformer block), else None: the default device is the CPU and
+    the extension is built and not disabled (`COSYVOICE2_KERNELS=0`)."""
     return fastlinear.kernels_module() if mx.default_device() == mx.cpu else None
 
 
@@ -94,11 +92,11 @@ def dense(layer: nn.Module, x: mx.array, bias: bool = True) -> mx.array:
     """`layer(x)` for an `nn.Linear` or a pointwise `nn.Conv1d` (channels-last); `bias=False`:
     without the layer's bias.
 
-    float32 weights on the CPU run the panel GEMM (`panel_kernels`), the weight packed
+    float32 weights on the CPU run the panel GEMM (`cpu_extension`), the weight packed
     on first use and kept on the layer (again when the weight changes); otherwise MLX.
     """
     w = layer.weight
-    k = panel_kernels() if w.dtype == mx.float32 and _is_pointwise(layer) else None
+    k = cpu_extension() if w.dtype == mx.float32 and _is_pointwise(layer) else None
     if k is None:
         if bias:
             return layer(x)
@@ -195,7 +193,7 @@ def softmax(scores: mx.array, chunk: int = 0, q0: int = 0) -> mx.array:
 
 def gelu(x: mx.array, bias: mx.array | None = None) -> mx.array:
     """Exact (erf) GELU of `x + bias`, as diffusers' `GELU` with `approximate="none"`."""
-    ck = panel_kernels() if x.dtype == mx.float32 else None
+    ck = cpu_extension() if x.dtype == mx.float32 else None
     if ck is not None:
         return ck.gelu(x, bias, parallel=not branches.in_worker())
     k = _kernels() if mx.default_device() == mx.cpu else None
@@ -230,7 +228,7 @@ def layer_norm(
     x: mx.array, weight: mx.array, bias: mx.array, eps: float, then_mish: bool = False
 ) -> mx.array:
     """LayerNorm over the last axis (torch semantics), optionally followed by Mish, in one pass on CPU."""
-    ck = panel_kernels() if x.dtype == mx.float32 else None
+    ck = cpu_extension() if x.dtype == mx.float32 else None
     if ck is not None:
         return ck.layer_norm(
             x, weight, bias, eps, mish=then_mish, parallel=not branches.in_worker()
