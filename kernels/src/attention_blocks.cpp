@@ -97,12 +97,8 @@ mx::array block_attention(const mx::array& qkv, const std::vector<mx::array>& bl
 }
 
 void BlockAttentionPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
   auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) encoder.set_input_array(in);
-  encoder.set_output_array(out);
-  std::vector<Strided> views;
-  for (auto& in : inputs) views.push_back(describe(in));
+  std::vector<Strided> views = start_task(encoder, inputs, out);
   encoder.dispatch([views = std::move(views), y = out.data<float>(), heads = heads_,
                     chunk = chunk_, parallel = parallel_] {
     std::vector<Dense> dense(views.size());

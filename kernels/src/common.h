@@ -7,7 +7,9 @@
 #include <stdexcept>
 #include <vector>
 
+#include "mlx/allocator.h"
 #include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
 #include "mlx/utils.h"
 
 namespace cv2k {
@@ -56,6 +58,30 @@ inline void densify(const Strided& s, Dense& d) {
     }
   }
   d.ptr = d.own.data();
+}
+
+// The start of a primitive's eval_cpu: allocates the outputs, registers inputs and
+// outputs with the stream's command encoder (which keeps their buffers alive until the
+// dispatched task ran) and returns what the task needs of the inputs.
+inline std::vector<Strided> start_task(mx::cpu::CommandEncoder& enc,
+                                       const std::vector<mx::array>& inputs,
+                                       std::vector<mx::array>& outputs) {
+  for (auto& out : outputs) {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    enc.set_output_array(out);
+  }
+  std::vector<Strided> views;
+  for (auto& in : inputs) {
+    enc.set_input_array(in);
+    views.push_back(describe(in));
+  }
+  return views;
+}
+
+inline std::vector<Strided> start_task(mx::cpu::CommandEncoder& enc,
+                                       const std::vector<mx::array>& inputs, mx::array& out) {
+  std::vector<mx::array> outputs = {out};  // arrays share their data: `out` is set too
+  return start_task(enc, inputs, outputs);
 }
 
 inline mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op) {

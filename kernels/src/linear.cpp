@@ -292,10 +292,8 @@ mx::array linear_panels(const mx::array& x, const mx::array& wp, int n,
 // ---------------------------------------------------------------- primitive
 
 void LinearPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
   auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) encoder.set_input_array(in);
-  encoder.set_output_array(out);
+  std::vector<Strided> views = start_task(encoder, inputs, out);
 
   const mx::array& x = inputs[0];
   const int64_t K = x.shape(-1);
@@ -307,9 +305,6 @@ void LinearPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
     encoder.dispatch([y, n = out.size()] { std::memset(y, 0, n * sizeof(float)); });
     return;
   }
-  std::vector<Strided> views;
-  for (auto& in : inputs) views.push_back(describe(in));
-
   if (kind_ == Kind::Bf16 || kind_ == Kind::F32) {
     encoder.dispatch([views = std::move(views), y, M, K, N, has_bias = has_bias_,
                       f32 = kind_ == Kind::F32] {
@@ -358,10 +353,8 @@ std::vector<mx::Shape> LinearPrimitive::output_shapes(const std::vector<mx::arra
 }
 
 void PanelLinearPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
   auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) encoder.set_input_array(in);
-  encoder.set_output_array(out);
+  std::vector<Strided> views = start_task(encoder, inputs, out);
 
   const mx::array& x = inputs[0];
   const int64_t K = x.shape(-1);
@@ -369,8 +362,6 @@ void PanelLinearPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::ar
   const int64_t M = K > 0 ? static_cast<int64_t>(x.size()) / K : 0;
   float* y = out.data<float>();
   if (M == 0) return;
-  std::vector<Strided> views;
-  for (auto& in : inputs) views.push_back(describe(in));
   encoder.dispatch([views = std::move(views), y, M, K, N, has_bias = has_bias_,
                     parallel = parallel_] {
     Dense xd, wd, bd;

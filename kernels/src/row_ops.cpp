@@ -96,15 +96,11 @@ mx::array gelu(const mx::array& x, const std::optional<mx::array>& bias, bool pa
 }
 
 void RowsPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
   auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& in : inputs) encoder.set_input_array(in);
-  encoder.set_output_array(out);
+  std::vector<Strided> views = start_task(encoder, inputs, out);
   const int64_t C = out.ndim() > 0 ? out.shape(-1) : 1;
   const int64_t rows = C > 0 ? static_cast<int64_t>(out.size()) / C : 0;
   if (rows == 0) return;
-  std::vector<Strided> views;
-  for (auto& in : inputs) views.push_back(describe(in));
   encoder.dispatch([views = std::move(views), y = out.data<float>(), C, rows, kind = kind_,
                     eps = eps_, has_bias = has_bias_, parallel = parallel_] {
     std::vector<Dense> d(views.size());

@@ -79,13 +79,7 @@ std::vector<mx::array> transformer_block(const mx::array& x, const std::vector<m
 void TransformerBlockPrimitive::eval_cpu(const std::vector<mx::array>& inputs,
                                          std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (auto& out : outputs) {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    encoder.set_output_array(out);
-  }
-  for (auto& in : inputs) encoder.set_input_array(in);
-  std::vector<Strided> views;
-  for (auto& in : inputs) views.push_back(describe(in));
+  std::vector<Strided> views = start_task(encoder, inputs, outputs);
   float* y = outputs[0].data<float>();
   float* kv = outputs.size() > 1 ? outputs[1].data<float>() : nullptr;
   encoder.dispatch([views = std::move(views), y, kv, a = a_] {
