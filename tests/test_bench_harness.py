@@ -307,7 +307,14 @@ def test_ctrl_c_keeps_finished_cases_and_resume_completes(tmp_path: Path) -> Non
     args = ["run", "--target", "toy", "--steps", "1,2,3", "--repeats", "1", "--out", str(tmp_path)]
     cmd = [sys.executable, "-m", "bench", *args, "--name", "sig", "--no-progress"]
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # Ctrl-C as in a terminal, even when this test runs where SIGINT is ignored (a
+        # shell's background job inherits SIG_IGN, and Python then keeps ignoring it).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     path = tmp_path / "sig.json"
     deadline = time.monotonic() + 240
