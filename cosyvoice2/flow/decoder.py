@@ -31,9 +31,9 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from cosyvoice2 import branches
 from cosyvoice2.config import EstimatorConfig
 from cosyvoice2.flow.ops import (
+    all_cores,
     causal_conv1d,
     chunk_mask,
     cpu_extension,
@@ -287,7 +287,7 @@ class Attention(nn.Module):
         h, d = self.heads, self.dim_head
         k = cpu_extension() if b == 1 and qkv.dtype == mx.float32 else None
         if k is not None:
-            return k.block_attention(qkv, blocks, h, chunk, parallel=not branches.in_worker())
+            return k.block_attention(qkv, blocks, h, chunk, parallel=all_cores())
         q, key, value = self._heads(qkv, 3)
         old = [self._heads(blk, 2) for blk in blocks]
         keys = [kv[0] for kv in old] + [key]
@@ -422,7 +422,7 @@ class BasicTransformerBlock(nn.Module):
             n1.eps,
             n3.eps,
             keep,
-            parallel=not branches.in_worker(),
+            parallel=all_cores(),
         )
 
 

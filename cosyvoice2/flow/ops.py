@@ -62,10 +62,16 @@ def cpu_extension():
     return fastlinear.kernels_module() if mx.default_device() == mx.cpu else None
 
 
+def all_cores() -> bool:
+    """Whether an extension operation built in this thread may split its work over all
+    cores: not in a CFG branch worker (`cosyvoice2.branches`), whose other branch has
+    the other core."""
+    return not branches.in_worker()
+
+
 def panel_linear(kernels, x: mx.array, panels: mx.array, n: int, bias: mx.array | None = None):
-    """`x @ W.T (+ bias)` with `panels = kernels.pack_panels(W)`; on one core in a branch
-    worker (`cosyvoice2.branches`: the other branch has the other core), else on all."""
-    return kernels.linear_panels(x, panels, n, bias, parallel=not branches.in_worker())
+    """`x @ W.T (+ bias)` with `panels = kernels.pack_panels(W)` (threads: `all_cores`)."""
+    return kernels.linear_panels(x, panels, n, bias, parallel=all_cores())
 
 
 class _Packed:
@@ -195,7 +201,7 @@ def gelu(x: mx.array, bias: mx.array | None = None) -> mx.array:
     """Exact (erf) GELU of `x + bias`, as diffusers' `GELU` with `approximate="none"`."""
     ck = cpu_extension() if x.dtype == mx.float32 else None
     if ck is not None:
-        return ck.gelu(x, bias, parallel=not branches.in_worker())
+        return ck.gelu(x, bias, parallel=all_cores())
     k = _kernels() if mx.default_device() == mx.cpu else None
     if k is None:
         if bias is not None:
@@ -230,9 +236,7 @@ def layer_norm(
     """LayerNorm over the last axis (torch semantics), optionally followed by Mish, in one pass on CPU."""
     ck = cpu_extension() if x.dtype == mx.float32 else None
     if ck is not None:
-        return ck.layer_norm(
-            x, weight, bias, eps, mish=then_mish, parallel=not branches.in_worker()
-        )
+        return ck.layer_norm(x, weight, bias, eps, mish=then_mish, parallel=all_cores())
     k = _kernels() if mx.default_device() == mx.cpu else None
     if k is None:
         y = mx.fast.layer_norm(x, weight, bias, eps)
