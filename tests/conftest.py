@@ -46,6 +46,16 @@ def full_official_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def full_pt_dir() -> Path:
+    """Synthetic official dir at the real 0.5B shapes, `.pt` files only (no ONNX): for the
+    CI-affordable full-size parity subset of the default run."""
+    _need_reference()
+    from cosyvoice2.testing.synthetic import cached_official_dir
+
+    return cached_official_dir("full", seed=0, onnx=False)
+
+
+@pytest.fixture(scope="session")
 def torch_threads() -> None:
     import torch
 
@@ -58,3 +68,68 @@ def tiny_mlx_dir(tiny_official_dir: Path, tmp_path_factory: pytest.TempPathFacto
     from cosyvoice2.convert import convert
 
     return convert(tiny_official_dir, tmp_path_factory.mktemp("mlx") / "tiny")
+
+
+# ------------------------------------------------------------------ routes and power
+
+from tests.routes import KERNELS_SKIP, route  # noqa: E402,F401  (the `route` fixture)
+
+# ------------------------------------------------------------------ no silent skip
+
+STRICT_ENV = "COSYVOICE2_NO_SKIP"  # set by `nox -s tests` / `tests_full`
+UNBUILDABLE_ENV = "COSYVOICE2_KERNELS_UNBUILDABLE"  # set by nox when kernels/build.sh built nothing
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def _kernel_skip_allowed(reason: str) -> bool:
+    """A kernel test may skip only where the extension cannot be built here, or in the
+    deliberate run with it switched off (`COSYVOICE2_KERNELS=0`)."""
+    if not reason.startswith(KERNELS_SKIP):
+        return False
+    off = os.environ.get("COSYVOICE2_KERNELS", "").strip().lower() in ("0", "off", "false", "no")
+    return off or bool(os.environ.get(UNBUILDABLE_ENV))
+
+
+def _fail_skip(report) -> None:
+    """In strict mode, turn a skip that is not an allowed kernel skip into a failure naming what is missing."""
+    if not os.environ.get(STRICT_ENV) or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = _skip_reason(report)
+    if _kernel_skip_allowed(reason):
+        return
+    report.outcome = "failed"
+    report.longrepr = (
+        f"skipped, and skips fail here ({STRICT_ENV} is set by nox -s tests): MISSING: {reason}"
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_skip(outcome.get_result())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    from tests import power
+
+    if power.RECORDS:
+        terminalreporter.section("parity power checks")
+        terminalreporter.write_line(power.table())
+        path = os.environ.get("COSYVOICE2_POWER_REPORT")
+        if path:
+            import json
+
+            Path(path).write_text(
+                json.dumps([r.as_dict() for r in power.RECORDS], indent=1) + "\n"
+            )
