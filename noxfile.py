@@ -5,7 +5,7 @@ on changed (a stamp in the venv records a hash of pyproject.toml and this file).
 
 On Linux, MLX's `mlx[cpu]` wheel bundles a slow reference BLAS; sessions that run
 MLX preload Debian's OpenBLAS (`libopenblas0-pthread`) when it is installed,
-about 30x faster fp32 matmul (../shared/NOTES.md). Processes that are timed while
+a much faster fp32 matmul. Processes that are timed while
 running torch or CTranslate2 (the official-code reference in the bench,
 faster-whisper in eval) are started by our code with LD_PRELOAD removed.
 """
@@ -29,7 +29,7 @@ PYTHON = "3.11"  # torch 2.13.0 (the parity reference) lies on local disk for th
 
 # The official CosyVoice2 code (parity reference): installed without its declared
 # dependencies (they pull a CUDA torch, torchaudio and training stacks); these are
-# what its model modules import (../shared/NOTES.md).
+# what its model modules import.
 PARITY_TORCH = "torch==2.13.0"
 PARITY_OFFICIAL = [
     "cosyvoice-minicpmo==0.1.0",
@@ -104,7 +104,7 @@ def _install(
         session.install("--no-deps", *EVAL_NODEPS)
         session.install(*EVAL_DEPS)
     if kernels:
-        # The optional compiled CPU kernels (issue 8): one notice and nothing built
+        # The optional compiled CPU kernels (kernels/): one notice and nothing built
         # without a compiler or on Apple silicon; a build that starts and fails fails.
         session.run("bash", "kernels/build.sh", external=True, env={"PYTHON": "python"})
     stamp_file.write_text(stamp)
@@ -115,7 +115,7 @@ def _mlx_env(session: nox.Session) -> dict[str, str]:
     if sys.platform.startswith("linux"):
         if os.path.exists(OPENBLAS):
             env["LD_PRELOAD"] = OPENBLAS
-            session.log(f"MLX on Linux: preloading OpenBLAS ({OPENBLAS}), ~30x faster fp32 matmul")
+            session.log(f"MLX on Linux: preloading OpenBLAS ({OPENBLAS}) for fast fp32 matmul")
         else:
             session.warn(
                 f"{OPENBLAS} not found: MLX will use its slow bundled BLAS"

@@ -43,7 +43,7 @@ TARGETS: tuple[str, ...] = ("cosyvoice2", "official", "mlx-audio-plus", "toy")
 REFERENCES: tuple[str, ...] = ("official", "mlx-audio-plus")
 """Implementations ours is compared with (`--reference`): their cases are twins of ours."""
 KERNELS: tuple[str, ...] = ("auto", "off")
-"""The speech LM's optional CPU kernels (`cosyvoice2.load(llm_kernels=...)`, issue 8): `auto` uses
+"""The speech LM's optional CPU kernels (`cosyvoice2.load(llm_kernels=...)`): `auto` uses
 them where they apply (bf16/8-bit on a CPU that has them), `off` keeps MLX's own ops."""
 
 # Rates of the CosyVoice2 model (config: token_frame_rate, token_mel_ratio, sample_rate).
@@ -51,8 +51,7 @@ SPEECH_TOKEN_RATE = 25  # speech tokens per second of audio
 MEL_RATE = 50  # mel frames per second of audio (token_mel_ratio 2)
 # Text tokens per second of speech, about what English text gives with the Qwen2 BPE
 # (2.5-3 words/s, about 2 tokens per word). With the headline work (3 s prompt, 5 s
-# speech) the LLM prefill is 1 + 15 + 28 + 1 + 75 = 120 positions, the figure of
-# ../shared/NOTES.md.
+# speech) the LLM prefill is 1 + 15 + 28 + 1 + 75 = 120 positions.
 TEXT_TOKENS_PER_SECOND = 5.6
 PROMPT_TEXT_TOKENS_PER_SECOND = 5.0
 
@@ -297,14 +296,14 @@ def dedupe(cases: list[Case]) -> list[Case]:
 
 
 def default_cases(target: str = "cosyvoice2") -> list[Case]:
-    """The default sweep: about 10 minutes with full-size weights on the 2-core Linux machine.
+    """The default sweep, kept short enough to run often with full-size weights on a 2-core CPU.
 
     The headline (fp32, 10 steps, 5 s of speech) non-streaming and streaming (the
     official schedule; a first chunk of `LOW_LATENCY_FIRST_HOP` tokens; the same with a
     saved speaker and the chunk-masked final chunk, the fastest streaming setup), then
     fewer diffusion steps. The quantised LLM precisions are left to `--llm` and
-    `--full`: on MLX-CPU they are slow paths (8-bit: about 80 s of LLM time per call
-    of the headline work here), which alone would take the default past 10 minutes.
+    `--full`: without the optional kernels they are slow paths on MLX-CPU, which alone
+    would make the default sweep long.
     """
     return [
         Case(target=target),

@@ -1,4 +1,4 @@
-"""Command line: `python -m bench run|compare|list|show|baseline|micro`.
+"""Command line: `python -m bench run|compare|list|show|keep|baseline|micro`.
 
 python -m bench run                       # default sweep, synthetic full-size weights
 python -m bench run --reference official  # plus the official PyTorch code on the same work
@@ -8,8 +8,11 @@ python -m bench run --steps 1,10 --llm fp32,8bit --stream off,on
 python -m bench run --sweep my.toml
 python -m bench run --model DIR           # real converted weights
 python -m bench run --resume              # continue the last interrupted run
+python -m bench run --keep ...            # also keep the results file in bench/runs/
 python -m bench compare RUN BASELINE      # exit 1 on regressions
-python -m bench list
+python -m bench list [--dir bench/runs]
+python -m bench show bench/runs/RUN.json  # a file, or a run id (bench/results/, bench/runs/)
+python -m bench keep RUN                  # copy a finished run into bench/runs/
 """
 
 from __future__ import annotations
@@ -42,7 +45,16 @@ from bench.cases import (
 )
 from bench.figures import DEFAULT_TOLERANCE
 from bench.machine import machine_kind
-from bench.results import BASELINES, RESULTS, list_runs, load, resolve_run, write_json_atomic
+from bench.results import (
+    BASELINES,
+    RESULTS,
+    RUNS,
+    keep_run,
+    list_runs,
+    load,
+    resolve_run,
+    write_json_atomic,
+)
 from bench.runner import INTERRUPTED, RunOptions, new_run, run_sweep
 
 
@@ -156,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument(
+        "--keep",
+        action="store_true",
+        help=f"when complete, also copy the results file into {RUNS} (kept in git)",
+    )
+    g.add_argument(
         "--micro", action="store_true", help="also run tests/benchmarks with pytest-benchmark"
     )
     g.add_argument(
@@ -200,9 +217,19 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--dir", default=str(RESULTS))
 
     s = sub.add_parser("show", help="print a run's figures, streaming and side-by-side ratios")
-    s.add_argument("run", nargs="?", default="latest")
+    s.add_argument(
+        "run",
+        nargs="?",
+        default="latest",
+        help="results file (e.g. bench/runs/X.json), run id or `latest`",
+    )
     s.add_argument("--markdown", action="store_true")
     s.add_argument("--dir", default=str(RESULTS))
+
+    k = sub.add_parser("keep", help=f"copy a complete run into {RUNS} (runs documents quote)")
+    k.add_argument("run", help="results file, run id or `latest`")
+    k.add_argument("--dir", default=str(RESULTS), help="results directory for run ids")
+    k.add_argument("--to", default=str(RUNS), help="directory to keep it in")
 
     b = sub.add_parser("baseline", help="store a run as the baseline for its machine kind")
     b.add_argument("run")
@@ -343,6 +370,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     print()
     print(describe(doc))
     status = 0 if all(c["status"] != "error" for c in doc["cases"]) else 1
+    if args.keep:
+        try:
+            print(f"kept: {keep_run(path)}")
+        except (FileExistsError, ValueError) as e:
+            print(f"not kept: {e}", file=sys.stderr)
+            status = status or 2
     if args.compare:
         cmp_status = _compare_paths(
             path, args.compare, args.tolerance, {}, True, False, False, None, out_dir
@@ -442,6 +475,16 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keep(args: argparse.Namespace) -> int:
+    try:
+        dest = keep_run(resolve_run(args.run, args.dir), args.to)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(f"kept: {dest} (print it with: python -m bench show {dest})")
+    return 0
+
+
 def cmd_baseline(args: argparse.Namespace) -> int:
     path = resolve_run(args.run, args.dir)
     doc = load(path)
@@ -485,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         "compare": cmd_compare,
         "list": cmd_list,
         "show": cmd_show,
+        "keep": cmd_keep,
         "baseline": cmd_baseline,
         "micro": cmd_micro,
     }[args.command](args)

@@ -145,7 +145,7 @@ def versions() -> dict:
 
 
 def openblas_preloaded() -> bool:
-    """Whether this process runs with an OpenBLAS preloaded (MLX on Linux: ~30x faster fp32 matmul)."""
+    """Whether this process runs with an OpenBLAS preloaded (MLX on Linux: much faster fp32 matmul)."""
     return "openblas" in os.environ.get("LD_PRELOAD", "")
 
 

@@ -5,27 +5,43 @@ distorts torch's timing) and with 2 torch threads. The official modules are load
 from the synthetic official dir (or `--model`/`official_model`, an official dir)
 with `cosyvoice2.testing.official.load_official`, strictly.
 
-What is timed, and how it follows the official code:
-- LLM: the official `Qwen2LM.inference` decode loop, step for step: `embed_tokens` for
-  the text, `llm_embedding` for sos and task id, `speech_embedding` for the prompt
-  tokens, `Qwen2Encoder.forward_one_step` (the full `Qwen2ForCausalLM`, as the official
-  code runs it), `llm_decoder`, `log_softmax`, and its `sampling_ids` (ras sampling).
-  Fixed-length mode sets the scores of ids >= `speech_token_size` to -inf before
-  sampling and stops at the target length, as on our side.
+What is timed, and how it follows the installed official code (`cosyvoice/cli/model.py`,
+`cosyvoice/llm/llm.py`):
+- LLM: `Qwen2LM.inference` transcribed step for step (`official_lm_input`,
+  `official_decode`): `embed_tokens` for prompt text and text, `llm_embedding` for sos
+  and task id, `speech_embedding` for the prompt tokens, then `inference_wrapper`'s loop:
+  `Qwen2Encoder.forward_one_step` (the full `Qwen2ForCausalLM` with its KV cache),
+  `llm_decoder`, `log_softmax` and `sampling_ids` (ras sampling), min/max lengths 2x/20x
+  the text. The transcription exists to time the LLM token by token; a test checks that
+  it yields the tokens of the wheel's `CosyVoice2Model.llm_job` (`Qwen2LM.inference`).
+  Fixed-length mode (the bench's default, not official) sets the scores of ids >=
+  `speech_token_size` to -inf before sampling and sets min and max length to the
+  target, as on our side.
+- The Qwen2 backbone runs the attention implementation that the official
+  `Qwen2ForCausalLM.from_pretrained` picks (sdpa with a torch that has it);
+  `load_official` builds the backbone from its config with eager attention (what
+  the parity tests compare against), so `load` switches it back
+  (`from_pretrained_attention`).
 - flow and HiFT: `CosyVoice2Model.token2wav` (`CausalMaskedDiffWithXvec.inference`, then
-  `HiFTGenerator.inference`), with `finalize=True` and no caches when not streaming.
-  The official flow hard-codes 10 Euler steps; other step counts are passed by
-  wrapping the CFM's `forward` to set `n_timesteps`.
-- streaming: the official `CosyVoice2Model.token2wav` with its schedule (hop 25 tokens,
-  the first padded so prompt + hop is a multiple of 25, 3 look-ahead tokens,
-  `finalize=True` for the rest), driven in one thread as tokens arrive (the official
-  `tts` runs the LLM in a second thread and polls every 0.1 s; driving it in one
-  thread gives the official code its best first-chunk figure, ../shared/NOTES.md).
+  `HiFTGenerator.inference`). The official flow hard-codes 10 Euler steps; other step
+  counts are passed by wrapping the CFM's `forward` to set `n_timesteps`.
+- streaming: `CosyVoice2Model.tts`'s schedule (`OfficialStream`): hop 25 tokens, the
+  first hop padded so prompt + hop is a multiple of 25, 3 look-ahead tokens, each chunk
+  `token2wav(stream=True, finalize=False)` on the tokens so far; the last call on every
+  token with `finalize=True` and `stream` left at its default, False, so the flow runs
+  it with full attention, as `tts` does. Without streaming: one `token2wav` call,
+  `token_offset=0`, `finalize=True`. One deviation, for timing: `tts` decodes in a
+  second thread and its generator polls for tokens every 0.1 s; here token2wav runs in
+  the decoding thread as soon as a chunk's tokens exist, so no chunk waits for a poll
+  and the first chunk does not share the cores with the LLM decoding ahead (the best
+  first-chunk time the official code can give); the whole stream forgoes the overlap
+  of decoding with the flow that `tts`'s thread allows.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +53,10 @@ from bench.timing import CallClock
 TORCH_THREADS = int(os.environ.get("BENCH_TORCH_THREADS", "2"))
 """Torch threads of the official worker: 2 (this machine's cores); `BENCH_TORCH_THREADS` overrides
 (tests use 1: with 2 threads on a loaded shared machine torch's spinning threads slow it many-fold)."""
+
+MIN_TOKEN_TEXT_RATIO = 2
+MAX_TOKEN_TEXT_RATIO = 20
+"""`Qwen2LM.inference`'s defaults: at least 2 and at most 20 speech tokens per text token."""
 
 
 @dataclass
@@ -58,6 +78,180 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+# ------------------------------------------------------------------ the official LLM, transcribed
+
+
+def official_lm_input(llm: Any, text: Any, prompt_text: Any, prompt_speech_token: Any) -> Any:
+    """`Qwen2LM.inference` up to its decode loop: the prefill embeddings (1, T, D).
+
+    sos, the prompt text and the text (Qwen2's `embed_tokens`), the task id, the prompt
+    speech tokens (`speech_embedding`; none: an empty block, as the official code).
+    """
+    import torch
+
+    text = llm.llm.model.model.embed_tokens(torch.concat([prompt_text, text], dim=1))
+    sos_eos_emb = llm.llm_embedding.weight[llm.sos_eos].reshape(1, 1, -1)
+    task_id_emb = llm.llm_embedding.weight[llm.task_id].reshape(1, 1, -1)
+    if prompt_speech_token.shape[1] != 0:
+        prompt_speech_token_emb = llm.speech_embedding(prompt_speech_token)
+    else:
+        prompt_speech_token_emb = torch.zeros(1, 0, llm.llm_input_size, dtype=text.dtype)
+    return torch.concat([sos_eos_emb, text, task_id_emb, prompt_speech_token_emb], dim=1)
+
+
+def official_decode(
+    llm: Any,
+    lm_input: Any,
+    min_len: int,
+    max_len: int,
+    sampling: int = 25,
+    fixed_length: bool = False,
+) -> Iterator[int]:
+    """`Qwen2LM.inference_wrapper` (the path without vLLM), step for step.
+
+    Each step runs the backbone on the new positions with the KV cache, samples with
+    `sampling_ids` (eos refused before `min_len` tokens), stops at eos, skips the
+    other ids >= `speech_token_size` without feeding them back (the next step re-runs
+    the last input), and yields each speech token. `fixed_length` (the bench's, not
+    official) scores ids >= `speech_token_size` -inf, so exactly `max_len` tokens come.
+    """
+    import torch
+
+    out_tokens: list[int] = []
+    cache = None
+    for i in range(max_len):
+        size = lm_input.shape[1]
+        masks = torch.tril(torch.ones((1, size, size), device=lm_input.device)).to(torch.bool)
+        y_pred, cache = llm.llm.forward_one_step(lm_input, masks=masks, cache=cache)
+        logp = llm.llm_decoder(y_pred[:, -1]).log_softmax(dim=-1)
+        if fixed_length:
+            logp[:, llm.speech_token_size :] = -float("inf")
+        top_ids = llm.sampling_ids(
+            logp.squeeze(dim=0), out_tokens, sampling, ignore_eos=i < min_len
+        ).item()
+        if top_ids == llm.speech_token_size:
+            break
+        if top_ids > llm.speech_token_size:
+            continue
+        yield top_ids
+        out_tokens.append(top_ids)
+        lm_input = llm.speech_embedding.weight[top_ids].reshape(1, 1, -1)
+
+
+def official_speech_tokens(
+    llm: Any,
+    text: Any,
+    prompt_text: Any,
+    prompt_speech_token: Any,
+    fixed_length: int | None = None,
+) -> Iterator[int]:
+    """The speech tokens of `Qwen2LM.inference` (or exactly `fixed_length` of them)."""
+    n_text = text.shape[1]
+    if fixed_length is None:
+        min_len = int(n_text * MIN_TOKEN_TEXT_RATIO)
+        max_len = int(n_text * MAX_TOKEN_TEXT_RATIO)
+    else:
+        min_len = max_len = fixed_length
+    lm_input = official_lm_input(llm, text, prompt_text, prompt_speech_token)
+    yield from official_decode(
+        llm, lm_input, min_len, max_len, fixed_length=fixed_length is not None
+    )
+
+
+def from_pretrained_attention(qwen: Any, pretrain_path: str | Path) -> str:
+    """Give `qwen` (a `Qwen2ForCausalLM`) the attention implementation `from_pretrained` picks.
+
+    `Qwen2Encoder` builds its backbone with `Qwen2ForCausalLM.from_pretrained(path)`,
+    which picks the implementation from the config at `path` and what torch offers
+    (`_autoset_attn_implementation`: sdpa where available, else eager). The choice is
+    read at every forward from the config that all the backbone's modules share.
+    """
+    from transformers import Qwen2Config
+
+    config = Qwen2Config.from_pretrained(str(pretrain_path))
+    picked = (
+        type(qwen)
+        ._autoset_attn_implementation(config, torch_dtype=None, check_device_map=False)
+        ._attn_implementation
+    )
+    qwen.config._attn_implementation = picked
+    return picked
+
+
+# ------------------------------------------------------------- the official token2wav schedule
+
+
+class OfficialStream:
+    """`CosyVoice2Model.tts`'s token2wav calls, driven by tokens as they arrive.
+
+    `push` each token (it returns the chunks that token completes), then `finish`
+    (the last call on every token). Streaming: a chunk as soon as the tokens after the
+    offset reach the hop (the first padded so prompt + hop is a multiple of
+    `token_hop_len`) plus `pre_lookahead_len`, with `stream=True, finalize=False`; the
+    last call with `finalize=True` and `stream` at `token2wav`'s default (False: full
+    attention). Not streaming: `push` returns nothing and `finish` makes the one call.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        prompt_token: Any,
+        prompt_feat: Any,
+        embedding: Any,
+        stream: bool,
+        uuid: str = "bench",
+    ) -> None:
+        import numpy as np
+
+        self.model, self.stream, self.uuid = model, stream, uuid
+        self.prompt_token, self.prompt_feat, self.embedding = prompt_token, prompt_feat, embedding
+        self.tokens: list[int] = []
+        self.token_offset = 0
+        hop = model.token_hop_len
+        self.prompt_token_pad = int(
+            np.ceil(prompt_token.shape[1] / hop) * hop - prompt_token.shape[1]
+        )
+        model.hift_cache_dict[uuid] = None
+
+    def _hop(self) -> int:
+        pad = self.prompt_token_pad if self.token_offset == 0 else 0
+        return self.model.token_hop_len + pad
+
+    def _token2wav(self, tokens: list[int], finalize: bool) -> Any:
+        import torch
+
+        kwargs: dict[str, Any] = {"stream": True} if not finalize else {}
+        return self.model.token2wav(
+            token=torch.tensor(tokens).unsqueeze(dim=0),
+            prompt_token=self.prompt_token,
+            prompt_feat=self.prompt_feat,
+            embedding=self.embedding,
+            token_offset=self.token_offset if self.stream else 0,
+            uuid=self.uuid,
+            finalize=finalize,
+            **kwargs,
+        )
+
+    def push(self, token: int) -> list[Any]:
+        self.tokens.append(token)
+        chunks = []
+        look = self.model.flow.pre_lookahead_len
+        while self.stream and len(self.tokens) - self.token_offset >= self._hop() + look:
+            hop = self._hop()
+            chunks.append(self._token2wav(self.tokens[: self.token_offset + hop + look], False))
+            self.token_offset += hop
+        return chunks
+
+    def finish(self) -> Any:
+        try:
+            return self._token2wav(self.tokens, True)
+        finally:
+            self.model.hift_cache_dict.pop(self.uuid, None)
+
+
+# ----------------------------------------------------------------------------------- target
 
 
 class OfficialTarget:
@@ -119,9 +313,11 @@ class OfficialTarget:
         install_shims()
         from cosyvoice.cli.model import CosyVoice2Model
 
-        d = prepared.options["official_dir"]
+        d = Path(prepared.options["official_dir"])
         llm, flow, hift = (load_official(p, d) for p in ("llm", "flow", "hift"))
+        from_pretrained_attention(llm.llm.model, d / "CosyVoice-BlankEN")
         model = CosyVoice2Model(llm, flow, hift, fp16=False)
+        # this wheel's CosyVoice2Model.__init__ leaves `llm` unset (its llm_job reads it)
         model.llm = llm
         _set_steps(flow, case.steps)
         return _Official(llm, flow, hift, model, sample_rate=24000)
@@ -145,76 +341,22 @@ class OfficialTarget:
         return clock.timings(case.stream, {"torch_threads": float(torch.get_num_threads())})
 
     def _call(self, h: _Official, case: Case, work: Work, x: dict, clock: CallClock) -> None:
-        import numpy as np
-        import torch
-
-        llm, model = h.llm, h.model
-        n = work.speech_tokens
         clock.start()
-        text = torch.concat([x["prompt_text"], x["text"]], dim=1)
-        text_emb = llm.llm.model.model.embed_tokens(text)
-        sos = llm.llm_embedding.weight[llm.sos_eos].reshape(1, 1, -1)
-        task = llm.llm_embedding.weight[llm.task_id].reshape(1, 1, -1)
-        prompt_emb = llm.speech_embedding(x["prompt_speech_token"])
-        lm_input = torch.concat([sos, text_emb, task, prompt_emb], dim=1)
-        # The official max/min lengths (ratios of the new text's length); fixed length overrides.
-        max_len = n if work.fixed_length else int(work.text_tokens * 20)
-        min_len = n if work.fixed_length else int(work.text_tokens * 2)
-
-        tokens: list[int] = []
-        uid = "bench"
-        hop, look = model.token_hop_len, h.flow.pre_lookahead_len
-        prompt_tok = x["prompt_speech_token"]
-        pad = int(np.ceil(prompt_tok.shape[1] / hop) * hop - prompt_tok.shape[1])
-        offset = 0
-        model.hift_cache_dict[uid] = None
-
-        def emit(finalize: bool) -> None:
-            """The official token2wav on the tokens so far (streaming) or all of them."""
-            nonlocal offset
-            this_hop = hop + pad if offset == 0 else hop
-            toks = tokens if finalize else tokens[: offset + this_hop + look]
-            wav = model.token2wav(
-                token=torch.tensor(toks).unsqueeze(0),
-                prompt_token=prompt_tok,
-                prompt_feat=x["prompt_feat"],
-                embedding=x["embedding"],
-                token_offset=offset if case.stream else 0,
-                uuid=uid,
-                stream=case.stream,
-                finalize=finalize,
-            )
-            clock.chunk(wav.shape[-1] / h.sample_rate)
-            offset += this_hop
-
-        def decode():
-            """The official decode loop (`inference_wrapper`), fixed length when asked."""
-            nonlocal lm_input
-            cache = None
-            for i in range(max_len):
-                size = lm_input.shape[1]
-                mask = torch.tril(torch.ones((1, size, size))).to(torch.bool)
-                y_pred, cache = llm.llm.forward_one_step(lm_input, masks=mask, cache=cache)
-                logp = llm.llm_decoder(y_pred[:, -1]).log_softmax(dim=-1)
-                if work.fixed_length:
-                    logp[:, llm.speech_token_size :] = -float("inf")
-                top = llm.sampling_ids(logp.squeeze(0), tokens, 25, ignore_eos=i < min_len)
-                top = int(top.item()) if hasattr(top, "item") else int(top)
-                if top == llm.speech_token_size:
-                    return
-                if top > llm.speech_token_size:
-                    continue
-                yield top
-                lm_input = llm.speech_embedding.weight[top].reshape(1, 1, -1)
-
-        for tok in clock.tokens(decode()):
-            tokens.append(tok)
-            if case.stream:
-                this_hop = hop + pad if offset == 0 else hop
-                if len(tokens) - offset >= this_hop + look:
-                    emit(finalize=False)
-        emit(finalize=True)
-        model.hift_cache_dict.pop(uid, None)
+        stream = OfficialStream(
+            h.model, x["prompt_speech_token"], x["prompt_feat"], x["embedding"], case.stream
+        )
+        tokens = official_speech_tokens(
+            h.llm,
+            x["text"],
+            x["prompt_text"],
+            x["prompt_speech_token"],
+            fixed_length=work.speech_tokens if work.fixed_length else None,
+        )
+        for token in clock.tokens(tokens):
+            for wav in stream.push(token):
+                clock.chunk(wav.shape[-1] / h.sample_rate)
+        wav = stream.finish()
+        clock.chunk(wav.shape[-1] / h.sample_rate)
 
 
 def _set_steps(flow: Any, steps: int) -> None:

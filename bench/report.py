@@ -5,8 +5,7 @@
   or the mlx-audio-plus peer), as ratios of our time to theirs per stage (below 1: ours
   is faster). Decode speed is compared as time per token, so every ratio reads the same way.
 - `streaming_ratios`: per streaming case, first-chunk latency and total time as
-  fractions of the non-streaming wall time of the same settings (the issue's
-  targets: first chunk <= 15%, total <= 1.3x).
+  fractions of the non-streaming wall time of the same settings.
 """
 
 from __future__ import annotations

@@ -14,7 +14,10 @@ Layout (`SCHEMA` = "cosyvoice2-mlx-bench/1"; `validate` checks it):
                 started, finished, duration_s, error?}]
     micro     {path, ...}   optional: pytest-benchmark JSON stored beside the run
 
-A baseline is such a file (`bench/baselines/<machine kind>.json`).
+Where they live: `bench/results/` (`RESULTS`, ignored by git) is the scratch space every
+run writes to; `bench/runs/` (`RUNS`, kept in the repository) holds the runs that documents
+quote (`python -m bench run --keep`, or `python -m bench keep RUN`); a baseline is such a
+file kept as `bench/baselines/<machine kind>.json` (`BASELINES`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ STATUSES = ("running", "interrupted", "complete")
 CASE_STATUSES = ("ok", "error", "unsupported")
 BASELINES = Path(__file__).resolve().parent / "baselines"
 RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = Path(__file__).resolve().parent / "runs"
 
 
 def now() -> str:
@@ -231,9 +235,11 @@ def list_runs(results_dir: str | Path = RESULTS) -> list[tuple[Path, dict[str, A
 
 
 def resolve_run(ref: str | Path, results_dir: str | Path = RESULTS) -> Path:
-    """A run given as a path, a run id in the results dir, or `latest`."""
+    """A run given as a path (e.g. `bench/runs/X.json`), `latest` (the newest in the results
+    dir), or a run id: `<id>.json` in the results dir, else in `bench/runs/`, else in
+    `bench/baselines/` (a machine kind)."""
     p = Path(ref)
-    if p.exists():
+    if p.is_file():
         return p
     results_dir = Path(results_dir)
     if str(ref) == "latest":
@@ -241,7 +247,31 @@ def resolve_run(ref: str | Path, results_dir: str | Path = RESULTS) -> Path:
         if not runs:
             raise FileNotFoundError(f"no runs in {results_dir}")
         return runs[0]
-    cand = results_dir / f"{ref}.json"
-    if cand.exists():
-        return cand
-    raise FileNotFoundError(f"no run {ref!r} (not a file, not in {results_dir})")
+    dirs = [results_dir, RUNS, BASELINES]
+    for d in dirs:
+        cand = d / f"{ref}.json"
+        if cand.is_file():
+            return cand
+    where = ", ".join(str(d) for d in dirs)
+    raise FileNotFoundError(f"no run {ref!r} (not a file, not in {where})")
+
+
+def keep_run(path: str | Path, runs_dir: str | Path = RUNS) -> Path:
+    """Copy a complete results file (and its `.micro.json`, if any) into `runs_dir`, the
+    directory of runs kept in the repository; refuses an incomplete run or an existing name."""
+    import shutil
+
+    path = Path(path)
+    doc = load(path)
+    if doc["status"] != "complete":
+        raise ValueError(f"{path}: run is {doc['status']}; keep complete runs only")
+    runs_dir = Path(runs_dir)
+    dest = runs_dir / f"{doc['run_id']}.json"
+    if dest.exists():
+        raise FileExistsError(f"{dest} exists: runs are kept once, under their run id")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, dest)
+    micro = path.with_name(f"{doc['run_id']}.micro.json")
+    if micro.exists():
+        shutil.copyfile(micro, runs_dir / micro.name)
+    return dest

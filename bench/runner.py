@@ -213,7 +213,7 @@ def worker_env(
     """The environment of a worker process for this target."""
     env = dict(os.environ)
     changes = target.env()
-    # MLX on Linux: the wheel's bundled BLAS is ~30x slower than OpenBLAS (../shared/NOTES.md).
+    # MLX on Linux: the wheel's bundled BLAS is a much slower fp32 matmul than OpenBLAS.
     is_mlx = getattr(target, "backend", "mlx") == "mlx"
     if is_mlx and openblas and sys.platform.startswith("linux"):
         if os.path.exists(OPENBLAS) and "openblas" not in env.get("LD_PRELOAD", ""):

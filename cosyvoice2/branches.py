@@ -3,12 +3,11 @@
 Why: one Euler step evaluates the estimator on a batch of two (conditional and
 unconditional input). Batched, only the GEMMs use both cores (OpenBLAS threads);
 MLX's element-wise ops, layout copies and the hand-offs to the numba kernels run
-on one core while OpenBLAS's idle thread spins on the other. Measured on the
-2-core x86-64 machine (full size, 400 frames, quiet, 2026-11-27): batched
-2.3-2.9 s per call for 5.1-5.5 s of CPU time; the two branches on two threads,
-each with single-threaded BLAS and serial kernels, 1.87-1.92 s for 3.75 s of
-CPU time. Results equal the batched call within float rounding (8e-6 at full
-size: the GEMMs block M = 400 instead of 800).
+on one core while OpenBLAS's idle thread spins on the other. The two branches on
+two threads, each with single-threaded BLAS and serial kernels, keep both cores
+busy with useful work and spend less CPU time in all. Results equal the batched
+call within float rounding (8e-6 at full size: the GEMMs block M = 400 instead of
+800).
 
 Used when the default device is the CPU, the machine has at least two cores and
 `COSYVOICE2_FLOW_BRANCH_THREADS` is not `0`. On Metal the batched call is kept.

@@ -1,12 +1,11 @@
 """The speech LM's decode step on the optional CPU kernels (`cosyvoice2_kernels`), MLX ops otherwise.
 
 Why: on the CPU, MLX computes bf16 and quantized matrix-vector products on slow
-paths (NOTES.md: about 5 GFLOP/s for bf16, 8-bit slower than fp32), so a bf16 or
-quantized speech LM decodes 3-5x slower than in fp32, while decoding is bound by
-reading weights and those precisions read 2-6x fewer bytes. And MLX's CPU path
-builds `mx.fast.rms_norm`, `mx.fast.rope` and `mx.fast.scaled_dot_product_attention`
-from 7-20 basic ops each, about 30-200 us per call at decode shapes, which adds up
-to several milliseconds per token over 24 layers. The kernels (built from
+paths, so a bf16 or quantized speech LM decodes slower than in fp32 with MLX's ops,
+while decoding is bound by reading weights and those precisions read 2-6x fewer
+bytes. And MLX's CPU path builds `mx.fast.rms_norm`, `mx.fast.rope` and
+`mx.fast.scaled_dot_product_attention` from 7-20 basic ops each, a fixed cost per
+call that adds up over 24 layers and every token. The kernels (built from
 `kernels/`, optional) read bf16, 8- or 4-bit weights (in `mx.quantize`'s layout, so the
 converted model is the one Metal uses) with fp32 accumulation, and do each of those
 small operations as one graph node.
@@ -23,9 +22,9 @@ small operations as one graph node.
 
 Float32 projections keep their weight packed once in panels of 16 columns
 (`pack_panels`) instead of row-major, the layout of a register-blocked GEMM kernel
-that serves every row count: decode at the memory's speed, and prefill at about
-115-140 GFLOP/s on 2 cores where MLX's matmul (OpenBLAS's GEMM, re-packing the whole
-weight matrix on every call) reached 60-80 (kernels/README.md). Float16 models are
+that serves every row count: decode at the memory's speed, and prefill without
+the re-packing of the whole weight matrix that MLX's matmul (OpenBLAS's GEMM) does
+on every call (kernels/README.md). Float16 models are
 left alone. Nothing is swapped when the extension is not importable, or
 `COSYVOICE2_KERNELS` is `0`/`off` when the model is swapped.
 

@@ -45,36 +45,26 @@ Where this port differs in form, not in result:
 - Convolutions go through `cosyvoice2.ops` (matmul formulations on CPU, where
   MLX's dilated and transposed convs are slow paths).
 
-Performance (full size, fp32, OpenBLAS preloaded, 2-core x86-64 CPU with AVX-512,
-measured while other jobs shared the machine: load average 10-16, so absolute
-times are inflated several times; ratios taken in interleaved runs):
-- Work: about 30 GFLOP per second of audio, 29 of them in the resblock convs (per
-  stage three resblocks plus one source resblock, six convs each, kernels 3/7/11,
-  at 256/128/64 channels over 400/2000/6000 samples per second); F0 predictor 0.4,
-  upsamplers 0.8.
-- Where time goes (single-thread CPU time, 2 s of audio): conv tap matmuls about
-  80%, conv input padding 4%, Snake 5%, transposed convs 2-4%, F0 predictor 1.3%,
-  sine source 1%, STFT and iSTFT under 0.5%. A forward is about 2000 MLX graph
-  nodes; their dispatch is a fixed cost per call, visible on the tiny model (1 s
-  of audio: about 70 ms CPU, nearly all of it dispatch), which matters for short
-  streaming chunks.
-- The limit is BLAS efficiency at an inner dimension of C_in = 64-256: 35-75
-  GFLOP/s per core against 85 for a 1024^3 matmul in the same conditions (see
-  `cosyvoice2.ops` for why an im2col does not pay on MLX-CPU).
-- Against the official code (torch 2.13 with oneDNN, not OpenBLAS), random
-  full-size weights, 5 s of audio, runs interleaved in the same minutes: one
-  thread, CPU time 3.8-4.9 s here vs 4.0-4.9 s official (equal); two threads,
-  wall time 0.65-0.85x the official's. The official code takes 0.20 s per second
-  of audio on this machine when quiet (NOTES.md); by these ratios this port would
-  take 0.13-0.17 (an estimate: no quiet measurement was possible).
-- `mx.sin` costs 20-100 ns per element on MLX-CPU (a scalar libm call). Snake
-  (17.8 M elements per second of audio) therefore uses `_sin_squared`, a fused
-  polynomial at about 1.5 ns per element with its two broadcast products; the
-  sine source (0.2 M elements per second) keeps `mx.sin`.
+Performance (full size, fp32, CPU; measured times belong in the bench's results
+files, `bench/README.md`):
+- Work (from the shapes): about 30 GFLOP per second of audio, nearly all of it in
+  the resblock convs (per stage three resblocks plus one source resblock, six
+  convs each, kernels 3/7/11, at 256/128/64 channels over 400/2000/6000 samples
+  per second); the F0 predictor and the upsamplers are small beside them.
+- Where the time goes: the conv tap matmuls take most of it; padding, Snake, the
+  transposed convs, the F0 predictor, the sine source and STFT/iSTFT are small
+  parts. A forward is about 2000 MLX graph nodes; their dispatch is a fixed cost
+  per call, which dominates on the tiny model and matters for short streaming
+  chunks.
+- The limit is BLAS efficiency at an inner dimension of C_in = 64-256, below what
+  the same BLAS reaches on large square matmuls (see `cosyvoice2.ops` for why an
+  im2col does not pay on MLX-CPU).
+- `mx.sin` is a scalar libm call per element on MLX-CPU. Snake (17.8 M elements
+  per second of audio) therefore uses `_sin_squared`, a fused polynomial with its
+  two broadcast products; the sine source (0.2 M elements per second) keeps
+  `mx.sin`.
 - On CPU the three resblocks of a stage run on two threads (kernel 11 on one,
-  3 and 7 on the other; `cosyvoice2.branches`): about 10% less wall time for 5 s
-  of audio (2.9-3.2 s against 3.2-3.6 s, quiet). Quiet bench, 2026-11-27: 0.53-0.67
-  s per second of audio, the official code 0.40-0.56 on the same machine.
+  3 and 7 on the other; `cosyvoice2.branches`), which balances the two cores.
 - Not done, would help: folding each Snake's alpha and 1 / alpha into the
   neighbouring conv weights (drops two broadcast passes per activation); a
   compiled conv kernel (`kernels/`), since torch's oneDNN convolutions beat the
@@ -123,10 +113,10 @@ def _sin_squared(y: mx.array) -> mx.array:
     error grows; Snake's output there is dominated by x itself, whose float32 step
     is larger than that error.)
 
-    MLX-CPU evaluates `mx.sin` at 20-100 ns per element (a scalar libm call);
-    this is a reduction by multiples of pi (sin^2 has period pi) and an odd
-    polynomial, plain arithmetic that the fused CPU kernel evaluates at about
-    1 ns per element. Compiled per shape, not `shapeless`: a shapeless compile
+    MLX-CPU evaluates `mx.sin` with a scalar libm call per element; this is a
+    reduction by multiples of pi (sin^2 has period pi) and an odd polynomial,
+    plain arithmetic that the fused CPU kernel vectorises. Compiled per shape,
+    not `shapeless`: a shapeless compile
     passes the scalar constants as broadcast inputs, which selects MLX's
     strided (scalar) kernel.
     """

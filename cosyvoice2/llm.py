@@ -59,26 +59,22 @@ itself. The quantisation is recorded the way mlx-lm records it
 the modules whose `scales` are present in the weights (mlx-lm's rule), so saved
 quantised weights are loaded, never re-quantised.
 
-Profiling (2-core x86 machine, OpenBLAS preloaded, full-size random weights;
-measured while the machine was shared, so as ratios within one process):
+Where the time goes (full-size shapes; measured times belong in the bench's
+results files, `bench/README.md`):
 
-- Decode reads about 1.45 GB of fp32 weights per token (24 layers plus
-  `llm_decoder`; the 545 MB text embedding is only read at prefill). One decode
-  step took about the same time as the bare matrix-vector products over those
-  weights (908 ms against 864 ms under a heavy load, i.e. ~95%): the step is
-  memory-bandwidth bound, and the per-op overhead of mlx-lm's layers, the
-  attention over the cache and the sampler are small beside it. At the
-  22 GB/s this machine reaches unloaded, that is about 66 ms + 5% per token.
+- Decode reads about 1.45 GB of fp32 weights per token (from the shapes: 24 layers
+  plus `llm_decoder`; the 545 MB text embedding is only read at prefill). A decode
+  step took about as long as the bare matrix-vector products over those weights:
+  the step is memory-bandwidth bound, and the per-op overhead of mlx-lm's layers,
+  the attention over the cache and the sampler are small beside it.
 - Not computing the 151,936-word Qwen2 head saves 545 MB of reads per token and
   136 M multiply-adds per prefill position.
-- The look-ahead (`mx.async_eval`) hid the graph building: 1.28 s against
-  1.70 s per token for a plain loop under the same load.
+- The look-ahead (`mx.async_eval`) hides the building of the next step's graph
+  behind the evaluation of the current one.
 - Sampling: a full argsort of the 6564 scores was the largest part of a draw;
-  a partition to the top 25 plus a compiled sampler cut a draw to ~2 ms under
-  load (a fraction of a millisecond unloaded).
-- Prefill of 120 positions took about 1.26x the time of its bare matrix
-  products (86 GFLOP); at the ~180 GFLOP/s OpenBLAS reaches here unloaded the
-  products alone take about 0.48 s.
+  a partition to the top 25 plus a compiled sampler replaces it.
+- Prefill of 120 positions is bound by its matrix products (86 GFLOP from the
+  shapes), i.e. by the machine's GEMM rate.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Fast 1-D convolution primitives for MLX, with the native ops kept where they are fast.
 
-On the CPU backend of MLX (0.32), two convolution kernels are slow paths: a
-dilated `mx.conv1d` (hundreds of ms where the same undilated conv takes a few)
-and `mx.conv_transpose1d` (about 1 GFLOP/s). HiFT is made of exactly these
+On the CPU backend of MLX (0.32), two convolution kernels are slow paths, orders
+of magnitude slower than the same work as matrix multiplies: a dilated `mx.conv1d`
+(the undilated one is fast) and `mx.conv_transpose1d`. HiFT is made of exactly these
 (resblocks with dilations 1, 3, 5; three transposed-conv upsamplers), so this
 module routes them through formulations made of matrix multiplies, which MLX
 hands to BLAS (OpenBLAS preloaded):
@@ -18,9 +18,9 @@ hands to BLAS (OpenBLAS preloaded):
   overlap-add of ceil(K / stride) shifted blocks (kept as a tested alternative).
 
 The routed ones avoid copies on purpose: MLX-CPU copies strided arrays (slices
-across the channel axis, `concatenate`, `as_strided` views) at 3-6 ns per float,
-so an im2col buffer, whose larger inner dimension makes the matmul about 1.5x
-faster for 64-128 channels, costs more to build than it saves.
+across the channel axis, `concatenate`, `as_strided` views) element by element,
+so an im2col buffer, whose larger inner dimension makes the matmul faster for
+64-128 channels, costs more to build than it saves.
 
 `conv1d` and `conv_transpose1d` pick the route: the fast formulation where
 `fast_paths_enabled()` (the default device is the CPU), the native op otherwise
@@ -31,21 +31,9 @@ route (tests, benchmarks).
 Layouts are MLX's: input (N, L, C_in), conv weight (C_out, K, C_in) for both
 the conv and the transposed conv, as `mx.conv1d` / `mx.conv_transpose1d` take them.
 
-Measured on the development machine (2-core x86-64, AVX-512, OpenBLAS preloaded,
-fp32) while other jobs shared it (load average 10-16 on 2 cores: absolute times
-inflated several times, ratios meaningful):
-- `tests/benchmarks/test_bench_hift.py`, minimum over rounds, wall time. Dilated
-  conv (64 channels, k=11, dilation 5, 3000 samples): native `mx.conv1d`
-  790-1140 ms, `conv1d_taps` 13-50 ms, `conv1d_unfold` 29-52 ms. Transposed conv
-  (256 -> 128 channels, k=11, x5, 400 frames): native 910-1680 ms,
-  `conv_transpose1d_taps` 24 ms, `conv_transpose1d_matmul` 20-48 ms.
-- Single-thread CPU time on the HiFT resblock shapes for 5 s of audio, GFLOP/s:
-  256 ch k=11 dilation 3: taps 76-79, unfold 62, native dilated about 1;
-  128 ch k=7 dilation 3: taps 49, unfold 26; 64 ch k=11 dilation 5: taps 42,
-  unfold 15; undilated 64 ch k=11: taps 51, native 21 (a 1024^3 matmul: 85).
-- For a whole full-size HiFT forward the native ops would spend about 9.5 s per
-  second of audio in the resblock convs alone (sum of the per-shape native timings,
-  1 s shapes, same conditions), against 0.4 s through these formulations.
+`tests/benchmarks/test_bench_hift.py` times the native ops against these
+formulations at HiFT's shapes (`python -m bench micro`, or `python -m bench run
+--micro`, which keeps pytest-benchmark's JSON beside the run's results file).
 """
 
 from __future__ import annotations

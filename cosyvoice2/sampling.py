@@ -11,7 +11,7 @@ sorted vocabulary in a Python loop with one tensor read per element):
   loop's `cum_prob += sorted_value[i]` is, so the candidate set is the same.
   Only the `top_k` leading tokens can be candidates, so they are found with a
   partition (O(V)) and only they are sorted; ties keep index order as in the
-  official stable sort (a full argsort of the 6564 scores took about 3x longer).
+  official stable sort (a full argsort of the 6564 scores took longer).
 - `ras_sampling` (repetition-aware sampling, VALL-E 2): draw with
   `nucleus_sampling`; if the drawn token occurs `>= win_size * tau_r` times
   among the last `win_size` decoded tokens, draw instead from the whole
@@ -28,7 +28,7 @@ a global generator, so the same key gives the same token. Both branches of
 `ras_sampling` are computed and selected with `mx.where`, so a sampling step is
 one lazy graph without a host synchronisation (the decode loop reads the token
 once, after scheduling the next step). The sampler objects compile their
-function once (`mx.compile`): about 30% less time per draw than op by op.
+function once (`mx.compile`), which takes less time per draw than op by op.
 
 The recent-token window is an `int32` array of the last `win_size` tokens,
 padded on the left with `-1` (which never matches a token), so its shape is

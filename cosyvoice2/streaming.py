@@ -150,12 +150,11 @@ def overlap_enabled() -> bool:
     """Whether streaming runs the LLM in its own thread by default: only when
     `COSYVOICE2_STREAM_LLM_THREAD=1` (and on a CPU device with >= 2 cores).
 
-    Off by default because on the 2-core machine it measured slower: the flow's two
-    branch threads already use both cores, so the LLM thread only competes with them
-    (full size, 3 s prompt, 5 s of speech, saved speaker, 10-token first hop; quiet,
-    2026-11-27, runs quiet-2026-11-27-s9 and -s9-serial): first chunk 22.8 s against
-    7.9 s serial, whole stream 52.7 s against 50.1 s. It can pay where the flow leaves
-    cores idle (more cores than its two threads use).
+    Off by default because on a 2-core machine it was slower, for the first chunk
+    and the whole stream: the flow's two branch threads already use both cores, so
+    the LLM thread only competes with them. It can pay where the flow leaves cores
+    idle (more cores than its two threads use); measure it with the bench
+    (`bench/README.md`) before turning it on.
     """
     if os.environ.get("COSYVOICE2_STREAM_LLM_THREAD", "0") != "1":
         return False

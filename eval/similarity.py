@@ -11,7 +11,7 @@ comparable (the paper's SIM values are only comparable to `wavlm-ecapa`):
   encoder is reported as unavailable with the reason, never replaced silently.
 - `resemblyzer`: Resemblyzer's GE2E voice encoder, which ships its weights in the PyPI
   package, so it runs offline anywhere. Runs torch with one thread (with two threads on a
-  loaded 2-core machine it was about 200x slower).
+  loaded 2-core machine its spinning threads slowed it many-fold).
 """
 
 from __future__ import annotations

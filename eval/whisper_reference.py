@@ -3,7 +3,7 @@
 The decoding matches `eval.asr.MLXWhisper`: language forced, greedy at temperature 0,
 no conditioning on previous text, timestamps on, the same 16 kHz resampling
 (`eval.audio.load_audio`). `transcribe_in_subprocess` runs it in a child process with
-`LD_PRELOAD` removed: OpenBLAS preloaded for MLX slows CTranslate2 down by 2.5x here,
+`LD_PRELOAD` removed: OpenBLAS preloaded for MLX slows CTranslate2 down,
 and the child can run while the parent transcribes with MLX.
 
     python -m eval.whisper_reference MODEL_DIR LANG WAV... > transcripts.json

@@ -23,58 +23,34 @@ caches the prompt's and earlier chunks' per-layer state can be added beside it
 and tested against it.
 
 Where the time goes (full size, one CFG estimator call = one Euler step, batch 2
-x 400 frames, i.e. a 3 s prompt + 5 s of speech; measured 2026-11-27 on the
-2-core AVX2 x86_64 machine with OpenBLAS preloaded, while other jobs kept its
-load average at 3-8, so single runs vary by +-30% and only interleaved
-comparisons are meaningful):
+x 400 frames, i.e. a 3 s prompt + 5 s of speech). Measured times belong in the
+bench's results files (`bench/README.md`); this is what they are made of:
 
-- Work: about 71 G multiply-adds per step (142 GFLOP), 92% of it in the 56
-  transformer blocks (q/k/v and output projections 36%, feed-forward 36%,
-  attention scores and values 28% at 400 frames), the rest in the 14 causal
-  resnet blocks. Ten steps are 1.42 TFLOP; the encoder adds about 20 GFLOP once.
-- MLX's own element-wise transcendentals are the trap on this CPU: `exp` 50,
-  `erf` 127, `tanh` 66, `sigmoid` 66, `logaddexp` 98 ns per element, against
-  0.3 ns for an add. Each step needs 143 M softmax exponentials, 46 M GELUs and
-  6 M Mish values: with MLX ops one estimator call took 32.6 s, 11.5 s with
-  those functions replaced by ReLU (same loaded session). The numba kernels
-  (`cpu_kernels`) compute them at 1-2 ns per element per thread, within 1.5e-6
-  of the exact functions; the call is then GEMM-bound.
-- One thread each (`OPENBLAS_NUM_THREADS=1`, torch 1 thread), CPU time of one
-  estimator call, interleaved runs: ours 3.2-4.0 s, the official PyTorch
-  2.6-3.9 s (ours 1.03-1.26x). Per transformer block: ours 52-60 ms (attention
-  37-41: fused q/k/v GEMM 9-10, scores 6-7, softmax kernel 5-6, values 6.5-9,
-  output projection 4.5-5; feed-forward 13.5-16), torch 46 ms (attention 30
-  with its fused flash-attention kernel, feed-forward 14). Two threads each
-  (load 2.4-3): ours 2.0-2.6 s wall per call, the official 1.7 s at best and
-  13.4 s when its threads collapsed.
-- Whole `inference`, 75 prompt + 125 new tokens, 10 steps: one thread each,
-  ours 59 s (49.6 s CPU), official 37.5 s (33.9 s CPU); two threads each,
-  interleaved, ours 44-80 s, official 134-220 s (its OpenMP threads wait on
-  each other when the cores are shared). None of these are quiet-machine
-  figures (NOTES.md: official 10.3 s there).
+- Work (from the shapes): about 71 G multiply-adds per step, most of it in the 56
+  transformer blocks (q/k/v and output projections, feed-forward, and attention
+  scores and values at 400 frames), the rest in the 14 causal resnet blocks; ten
+  steps, plus the encoder once.
+- MLX's own element-wise transcendentals (`exp`, `erf`, `tanh`, `sigmoid`,
+  `logaddexp`) are slow paths on this CPU, orders of magnitude slower per element
+  than an add, and each step needs about 143 M softmax exponentials, 46 M GELUs and
+  6 M Mish values: with MLX ops they, not the GEMMs, dominated a step. The numba
+  kernels (`cpu_kernels`) compute them within 1.5e-6 of the exact functions; the
+  call is then GEMM-bound.
 - Two cores: batched, only the GEMMs used both (OpenBLAS threads) while MLX's
-  element-wise ops and the kernel hand-offs ran on one, the other spinning. The
-  two CFG branches now run on two threads with single-threaded BLAS
-  (`cosyvoice2.branches`): 1.87-1.92 s per call instead of 2.3-2.9 (quiet); the
-  whole flow, 10 steps, 3.57 s per second of audio against the official 3.4-4.0
-  on the same machine (`bench/README.md`, 2026-11-27).
-- Few frames (the streaming cache's calls: 50-70 new frames on a cached prompt).
-  With the optional extension (`kernels/`), each transformer block is one
+  element-wise ops and the kernel hand-offs ran on one, the other spinning. So the
+  two CFG branches run on two threads with single-threaded BLAS
+  (`cosyvoice2.branches`).
+- Few frames (the streaming cache's calls: 50-70 new frames on a cached prompt):
+  fixed costs per call (dispatch, layout copies, hand-offs) weigh more than at 400
+  frames. With the optional extension (`kernels/`), each transformer block is one
   `transformer_block` node (panel GEMM over weights packed once, block attention over
   the cached keys/values, LayerNorm and GELU in C++, residuals in place) and the
   remaining projections and row ops are extension nodes too, so a step is built
-  lazily without a numba hand-off. One CFG branch, one thread, 70 new frames on 100
-  cached: 0.19-0.24 s per Euler step; both branches on two threads 0.22-0.30 s (the
-  same process without the extension: 0.39-0.52; quiet machine, 2026-11-27,
-  interleaved). Per block about 3 ms, of which the GEMMs (65-77 GFLOP/s on one core)
-  take 2 and the attention over 170 keys 0.6. Without the extension: numba kernels
-  and MLX matmuls (OpenBLAS re-packing every weight per call), 0.28-0.37 s per
-  branch step in the previous profile.
-- The issue's target (flow <= 1.2 s per second of audio at 10 steps) means 6 s
-  for the 1.42 TFLOP above, i.e. 237 GFLOP/s sustained: above this machine's
-  best fp32 GEMM rate (181 GFLOP/s, 1024x1024, 2 threads, quiet), so it is not
-  reachable here in fp32 with the official algorithm (bf16/int8 matmuls are
-  slower still on MLX-CPU). Fewer steps (`n_timesteps`) scale the cost linearly.
+  lazily without a numba hand-off. Without the extension: numba kernels and MLX
+  matmuls (OpenBLAS re-packing every weight per call).
+- In fp32 with the official algorithm the flow is bound by the machine's GEMM
+  rate; fewer steps (`n_timesteps`) scale its cost linearly (bf16 and int8 matmuls
+  are slower paths still on MLX-CPU).
 """
 
 from cosyvoice2.flow.decoder import CausalConditionalDecoder, ConditionalDecoder

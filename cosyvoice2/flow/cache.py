@@ -38,10 +38,11 @@ Keys and values are kept per layer as the list of blocks in which they were
 computed (`_Walk.keys_values`, `_Walk.kv_blocks`): attention runs over the blocks
 without joining them, so a chunk reads the cache but never copies it.
 
-Memory: per estimator attention block and Euler step the keys and values of
-both CFG branches, `2 * 2 * heads * head_dim * 4` bytes per frame (8 KiB for
-CosyVoice2's 8 x 64): with 64 blocks and 10 steps about 5.2 MB per mel frame
-(50 per second), e.g. 2 GB for a 3 s prompt and 5 s of speech.
+Memory (arithmetic from the shapes, not a measurement): per estimator attention
+block and Euler step the keys and values of both CFG branches,
+`2 * 2 * heads * head_dim * 4` bytes per frame (8 KiB for CosyVoice2's 8 x 64): with
+64 blocks and 10 steps about 5.2 MB per mel frame (50 per second), e.g. 2 GB for a
+3 s prompt and 5 s of speech.
 
 The prompt's committed state depends only on the prompt (tokens, mel,
 x-vector) and `n_timesteps`, so `prompt_state` computes it once per speaker.

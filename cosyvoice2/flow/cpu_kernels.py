@@ -1,15 +1,14 @@
 """Vectorised CPU kernels (numba) for the flow's transcendental element-wise work.
 
 Why: MLX 0.32.4 on Linux x86_64 evaluates `exp`, `erf`, `tanh`, `sigmoid` and
-`log1p` at 50-130 ns per element (its CPU backend has no vectorised
+`log1p` one scalar call per element (its CPU backend has no vectorised
 transcendental path there, and `mx.compile`'s CPU kernels are built without
 `-march`, so they stay scalar), while a 256-wide matmul costs less per element.
 In the CFM estimator at full size (batch 2 x 400 frames) one Euler step computes
 about 143 M softmax exponentials, 46 M GELUs and 6 M Mish values, which made
-element-wise functions about 60% of the step time. These kernels compute the
+element-wise functions the larger part of the step time. These kernels compute the
 same functions with polynomial/rational approximations written so LLVM
-vectorises them (AVX2 here) and spread over the cores by a small thread pool: about
-0.3-1.3 ns per element, 40x or more faster than the MLX ops.
+vectorises them (AVX2 here) and spread over the cores by a small thread pool.
 
 Accuracy (float32): `exp` is `2^n * p(r)` with `|r| <= ln2/2` and a degree-6
 Taylor polynomial (relative error about 2e-7); `erf` is the rational
@@ -21,11 +20,10 @@ The kernels take numpy views of evaluated MLX arrays and write into a separate
 output buffer; `cosyvoice2.flow.ops` decides when to use them (CPU device and
 numba importable) and falls back to the MLX ops otherwise (Metal, or no numba).
 They are serial `nogil` functions over a range of rows: `run_rows` splits the
-rows over a small thread pool. (numba's `parallel=True` compiled twice as
-slowly, about 75 s for the five kernels on a loaded 2-core machine, and its
-single-thread code was slower.) numba comes with librosa, a dependency of the
-package; compiled kernels are cached on disk (`cache=True`), so only the first
-process on a machine pays the compile time (about 10-30 s).
+rows over a small thread pool. (numba's `parallel=True` compiled more slowly,
+and its single-thread code was slower.) numba comes with librosa, a dependency of
+the package; compiled kernels are cached on disk (`cache=True`), so only the first
+process on a machine pays the compile time.
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ first T frames. Torch's CPU generator for this call is reproduced in numpy:
 The result equals torch's within 4.8e-7 (float32 rounding of log/cos/sin; tested
 against torch in `tests/test_flow_noise.py`).
 
-Why computed rather than shipped: it takes about 0.1 s once per process (cached
-here), against a 4.8 MB float32 asset in the package; and an fp16 or compressed
-copy would not be the same numbers. No global random state is touched: the
+Why computed rather than shipped: it is computed once per process (cached here)
+instead of shipping a float32 asset of the whole buffer in the package; and an fp16
+or compressed copy would not be the same numbers. No global random state is touched: the
 generator is a local `numpy.random.MT19937`.
 """
 

@@ -8,22 +8,21 @@ the `cosyvoice2.flow` package docstring):
 
 - An undilated `mx.conv1d` with kernel 3 runs at GEMM speed (measured equal to an
   unfold + matmul formulation), so the causal convolutions use it after a left pad.
-- `mx.conv_transpose1d` is a slow path on CPU (about 1.2 GFLOP/s). CosyVoice2's
+- `mx.conv_transpose1d` is a slow path on CPU. CosyVoice2's
   estimator has one resolution level and never uses it; the multi-level
   `ConditionalDecoder` does (`Upsample1D`), through the shared fast route
   `cosyvoice2.ops.conv_transpose1d` (the one HiFT uses).
 - Float32 projections (`dense`: `nn.Linear`, 1x1 `nn.Conv1d`) run the panel GEMM of
   the optional `cosyvoice2_kernels` when it is built: weights packed once per layer
-  (`pack_panels`), 65-77 GFLOP/s on one core at the streaming cache's 60-70 rows,
-  where MLX's matmul (OpenBLAS re-packing the weights per call) gave 36-70 in the
-  same session. Without the extension (or with `COSYVOICE2_KERNELS=0`) they are
-  MLX's matmul.
+  (`pack_panels`), which at the streaming cache's 60-70 rows saves what MLX's
+  matmul spends re-packing the weights (OpenBLAS) on every call. Without the
+  extension (or with `COSYVOICE2_KERNELS=0`) they are MLX's matmul.
 - With the extension, `layer_norm` (and Mish) and `gelu` are its operations too, so a
   transformer block is lazy end to end (a numba kernel needs an evaluation and a
-  buffer hand-off per call, about 60 us each at 60-70 frames, 3 per block).
+  buffer hand-off per call, 3 per block).
 - Transcendental element-wise functions (`exp`, `erf`, `tanh`, `sigmoid`,
-  `log1p`) cost MLX-CPU 50-130 ns per element, more than a 256-wide matmul per
-  element. `softmax`, `gelu`, `silu`, `mish` and `layer_norm` here therefore
+  `log1p`) are slow paths on MLX-CPU, costing more per element than a 256-wide
+  matmul does. `softmax`, `gelu`, `silu`, `mish` and `layer_norm` here therefore
   run the numba kernels of `cpu_kernels` when the default device is the CPU and
   numba imports (`use_cpu_kernels`), and the MLX ops otherwise (Metal; or
   `COSYVOICE2_FLOW_KERNELS=0`). Both routes are tested against each other.

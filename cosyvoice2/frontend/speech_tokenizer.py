@@ -111,7 +111,7 @@ def _rotate(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 def _fsmn_taps(padded: mx.array, v: mx.array, taps: mx.array) -> mx.array:
     """`v + sum_j padded[:, j : j + T] * taps[:, j]`: the FSMN's depthwise kernel as fused shifted products.
 
-    Compiled into one kernel: about 4x faster on CPU than separate ops, 2.5x than a grouped conv.
+    Compiled into one kernel: on CPU, faster than separate ops or a grouped conv.
     """
     t = v.shape[1]
     out = v

@@ -2,7 +2,7 @@
 //
 // On the CPU, MLX builds mx.fast.rms_norm, mx.fast.rope and
 // mx.fast.scaled_dot_product_attention from its basic ops (about 7, 20 and 10 graph
-// nodes), which costs about 30-200 us per call at decode shapes; one decode step of
+// nodes), a fixed cost per call that weighs at decode shapes; one decode step of
 // a 24-layer model has about 120 of them. Each operation here is one node.
 // All compute in float32 and return float32.
 #pragma once
