@@ -69,7 +69,8 @@ def english_prompt_set(min_words: int = 5, limit: int | None = None) -> TestSet:
 
     Left out: prompts in sub-folders, transcripts with a bracketed description
     ("[ascending tones]"), digits or symbols (a transcript that spells "#" or "1"
-    differently from the ASR is not a recognition error). Sorted by name; each
+    differently from the ASR is not a recognition error), and transcripts whose
+    recording the wav package does not ship (Debian's lists one such prompt). Sorted by name; each
     utterance's prompt and target are the same clip and text, so a copy synthesis
     of this set is a pure ASR check.
     """

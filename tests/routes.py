@@ -4,8 +4,9 @@
   where it is built). Skips, as a kernel test, where the extension is not built.
 - `plain`: the CPU without the extension (`COSYVOICE2_KERNELS=0`): MLX's ops plus
   the numba row kernels, what a CPU without a compiler runs.
-- `composed`: MLX's composed ops alone, neither the extension nor numba: the route
-  Metal takes on a Mac.
+- `composed`: MLX's composed ops alone, as on Metal: neither the extension nor numba,
+  MLX's native convolutions (`cosyvoice2.ops` fast paths off) and no CFG-branch or
+  resblock threads (`cosyvoice2.branches` off).
 
 The speech LM picks its layers at load (`fastlinear.use_kernels`), so a test that
 builds our LLM inside `on_route` gets that route's layers; `fastlinear.mlx_ops()`
@@ -46,8 +47,12 @@ def on_route(route: str) -> Iterator[None]:
     try:
         mp.setenv(fastlinear.ENV, "0")
         if route == "composed":
+            from cosyvoice2 import ops as shared_ops
+
             mp.setattr(ops, "_KERNELS", False)
-            assert not ops.use_cpu_kernels()
+            mp.setenv("COSYVOICE2_FLOW_BRANCH_THREADS", "0")
+            mp.setattr(shared_ops, "_FORCE", False)
+            assert not ops.use_cpu_kernels() and not shared_ops.fast_paths_enabled()
         assert ops.cpu_extension() is None
         with fastlinear.mlx_ops():
             yield

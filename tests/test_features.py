@@ -16,13 +16,21 @@ Asterisk prompts), and input changes of 1e-7 (one resampler against another)
 move them by up to 4e-3. Whisper log-mel floors its values 8 decades below
 the maximum, so it must be within 1e-4 everywhere; so must the mel of noise,
 which has no quiet bins.
+
+Every comparison is a power check (`tests.power`): the same measure with one
+small bug in our side must exceed its tolerance 10x (a symmetric instead of
+periodic Hann window for the flow mel; the mel filters' upper edge 40 Hz low for
+Whisper and the filterbank itself; a pre-emphasis of 0.96 instead of 0.97 and a
+Hann instead of Povey window for Kaldi fbank; a resampler roll-off of 0.98
+instead of 0.99). References are checked first to be in the range of real
+features (`assert_log_range`). Real speech comes from `tests.speech`: every
+named clip, or a skip naming the package to install.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import shutil
-import subprocess
 from pathlib import Path
 
 import mlx.core as mx
@@ -31,12 +39,18 @@ import pytest
 
 from cosyvoice2.errors import InputError
 from cosyvoice2.frontend import audio, features
+from tests.power import assert_power, patched
+from tests.speech import asterisk_clips, asterisk_path
+from tests.speech import espeak_wav as make_espeak_wav
 
 DATA = Path(__file__).parent / "data" / "frontend"
-ASTERISK = Path("/usr/share/asterisk/sounds/en")
 SPEECH_CLIPS = ["vm-forward-multiple.wav", "agent-newlocation.wav"]
+ESPEAK_TEXT = "The quick brown fox jumps over the lazy dog, and then it rests for a while."
 STRONG_RANGE = 8.0  # nats below the maximum where the 1e-4 bound applies
 TOL, FLOOR_TOL = 1e-4, 1e-2
+KNF_TOL = 2e-4  # kaldi-native-fbank against torchaudio: see test_fbank_matches_kaldi_native_fbank
+RESAMPLE_TOL = 1e-4
+FILTER_TOL = 1e-8
 
 
 @pytest.fixture(scope="module")
@@ -45,44 +59,92 @@ def torchaudio_ref() -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
-def _asterisk(name: str, sr: int) -> np.ndarray:
-    path = ASTERISK / name
-    if not path.exists():
-        pytest.skip(f"Debian asterisk-core-sounds-en-wav not installed ({path})")
-    return audio.load_prompt_wav(path, sr)
-
-
 @pytest.fixture(scope="module")
 def espeak_wav(tmp_path_factory) -> Path:
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        pytest.skip("espeak-ng not installed")
-    path = tmp_path_factory.mktemp("espeak") / "espeak.wav"
-    text = "The quick brown fox jumps over the lazy dog, and then it rests for a while."
-    subprocess.run([exe, "-v", "en-us", "-w", str(path), text], check=True, capture_output=True)
-    return path
+    return make_espeak_wav(ESPEAK_TEXT, tmp_path_factory.mktemp("espeak"))
 
 
-def _signals(sr: int, espeak_wav: Path | None = None) -> dict[str, np.ndarray]:
+def _signals(sr: int, espeak_wav: Path) -> dict[str, np.ndarray]:
+    """Gaussian noise, every clip of `SPEECH_CLIPS` and the espeak-ng sentence, at `sr`."""
     rng = np.random.default_rng(7)
     out = {"noise": (0.1 * rng.standard_normal(3 * sr)).astype(np.float32)}
-    for name in SPEECH_CLIPS:
-        if (ASTERISK / name).exists():
-            out[name] = audio.load_prompt_wav(ASTERISK / name, sr)
-    if espeak_wav is not None:
-        out["espeak"] = audio.load_prompt_wav(espeak_wav, sr)
+    out.update(asterisk_clips(SPEECH_CLIPS, sr))
+    out["espeak"] = audio.load_prompt_wav(espeak_wav, sr)
     return out
 
 
-def assert_log_close(ours: np.ndarray, ref: np.ndarray, what: str, strong_tol: float = TOL) -> None:
+def log_errors(ours: np.ndarray, ref: np.ndarray, what: str) -> tuple[float, float]:
+    """(max abs error within `STRONG_RANGE` of the reference's maximum, max abs error)."""
     assert ours.shape == ref.shape, f"{what}: shape {ours.shape} != reference {ref.shape}"
     err = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
     strong = ref >= ref.max() - STRONG_RANGE
-    strong_err = float(err[strong].max())
+    return float(err[strong].max()), float(err.max())
+
+
+def assert_log_close(ours: np.ndarray, ref: np.ndarray, what: str, strong_tol: float = TOL) -> None:
+    strong_err, all_err = log_errors(ours, ref, what)
     assert strong_err <= strong_tol, (
         f"{what}: max abs error {strong_err:.3g} within {STRONG_RANGE} nats of the maximum"
     )
-    assert float(err.max()) <= FLOOR_TOL, f"{what}: max abs error {err.max():.3g} over all elements"
+    assert all_err <= FLOOR_TOL, f"{what}: max abs error {all_err:.3g} over all elements"
+
+
+def assert_log_range(ref: np.ndarray, what: str, floor: float, top: tuple[float, float]) -> None:
+    """A reference log feature looks real: nothing below the function's floor, maximum in `top`."""
+    assert float(ref.min()) >= floor - 1e-3, f"{what}: reference minimum {ref.min():.3g} < {floor}"
+    assert top[0] <= float(ref.max()) <= top[1], (
+        f"{what}: reference maximum {ref.max():.3g} not in {top}"
+    )
+
+
+# Ranges of real features at a normal level (measured on the Asterisk and espeak clips).
+MEL_FLOOR, MEL_TOP = float(np.log(np.float32(1e-5))), (-1.0, 3.0)  # speech: max 1.3-2.2
+FBANK_FLOOR, FBANK_TOP = float(np.log(np.finfo(np.float32).eps)), (0.0, 8.0)  # 2.5-5.2
+# Whisper: (log10 + 4) / 4 floored 2 units below the maximum; speech max 1.3-1.5
+WHISPER_TOP = (0.5, 2.5)
+
+
+# -- the bugs of the power checks (our side only)
+
+
+def symmetric_window_bug():
+    """Our Hann windows symmetric (`periodic=False`) where the official ones are periodic."""
+    original = features._hann
+    return patched(features, "_hann", lambda n, periodic: original(n, False))
+
+
+def mel_filter_edge_bug(delta_hz: float = 40.0):
+    """Our Slaney mel filters with the upper edge `delta_hz` low (fmax, or Nyquist by default)."""
+    original = features.slaney_mel_filters
+
+    def filters(sr, n_fft, n_mels, fmin=0.0, fmax=None):
+        return original(sr, n_fft, n_mels, fmin, (fmax if fmax is not None else sr / 2) - delta_hz)
+
+    return patched(features, "slaney_mel_filters", filters)
+
+
+def preemphasis_bug():
+    """Our Kaldi fbank's pre-emphasis 0.96 instead of 0.97 (its default argument)."""
+    code = features.kaldi_fbank.__code__
+    defaults = dict(zip(code.co_varnames[1 : code.co_argcount], features.kaldi_fbank.__defaults__))
+    assert defaults["preemphasis"] == 0.97
+    defaults["preemphasis"] = 0.96
+    return patched(features.kaldi_fbank, "__defaults__", tuple(defaults.values()))
+
+
+def hann_for_povey_bug():
+    """Kaldi's Povey window (Hann ** 0.85) replaced by the plain symmetric Hann window."""
+    return patched(features, "_povey", lambda n: features._hann(n, periodic=False))
+
+
+@contextlib.contextmanager
+def rolloff_bug():
+    """The resampler's low-pass roll-off 0.98 instead of 0.99 (its kernel cache bypassed)."""
+    with (
+        patched(audio, "_ROLLOFF", 0.98),
+        patched(audio, "_sinc_kernel", audio._sinc_kernel.__wrapped__),
+    ):
+        yield
 
 
 # ---------------------------------------------------------------------------
@@ -91,17 +153,27 @@ def assert_log_close(ours: np.ndarray, ref: np.ndarray, what: str, strong_tol: f
 
 def test_slaney_filters_match_librosa():
     librosa = pytest.importorskip("librosa")
-    for sr, n_fft, n_mels, fmax in [
-        (16000, 400, 128, None),
-        (16000, 400, 80, None),
-        (24000, 1920, 80, 8000.0),
-    ]:
-        ours = features.slaney_mel_filters(sr, n_fft, n_mels, 0.0, fmax)
-        ref = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=0.0, fmax=fmax)
-        assert ours.shape == ref.shape
-        assert np.abs(ours - ref).max() <= 1e-8, (
-            f"filters sr={sr} n_fft={n_fft}: {np.abs(ours - ref).max()}"
-        )
+    cases = [(16000, 400, 128, None), (16000, 400, 80, None), (24000, 1920, 80, 8000.0)]
+    refs = [
+        librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=0.0, fmax=fmax)
+        for sr, n_fft, n_mels, fmax in cases
+    ]
+
+    def err() -> float:
+        worst = 0.0
+        for (sr, n_fft, n_mels, fmax), ref in zip(cases, refs):
+            ours = features.slaney_mel_filters(sr, n_fft, n_mels, 0.0, fmax)
+            assert ours.shape == ref.shape
+            worst = max(worst, float(np.abs(ours - ref).max()))
+        return worst
+
+    assert_power(
+        "Slaney mel filters vs librosa",
+        err,
+        FILTER_TOL,
+        mel_filter_edge_bug(),
+        "upper edge 40 Hz low",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -117,8 +189,10 @@ def test_mel_matches_matcha(espeak_wav):
     from matcha.utils.audio import mel_spectrogram
 
     cfg = features.MelConfig()
-    for name, x in _signals(24000, espeak_wav).items():
-        ref = mel_spectrogram(
+    signals = _signals(24000, espeak_wav)
+    refs = {}
+    for name, x in signals.items():
+        refs[name] = mel_spectrogram(
             torch.from_numpy(x)[None],
             cfg.n_fft,
             cfg.num_mels,
@@ -129,10 +203,27 @@ def test_mel_matches_matcha(espeak_wav):
             cfg.fmax,
             center=False,
         ).numpy()
+        if name != "noise":
+            assert_log_range(refs[name], f"mel {name}", MEL_FLOOR, MEL_TOP)
+    for name, x in signals.items():
         ours = np.array(features.mel_spectrogram(x, cfg))
-        assert_log_close(ours, ref, f"mel {name}")
+        assert_log_close(ours, refs[name], f"mel {name}")
         if name == "noise":  # no quiet bins: 1e-4 everywhere
-            assert np.abs(ours - ref).max() <= TOL
+            assert np.abs(ours - refs[name]).max() <= TOL
+
+    def err() -> float:
+        return max(
+            log_errors(np.array(features.mel_spectrogram(x, cfg)), refs[n], n)[0]
+            for n, x in signals.items()
+        )
+
+    assert_power(
+        "flow mel vs matcha (within 8 nats of the maximum)",
+        err,
+        TOL,
+        symmetric_window_bug(),
+        "symmetric Hann window",
+    )
 
 
 def test_mel_batch_and_frame_count():
@@ -155,12 +246,28 @@ def test_whisper_log_mel_matches_s3tokenizer(espeak_wav):
     import s3tokenizer
     import torch
 
-    for name, x in _signals(16000, espeak_wav).items():
-        ref = s3tokenizer.log_mel_spectrogram(torch.from_numpy(x), n_mels=128).numpy()
-        ours = np.array(features.whisper_log_mel(x))
-        assert ours.shape == ref.shape == (128, len(x) // 160)
-        err = np.abs(ours - ref).max()
-        assert err <= TOL, f"whisper log-mel {name}: max abs error {err:.3g}"
+    signals = _signals(16000, espeak_wav)
+    refs = {}
+    for name, x in signals.items():
+        refs[name] = s3tokenizer.log_mel_spectrogram(torch.from_numpy(x), n_mels=128).numpy()
+        assert refs[name].shape == (128, len(x) // 160)
+        top = float(refs[name].max())
+        if name != "noise":
+            assert_log_range(refs[name], f"whisper log-mel {name}", top - 2.0, WHISPER_TOP)
+
+    def err() -> float:
+        return max(
+            float(np.abs(np.array(features.whisper_log_mel(x)) - refs[n]).max())
+            for n, x in signals.items()
+        )
+
+    assert_power(
+        "Whisper log-mel vs s3tokenizer",
+        err,
+        TOL,
+        mel_filter_edge_bug(),
+        "mel filters' upper edge 40 Hz low",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -181,32 +288,79 @@ def _knf_fbank(x: np.ndarray) -> np.ndarray:
 
 def test_fbank_matches_torchaudio(torchaudio_ref):
     """The official function's outputs (stored): 1e-4 within 8 nats of the maximum, 1e-2 everywhere."""
-    for name in ("speechlike", "noise"):
+    names = ("speechlike", "noise")
+    for name in names:
+        ref = torchaudio_ref[f"fbank_{name}_out"]
+        assert_log_range(ref, f"fbank {name}", FBANK_FLOOR, FBANK_TOP)
         ours = np.array(features.kaldi_fbank(torchaudio_ref[f"fbank_{name}_in"]))
-        assert_log_close(ours, torchaudio_ref[f"fbank_{name}_out"], f"fbank {name} vs torchaudio")
+        assert_log_close(ours, ref, f"fbank {name} vs torchaudio")
+
+    def err() -> float:
+        return max(
+            log_errors(
+                np.array(features.kaldi_fbank(torchaudio_ref[f"fbank_{n}_in"])),
+                torchaudio_ref[f"fbank_{n}_out"],
+                n,
+            )[0]
+            for n in names
+        )
+
+    assert_power(
+        "Kaldi fbank vs torchaudio (within 8 nats)",
+        err,
+        TOL,
+        preemphasis_bug(),
+        "pre-emphasis 0.96",
+    )
 
 
 def test_fbank_matches_torchaudio_on_real_speech(torchaudio_ref):
-    path = ASTERISK / "vm-login.wav"
-    if not path.exists():
-        pytest.skip(f"Debian asterisk-core-sounds-en-wav not installed ({path})")
+    path = asterisk_path("vm-login.wav")
     if hashlib.sha256(path.read_bytes()).hexdigest() != str(
         torchaudio_ref["fbank_asterisk_sha256"]
     ):
         pytest.skip(f"{path} is not the recording the reference was made from")
-    ours = np.array(features.kaldi_fbank(audio.load_prompt_wav(path, 16000)))
-    assert_log_close(ours, torchaudio_ref["fbank_asterisk_out"], "fbank vm-login.wav vs torchaudio")
+    ref = torchaudio_ref["fbank_asterisk_out"]
+    assert_log_range(ref, "fbank vm-login.wav", FBANK_FLOOR, FBANK_TOP)
+    speech = audio.load_prompt_wav(path, 16000)
+    assert_log_close(
+        np.array(features.kaldi_fbank(speech)), ref, "fbank vm-login.wav vs torchaudio"
+    )
+    assert_power(
+        "Kaldi fbank vs torchaudio, real speech (within 8 nats)",
+        lambda: log_errors(np.array(features.kaldi_fbank(speech)), ref, "vm-login.wav")[0],
+        TOL,
+        preemphasis_bug(),
+        "pre-emphasis 0.96",
+    )
 
 
 def test_fbank_matches_kaldi_native_fbank(espeak_wav):
     """A second, live Kaldi implementation. It is itself up to 1.44e-4 away from torchaudio's fbank within
     8 nats of the maximum (measured on two Asterisk prompts, where we are within 4e-5 of torchaudio), so the
-    bound there is 2e-4."""
-    for name, x in _signals(16000, espeak_wav).items():
-        ref = _knf_fbank(x)
+    bound there is 2e-4 (measured: 6e-5 to 1.4e-4)."""
+    signals = _signals(16000, espeak_wav)
+    refs = {name: _knf_fbank(x) for name, x in signals.items()}
+    for name, x in signals.items():
+        assert_log_range(refs[name], f"knf fbank {name}", FBANK_FLOOR, FBANK_TOP)
         ours = np.array(features.kaldi_fbank(x))
         assert ours.shape == (1 + (len(x) - 400) // 160, 80)
-        assert_log_close(ours, ref, f"fbank {name} vs kaldi-native-fbank", strong_tol=2e-4)
+        assert_log_close(
+            ours, refs[name], f"fbank {name} vs kaldi-native-fbank", strong_tol=KNF_TOL
+        )
+
+    def err() -> float:
+        return max(
+            log_errors(np.array(features.kaldi_fbank(x)), refs[n], n)[0] for n, x in signals.items()
+        )
+
+    assert_power(
+        "Kaldi fbank vs kaldi-native-fbank (within 8 nats)",
+        err,
+        KNF_TOL,
+        hann_for_povey_bug(),
+        "Hann window for Povey",
+    )
 
 
 def test_campplus_features_are_mean_normalised():
@@ -229,12 +383,18 @@ def test_resample_matches_torchaudio(torchaudio_ref):
         if k.startswith("resample_") and k.endswith("_in")
     ]
     assert len(pairs) >= 8
-    for pair in pairs:
-        orig, new = (int(v) for v in pair.split("_")[-2:])
-        x, ref = torchaudio_ref[f"resample_{pair}_in"], torchaudio_ref[f"resample_{pair}_out"]
-        ours = audio.resample(x, orig, new)
-        assert ours.shape == ref.shape, f"{pair}: {ours.shape} != {ref.shape}"
-        assert np.abs(ours - ref).max() <= 1e-4, f"resample {pair}: {np.abs(ours - ref).max():.3g}"
+
+    def err() -> float:
+        worst = 0.0
+        for pair in pairs:
+            orig, new = (int(v) for v in pair.split("_")[-2:])
+            x, ref = torchaudio_ref[f"resample_{pair}_in"], torchaudio_ref[f"resample_{pair}_out"]
+            ours = audio.resample(x, orig, new)
+            assert ours.shape == ref.shape, f"{pair}: {ours.shape} != {ref.shape}"
+            worst = max(worst, float(np.abs(ours - ref).max()))
+        return worst
+
+    assert_power("resample vs torchaudio", err, RESAMPLE_TOL, rolloff_bug(), "roll-off 0.98")
 
 
 def test_resample_same_rate_and_sine():

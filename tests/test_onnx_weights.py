@@ -3,6 +3,10 @@
 A hand-built graph checks each rule without torch; the synthetic exports (made
 the way the real files were) check that the reader recovers every PyTorch
 parameter under its `state_dict` name, through the generated initializer names.
+The export comparisons count the parameters that are missing, extra or unequal,
+and are power checks (`tests.power`): with `MatMul` weights left in the file's
+(in, out) layout, or a `Sequential`'s scope not collapsed, the count must reach
+10.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from cosyvoice2 import onnx_weights  # noqa: E402
 from cosyvoice2.onnx_weights import module_path, read_onnx_weights, weights_from_graph  # noqa: E402
+from tests.power import assert_power, wrapped  # noqa: E402
 
 
 def test_module_path():
@@ -186,6 +192,40 @@ def onnx_dir() -> Path:
     return cached_onnx_files("tiny", seed=0)
 
 
+def _matmul_untransposed(original):
+    def put(out, origin, key, value, node):
+        if node.endswith("/MatMul"):
+            value = np.ascontiguousarray(value.T)  # back to the file's (in, out) layout
+        return original(out, origin, key, value, node)
+
+    return put
+
+
+def matmul_layout_bug():
+    """`MatMul` weights returned as stored, (in, out), not as `nn.Linear.weight` (out, in)."""
+    return wrapped(onnx_weights, "_put", _matmul_untransposed)
+
+
+def _scope_kept(original):
+    def path(node_name: str) -> str:
+        return ".".join([p for p in node_name.strip("/").split("/") if p][:-1])
+
+    return path
+
+
+def sequential_scope_bug():
+    """`/head/layer1/layer1.0/conv1/Conv` read as `head.layer1.layer1.0.conv1` (scope not collapsed)."""
+    return wrapped(onnx_weights, "module_path", _scope_kept)
+
+
+def _differences(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> int:
+    """Parameters missing, extra, or of another shape or value."""
+    count = len(set(got) ^ set(expected))
+    for k in set(got) & set(expected):
+        count += not (got[k].shape == expected[k].shape and np.array_equal(got[k], expected[k]))
+    return count
+
+
 def _initializer_names(path: Path) -> set[str]:
     return {t.name for t in onnx.load(str(path), load_external_data=False).graph.initializer}
 
@@ -203,7 +243,6 @@ def test_tokenizer_export_names_and_weights(onnx_dir: Path):
     assert "blocks.0.attn.fsmn_block.weight" in names and "quantizer.project_in.bias" in names
     assert "conv1.weight" not in names
 
-    got = read_onnx_weights(path)
     state = cached_torch_state("speech_tokenizer", "tiny", seed=0)
     expected = {}
     for k, v in state.items():
@@ -211,9 +250,13 @@ def test_tokenizer_export_names_and_weights(onnx_dir: Path):
             "quantizer._codebook.project_down", "quantizer.project_in"
         )
         expected[k] = v
-    assert sorted(got) == sorted(expected)
-    for k, v in expected.items():
-        assert np.array_equal(got[k], v), k
+    assert_power(
+        "ONNX reader vs state dict, S3 tokenizer (parameters wrong)",
+        lambda: _differences(read_onnx_weights(path), expected),
+        0,
+        matmul_layout_bug(),
+        "MatMul weights left (in, out)",
+    )
 
 
 def test_campplus_export_names_and_weights(onnx_dir: Path):
@@ -226,26 +269,38 @@ def test_campplus_export_names_and_weights(onnx_dir: Path):
     assert "xvector.block1.tdnnd1.nonlinear1.batchnorm.running_var" in names
     assert "xvector.transit1.linear.weight" in names and "head.conv1.weight" not in names
 
-    got = read_onnx_weights(path)
     state = cached_torch_state("campplus", "tiny", seed=0)
-    exact = [k for k in got if k in state]
-    assert len(exact) > 300
-    for k in exact:
-        if (
-            k.endswith(".weight")
-            and got[k].ndim > 1
-            and f"{k[:-7]}.bias" in got
-            and f"{k[:-7]}.bias" not in state
-        ):
-            continue  # a conv with a batch norm folded in: checked below
-        assert np.array_equal(got[k], state[k]), k
+
+    def problems(got: dict[str, np.ndarray]) -> int:
+        """Tensors under their PyTorch names that differ, and names that PyTorch does not have
+        (other than the biases of PyTorch's convs and the affine-free batch norm's constants)."""
+        count = 0
+        for k in got:
+            if k not in state:
+                folded_bias = k.endswith(".bias") and f"{k[:-5]}.weight" in state
+                affine_free = k.startswith("xvector.dense.nonlinear.batchnorm.")
+                count += not (folded_bias or affine_free)
+            elif not (
+                k.endswith(".weight")
+                and got[k].ndim > 1
+                and f"{k[:-7]}.bias" in got
+                and f"{k[:-7]}.bias" not in state
+            ):  # (a conv with a batch norm folded in is checked below)
+                count += not np.array_equal(got[k], state[k])
+        return count
+
+    got = read_onnx_weights(path)
+    assert len([k for k in got if k in state]) > 300
     # head.conv1 + head.bn1 folded by the exporter
     scale = state["head.bn1.weight"] / np.sqrt(state["head.bn1.running_var"] + 1e-5)
     folded_w = state["head.conv1.weight"] * scale[:, None, None, None]
     folded_b = state["head.bn1.bias"] - state["head.bn1.running_mean"] * scale
     assert np.abs(got["head.conv1.weight"] - folded_w).max() <= 1e-6 * np.abs(folded_w).max()
     assert np.abs(got["head.conv1.bias"] - folded_b).max() <= 1e-6 * np.abs(folded_b).max()
-    leftover = sorted(k for k in got if k not in state)
-    assert all(k.endswith((".bias", "dense.nonlinear.batchnorm.weight")) for k in leftover), (
-        leftover
+    assert_power(
+        "ONNX reader vs state dict, CAM++ (parameters wrong)",
+        lambda: problems(read_onnx_weights(path)),
+        0,
+        sequential_scope_bug(),
+        "Sequential scope not collapsed",
     )
