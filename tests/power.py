@@ -80,7 +80,20 @@ def assert_power(
 
 @contextlib.contextmanager
 def patched(obj: Any, name: str, value: Any) -> Iterator[None]:
-    """Set `obj.name = value` for the block, then restore it."""
+    """Set `obj.name = value` for the block, then restore it.
+
+    An MLX `nn.Module` is a dict that keeps its arrays and submodules as items, not
+    in `__dict__`: those are saved and restored as items (MonkeyPatch, which looks
+    in `__dict__`, would delete them on undo).
+    """
+    if isinstance(obj, dict) and name in obj:
+        saved = obj[name]
+        try:
+            setattr(obj, name, value)
+            yield
+        finally:
+            obj[name] = saved
+        return
     mp = pytest.MonkeyPatch()
     try:
         mp.setattr(obj, name, value)
