@@ -257,17 +257,26 @@ class CosyVoice2:
         return speech_tokens(self.speech_tokenizer, speech_16k).astype(mx.int32)
 
     def prompt_from_wav(
-        self, prompt_wav: str | Path | tuple[np.ndarray, int], prompt_text: str = ""
+        self,
+        prompt_wav: str | Path | tuple[np.ndarray, int],
+        prompt_text: str = "",
+        align: bool = True,
     ) -> Prompt:
-        """The official `frontend_zero_shot` prompt side: tokens, mel, x-vector (aligned 2 mel frames per token)."""
+        """The official `frontend_zero_shot` prompt side: tokens, mel, x-vector.
+
+        `align`: cut the mel and the tokens to 2 mel frames per token, as the official
+        `frontend_zero_shot` does; its `frontend_vc` does not (`align=False`), and the
+        flow then takes the prompt mel as it is (one frame more or less than 2 per token).
+        """
         from cosyvoice2.frontend.campplus import speaker_embedding
         from cosyvoice2.frontend.features import mel_spectrogram
 
         speech_16k, speech_24k = self._prompt_audio(prompt_wav)
         feat = mel_spectrogram(speech_24k[None]).transpose(0, 2, 1)  # (1, T, 80)
         tokens = self.speech_tokens(speech_16k)
-        n = min(feat.shape[1] // 2, tokens.shape[1])
-        feat, tokens = feat[:, : 2 * n], tokens[:, :n]
+        if align:
+            n = min(feat.shape[1] // 2, tokens.shape[1])
+            feat, tokens = feat[:, : 2 * n], tokens[:, :n]
         text = self._text_tokens(prompt_text) if prompt_text else _empty_tokens()
         return Prompt(
             embedding=speaker_embedding(self.campplus, speech_16k),
@@ -319,12 +328,12 @@ class CosyVoice2:
         """Compute a saved speaker's LLM prompt prefix and streaming flow prompt state now.
 
         Why: both are otherwise computed by the speaker's first request, which then
-        pays for them in its first-chunk latency. At full size on the 2-core CPU the
-        flow state of a 3 s prompt took 4.5-6.9 s and a 20-token prefix 0.5 s, while
-        a first streaming chunk took 11-13 s cold against 5.5-7.5 s warm. A server
-        calls this once per speaker after loading. The flow state is kept per
-        `n_timesteps` (it depends on the steps), in memory only (about 5 MB per
-        prompt mel frame: too large to save with the speaker).
+        pays for them in its first-chunk latency (the flow state of a prompt is a whole
+        flow pass over the prompt's frames, a large part of a cold first chunk). A
+        server calls this once per speaker after loading. The flow state is kept per
+        `n_timesteps` (it depends on the steps), in memory only (keys and values of
+        every estimator block and step, `cosyvoice2.flow.cache`: too large to save
+        with the speaker).
         """
         prompt, _ = self._speaker_prompt(zero_shot_spk_id)
         self._llm_prefix(zero_shot_spk_id, prompt)
@@ -525,7 +534,7 @@ class CosyVoice2:
         """Voice conversion: the source's speech tokens rendered in the prompt's voice."""
         from cosyvoice2.frontend.audio import load_wav, resample
 
-        prompt = self.prompt_from_wav(prompt_wav)
+        prompt = self.prompt_from_wav(prompt_wav, align=False)  # as the official `frontend_vc`
         if isinstance(source_wav, tuple):
             src = resample(
                 np.asarray(source_wav[0], dtype=np.float32).reshape(-1), int(source_wav[1]), 16000

@@ -21,7 +21,9 @@ Differences with the official code, each an option:
 - the flow: by default the O(n) cache (`cosyvoice2.flow.cache`) computes each
   chunk once; `flow_cache=False` re-runs the flow over prompt + all tokens for
   each chunk, as the official code does (the reference the cache is tested
-  against);
+  against). A prompt whose mel is not 2 frames per token (the official voice
+  conversion keeps it as extracted) always takes the re-running path: the cache
+  commits whole tokens and cannot emit a chunk from an odd frame;
 - the final call: the official code runs it without the streaming flag (full
   attention over everything, a whole non-streaming flow pass at the end). That
   is the default here too (`final_full_attention=True`), so the stream equals the
@@ -288,7 +290,9 @@ def stream_chunks(
     first = sched.first_hop_len if sched.first_hop_len is not None else hop
     prompt_pad = math.ceil(n_prompt / hop) * hop - n_prompt if sched.first_hop_len is None else 0
     full_final = sched.final_full_attention
-    cursor = FlowCursor(model.flow, prompt, n_timesteps, flow_state) if sched.flow_cache else None
+    aligned = prompt.speech_feat.shape[1] == ratio * n_prompt  # not so in voice conversion
+    use_cache = sched.flow_cache and aligned
+    cursor = FlowCursor(model.flow, prompt, n_timesteps, flow_state) if use_cache else None
     got: list[int] = []
     offset = 0
     n_chunk = 0
