@@ -7,6 +7,11 @@ training-only entries are skipped). One deviation from the official loading,
 stated because it matters: `Qwen2Encoder` calls `Qwen2ForCausalLM.from_pretrained`
 on `CosyVoice-BlankEN`; here the model is built from that dir's `config.json`
 with random initial weights instead, since `llm.pt` overwrites every weight anyway.
+
+`official_frontend` builds the official `CosyVoiceFrontEnd` of a model dir and
+`official_cosyvoice2` the official `CosyVoice2` around a frontend and a model (for
+the per-mode frontend and pipeline parity tests); `official_model_inputs` records
+what its modes hand to `CosyVoice2Model.tts`.
 """
 
 from __future__ import annotations
@@ -105,3 +110,84 @@ def load_official(part: str, model_dir: str | Path):
         state = {k.replace("generator.", ""): v for k, v in state.items()}
     module.load_state_dict(state, strict=True)
     return module.eval()
+
+
+def official_frontend(model_dir: str | Path, text_normalizers: bool = True):
+    """The official `CosyVoiceFrontEnd` of an official model dir, built as `CosyVoice2.__init__` builds it.
+
+    The yaml's `get_tokenizer` and `feat_extractor`, `campplus.onnx` and
+    `speech_tokenizer_v2.onnx` on onnxruntime's CPU provider, `spk2info.pt` when the
+    dir has one. torchaudio's `Resample` and Kaldi `fbank` come from the shims
+    (`cosyvoice2.testing.shims`).
+
+    Text normalisation: the reference wheel comments out the creation of its
+    normalisers in `__init__` but `text_normalize` still reads them (it fails with
+    `AttributeError: use_ttsfrd`). With `text_normalizers` they are set as the
+    upstream `__init__` sets them when `ttsfrd` is not installed, with `wetext`
+    (the WeTextProcessing runtime, the FSTs upstream's `tn` package builds) in
+    place of `tn`: `use_ttsfrd = False`, `zh_tn_model = Normalizer(remove_erhua=False)`,
+    `en_tn_model = Normalizer()`, `inflect_parser = inflect.engine()`.
+    """
+    model_dir = Path(model_dir)
+    install_shims()
+    from cosyvoice.cli.frontend import CosyVoiceFrontEnd
+
+    hparams = official_hparams(model_dir)
+    frontend = CosyVoiceFrontEnd(
+        instantiate(hparams["get_tokenizer"]),
+        instantiate(hparams["feat_extractor"]),
+        str(model_dir / "campplus.onnx"),
+        str(model_dir / "speech_tokenizer_v2.onnx"),
+        str(model_dir / "spk2info.pt"),
+        hparams["allowed_special"],
+    )
+    if text_normalizers:
+        import inflect
+        from wetext import Normalizer
+
+        frontend.use_ttsfrd = False
+        frontend.zh_tn_model = Normalizer(remove_erhua=False)
+        frontend.en_tn_model = Normalizer()
+        frontend.inflect_parser = inflect.engine()
+    return frontend
+
+
+def official_cosyvoice2(frontend: Any, model: Any, sample_rate: int = 24000):
+    """The official `CosyVoice2` (cli/cosyvoice.py) around `frontend` and `model`, without its `__init__`.
+
+    Its `inference_*`, `add_zero_shot_spk` and `list_available_spks` then run as
+    shipped: text normalisation and splitting, the `frontend_*` calls, and
+    `model.tts(**model_input, stream=..., speed=...)` per text segment. `__init__`
+    is skipped because it reads the yaml with HyperPyYAML and loads the weights
+    itself (see the module docstring); `model` is a `CosyVoice2Model` (or None
+    where only `official_model_inputs` drives it).
+    """
+    install_shims()
+    from cosyvoice.cli.cosyvoice import CosyVoice2
+
+    official = object.__new__(CosyVoice2)
+    official.frontend, official.model, official.sample_rate = frontend, model, sample_rate
+    official.instruct, official.fp16, official.model_dir = False, False, ""
+    return official
+
+
+def official_model_inputs(official: Any, method: str, *args: Any, **kwargs: Any) -> list[dict]:
+    """The `model_input` of every text segment that the official `official.method(*args)` passes
+    to `model.tts`, as numpy arrays (plus `speed`), without synthesising anything."""
+    import torch
+    from cosyvoice.cli.model import CosyVoice2Model
+
+    records: list[dict] = []
+
+    class Recorder(CosyVoice2Model):  # `inference_instruct2` asserts the model's class
+        def tts(self, stream: bool = False, speed: float = 1.0, **model_input: Any):
+            records.append({k: v.numpy() for k, v in model_input.items()} | {"speed": speed})
+            yield {"tts_speech": torch.zeros(1, 1)}
+
+    model, official.model = official.model, object.__new__(Recorder)
+    try:
+        for _ in getattr(official, method)(*args, **kwargs):
+            pass
+    finally:
+        official.model = model
+    return records
