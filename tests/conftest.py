@@ -79,6 +79,7 @@ from tests.routes import KERNELS_SKIP, route  # noqa: E402,F401  (the `route` fi
 STRICT_ENV = "COSYVOICE2_NO_SKIP"  # set by `nox -s tests` / `tests_full`
 UNBUILDABLE_ENV = "COSYVOICE2_KERNELS_UNBUILDABLE"  # set by nox when kernels/build.sh built nothing
 
+
 def _skip_reason(report) -> str:
     longrepr = report.longrepr
     if isinstance(longrepr, tuple) and len(longrepr) == 3:
@@ -130,6 +131,4 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         if path:
             import json
 
-            Path(path).write_text(
-                json.dumps([r.as_dict() for r in power.RECORDS], indent=1) + "\n"
-            )
+            Path(path).write_text(json.dumps([r.as_dict() for r in power.RECORDS], indent=1) + "\n")

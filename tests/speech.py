@@ -55,3 +55,17 @@ def speech_clips(names: list[str], text: str, sr: int, folder: Path) -> dict[str
     out = asterisk_clips(names, sr)
     out["espeak"] = audio.load_prompt_wav(espeak_wav(text, folder), sr)
     return out
+
+
+def knf_fbank(x: np.ndarray) -> np.ndarray:
+    """Kaldi fbank of 16 kHz samples by kaldi-native-fbank (80 bins, no dither): a second,
+    independent Kaldi implementation for the features' and CAM++'s references."""
+    knf = pytest.importorskip("kaldi_native_fbank")
+    opts = knf.FbankOptions()
+    opts.frame_opts.dither = 0.0
+    opts.frame_opts.samp_freq = 16000
+    opts.mel_opts.num_bins = 80
+    fb = knf.OnlineFbank(opts)
+    fb.accept_waveform(16000, x.tolist())
+    fb.input_finished()
+    return np.stack([fb.get_frame(i) for i in range(fb.num_frames_ready)])

@@ -33,7 +33,7 @@ import pytest
 from cosyvoice2.frontend import campplus, features
 from cosyvoice2.frontend.campplus import CAMPPlus, CAMPPlusConfig, speaker_embedding
 from tests.power import assert_power, patched
-from tests.speech import speech_clips
+from tests.speech import knf_fbank, speech_clips
 
 CLIPS = ["vm-login.wav", "vm-forward-multiple.wav", "auth-incorrect.wav"]
 ESPEAK_TEXT = "Please leave your message after the tone."
@@ -154,22 +154,10 @@ def test_embedding_matches_onnxruntime_on_real_speech(model, session, prompts, r
     )
 
 
-def _knf_fbank(x: np.ndarray) -> np.ndarray:
-    knf = pytest.importorskip("kaldi_native_fbank")
-    opts = knf.FbankOptions()
-    opts.frame_opts.dither = 0.0
-    opts.frame_opts.samp_freq = 16000
-    opts.mel_opts.num_bins = 80
-    fb = knf.OnlineFbank(opts)
-    fb.accept_waveform(16000, x.tolist())
-    fb.input_finished()
-    return np.stack([fb.get_frame(i) for i in range(fb.num_frames_ready)])
-
-
 def test_prompt_path_matches_kaldi_fbank_and_onnxruntime(model, session, prompts):
     refs = {}
     for name, speech in prompts.items():
-        feat = _knf_fbank(speech)
+        feat = knf_fbank(speech)
         normed = feat - feat.mean(axis=0, keepdims=True)
         refs[name] = session.run(None, {"input": normed[None]})[0]
     assert_realistic_embeddings(refs)

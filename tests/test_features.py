@@ -40,7 +40,7 @@ import pytest
 from cosyvoice2.errors import InputError
 from cosyvoice2.frontend import audio, features
 from tests.power import assert_power, patched
-from tests.speech import asterisk_clips, asterisk_path
+from tests.speech import asterisk_clips, asterisk_path, knf_fbank
 from tests.speech import espeak_wav as make_espeak_wav
 
 DATA = Path(__file__).parent / "data" / "frontend"
@@ -274,18 +274,6 @@ def test_whisper_log_mel_matches_s3tokenizer(espeak_wav):
 # Kaldi fbank (CAM++ input)
 
 
-def _knf_fbank(x: np.ndarray) -> np.ndarray:
-    knf = pytest.importorskip("kaldi_native_fbank")
-    opts = knf.FbankOptions()
-    opts.frame_opts.dither = 0.0
-    opts.frame_opts.samp_freq = 16000
-    opts.mel_opts.num_bins = 80
-    fb = knf.OnlineFbank(opts)
-    fb.accept_waveform(16000, x.tolist())
-    fb.input_finished()
-    return np.stack([fb.get_frame(i) for i in range(fb.num_frames_ready)])
-
-
 def test_fbank_matches_torchaudio(torchaudio_ref):
     """The official function's outputs (stored): 1e-4 within 8 nats of the maximum, 1e-2 everywhere."""
     names = ("speechlike", "noise")
@@ -340,7 +328,7 @@ def test_fbank_matches_kaldi_native_fbank(espeak_wav):
     8 nats of the maximum (measured on two Asterisk prompts, where we are within 4e-5 of torchaudio), so the
     bound there is 2e-4 (measured: 6e-5 to 1.4e-4)."""
     signals = _signals(16000, espeak_wav)
-    refs = {name: _knf_fbank(x) for name, x in signals.items()}
+    refs = {name: knf_fbank(x) for name, x in signals.items()}
     for name, x in signals.items():
         assert_log_range(refs[name], f"knf fbank {name}", FBANK_FLOOR, FBANK_TOP)
         ours = np.array(features.kaldi_fbank(x))

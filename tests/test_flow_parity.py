@@ -411,21 +411,6 @@ def flow_parity_error(
     return worst
 
 
-def check_flow_parity(
-    tflow,
-    model: CausalMaskedDiffWithXvec,
-    n_prompt: int,
-    n_tokens: int,
-    steps: tuple[int, ...],
-    seed: int,
-    modes: tuple[tuple[bool, bool], ...] = MODES,
-    report: Callable[[str], None] | None = None,
-) -> None:
-    """Assert `flow_parity_error` is within `TOL`."""
-    err = flow_parity_error(tflow, model, n_prompt, n_tokens, steps, seed, modes, report)
-    assert err <= TOL, f"max abs diff {err} over steps {steps}, modes {modes}"
-
-
 def chunks_parity_error(tflow, model, n_prompt: int, n_tokens: int, seed: int) -> float:
     """The largest max-abs error over the official streaming schedule's chunks (the frames
     each call adds), 10 steps."""

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CASES = '''
+CASES = """
 import pytest
 
 def test_missing_package():
@@ -24,7 +24,7 @@ def test_kernels():
 
 def test_ok():
     pass
-'''
+"""
 
 
 def run(tmp_path: Path, module: str, **env: str) -> tuple[int, str]:
