@@ -11,7 +11,7 @@ huggingface_hub, scipy, soundfile (its `cosyvoice2` package `__init__` imports i
 converter, which imports these); einops (its `codec` package imports it). Case workers run
 with that venv's python (`Prepared.options["python"]`) and the repository on
 `PYTHONPATH` for `bench`; nothing of `cosyvoice2` is imported there. Preparation runs in
-the harness's interpreter (it needs `cosyvoice2.testing.synthetic` and torch).
+the harness's interpreter (it needs `cosyvoice2_testing.synthetic` and torch).
 
 Weights: the same synthetic official-format weights as the other targets
 (`cached_official_dir(size, seed=0)`), generated with `weight_norm_style="parametrizations"`:
@@ -465,7 +465,7 @@ class PeerTarget:
             weights: dict[str, Any] = {"label": label, "path": str(official)}
             tag = "dir-" + hashlib.sha256(str(official).encode()).hexdigest()[:12]
         else:
-            from cosyvoice2.testing.synthetic import GENERATOR_VERSION, cached_official_dir
+            from cosyvoice2_testing.synthetic import GENERATOR_VERSION, cached_official_dir
 
             size = options.get("size", "full")
             style = "parametrizations"  # the weight-norm keys its converter folds (see above)

@@ -3,7 +3,7 @@
 Runs in its own worker process, started without `LD_PRELOAD` (a preloaded OpenBLAS
 distorts torch's timing) and with 2 torch threads. The official modules are loaded
 from the synthetic official dir (or `--model`/`official_model`, an official dir)
-with `cosyvoice2.testing.official.load_official`, strictly.
+with `cosyvoice2_testing.official.load_official`, strictly.
 
 What is timed, and how it follows the installed official code (`cosyvoice/cli/model.py`,
 `cosyvoice/llm/llm.py`):
@@ -291,7 +291,7 @@ class OfficialTarget:
                 " needs one (official_model)"
             )
         else:
-            from cosyvoice2.testing.synthetic import cached_official_dir
+            from cosyvoice2_testing.synthetic import cached_official_dir
 
             size = options.get("size", "full")
             # the same dir our target converts (its ONNX files are not used here)
@@ -307,8 +307,8 @@ class OfficialTarget:
         import torch
 
         torch.set_num_threads(TORCH_THREADS)
-        from cosyvoice2.testing.official import load_official
-        from cosyvoice2.testing.shims import install_shims
+        from cosyvoice2_testing.official import load_official
+        from cosyvoice2_testing.shims import install_shims
 
         install_shims()
         from cosyvoice.cli.model import CosyVoice2Model

@@ -2,7 +2,7 @@
 
 What it calls (keep in step with `cosyvoice2/`):
 
-- weights: `cosyvoice2.testing.synthetic.cached_official_dir(size, seed=0, onnx=True)` (the
+- weights: `cosyvoice2_testing.synthetic.cached_official_dir(size, seed=0, onnx=True)` (the
   synthetic official dir; the converter needs its ONNX files) and
   `cosyvoice2.convert.convert(src, dst, llm_dtype=..., llm_bits=...)`, once per LLM
   precision, cached under `<cache root>/bench/` (keyed by the synthetic generator's
@@ -15,11 +15,12 @@ What it calls (keep in step with `cosyvoice2/`):
   speaker would give it: no frontend time), `model.speech_token_stream(text, prompt,
   seed=, sampling=, max_token_text_ratio=, min_token_text_ratio=)` for the tokens,
   and the pipeline's own tokens-to-audio generator `model.token2wav_stream(tokens,
-  prompt, stream, speed, seed=, n_timesteps=, schedule=)` for the audio, whole or in
-  chunks (`cosyvoice2.streaming.StreamSchedule(first_hop_len=case.first_hop)` when the
-  case sets a first hop; the official schedule otherwise);
-- per-stage times: `model.token2mel` (flow) and `model.hift.inference` (HiFT) are
-  wrapped for the call so their results are evaluated and timed;
+  prompt, stream, speed, seed=, n_timesteps=, schedule=, timings=)` for the audio, whole
+  or in chunks (`cosyvoice2.streaming.StreamSchedule(first_hop_len=case.first_hop)` when
+  the case sets a first hop; the official schedule otherwise);
+- per-stage times: the call's `bench.timing.CallClock` is its timing hook (`timings=`):
+  the engine evaluates its flow and HiFT work inside the clock's `flow` and `hift`
+  stages; nothing is patched;
 - fixed length: `cosyvoice2.llm.default_sampler(config.llm)` wrapped in
   `bench.fixed_length.FixedLengthSampler` (ids >= `config.llm.speech_token_size`
   masked), with min and max token/text ratios that give exactly the target length,
@@ -52,14 +53,15 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def bench_cache() -> Path:
-    from cosyvoice2.testing.synthetic import cache_root
+    from cosyvoice2_testing.synthetic import cache_root
 
     return cache_root() / "bench"
 
 
 def converted_dir(official_dir: Path, precision: str, tag: str) -> Path:
     """The MLX dir of `official_dir` at an LLM precision, converted once and cached (locked)."""
-    from cosyvoice2.convert import FORMAT_VERSION, convert
+    from cosyvoice2.convert import convert
+    from cosyvoice2.model_dir import FORMAT_VERSION
 
     dst = bench_cache() / f"mlx-{tag}-{precision}-f{FORMAT_VERSION}"
     if (dst / "config.json").exists():
@@ -78,7 +80,7 @@ def _weights_label(mlx_dir: Path) -> str:
 
 
 def _dir_precision(mlx_dir: Path) -> str:
-    from cosyvoice2.convert import llm_precision_name
+    from cosyvoice2.model_dir import llm_precision_name
 
     meta = json.loads((mlx_dir / "config.json").read_text(encoding="utf-8"))
     return llm_precision_name(meta.get("llm_precision", {"dtype": "float32"}))
@@ -113,7 +115,7 @@ class CosyVoice2Target:
             label = "synthetic" if (model / "synthetic.json").exists() else "real"
             weights = {"label": label, "path": str(model)}
         else:
-            from cosyvoice2.testing.synthetic import GENERATOR_VERSION, cached_official_dir
+            from cosyvoice2_testing.synthetic import GENERATOR_VERSION, cached_official_dir
 
             size = options.get("size", "full")
             official = cached_official_dir(size, seed=0, onnx=True)
@@ -174,10 +176,6 @@ class CosyVoice2Target:
         mx.eval(prompt.embedding, prompt.prompt_text, prompt.llm_speech_token, prompt.speech_feat)
 
         clock = CallClock()
-        token2mel, hift_inference = model.token2mel, model.hift.inference
-        model.token2mel = clock.timed("flow", token2mel, mx.eval)
-        model.hift.inference = clock.timed("hift", hift_inference, mx.eval)
-        to_audio = getattr(model, "token2wav_stream", None) or model._token2wav_stream
         options: dict[str, Any] = {}
         if case.first_hop is not None or case.final != "full":
             options["schedule"] = StreamSchedule(
@@ -186,25 +184,23 @@ class CosyVoice2Target:
         llm_options: dict[str, Any] = {}
         if case.saved:  # computed on the first (cold) call, reused by the warm ones
             llm_options["prefix_id"] = options["spk_id"] = "bench-speaker"
-        try:
-            clock.start()
-            tokens = model.speech_token_stream(
-                x["text"], prompt, seed=work.seed, sampling=sampler, **lengths, **llm_options
-            )
-            if work.fixed_length:
-                tokens = take_exact(tokens, n)
-            for out in to_audio(
-                clock.tokens(tokens),
-                prompt,
-                case.stream,
-                1.0,
-                seed=work.seed,
-                n_timesteps=case.steps,
-                **options,
-            ):
-                speech = out["tts_speech"]
-                mx.eval(speech)
-                clock.chunk(speech.shape[-1] / model.sample_rate)
-        finally:
-            model.token2mel, model.hift.inference = token2mel, hift_inference
+        clock.start()
+        tokens = model.speech_token_stream(
+            x["text"], prompt, seed=work.seed, sampling=sampler, **lengths, **llm_options
+        )
+        if work.fixed_length:
+            tokens = take_exact(tokens, n)
+        for out in model.token2wav_stream(
+            clock.tokens(tokens),
+            prompt,
+            case.stream,
+            1.0,
+            seed=work.seed,
+            n_timesteps=case.steps,
+            timings=clock,
+            **options,
+        ):
+            speech = out["tts_speech"]
+            mx.eval(speech)
+            clock.chunk(speech.shape[-1] / model.sample_rate)
         return clock.timings(case.stream)

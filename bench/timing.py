@@ -11,13 +11,17 @@ figures are then its own wall times (prefill: call start to the first token;
 decode: first to last token), slowed by the flow sharing the cores, and the
 stage times add up to more than the wall time.
 
-Stage functions are wrapped with `clock.timed(stage, fn, evaluate)`; for MLX,
+A pipeline that reports its stages itself is given the clock as its timing hook
+(`cosyvoice2.streaming.TimingHook`: `stage(name)` contexts around work it evaluates
+inside them, `mark(event)` for latency events, not needed here). Stage functions of
+other pipelines are wrapped with `clock.timed(stage, fn, evaluate)`; for MLX,
 `evaluate` is `mx.eval`, so the lazily built result is computed inside the timed
 region (an un-evaluated timing measures nothing).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -29,7 +33,7 @@ from bench.interface import CallTimings
 class CallClock:
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
-        self.stage: dict[str, float] = {"flow": 0.0, "hift": 0.0}
+        self.spent: dict[str, float] = {"flow": 0.0, "hift": 0.0}  # seconds per stage
         self.token_times: list[float] = []
         self.stage_at_token: list[float] = []
         self.chunk_times: list[float] = []
@@ -45,7 +49,7 @@ class CallClock:
         return time.perf_counter() - self.t0
 
     def _stage_total(self) -> float:
-        return sum(self.stage.values())
+        return sum(self.spent.values())
 
     def timed(
         self, stage: str, fn: Callable[..., Any], evaluate: Callable[[Any], Any] | None = None
@@ -53,14 +57,25 @@ class CallClock:
         """`fn` wrapped so that its time (result evaluated) counts towards `stage`."""
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            a = time.perf_counter()
-            out = fn(*args, **kwargs)
-            if evaluate is not None:
-                evaluate(out)
-            self.stage[stage] = self.stage.get(stage, 0.0) + time.perf_counter() - a
+            with self.stage(stage):
+                out = fn(*args, **kwargs)
+                if evaluate is not None:
+                    evaluate(out)
             return out
 
         return wrapper
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Count the time spent in the block towards stage `name` (the timing hook's stage)."""
+        a = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent[name] = self.spent.get(name, 0.0) + time.perf_counter() - a
+
+    def mark(self, event: str, **info: Any) -> None:
+        """A latency event of the timing hook: tokens and chunks are stamped by the clock itself."""
 
     def tokens(self, gen: Iterable[Any]) -> Iterator[Any]:
         """Pass a token generator through, stamping each token's arrival."""
@@ -94,8 +109,8 @@ class CallClock:
             prefill_s=(tt[0] - st[0]) if n else None,
             decode_s=decode,
             llm_s=llm,
-            flow_s=self.stage.get("flow"),
-            hift_s=self.stage.get("hift"),
+            flow_s=self.spent.get("flow"),
+            hift_s=self.spent.get("hift"),
             first_chunk_s=self.chunk_times[0] if stream and self.chunk_times else None,
             chunk_times_s=list(self.chunk_times) if stream else None,
             chunk_audio_s=list(self.chunk_audio) if stream else None,

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cosyvoice2.official_yaml import Tagged
 
-
-def _build(cls: type, data: dict[str, Any]) -> Any:
-    """Construct dataclass `cls` from a dict, recursing into nested dataclasses, ignoring unknown keys."""
+def _build(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Construct dataclass `cls` from a dict, recursing into nested dataclasses, ignoring
+    unknown keys; a nested section that is not an object is a ValueError naming it."""
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -27,8 +26,10 @@ def _build(cls: type, data: dict[str, Any]) -> Any:
             continue
         value = data[f.name]
         hint = hints[f.name]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = _build(hint, value)
+        if dataclasses.is_dataclass(hint) and not isinstance(value, hint):
+            if not isinstance(value, dict):
+                raise ValueError(f"`{where}{f.name}` is {type(value).__name__}, not an object")
+            value = _build(hint, value, f"{where}{f.name}.")
         elif typing.get_origin(hint) is tuple and isinstance(value, list):
             value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
         kwargs[f.name] = value
@@ -188,6 +189,8 @@ class ModelConfig(_Config):
 
 
 def _kw(node: Any, what: str) -> dict[str, Any]:
+    from cosyvoice2.official_yaml import Tagged  # the converter's side: not imported at load
+
     if not isinstance(node, Tagged):
         raise ValueError(f"cosyvoice2.yaml: `{what}` is not an object definition")
     return node.kwargs()

@@ -6,16 +6,10 @@ Input (as users download it): `cosyvoice2.yaml`, `llm.pt`, `flow.pt`, `hift.pt`,
 (`official_yaml`), the `.pt` pickles through an allow-list unpickler that builds
 tensors only (`checkpoint`), the ONNX files through the protobuf reader.
 
-Output (`cosyvoice2.load` reads it, without torch):
-
-    config.json                 every hyperparameter, precision and quantisation settings
-    llm.safetensors             speech LM (fp32/bf16/fp16, or 8-/4-bit in mlx's quantised layout)
-    flow.safetensors            flow matching (token -> mel)
-    hift.safetensors            vocoder (mel -> 24 kHz), weight norm folded
-    campplus.safetensors        speaker embedding (CAM++), batch norms folded
-    speech_tokenizer.safetensors  S3 tokenizer v2
-    tokenizer/                  Qwen2 BPE files (vocab.json, merges.txt, tokenizer_config.json)
-    speakers/                   saved speakers (from spk2info.pt when present)
+Output: an MLX model dir in the format of `cosyvoice2.model_dir` (which
+`cosyvoice2.load` reads without torch): HiFT's weight norm and CAM++'s batch
+norms are folded, the speech LM is stored at the requested precision, and
+`spk2info.pt`, when present, becomes saved speakers.
 
 The output dir is written beside its final place and renamed at the end, so a
 failed conversion leaves no partial dir.
@@ -36,9 +30,17 @@ from mlx.utils import tree_flatten
 from cosyvoice2.config import ModelConfig, config_from_official_dir
 from cosyvoice2.errors import CosyVoiceError
 from cosyvoice2.files import staged_dir
+from cosyvoice2.model_dir import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    LLM_DTYPES,
+    MODEL_TYPE,
+    TOKENIZER_DIR,
+    TOKENIZER_FILES,
+    speaker_store,
+    weights_file,
+)
 
-FORMAT_VERSION = 1
-MODEL_TYPE = "cosyvoice2"
 OFFICIAL_FILES = (
     "cosyvoice2.yaml",
     "llm.pt",
@@ -50,8 +52,6 @@ OFFICIAL_FILES = (
     "CosyVoice-BlankEN/merges.txt",
     "CosyVoice-BlankEN/config.json",
 )
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
-LLM_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConversionError(CosyVoiceError):
@@ -159,9 +159,9 @@ def _convert_speakers(src: Path, dst: Path) -> list[str]:
     if not path.is_file():
         return []
     from cosyvoice2.checkpoint import load_torch_checkpoint
-    from cosyvoice2.speakers import Speaker, SpeakerStore
+    from cosyvoice2.speakers import Speaker
 
-    store = SpeakerStore(dst / "speakers")
+    store = speaker_store(dst)
     for spk_id, info in load_torch_checkpoint(path, mmap=False).items():
         if not isinstance(info, dict):
             raise ConversionError(f"{path}: entry {spk_id!r} is not a dict")
@@ -193,17 +193,17 @@ def convert(
 
     with staged_dir(dst) as tmp:
         llm_weights, llm_record = _convert_llm(src, config, llm_dtype, llm_bits, group_size)
-        _save(tmp / "llm.safetensors", llm_weights)
+        _save(tmp / weights_file("llm"), llm_weights)
         del llm_weights
-        _save(tmp / "flow.safetensors", _convert_flow(src, config))
-        _save(tmp / "hift.safetensors", _convert_hift(src, config))
+        _save(tmp / weights_file("flow"), _convert_flow(src, config))
+        _save(tmp / weights_file("hift"), _convert_hift(src, config))
         onnx_configs, onnx_weights = _convert_onnx(src)
-        _save(tmp / "campplus.safetensors", onnx_weights["campplus"])
-        _save(tmp / "speech_tokenizer.safetensors", onnx_weights["speech_tokenizer"])
-        (tmp / "tokenizer").mkdir()
+        for name, weights in onnx_weights.items():
+            _save(tmp / weights_file(name), weights)
+        (tmp / TOKENIZER_DIR).mkdir()
         for name in TOKENIZER_FILES:
             if (src / "CosyVoice-BlankEN" / name).is_file():
-                shutil.copy2(src / "CosyVoice-BlankEN" / name, tmp / "tokenizer" / name)
+                shutil.copy2(src / "CosyVoice-BlankEN" / name, tmp / TOKENIZER_DIR / name)
         speakers = _convert_speakers(src, tmp)
         label = "real"
         if (src / "synthetic.json").is_file():
@@ -218,20 +218,8 @@ def convert(
             "converted_from": str(src.resolve()),
             "speakers": speakers,
         }
-        (tmp / "config.json").write_text(
-            json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8"
-        )
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
     return dst
-
-
-def llm_precision_name(record: dict[str, Any]) -> str:
-    """A short label for an LLM precision record: fp32, bf16, fp16, 8bit, 4bit."""
-    q = record.get("quantization")
-    if q:
-        return f"{q['bits']}bit"
-    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[
-        record.get("dtype", "float32")
-    ]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -17,22 +17,19 @@ per step through a KV cache owned by the caller of the backbone
 (`mlx_lm.models.cache.make_prompt_cache`). `min_len`/`max_len` are the target
 text length times `min_token_text_ratio`/`max_token_text_ratio`.
 
-Behaviour: the latest upstream code, with the mid-2025 code (the
-`cosyvoice-minicpmo` wheel used as the parity reference) available as
-`behaviour="legacy"`. Where they differ:
+Decoding rules: those of the latest upstream code, held by `TokenDecoder`:
 
-1. End of speech below the minimum length: upstream sets the eos log-probability
-   to `-inf` before sampling; legacy draws again, up to 100 times, then raises.
-2. Stop tokens in `inference`: upstream stops on any of 6561, 6562, 6563; legacy
-   stops only on 6561 and skips 6562/6563 without yielding them, feeding the
-   previous input again (a quirk of its `continue`, reproduced; at the very
-   first step that input is the whole prompt, which the legacy code itself
-   cannot re-feed: its attention mask has the wrong size and torch raises).
-3. Repetition-aware sampling's fallback: upstream excludes the repeated token
-   (see `cosyvoice2.sampling`); `default_sampler(behaviour)` picks the matching one.
-4. `inference_bistream`: upstream forces the first fill token after
-   `(P // 15 + 1) * 15 - P` tokens (P prompt speech tokens) and every 16 tokens
-   after; legacy forces none until the model emits a fill token itself.
+1. End of speech below the minimum length: the eos log-probability is set to
+   `-inf` before sampling.
+2. Stop tokens in `inference`: any of 6561 (eos), 6562, 6563 ends decoding.
+3. Repetition-aware sampling's fallback excludes the repeated token
+   (`default_sampler`; see `cosyvoice2.sampling`).
+4. `inference_bistream` forces the first fill token after `(P // 15 + 1) * 15 - P`
+   tokens (P prompt speech tokens) and every 16 tokens after.
+
+The older official code (the `cosyvoice-minicpmo` wheel the parity tests run)
+decodes differently on each point; its rules are a `TokenDecoder` subclass in
+the test-support package (`cosyvoice2_testing.legacy`), passed as `decoder=`.
 
 Prompt prefix reuse: `[sos, prompt_text]` does not depend on the target text,
 so its KV cache can be computed once per saved speaker (`make_prefix`) and
@@ -45,8 +42,8 @@ Decoding overlaps work as mlx-lm's `generate_step` does: step n+1 is built and
 scheduled with `mx.async_eval` before token n is read on the host, so the only
 host synchronisation per token is reading the token itself. When the host then
 finds that token n ends decoding or changes the next input (stop token, fill
-token, a legacy re-draw), the speculative step is discarded by trimming the KV
-cache by one position.
+token), the speculative step is discarded by trimming the KV cache by one
+position.
 
 Precision and quantisation (`cast`, `quantize`, `from_weights`): fp32, bf16,
 fp16, and 8- or 4-bit affine quantisation with `mlx.nn.quantize`. Rule: every
@@ -85,7 +82,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -103,9 +100,7 @@ from mlx_lm.models.cache import (
 from cosyvoice2.config import LLMConfig
 from cosyvoice2.sampling import RasSampler, Sampler, empty_recent, push_recent
 
-Behaviour = Literal["upstream", "legacy"]
 TokenLike = Sequence[int] | np.ndarray | mx.array
-MAX_EOS_TRIALS = 100  # the legacy `sampling_ids` bound on re-draws
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -170,9 +165,10 @@ class PromptPrefix:
         return cls(tuple(json.loads(meta["prompt_text"])), cache)
 
 
-def default_sampler(config: LLMConfig, behaviour: Behaviour = "upstream") -> Sampler:
-    """The official repetition-aware sampler with the config's settings, in the given behaviour."""
-    return RasSampler.from_config(config.sampling, exclude_repeated=behaviour == "upstream")
+def default_sampler(config: LLMConfig, behaviour: str = "upstream") -> Sampler:
+    """The official repetition-aware sampler with the config's settings (`TokenDecoder`'s default)."""
+    _check_behaviour(behaviour)
+    return TokenDecoder.default_sampler(config)
 
 
 class Qwen2LM(nn.Module):
@@ -318,7 +314,8 @@ class Qwen2LM(nn.Module):
         *,
         key: mx.array | int | None = None,
         prefix: PromptPrefix | None = None,
-        behaviour: Behaviour = "upstream",
+        decoder: type[TokenDecoder] | None = None,
+        behaviour: str = "upstream",
     ) -> Iterator[int]:
         """Yield speech tokens for `text` (the official `Qwen2LM.inference`).
 
@@ -327,9 +324,11 @@ class Qwen2LM(nn.Module):
         the config's repetition-aware sampler; `key` (an MLX key or an int seed)
         drives every random draw. `prefix` is a `make_prefix` result for this
         `prompt_text` (then `prompt_text` may be omitted); the tokens are the
-        same as without it.
+        same as without it. `decoder` holds the decoding rules (default
+        `TokenDecoder`, the upstream ones); `behaviour` accepts only "upstream".
         """
         del embedding
+        decoder = _decoder_class(decoder, behaviour)
         text_t = _tokens(text)
         if prefix is not None:
             if (
@@ -349,49 +348,35 @@ class Qwen2LM(nn.Module):
         n_text = text_t.shape[1]
         min_len = _length_limit(n_text, min_token_text_ratio)
         max_len = _length_limit(n_text, max_token_text_ratio)
-        sampler = sampling if sampling is not None else default_sampler(self.config, behaviour)
-        yield from self._decode(lm_input, cache, sampler, _as_key(key), min_len, max_len, behaviour)
+        sampler = sampling if sampling is not None else decoder.default_sampler(self.config)
+        dec = decoder(self, cache, sampler, _as_key(key))
+        yield from self._decode(dec, lm_input, min_len, max_len)
 
     def _decode(
-        self,
-        lm_input: mx.array,
-        cache: list[KVCache],
-        sampler: Sampler,
-        key: mx.array,
-        min_len: int,
-        max_len: int,
-        behaviour: Behaviour,
+        self, dec: TokenDecoder, lm_input: mx.array, min_len: int, max_len: int
     ) -> Iterator[int]:
         """The official decode loop (`inference_wrapper`), one step scheduled ahead."""
-        legacy = _check_behaviour(behaviour) == "legacy"
-        eos = self.eos_token
-        dec = _Decoder(self, cache, sampler, key, legacy)
         if max_len <= 0:
             return
         i = 0
-        recent = empty_recent(sampler.window)
-        step = dec.schedule(lm_input, recent, ignore_eos=0 < min_len)
+        step = dec.schedule(lm_input, empty_recent(dec.sampler.window), ignore_eos=0 < min_len)
         while True:
             ahead = None
             if i + 1 < max_len:
                 ahead = dec.schedule_next(step, ignore_eos=i + 1 < min_len)
-            t, redrawn = dec.resolve(step)
-            if redrawn:
-                ahead = dec.redo(ahead, step)
-            if t == eos or (not legacy and t > eos):
-                return
-            if t > eos:  # legacy: skip the token and feed the same input again
-                dec.discard(ahead)
+            t, ahead = dec.resolve(step, ahead)
+            if t >= self.eos_token:  # eos, 6562 or fill: the end, unless the rules go on
                 i += 1
                 if i >= max_len:
                     return
-                step = dec.schedule(step.x, recent, ignore_eos=i < min_len)
+                step = dec.after_stop_token(t, step, ahead, ignore_eos=i < min_len)
+                if step is None:
+                    return
                 continue
             yield t
             i += 1
             if ahead is None:
                 return
-            recent = ahead.recent
             step = ahead
 
     def inference_bistream(
@@ -406,7 +391,8 @@ class Qwen2LM(nn.Module):
         *,
         key: mx.array | int | None = None,
         max_tokens: int | None = None,
-        behaviour: Behaviour = "upstream",
+        decoder: type[TokenDecoder] | None = None,
+        behaviour: str = "upstream",
     ) -> Iterator[int]:
         """Yield speech tokens while text tokens arrive in chunks (the official `inference_bistream`).
 
@@ -428,14 +414,15 @@ class Qwen2LM(nn.Module):
         text ended, it ends the stream. `max_tokens`, if given, is a hard cap on
         the whole stream. `min_token_text_ratio` is unused, as in the official
         code. Sampling a 6562 (or a fill token after the text ended) raises
-        `ValueError`, as in the official code.
+        `ValueError`, as in the official code. `decoder` and `behaviour` as in
+        `inference`.
         """
         del embedding, min_token_text_ratio
-        legacy = _check_behaviour(behaviour) == "legacy"
-        sampler = sampling if sampling is not None else default_sampler(self.config, behaviour)
+        decoder = _decoder_class(decoder, behaviour)
+        sampler = sampling if sampling is not None else decoder.default_sampler(self.config)
         n_text_mix, n_speech_mix = self.mix_ratio
         eos, fill = self.eos_token, self.fill_token
-        dec = _Decoder(self, self.make_cache(), sampler, _as_key(key), legacy)
+        dec = decoder(self, self.make_cache(), sampler, _as_key(key))
         recent = empty_recent(sampler.window)
         speech_tokens = _tokens(prompt_speech_token)
         n_prompt_speech = speech_tokens.shape[1]
@@ -448,10 +435,7 @@ class Qwen2LM(nn.Module):
         )
         lm_input = self.special_embedding(self.sos)
         text_cache = self.embed_text(_tokens(prompt_text))
-        if legacy:
-            next_fill = -1
-        else:
-            next_fill = (n_prompt_speech // n_speech_mix + 1) * n_speech_mix - n_prompt_speech
+        next_fill = dec.first_fill(n_prompt_speech, n_speech_mix)
         out_tokens: list[int] = []
         n_text = 0
         n_yielded = 0
@@ -503,12 +487,10 @@ class Qwen2LM(nn.Module):
                     if not at_max(n_yielded + 1):
                         draw = not forced(len(out_tokens) + 1, n_yielded + 1)
                         ahead = dec.schedule_next(step, ignore_eos=True, draw=draw)
-                    top, redrawn = dec.resolve(step)
+                    top, ahead = dec.resolve(step, ahead)
                     if top >= eos:
                         dec.discard(ahead)
                         ahead = None
-                    elif redrawn:
-                        ahead = dec.redo(ahead, step)
                 if top == fill:
                     next_fill = len(out_tokens) + n_speech_mix + 1
                 out_tokens.append(top)
@@ -534,7 +516,7 @@ class Qwen2LM(nn.Module):
             ahead = None
             if not (at_max(n_yielded + 1) or capped(n_yielded + 1)):
                 ahead = dec.schedule_next(step, ignore_eos=False)
-            top, _ = dec.resolve(step)
+            top, ahead = dec.resolve(step, ahead)
             out_tokens.append(top)
             recent = push_recent(recent, mx.array(top, dtype=mx.int32))
             if top >= eos:
@@ -546,14 +528,23 @@ class Qwen2LM(nn.Module):
             step = ahead
 
 
-def _check_behaviour(behaviour: str) -> str:
-    if behaviour not in ("upstream", "legacy"):
-        raise ValueError(f"behaviour must be 'upstream' or 'legacy', got {behaviour!r}")
-    return behaviour
+def _check_behaviour(behaviour: str) -> None:
+    if behaviour == "legacy":
+        raise ValueError(
+            'behaviour="legacy" is not part of the runtime: the older official decoding rules'
+            " are `cosyvoice2_testing.legacy.LegacyDecoder`, passed as `decoder=`"
+        )
+    if behaviour != "upstream":
+        raise ValueError(f"behaviour must be 'upstream', got {behaviour!r}")
+
+
+def _decoder_class(decoder: type[TokenDecoder] | None, behaviour: str) -> type[TokenDecoder]:
+    _check_behaviour(behaviour)
+    return TokenDecoder if decoder is None else decoder
 
 
 @dataclass
-class _Step:
+class DecodeStep:
     """One scheduled decode step: its input, log-probabilities and drawn token (lazy)."""
 
     x: mx.array  # the input embeddings fed
@@ -563,73 +554,69 @@ class _Step:
     ignore_eos: bool
 
 
-class _Decoder:
+class TokenDecoder:
     """Feeds the backbone through one KV cache and draws tokens, keeping one step in flight.
 
     `schedule` builds a step's graph and starts it with `mx.async_eval`;
     `schedule_next` builds the step fed with a step's token before that token
     is known on the host (look-ahead, as mlx-lm's `generate_step`); `resolve`
-    reads a token (applying the legacy re-draw rule); `discard` undoes a
-    look-ahead step by trimming its one position from the cache.
+    reads a token; `discard` undoes a look-ahead step by trimming its one
+    position from the cache.
+
+    The decoding rules that differ between official versions are the methods
+    `scores`, `resolve`, `after_stop_token`, `first_fill` and `default_sampler`;
+    this class has the upstream ones (see the module docstring).
     """
 
-    def __init__(
-        self, model: Qwen2LM, cache: list[KVCache], sampler: Sampler, key: mx.array, legacy: bool
-    ):
-        self.model, self.cache, self.sampler, self.key, self.legacy = (
-            model,
-            cache,
-            sampler,
-            key,
-            legacy,
-        )
+    def __init__(self, model: Qwen2LM, cache: list[KVCache], sampler: Sampler, key: mx.array):
+        self.model, self.cache, self.sampler, self.key = model, cache, sampler, key
 
-    def _next_key(self) -> mx.array:
+    @classmethod
+    def default_sampler(cls, config: LLMConfig) -> Sampler:
+        """The sampler used when the caller passes none: repetition-aware, the config's settings."""
+        return RasSampler.from_config(config.sampling)
+
+    def next_key(self) -> mx.array:
         self.key, sub = mx.random.split(self.key)
         return sub
 
-    def schedule(self, x: mx.array, recent: mx.array, ignore_eos: bool, draw: bool = True) -> _Step:
-        logp = self.model.log_probs(x, self.cache)
-        if ignore_eos and not self.legacy:
-            logp = self.model._eos_masked(logp)
-        token = self.sampler(logp, recent, self._next_key()) if draw else None
-        mx.async_eval(token if token is not None else [c.state for c in self.cache])
-        return _Step(x, logp, token, recent, ignore_eos)
+    def scores(self, logp: mx.array, ignore_eos: bool) -> mx.array:
+        """The scores a draw sees: eos masked to `-inf` below the minimum length."""
+        return self.model._eos_masked(logp) if ignore_eos else logp
 
-    def schedule_next(self, step: _Step, ignore_eos: bool, draw: bool = True) -> _Step:
+    def schedule(
+        self, x: mx.array, recent: mx.array, ignore_eos: bool, draw: bool = True
+    ) -> DecodeStep:
+        logp = self.scores(self.model.log_probs(x, self.cache), ignore_eos)
+        token = self.sampler(logp, recent, self.next_key()) if draw else None
+        mx.async_eval(token if token is not None else [c.state for c in self.cache])
+        return DecodeStep(x, logp, token, recent, ignore_eos)
+
+    def schedule_next(self, step: DecodeStep, ignore_eos: bool, draw: bool = True) -> DecodeStep:
         """Schedule the step fed with `step`'s token, before that token is read."""
         x = self.model.speech_embedding(step.token.reshape(1, 1))
         return self.schedule(x, push_recent(step.recent, step.token), ignore_eos, draw)
 
-    def resolve(self, step: _Step) -> tuple[int, bool]:
-        """The step's token on the host, and whether a legacy re-draw replaced the scheduled one.
+    def resolve(self, step: DecodeStep, ahead: DecodeStep | None) -> tuple[int, DecodeStep | None]:
+        """The step's token on the host, and the look-ahead step that follows it (`ahead` here)."""
+        return step.token.item(), ahead
 
-        Legacy (`sampling_ids` of the mid-2025 code): eos below the minimum
-        length is drawn again from the same scores, up to 100 times.
-        """
-        t = step.token.item()
-        if not (self.legacy and step.ignore_eos and t == self.model.eos_token):
-            return t, False
-        for _ in range(MAX_EOS_TRIALS):
-            step.token = self.sampler(step.logp, step.recent, self._next_key())
-            t = step.token.item()
-            if t != self.model.eos_token:
-                return t, True
-        raise RuntimeError(
-            f"sampling reached {MAX_EOS_TRIALS} trials and still got eos below the minimum length"
-        )
+    def after_stop_token(
+        self, token: int, step: DecodeStep, ahead: DecodeStep | None, ignore_eos: bool
+    ) -> DecodeStep | None:
+        """In `inference`, the step to go on with after `step` drew `token` (eos, 6562 or fill;
+        `ahead` is its look-ahead step), or None to end decoding: upstream always ends."""
+        return None
 
-    def discard(self, ahead: _Step | None) -> None:
+    def first_fill(self, n_prompt_speech: int, n_speech_mix: int) -> int:
+        """In `inference_bistream`, the number of speech tokens after which the first fill token is
+        forced (-1: none until the model emits one)."""
+        return (n_prompt_speech // n_speech_mix + 1) * n_speech_mix - n_prompt_speech
+
+    def discard(self, ahead: DecodeStep | None) -> None:
         """Undo a look-ahead step (one cache position)."""
         if ahead is not None:
             trim_prompt_cache(self.cache, 1)
-
-    def redo(self, ahead: _Step | None, step: _Step) -> _Step | None:
-        """Replace a look-ahead step after `step`'s token was re-drawn."""
-        if ahead is None:
-            return None
-        self.discard(ahead)
-        return self.schedule_next(step, ahead.ignore_eos, draw=ahead.token is not None)
 
 
 LLM = Qwen2LM

@@ -4,8 +4,11 @@ The official `CosyVoice2` (cli/cosyvoice.py), its frontend and `CosyVoice2Model`
 (cli/model.py) in one object without their side effects: no threads polling a
 token list, no per-request state keyed by uuid on the model, no reseeding. A
 request is a pipeline of generators: text segments -> speech tokens (LLM) ->
-mel (flow) -> waveform (HiFT). Every random draw comes from the request's
-`seed`, so the same seed gives the same audio.
+mel (flow) -> waveform (HiFT). The modes here build the prompt and the LLM's
+inputs and run the LLM; the engine (`cosyvoice2.engine`) turns the speech tokens
+into audio. Every random draw comes from the request's `seed`, so the same seed
+gives the same audio. Keyword options are `cosyvoice2.options.SynthesisOptions`
+fields; an unknown one raises `OptionError`.
 
 Each mode yields `{"tts_speech": mx.array (1, samples)}` at 24 kHz, one item
 per text segment (or per chunk with `stream=True`), like the official generators.
@@ -13,67 +16,40 @@ per text segment (or per chunk with `stream=True`), like the official generators
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
+from cosyvoice2 import model_dir
 from cosyvoice2.config import ModelConfig
-from cosyvoice2.errors import CosyVoiceError, InputError
-from cosyvoice2.speakers import Speaker, SpeakerStore
-from cosyvoice2.streaming import StreamSchedule, Timings, fade_in_out, stream_chunks
+from cosyvoice2.engine import Engine, Prompt, source_noise_key
+from cosyvoice2.errors import InputError
+from cosyvoice2.model_dir import ModelDirError as ModelDirError  # raised by `load`
+from cosyvoice2.options import OptionError, SynthesisOptions
+from cosyvoice2.speakers import Speaker
+from cosyvoice2.streaming import StreamSchedule, Timings, fade_in_out
 
-__all__ = ["CosyVoice2", "Prompt", "StreamSchedule", "Timings", "fade_in_out", "load"]
+__all__ = [
+    "CosyVoice2",
+    "OptionError",
+    "Prompt",
+    "StreamSchedule",
+    "SynthesisOptions",
+    "Timings",
+    "fade_in_out",
+    "load",
+    "source_noise_key",
+]
 
 ENDOFPROMPT = "<|endofprompt|>"
-WEIGHT_FILES = (
-    "llm.safetensors",
-    "flow.safetensors",
-    "hift.safetensors",
-    "campplus.safetensors",
-    "speech_tokenizer.safetensors",
-)
-
-
-def source_noise_key(seed: int) -> mx.array:
-    """The key of HiFT's source noise for a request seed (independent of the LLM's draws)."""
-    return mx.random.key(seed + 1_000_003)
-
-
-class ModelDirError(CosyVoiceError):
-    """The MLX model dir is missing, incomplete, of another model or of another format version."""
-
-
-@dataclass
-class Prompt:
-    """The prompt side of a request (the official frontend's `model_input` minus the target text)."""
-
-    embedding: mx.array  # (1, 192)
-    prompt_text: mx.array  # (1, n) int32 text tokens for the LLM (transcript or instruction)
-    llm_speech_token: (
-        mx.array
-    )  # (1, m) prompt speech tokens for the LLM (empty: cross-lingual, instruct2)
-    flow_speech_token: mx.array  # (1, m) prompt speech tokens for the flow
-    speech_feat: mx.array  # (1, 2m, 80) prompt mel for the flow
 
 
 def _empty_tokens() -> mx.array:
     return mx.zeros((1, 0), dtype=mx.int32)
-
-
-def interpolate_linear(x: mx.array, size: int) -> mx.array:
-    """`F.interpolate(x, size, mode='linear', align_corners=False)` over the last axis of (B, C, T)."""
-    t = x.shape[-1]
-    pos = (mx.arange(size, dtype=mx.float32) + 0.5) * (t / size) - 0.5
-    pos = mx.clip(pos, 0, t - 1)
-    lo = mx.floor(pos).astype(mx.int32)
-    hi = mx.minimum(lo + 1, t - 1)
-    w = pos - lo.astype(mx.float32)
-    return x[..., lo] * (1 - w) + x[..., hi] * w
 
 
 class CosyVoice2:
@@ -92,15 +68,25 @@ class CosyVoice2:
         meta: dict[str, Any] | None = None,
     ):
         self.config = config
-        self.llm, self.flow, self.hift = llm, flow, hift
+        self.llm = llm
+        self.engine = Engine(flow, hift)  # tokens -> audio; keeps saved speakers' flow states
         self.campplus, self.speech_tokenizer = campplus, speech_tokenizer
         self.frontend = frontend
         self.path = path
         self.meta = meta or {}
         self.sample_rate = config.sample_rate
-        self.speakers = SpeakerStore(path / "speakers") if path is not None else None
-        self._prefixes: dict[str, Any] = {}
-        self._flow_states: dict[tuple[str, int], Any] = {}  # saved speakers' prompt flow states
+        self.speakers = model_dir.speaker_store(path) if path is not None else None
+        self._prefixes: dict[str, Any] = {}  # saved speakers' LLM prompt prefixes
+
+    @property
+    def flow(self) -> Any:
+        """The flow (`CausalMaskedDiffWithXvec`), held by the engine."""
+        return self.engine.flow
+
+    @property
+    def hift(self) -> Any:
+        """HiFT (`HiFTGenerator`), held by the engine."""
+        return self.engine.hift
 
     # ------------------------------------------------------------------ loading
 
@@ -114,7 +100,7 @@ class CosyVoice2:
         text_backend: str = "auto",
         llm_kernels: str = "auto",
     ) -> CosyVoice2:
-        """Load an MLX model dir written by `cosyvoice2 convert`.
+        """Load an MLX model dir written by `cosyvoice2 convert` (format: `cosyvoice2.model_dir`).
 
         `llm_dtype`/`llm_bits` change the speech LM's precision at load time (from a
         float dir); the dir's own setting is used otherwise. `llm_kernels="auto"`
@@ -123,104 +109,26 @@ class CosyVoice2:
         `COSYVOICE2_KERNELS=0` disables them); `"off"` keeps MLX's own ops.
         `meta["llm_kernels"]` records what is used.
         """
-        from cosyvoice2 import llm as llm_mod
-        from cosyvoice2.convert import FORMAT_VERSION, MODEL_TYPE
-        from cosyvoice2.flow.flow import CausalMaskedDiffWithXvec
-        from cosyvoice2.frontend.campplus import CAMPPlus, CAMPPlusConfig
-        from cosyvoice2.frontend.speech_tokenizer import SpeechTokenizerConfig, SpeechTokenizerV2
-        from cosyvoice2.frontend.text import TextFrontend
-        from cosyvoice2.frontend.tokenizer import QwenTokenizer
-        from cosyvoice2.hift import HiFTGenerator
-
-        path = Path(path)
-        if not path.is_dir():
-            raise ModelDirError(f"model dir not found: {path}")
-        cfg_path = path / "config.json"
-        if not cfg_path.is_file():
-            raise ModelDirError(f"{path}: no config.json (not an MLX model dir; convert it first)")
-        try:
-            meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelDirError(f"{cfg_path}: not valid JSON ({e})") from None
-        if not isinstance(meta, dict) or meta.get("model_type") != MODEL_TYPE:
-            raise ModelDirError(
-                f"{cfg_path}: model_type is {meta.get('model_type')!r}, not {MODEL_TYPE!r}"
-            )
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ModelDirError(
-                f"{cfg_path}: format version {meta.get('format_version')!r}, this package reads {FORMAT_VERSION}"
-            )
-        missing = [f for f in WEIGHT_FILES if not (path / f).is_file()]
-        if missing:
-            raise ModelDirError(f"{path}: missing {', '.join(missing)}")
-        config = ModelConfig.from_dict(meta)
-
-        def weights(name: str) -> dict[str, mx.array]:
-            try:
-                return mx.load(str(path / name))
-            except Exception as e:  # truncated or corrupt safetensors
-                raise ModelDirError(f"{path / name}: cannot read ({e})") from None
-
-        def load_into(model: Any, name: str) -> Any:
-            try:
-                model.load_weights(list(weights(name).items()), strict=True)
-            except ValueError as e:
-                raise ModelDirError(f"{path / name}: does not match config.json ({e})") from None
-            return model
-
-        record = meta.get("llm_precision", {"dtype": "float32"})
-        try:
-            llm = llm_mod.Qwen2LM.from_weights(
-                config.llm, weights("llm.safetensors"), quantization=record.get("quantization")
-            )
-        except ValueError as e:
-            raise ModelDirError(
-                f"{path / 'llm.safetensors'}: does not match config.json ({e})"
-            ) from None
-        if llm_dtype is not None or llm_bits is not None:
-            if record.get("quantization"):
-                raise ModelDirError(
-                    f"{path}: the speech LM is already quantised; convert a float dir"
-                )
-            if llm_dtype is not None:
-                llm_mod.cast(llm, llm_dtype)
-                record = {"dtype": llm_dtype}
-            if llm_bits is not None:
-                record = {
-                    **record,
-                    "quantization": llm_mod.quantize(llm, bits=llm_bits, group_size=group_size),
-                }
         if llm_kernels not in ("auto", "off"):
             raise ValueError(f"llm_kernels must be 'auto' or 'off', got {llm_kernels!r}")
+        path = Path(path)
+        meta, config = model_dir.read_config(path)
+        llm, precision = model_dir.load_llm(path, meta, config, llm_dtype, llm_bits, group_size)
         kernels = "off"
         if llm_kernels == "auto":
             from cosyvoice2 import fastlinear
 
             if fastlinear.use_kernels(llm):
                 kernels = fastlinear.describe()
-        meta = {**meta, "llm_precision": record, "llm_kernels": kernels}
-        flow = load_into(CausalMaskedDiffWithXvec(config.flow), "flow.safetensors")
-        hift = load_into(HiFTGenerator(config.hift), "hift.safetensors")
-        campplus = load_into(
-            CAMPPlus(CAMPPlusConfig.from_dict(meta["campplus"])), "campplus.safetensors"
-        )
-        tokenizer_model = load_into(
-            SpeechTokenizerV2(SpeechTokenizerConfig.from_dict(meta["speech_tokenizer"])),
-            "speech_tokenizer.safetensors",
-        )
-        mx.eval(
-            flow.parameters(),
-            hift.parameters(),
-            campplus.parameters(),
-            tokenizer_model.parameters(),
-        )
-        try:
-            tokenizer = QwenTokenizer.from_dir(path / "tokenizer")
-        except (OSError, ValueError) as e:
-            raise ModelDirError(f"{path / 'tokenizer'}: cannot load the tokenizer ({e})") from None
-        frontend = TextFrontend(tokenizer, backend=text_backend)
+        flow = model_dir.load_flow(path, config)
+        hift = model_dir.load_hift(path, config)
+        campplus = model_dir.load_campplus(path, meta)
+        speech_tokenizer = model_dir.load_speech_tokenizer(path, meta)
+        mx.eval([m.parameters() for m in (flow, hift, campplus, speech_tokenizer)])
+        frontend = model_dir.load_text_frontend(path, text_backend)
+        meta = {**meta, "llm_precision": precision, "llm_kernels": kernels}
         return cls(
-            config, llm, flow, hift, campplus, tokenizer_model, frontend, path=path, meta=meta
+            config, llm, flow, hift, campplus, speech_tokenizer, frontend, path=path, meta=meta
         )
 
     @property
@@ -320,8 +228,7 @@ class CosyVoice2:
             )
         )
         self._prefixes.pop(zero_shot_spk_id, None)
-        for k in [k for k in self._flow_states if k[0] == zero_shot_spk_id]:
-            del self._flow_states[k]
+        self.engine.forget(zero_shot_spk_id)
         return True
 
     def prepare_speaker(self, zero_shot_spk_id: str, n_timesteps: int = 10) -> None:
@@ -338,7 +245,7 @@ class CosyVoice2:
         prompt, _ = self._speaker_prompt(zero_shot_spk_id)
         self._llm_prefix(zero_shot_spk_id, prompt)
         if prompt.flow_speech_token.shape[1]:
-            self.flow_prompt_state(prompt, n_timesteps, zero_shot_spk_id)
+            self.engine.prompt_state(prompt, n_timesteps, zero_shot_spk_id)
 
     def list_available_spks(self) -> list[str]:
         return self.speakers.list() if self.speakers is not None else []
@@ -368,23 +275,14 @@ class CosyVoice2:
                 **options,
             )  # fmt: skip
             return
+        opts = SynthesisOptions.of(speed=speed, **options)
         if zero_shot_spk_id:
             prompt, _ = self._speaker_prompt(zero_shot_spk_id)
-            prefix_id = zero_shot_spk_id
         else:
             text = self.frontend.normalize_prompt_text(prompt_text, text_frontend)
             prompt = self.prompt_from_wav(self._need_wav(prompt_wav), text)
-            prefix_id = None
-        yield from self._synthesise(
-            tts_text,
-            prompt,
-            stream,
-            speed,
-            text_frontend,
-            prefix_id=prefix_id,
-            spk_id=prefix_id,
-            **options,
-        )
+        speaker = zero_shot_spk_id or None
+        yield from self._synthesise(tts_text, prompt, stream, text_frontend, opts, speaker)
 
     def inference_bistream(
         self,
@@ -401,19 +299,19 @@ class CosyVoice2:
         `text` yields pieces of any size; they are normalised incrementally (whole
         sentences, as soon as their end is certain: `frontend.text.normalize_stream`),
         tokenised and fed to `Qwen2LM.inference_bistream`, whose speech tokens go to
-        the streaming token2wav as they are sampled: audio chunks come out while
-        text still arrives. Options as the other modes (`seed`, `sampling`,
-        `n_timesteps`, `schedule`, `timings`, `max_token_text_ratio`, `max_tokens`).
+        the engine's stream as they are sampled: audio chunks come out while text
+        still arrives. Options as the other modes (`progress` is not called: the
+        segments are not known in advance).
         """
+        opts = SynthesisOptions.of(**options)
         if zero_shot_spk_id:
             prompt, _ = self._speaker_prompt(zero_shot_spk_id)
         else:
             norm = self.frontend.normalize_prompt_text(prompt_text, text_frontend)
             prompt = self.prompt_from_wav(self._need_wav(prompt_wav), norm)
-        seed = int(options.pop("seed", 0))
-        tokens = self.bistream_token_stream(text, prompt, text_frontend, seed=seed, **options)
+        tokens = self.bistream_token_stream(text, prompt, text_frontend, options=opts)
         yield from self.token2wav_stream(
-            tokens, prompt, stream, 1.0, seed=seed, spk_id=zero_shot_spk_id or None, **options
+            tokens, prompt, stream, opts.speed, spk_id=zero_shot_spk_id or None, options=opts
         )
 
     def bistream_token_stream(
@@ -421,16 +319,17 @@ class CosyVoice2:
         text: Iterable[str],
         prompt: Prompt,
         text_frontend: bool = True,
-        seed: int = 0,
-        sampling: Any = None,
-        max_token_text_ratio: float = 20,
-        max_tokens: int | None = None,
-        timings: Timings | None = None,
-        **_: Any,
+        options: SynthesisOptions | None = None,
+        **kwargs: Any,
     ) -> Iterator[int]:
-        """Speech tokens while text pieces arrive (see `inference_bistream`)."""
+        """Speech tokens while text pieces arrive (see `inference_bistream`).
+
+        `options` (or keyword options on top of it): `seed`, the sampling fields and
+        `timings` (a `text` event per sentence).
+        """
         from cosyvoice2.frontend.text import normalize_stream
 
+        opts = SynthesisOptions.of(options, **kwargs)
         if isinstance(text, str):
             text = [text]
 
@@ -438,20 +337,20 @@ class CosyVoice2:
             for sentence in normalize_stream(self.frontend, text, text_frontend):
                 ids = self.frontend.text_tokens(sentence)
                 if ids:
-                    if timings is not None:
-                        timings.mark("text", tokens=len(ids))
+                    if opts.timings is not None:
+                        opts.timings.mark("text", tokens=len(ids))
                     yield ids
 
-        key = mx.random.key(seed)
+        key = mx.random.key(opts.seed)
         mx.eval(key, prompt.prompt_text, prompt.llm_speech_token)  # may be pulled by another thread
         return self.llm.inference_bistream(
             text_tokens(),
             prompt.prompt_text,
             prompt.llm_speech_token,
-            sampling=sampling,
-            max_token_text_ratio=max_token_text_ratio,
+            sampling=opts.sampling,
+            max_token_text_ratio=opts.max_token_text_ratio,
             key=key,
-            max_tokens=max_tokens,
+            max_tokens=opts.max_tokens,
         )
 
     def inference_cross_lingual(
@@ -465,13 +364,10 @@ class CosyVoice2:
         **options: Any,
     ) -> Iterator[dict[str, mx.array]]:
         """The prompt's voice without its transcript: the LLM sees no prompt text or prompt tokens."""
-        prompt = (
-            self._speaker_prompt(zero_shot_spk_id)[0]
-            if zero_shot_spk_id
-            else self.prompt_from_wav(self._need_wav(prompt_wav))
-        )
+        opts = SynthesisOptions.of(speed=speed, **options)
+        prompt = self._voice_prompt(prompt_wav, zero_shot_spk_id)
         prompt.prompt_text, prompt.llm_speech_token = _empty_tokens(), _empty_tokens()
-        yield from self._synthesise(tts_text, prompt, stream, speed, text_frontend, **options)
+        yield from self._synthesise(tts_text, prompt, stream, text_frontend, opts)
 
     def inference_instruct2(
         self,
@@ -490,18 +386,15 @@ class CosyVoice2:
         appended when missing. The LLM sees the instruction instead of a transcript and
         no prompt speech tokens.
         """
+        opts = SynthesisOptions.of(speed=speed, **options)
         if not isinstance(instruct_text, str) or not instruct_text.strip():
             raise InputError("instruct text is empty")
         if ENDOFPROMPT not in instruct_text:
             instruct_text = instruct_text + ENDOFPROMPT
-        prompt = (
-            self._speaker_prompt(zero_shot_spk_id)[0]
-            if zero_shot_spk_id
-            else self.prompt_from_wav(self._need_wav(prompt_wav))
-        )
+        prompt = self._voice_prompt(prompt_wav, zero_shot_spk_id)
         prompt.prompt_text = self._text_tokens(instruct_text)
         prompt.llm_speech_token = _empty_tokens()
-        yield from self._synthesise(tts_text, prompt, stream, speed, text_frontend, **options)
+        yield from self._synthesise(tts_text, prompt, stream, text_frontend, opts)
 
     def inference_sft(
         self,
@@ -513,6 +406,7 @@ class CosyVoice2:
         **options: Any,
     ) -> Iterator[dict[str, mx.array]]:
         """A saved speaker as the official SFT mode uses it: its x-vector only (no prompt tokens or mel)."""
+        opts = SynthesisOptions.of(speed=speed, **options)
         prompt, _ = self._speaker_prompt(spk_id)
         prompt = Prompt(
             prompt.embedding,
@@ -521,7 +415,7 @@ class CosyVoice2:
             _empty_tokens(),
             mx.zeros((1, 0, 80)),
         )
-        yield from self._synthesise(tts_text, prompt, stream, speed, text_frontend, **options)
+        yield from self._synthesise(tts_text, prompt, stream, text_frontend, opts)
 
     def inference_vc(
         self,
@@ -531,9 +425,10 @@ class CosyVoice2:
         speed: float = 1.0,
         **options: Any,
     ) -> Iterator[dict[str, mx.array]]:
-        """Voice conversion: the source's speech tokens rendered in the prompt's voice."""
+        """Voice conversion: the source's speech tokens rendered in the prompt's voice (no LLM)."""
         from cosyvoice2.frontend.audio import load_wav, resample
 
+        opts = SynthesisOptions.of(speed=speed, **options)
         prompt = self.prompt_from_wav(prompt_wav, align=False)  # as the official `frontend_vc`
         if isinstance(source_wav, tuple):
             src = resample(
@@ -546,7 +441,7 @@ class CosyVoice2:
                 f"source audio is too long: {src.shape[-1] / 16000:.1f} s (at most 30 s)"
             )
         tokens = [int(t) for t in np.asarray(self.speech_tokens(src)).reshape(-1)]
-        yield from self.token2wav_stream(iter(tokens), prompt, stream, speed, **options)
+        yield from self.token2wav_stream(iter(tokens), prompt, stream, opts.speed, options=opts)
 
     def generate(
         self,
@@ -561,6 +456,8 @@ class CosyVoice2:
 
         Picks the mode from what is given: `instruct` -> instruct2, `ref_text` ->
         zero-shot, `ref_audio` only -> cross-lingual, `speaker` -> saved speaker.
+        `options`: the modes' `stream`, `speed`, `text_frontend` and the synthesis
+        options (`SynthesisOptions`); an unknown one raises `OptionError`.
         """
         if instruct is not None:
             it = self.inference_instruct2(text, instruct, ref_audio, speaker or "", **options)
@@ -583,6 +480,12 @@ class CosyVoice2:
             raise InputError("prompt audio is required (or a saved speaker id)")
         return prompt_wav
 
+    def _voice_prompt(self, prompt_wav: Any, spk_id: str) -> Prompt:
+        """The prompt of a saved speaker, or of a prompt wav without a transcript."""
+        if spk_id:
+            return self._speaker_prompt(spk_id)[0]
+        return self.prompt_from_wav(self._need_wav(prompt_wav))
+
     def _segments(self, tts_text: str | Iterable[str], text_frontend: bool) -> list[str]:
         return self.frontend.normalize_tts_text(tts_text, text_frontend)
 
@@ -591,23 +494,25 @@ class CosyVoice2:
         tts_text: str,
         prompt: Prompt,
         stream: bool,
-        speed: float,
         text_frontend: bool,
-        prefix_id: str | None = None,
+        options: SynthesisOptions,
         spk_id: str | None = None,
-        **options: Any,
     ) -> Iterator[dict[str, mx.array]]:
+        """Each text segment through the LLM (segment `i` seeded `seed + i`) and the engine.
+
+        `spk_id`: the saved speaker the prompt is from; its LLM prefix and flow prompt
+        state are kept.
+        """
         segments = self._segments(tts_text, text_frontend)
-        progress = options.pop("progress", None)
-        seed = int(options.pop("seed", 0))
         for i, segment in enumerate(segments):
-            if progress is not None:
-                progress(i, len(segments), segment)
+            if options.progress is not None:
+                options.progress(i, len(segments), segment)
+            opts = dataclasses.replace(options, seed=options.seed + i)
             tokens = self.speech_token_stream(
-                self._text_tokens(segment), prompt, seed=seed + i, prefix_id=prefix_id, **options
+                self._text_tokens(segment), prompt, prefix_id=spk_id, options=opts
             )
             yield from self.token2wav_stream(
-                tokens, prompt, stream, speed, seed=seed + i, spk_id=spk_id, **options
+                tokens, prompt, stream, opts.speed, spk_id=spk_id, options=opts
             )
 
     def _llm_prefix(self, spk_id: str, prompt: Prompt) -> Any:
@@ -624,134 +529,67 @@ class CosyVoice2:
         self,
         text: mx.array,
         prompt: Prompt,
-        seed: int = 0,
         prefix_id: str | None = None,
-        sampling: Any = None,
-        max_token_text_ratio: float = 20,
-        min_token_text_ratio: float = 2,
-        **_: Any,
+        options: SynthesisOptions | None = None,
+        **kwargs: Any,
     ) -> Iterator[int]:
-        """Speech tokens of one text segment, as the LLM samples them."""
+        """Speech tokens of one text segment, as the LLM samples them.
+
+        `prefix_id`: the saved speaker whose LLM prompt prefix is kept; `options` (or
+        keyword options on top of it): `seed`, `sampling`, the token/text ratios and
+        `max_tokens`.
+        """
+        opts = SynthesisOptions.of(options, **kwargs)
         prefix = self._llm_prefix(prefix_id, prompt) if prefix_id is not None else None
-        key = mx.random.key(seed)
+        key = mx.random.key(opts.seed)
         # the generator may be pulled by another thread (`streaming.prefetch`): no lazy inputs
         mx.eval(key, text, prompt.prompt_text, prompt.llm_speech_token)
-        return self.llm.inference(
+        tokens = self.llm.inference(
             text,
             None if prefix is not None else prompt.prompt_text,
             prompt.llm_speech_token,
-            sampling=sampling,
-            max_token_text_ratio=max_token_text_ratio,
-            min_token_text_ratio=min_token_text_ratio,
+            sampling=opts.sampling,
+            max_token_text_ratio=opts.max_token_text_ratio,
+            min_token_text_ratio=opts.min_token_text_ratio,
             key=key,
             prefix=prefix,
         )
-
-    def token2mel(
-        self,
-        tokens: mx.array,
-        prompt: Prompt,
-        n_timesteps: int = 10,
-        streaming: bool = False,
-        finalize: bool = True,
-        start: int = 0,
-        cache: Any = None,
-        advance_only: bool = False,
-    ) -> mx.array:
-        """Mel (1, 80, T) of `tokens` (1, N) after the prompt (official `flow.inference`), from frame `start`.
-
-        `cache`: a `streaming.FlowCursor`; the frames are then computed by the O(n)
-        streaming flow from its committed state (same values as the recompute).
-        `advance_only` (with `cache`): commit the whole blocks these tokens complete
-        (`FlowCursor.advance`) and return no frames, `(1, 80, 0)`.
-        """
-        if cache is not None:
-            if not streaming:
-                raise ValueError("the flow cache is for the streaming (chunk-masked) flow")
-            if advance_only:
-                cache.advance(tokens)
-                return mx.zeros((1, self.config.flow.output_size, 0))
-            return cache.mel(tokens, finalize, start)
-        mel = self.flow.inference(
-            token=tokens,
-            prompt_token=prompt.flow_speech_token,
-            prompt_feat=prompt.speech_feat,
-            embedding=prompt.embedding,
-            streaming=streaming,
-            finalize=finalize,
-            n_timesteps=n_timesteps,
-        )
-        return mel.transpose(0, 2, 1)[:, :, start:]
-
-    def flow_prompt_state(self, prompt: Prompt, n_timesteps: int, spk_id: str | None = None) -> Any:
-        """The streaming flow's committed prompt state (`flow.cache.prompt_state`), kept per saved speaker."""
-        from cosyvoice2.flow.cache import prompt_state
-
-        if spk_id is None:
-            return prompt_state(
-                self.flow,
-                prompt.flow_speech_token,
-                prompt.speech_feat,
-                prompt.embedding,
-                n_timesteps,
-            )
-        key = (spk_id, n_timesteps)
-        state = self._flow_states.get(key)
-        if state is None:
-            state = self._flow_states[key] = self.flow_prompt_state(prompt, n_timesteps)
-        return state
+        return tokens if opts.max_tokens is None else _at_most(tokens, opts.max_tokens)
 
     def token2wav_stream(
         self,
         tokens: Iterator[int],
         prompt: Prompt,
         stream: bool,
-        speed: float,
-        seed: int = 0,
-        n_timesteps: int = 10,
-        schedule: StreamSchedule | None = None,
-        timings: Timings | None = None,
+        speed: float = 1.0,
         spk_id: str | None = None,
-        **_: Any,
+        options: SynthesisOptions | None = None,
+        **kwargs: Any,
     ) -> Iterator[dict[str, mx.array]]:
-        """Tokens -> audio, whole (stream=False) or in chunks (see `cosyvoice2.streaming`).
+        """Tokens -> audio by the engine, whole (stream=False) or in chunks (see `cosyvoice2.streaming`).
 
-        `schedule`: the streaming schedule (official by default); `timings`: a
-        `streaming.Timings` that records first token / mel / audio times per chunk;
-        `spk_id`: a saved speaker whose prompt flow state is kept in memory.
+        `options` (or keyword options on top of it): `seed` (HiFT's source noise),
+        `n_timesteps`, `schedule` (the streaming schedule, official by default),
+        `timings` (a `streaming.TimingHook`); `spk_id`: a saved speaker whose prompt
+        flow state is kept in memory.
         """
-        if not (0.25 <= speed <= 4.0):
-            raise InputError(f"speed must be between 0.25 and 4, got {speed}")
-        key = source_noise_key(seed)  # HiFT's source noise (independent of the LLM's draws)
-        if not stream:
-            all_tokens = list(tokens)
-            if not all_tokens:
-                raise CosyVoiceError("the speech LM produced no speech tokens")
-            if timings is not None:
-                timings.mark("first_token")
-            mel = self.token2mel(mx.array([all_tokens], dtype=mx.int32), prompt, n_timesteps)
-            if speed != 1.0:
-                mel = interpolate_linear(mel, int(mel.shape[2] / speed))
-            if timings is not None:
-                mx.eval(mel)
-                timings.mark("mel", chunk=0, frames=mel.shape[2])
-            speech, _ = self.hift.inference(mel, key=key)
-            mx.eval(speech)
-            if timings is not None:
-                timings.mark("audio", chunk=0, samples=speech.shape[1])
-            yield {"tts_speech": speech}
-            return
-        if speed != 1.0:
-            raise InputError(
-                "speed change is only supported without streaming (as the official code)"
-            )
-        sched = schedule or StreamSchedule()
-        state = None
-        if sched.flow_cache and spk_id is not None and prompt.flow_speech_token.shape[1]:
-            state = self.flow_prompt_state(prompt, n_timesteps, spk_id)
-        yield from stream_chunks(self, tokens, prompt, n_timesteps, key, sched, state, timings)
+        opts = SynthesisOptions.of(options, speed=speed, **kwargs)
+        yield from self.engine.audio(tokens, prompt, stream, opts, spk_id)
 
-    _token2wav_stream = token2wav_stream
+
+def _at_most(tokens: Iterator[int], n: int) -> Iterator[int]:
+    """The first `n` items of `tokens`; the generator is closed after them."""
+    try:
+        for i, t in enumerate(tokens):
+            if i >= n:
+                return
+            yield t
+            if i + 1 == n:
+                return
+    finally:
+        close = getattr(tokens, "close", None)
+        if close is not None:
+            close()
 
 
 def load(path: str | Path, **kwargs: Any) -> CosyVoice2:

@@ -48,19 +48,23 @@ Differences with the official code, each an option:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import mlx.core as mx
 import numpy as np
 
 from cosyvoice2 import branches
+from cosyvoice2.errors import CosyVoiceError
 from cosyvoice2.flow.cache import FlowState, block_tokens, flow_step
 
 
@@ -232,17 +236,46 @@ def fade_in_out(fade_in: mx.array, fade_out: mx.array, window: mx.array) -> mx.a
     return mx.concatenate([head, fade_in[:, n:]], axis=1)
 
 
+class TimingHook(Protocol):
+    """What the engine and the stream report to, when a request is given one (`timings=`).
+
+    `mark(event, **info)`: a latency event as it happens (`first_token`, then per
+    chunk `mel` and `audio`; `text` per sentence in bistream). `stage(name)`: a
+    context around the work of a stage (`flow`, `hift`); with a hook, that work is
+    evaluated (`mx.eval`) inside the context, so the time spent in it is the
+    stage's own (MLX builds lazily: an unevaluated stage would time nothing).
+    """
+
+    def mark(self, event: str, **info: Any) -> None: ...
+
+    def stage(self, name: str) -> AbstractContextManager[Any]: ...
+
+
+def evaluated(
+    timings: TimingHook | None, stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    """`fn(*args, **kwargs)`; with a timing hook, computed and evaluated inside `timings.stage(stage)`."""
+    if timings is None:
+        return fn(*args, **kwargs)
+    with timings.stage(stage):
+        out = fn(*args, **kwargs)
+        mx.eval(out)
+    return out
+
+
 class Timings:
-    """Latency events of one streaming request, in seconds since the request started.
+    """Latency events of one request, in seconds since the request started (a `TimingHook`).
 
     `events` holds dicts `{"event", "t", ...}`: `first_token`, then per chunk `mel`
     (flow done) and `audio` (HiFT done, with `chunk`, `samples`); `on_event`, when
-    given, is called with each dict as it happens.
+    given, is called with each dict as it happens. `stages` sums the seconds spent
+    in each stage (`flow`, `hift`).
     """
 
     def __init__(self, on_event: Callable[[dict], None] | None = None):
         self.t0 = time.perf_counter()
         self.events: list[dict] = []
+        self.stages: defaultdict[str, float] = defaultdict(float)
         self.on_event = on_event
 
     def mark(self, event: str, **info: Any) -> None:
@@ -250,6 +283,13 @@ class Timings:
         self.events.append(e)
         if self.on_event is not None:
             self.on_event(e)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Add the seconds the block takes to `stages[name]`."""
+        start = time.perf_counter()
+        yield
+        self.stages[name] += time.perf_counter() - start
 
     def first(self, event: str) -> float | None:
         return next((e["t"] for e in self.events if e["event"] == event), None)
@@ -266,23 +306,24 @@ class Timings:
 
 
 def stream_chunks(
-    model: Any,
+    engine: Any,
     tokens: Iterator[int],
     prompt: Any,
     n_timesteps: int,
     key: mx.array,
     sched: StreamSchedule,
     flow_state: FlowState | None = None,
-    timings: Timings | None = None,
+    timings: TimingHook | None = None,
 ) -> Iterator[dict[str, mx.array]]:
-    """Speech tokens -> audio chunks (see module doc); `model` gives `token2mel`, `hift`, `config`.
+    """Speech tokens -> audio chunks (see module doc), the flow and HiFT run by `engine`
+    (a `cosyvoice2.engine.Engine`: its `flow`, `mel` and `vocode`).
 
-    The flow runs through `model.token2mel` (so per-stage timers that wrap it see
-    it); `flow_state` is a committed prompt state to start the cache from.
-    HiFT's source noise of chunk `i` is drawn with `split(key, offset + 2)[-1]`.
+    `flow_state` is a committed prompt state to start the flow cache from; with
+    `timings`, the flow and HiFT work of each chunk is timed as the `flow` and `hift`
+    stages. HiFT's source noise of chunk `i` is drawn with `split(key, offset + 2)[-1]`.
     """
-    lookahead = model.config.flow.pre_lookahead_len
-    ratio = model.config.flow.token_mel_ratio
+    config = engine.flow.config
+    lookahead, ratio = config.pre_lookahead_len, config.token_mel_ratio
     source_cache_len = sched.mel_cache_len * 480
     window = mx.array(np.hamming(2 * source_cache_len).astype(np.float32))
     n_prompt = prompt.flow_speech_token.shape[1]
@@ -292,7 +333,7 @@ def stream_chunks(
     full_final = sched.final_full_attention
     aligned = prompt.speech_feat.shape[1] == ratio * n_prompt  # not so in voice conversion
     use_cache = sched.flow_cache and aligned
-    cursor = FlowCursor(model.flow, prompt, n_timesteps, flow_state) if use_cache else None
+    cursor = FlowCursor(engine.flow, prompt, n_timesteps, flow_state) if use_cache else None
     got: list[int] = []
     offset = 0
     n_chunk = 0
@@ -301,26 +342,20 @@ def stream_chunks(
     def chunk(finalize: bool, upto: int | None = None) -> mx.array:
         nonlocal cache, n_chunk
         toks = mx.array([got[:upto] if upto is not None else got], dtype=mx.int32)
-        if finalize and full_final:
-            mel = model.token2mel(toks, prompt, n_timesteps, streaming=False, finalize=True)
-            mel = mel[:, :, offset * ratio :]
-        elif cursor is not None:
-            mel = model.token2mel(
-                toks, prompt, n_timesteps, True, finalize, start=offset * ratio, cache=cursor
-            )
-        else:
-            mel = model.token2mel(toks, prompt, n_timesteps, streaming=True, finalize=finalize)
-            mel = mel[:, :, offset * ratio :]
+        streaming = not (finalize and full_final)  # the official final call: full attention
+        mel = evaluated(
+            timings, "flow", engine.mel, toks, prompt, n_timesteps, streaming, finalize,
+            start=offset * ratio, cursor=cursor if streaming else None,
+        )  # fmt: skip
         if timings is not None:
-            mx.eval(mel)
             timings.mark("mel", chunk=n_chunk, frames=mel.shape[2])
         if cache is not None:
             mel = mx.concatenate([cache["mel"], mel], axis=2)
             src = cache["source"]
         else:
             src = mx.zeros((1, 1, 0))
-        speech, source = model.hift.inference(
-            mel, cache_source=src, key=mx.random.split(key, offset + 2)[-1]
+        speech, source = evaluated(
+            timings, "hift", engine.vocode, mel, mx.random.split(key, offset + 2)[-1], src
         )
         if cache is not None:
             speech = fade_in_out(speech, cache["speech"], window)
@@ -347,8 +382,8 @@ def stream_chunks(
             timings.mark("first_token")
         got.append(int(t))
         if overlap and cursor is not None and offset == 0 and len(got) == lookahead:
-            toks = mx.array([got], dtype=mx.int32)  # commits the prompt's last block
-            model.token2mel(toks, prompt, n_timesteps, True, False, cache=cursor, advance_only=True)
+            # commits the prompt's last block while the LLM decodes the rest of the chunk
+            evaluated(timings, "flow", cursor.advance, mx.array([got], dtype=mx.int32))
         if len(got) - offset >= this_hop + lookahead:
             yield {"tts_speech": chunk(False, offset + this_hop + lookahead)}
             offset += this_hop
@@ -358,7 +393,5 @@ def stream_chunks(
                 this_hop = hop_to_grid(n_prompt + offset, sched.token_hop_len)
                 realign = False
     if not got:
-        from cosyvoice2.errors import CosyVoiceError
-
         raise CosyVoiceError("the speech LM produced no speech tokens")
     yield {"tts_speech": chunk(True)}

@@ -75,7 +75,7 @@ def utterance_seed(seed: int, utt_id: str) -> int:
 def weights_label(model_dir: Path) -> str:
     """`synthetic` or `real`, from the model dir's `synthetic.json` or `config.json` label.
 
-    Synthetic dirs made by `cosyvoice2.testing.synthetic` (and dirs converted from them)
+    Synthetic dirs made by `cosyvoice2_testing.synthetic` (and dirs converted from them)
     carry `{"weights": "synthetic"}`; released weights carry no label.
     """
     for name in ("synthetic.json", "config.json"):

@@ -106,7 +106,7 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    from cosyvoice2.testing.synthetic import cached_official_dir
+    from cosyvoice2_testing.synthetic import cached_official_dir
 
     official = cached_official_dir("full", onnx=False)
     config = config_from_official_dir(official).llm

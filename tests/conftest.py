@@ -22,7 +22,7 @@ def _need_reference() -> None:
 def tiny_pt_dir() -> Path:
     """Synthetic official dir (tiny) with the three `.pt` files, without the ONNX files."""
     _need_reference()
-    from cosyvoice2.testing.synthetic import cached_official_dir
+    from cosyvoice2_testing.synthetic import cached_official_dir
 
     return cached_official_dir("tiny", seed=0, onnx=False)
 
@@ -31,7 +31,7 @@ def tiny_pt_dir() -> Path:
 def tiny_official_dir() -> Path:
     """Synthetic official dir (tiny), complete: `.pt` files, ONNX files and tokenizer."""
     _need_reference()
-    from cosyvoice2.testing.synthetic import cached_official_dir
+    from cosyvoice2_testing.synthetic import cached_official_dir
 
     return cached_official_dir("tiny", seed=0, onnx=True)
 
@@ -40,7 +40,7 @@ def tiny_official_dir() -> Path:
 def full_official_dir() -> Path:
     """Synthetic official dir at the real 0.5B shapes (generated once, about 2.5 GB)."""
     _need_reference()
-    from cosyvoice2.testing.synthetic import cached_official_dir
+    from cosyvoice2_testing.synthetic import cached_official_dir
 
     return cached_official_dir("full", seed=0, onnx=True)
 
@@ -50,7 +50,7 @@ def full_pt_dir() -> Path:
     """Synthetic official dir at the real 0.5B shapes, `.pt` files only (no ONNX): for the
     CI-affordable full-size parity subset of the default run."""
     _need_reference()
-    from cosyvoice2.testing.synthetic import cached_official_dir
+    from cosyvoice2_testing.synthetic import cached_official_dir
 
     return cached_official_dir("full", seed=0, onnx=False)
 
@@ -68,6 +68,16 @@ def tiny_mlx_dir(tiny_official_dir: Path, tmp_path_factory: pytest.TempPathFacto
     from cosyvoice2.convert import convert
 
     return convert(tiny_official_dir, tmp_path_factory.mktemp("mlx") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def mlx_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny MLX model dir from random weights, built without torch or the official code
+    (`tests/mlx_tiny.py`), once per session: for every test that does not compare with the
+    official code. Parity tests use `tiny_mlx_dir`, whose weights the official side shares."""
+    from tests.mlx_tiny import make_mlx_tiny_dir
+
+    return make_mlx_tiny_dir(tmp_path_factory.mktemp("mlx-tiny") / "tiny")
 
 
 # ------------------------------------------------------------------ routes and power

@@ -9,7 +9,6 @@ No test asserts on speed.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import signal
@@ -577,25 +576,7 @@ def test_micro_benchmarks_store_their_json(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the pipeline
 
 
-def _need_pipeline() -> None:
-    """Skip only while the pipeline module does not exist; once it does, failures are failures."""
-    if importlib.util.find_spec("cosyvoice2.model") is None:
-        pytest.skip("the pipeline (cosyvoice2.model) is not written yet")
-
-
-@pytest.fixture(scope="module")
-def tiny_mlx_dir(tmp_path_factory) -> Path:
-    _need_pipeline()
-    pytest.importorskip("torch")  # the synthetic official dir is generated with the official code
-    pytest.importorskip("cosyvoice", reason="the official CosyVoice code is not installed")
-    from bench.targets import converted_dir
-    from cosyvoice2.testing.synthetic import GENERATOR_VERSION, cached_official_dir
-
-    official = cached_official_dir("tiny", seed=0, onnx=True)
-    return converted_dir(official, "fp32", f"synthetic-tiny-seed0-g{GENERATOR_VERSION}")
-
-
-def test_pipeline_fixed_length_tokens(tiny_mlx_dir: Path) -> None:
+def test_pipeline_fixed_length_tokens(mlx_tiny_dir: Path) -> None:
     import mlx.core as mx
 
     import cosyvoice2
@@ -603,7 +584,7 @@ def test_pipeline_fixed_length_tokens(tiny_mlx_dir: Path) -> None:
     from cosyvoice2.llm import default_sampler
     from cosyvoice2.model import Prompt
 
-    model = cosyvoice2.load(tiny_mlx_dir)
+    model = cosyvoice2.load(mlx_tiny_dir)
     work = Work.for_case(Case(), prompt_seconds=1.0)
     x = {k: mx.array(v) for k, v in work.inputs().items()}
     prompt = Prompt(
@@ -634,7 +615,7 @@ def test_pipeline_fixed_length_tokens(tiny_mlx_dir: Path) -> None:
     ("stream", "first_hop", "saved"), [(False, None, False), (True, None, False), (True, 10, True)]
 )
 def test_pipeline_case_record(
-    tiny_mlx_dir: Path, stream: bool, first_hop: int | None, saved: bool
+    mlx_tiny_dir: Path, stream: bool, first_hop: int | None, saved: bool
 ) -> None:
     from bench.interface import Prepared
     from bench.runner import measure_case
@@ -642,7 +623,7 @@ def test_pipeline_case_record(
 
     target = CosyVoice2Target()
     prepared = Prepared(
-        {"label": "synthetic"}, {"dirs": {"fp32": str(tiny_mlx_dir)}, "load_overrides": {}}
+        {"label": "synthetic"}, {"dirs": {"fp32": str(mlx_tiny_dir)}, "load_overrides": {}}
     )
     final = "chunked" if saved else "full"
     case = Case(steps=1, stream=stream, first_hop=first_hop, saved=saved, final=final)
@@ -671,7 +652,7 @@ def test_pipeline_case_record(
     assert validate(doc) == []
 
 
-def test_official_reference_case_record(tiny_mlx_dir: Path, monkeypatch) -> None:
+def test_official_reference_case_record(tiny_official_dir: Path, monkeypatch) -> None:
     """The official PyTorch code on the same tiny weights and work (in this process)."""
     import bench.reference
     from bench.reference import OfficialTarget

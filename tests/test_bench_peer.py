@@ -188,7 +188,7 @@ def test_weight_check_catches_missing_and_unused_tensors() -> None:
 
 def _official_dir(tmp_path: Path, size: str) -> Path:
     """The config files of a synthetic official dir (no weights; no torch needed)."""
-    from cosyvoice2.testing.synthetic import official_yaml_text, qwen_config
+    from cosyvoice2_testing.synthetic import official_yaml_text, qwen_config
 
     d = tmp_path / size
     (d / "CosyVoice-BlankEN").mkdir(parents=True)

@@ -79,11 +79,11 @@ def assert_realistic_embeddings(refs: dict[str, np.ndarray]) -> None:
 def onnx_path() -> Path:
     pytest.importorskip("torch")
     pytest.importorskip("speakerlab.models.campplus.DTDNN")
-    from cosyvoice2.testing.shims import install_shims
+    from cosyvoice2_testing.shims import install_shims
 
     install_shims()
     pytest.importorskip("s3tokenizer")
-    from cosyvoice2.testing.onnx_exports import cached_onnx_files
+    from cosyvoice2_testing.onnx_exports import cached_onnx_files
 
     return cached_onnx_files("tiny", seed=0) / "campplus.onnx"
 
@@ -184,7 +184,7 @@ def test_sanitize_folds_pytorch_state_dict(session):
     the export. Random features, so the bound is relative to the embedding's scale (max |ref| is
     about 20 here; measured 1.1e-4 absolute with two BLAS threads, 5.5e-5 with one, while
     onnxruntime itself is 6.1e-5 from a float64 run of the PyTorch model)."""
-    from cosyvoice2.testing.onnx_exports import cached_torch_state
+    from cosyvoice2_testing.onnx_exports import cached_torch_state
 
     state = cached_torch_state("campplus", "tiny", seed=0)
     assert "head.bn1.running_var" in state  # unfolded

@@ -641,7 +641,7 @@ def test_equals_torch_load_on_the_synthetic_official_dir(tiny_pt_dir: Path, part
 def test_full_size_llm_matches_torch_and_reads_at_disk_speed() -> None:
     """The 0.5B `llm.pt` (about 2 GB): every tensor equal to torch.load; the time is printed."""
     torch = pytest.importorskip("torch")
-    from cosyvoice2.testing.synthetic import cached_official_dir
+    from cosyvoice2_testing.synthetic import cached_official_dir
 
     path = cached_official_dir("full", onnx=False) / "llm.pt"
     gb = path.stat().st_size / 1e9

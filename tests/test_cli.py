@@ -39,9 +39,9 @@ def synth_args(model: Path, out: Path, prompt: Path, text: str = "Hello there.")
             "--prompt-text", PROMPT_TEXT, "--out", out, "--steps", 2, "--quiet"]  # fmt: skip
 
 
-def test_synth_writes_a_wav(tiny_mlx_dir: Path, prompt_wav: Path, tmp_path: Path, capsys) -> None:
+def test_synth_writes_a_wav(mlx_tiny_dir: Path, prompt_wav: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out.wav"
-    code, err = run(synth_args(tiny_mlx_dir, out, prompt_wav), capsys)
+    code, err = run(synth_args(mlx_tiny_dir, out, prompt_wav), capsys)
     assert code == 0, err
     data, sr = sf.read(out)
     assert sr == 24000 and data.ndim == 1 and data.shape[0] > 0 and data.shape[0] % 480 == 0
@@ -50,19 +50,19 @@ def test_synth_writes_a_wav(tiny_mlx_dir: Path, prompt_wav: Path, tmp_path: Path
 
 
 def test_stream_writes_the_same_length_class(
-    tiny_mlx_dir: Path, prompt_wav: Path, tmp_path: Path, capsys
+    mlx_tiny_dir: Path, prompt_wav: Path, tmp_path: Path, capsys
 ) -> None:
     out = tmp_path / "s.wav"
-    code, err = run([*synth_args(tiny_mlx_dir, out, prompt_wav), "--stream"], capsys)
+    code, err = run([*synth_args(mlx_tiny_dir, out, prompt_wav), "--stream"], capsys)
     assert code == 0, err
     assert sf.info(out).frames > 0
 
 
 def test_speakers_add_list_synth_remove(
-    tiny_mlx_dir: Path, prompt_wav: Path, tmp_path: Path, capsys
+    mlx_tiny_dir: Path, prompt_wav: Path, tmp_path: Path, capsys
 ) -> None:
     model = tmp_path / "model"
-    shutil.copytree(tiny_mlx_dir, model)
+    shutil.copytree(mlx_tiny_dir, model)
     assert run(["speakers", "add", "--model", model, "--id", "alice/../x", "--prompt-wav", prompt_wav,
                 "--prompt-text", PROMPT_TEXT], capsys)[0] == 0  # fmt: skip
     assert main(["speakers", "list", "--model", str(model)]) == 0
@@ -98,7 +98,7 @@ def tone(seconds: float, sr: int = 16000) -> np.ndarray:
     ],
 )
 def test_bad_text(
-    case: str, expected: str, tiny_mlx_dir: Path, prompt_wav: Path, tmp_path: Path, capsys
+    case: str, expected: str, mlx_tiny_dir: Path, prompt_wav: Path, tmp_path: Path, capsys
 ) -> None:
     text = {
         "empty": "",
@@ -107,7 +107,7 @@ def test_bad_text(
         "huge": "word " * 10_000,
     }[case]
     out = tmp_path / "out.wav"
-    code, err = run(synth_args(tiny_mlx_dir, out, prompt_wav, text=text), capsys)
+    code, err = run(synth_args(mlx_tiny_dir, out, prompt_wav, text=text), capsys)
     assert code == 2 and expected in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists() and list(tmp_path.iterdir()) == []
@@ -124,7 +124,7 @@ def test_bad_text(
         ("empty_file", "cannot read prompt audio"),
     ],
 )
-def test_bad_prompt(case: str, expected: str, tiny_mlx_dir: Path, tmp_path: Path, capsys) -> None:
+def test_bad_prompt(case: str, expected: str, mlx_tiny_dir: Path, tmp_path: Path, capsys) -> None:
     src = tmp_path / "in"
     src.mkdir()
     prompt = src / "p.wav"
@@ -139,34 +139,34 @@ def test_bad_prompt(case: str, expected: str, tiny_mlx_dir: Path, tmp_path: Path
     elif case == "empty_file":
         prompt.write_bytes(b"")
     out = tmp_path / "out.wav"
-    code, err = run(synth_args(tiny_mlx_dir, out, prompt), capsys)
+    code, err = run(synth_args(mlx_tiny_dir, out, prompt), capsys)
     assert code == 2 and expected in err, err
     assert len(err.strip().splitlines()) == 1
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
 def test_odd_rate_and_channels_are_mixed_and_resampled(
-    tiny_mlx_dir: Path, tmp_path: Path, capsys
+    mlx_tiny_dir: Path, tmp_path: Path, capsys
 ) -> None:
     stereo = np.stack([tone(1.5, 44100), 0.5 * tone(1.5, 44100), tone(1.5, 44100)], axis=1)
     prompt = tmp_path / "three_channels_44k.wav"
     sf.write(prompt, stereo.astype(np.float32), 44100)
     out = tmp_path / "out.wav"
-    code, err = run(synth_args(tiny_mlx_dir, out, prompt), capsys)
+    code, err = run(synth_args(mlx_tiny_dir, out, prompt), capsys)
     assert code == 0, err and sf.info(out).samplerate == 24000
 
 
-def test_unwritable_output(tiny_mlx_dir: Path, prompt_wav: Path, tmp_path: Path, capsys) -> None:
+def test_unwritable_output(mlx_tiny_dir: Path, prompt_wav: Path, tmp_path: Path, capsys) -> None:
     code, err = run(
-        synth_args(tiny_mlx_dir, tmp_path / "no" / "such" / "dir.wav", prompt_wav), capsys
+        synth_args(mlx_tiny_dir, tmp_path / "no" / "such" / "dir.wav", prompt_wav), capsys
     )
     assert code == 2 and "output folder does not exist" in err
-    code, err = run(synth_args(tiny_mlx_dir, tmp_path, prompt_wav), capsys)
+    code, err = run(synth_args(mlx_tiny_dir, tmp_path, prompt_wav), capsys)
     assert code == 2 and "is a directory" in err
     if os.geteuid() != 0:  # root may write anywhere
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
-        code, err = run(synth_args(tiny_mlx_dir, ro / "x.wav", prompt_wav), capsys)
+        code, err = run(synth_args(mlx_tiny_dir, ro / "x.wav", prompt_wav), capsys)
         assert code == 2 and "not writable" in err
 
 
@@ -174,11 +174,11 @@ def test_unwritable_output(tiny_mlx_dir: Path, prompt_wav: Path, tmp_path: Path,
     "case", ["no_dir", "no_config", "other_model", "old_version", "truncated", "missing_weights"]
 )
 def test_bad_model_dir(
-    case: str, tiny_mlx_dir: Path, prompt_wav: Path, tmp_path: Path, capsys
+    case: str, mlx_tiny_dir: Path, prompt_wav: Path, tmp_path: Path, capsys
 ) -> None:
     model = tmp_path / "model"
     if case != "no_dir":
-        shutil.copytree(tiny_mlx_dir, model)
+        shutil.copytree(mlx_tiny_dir, model)
     expected = {
         "no_dir": "model dir not found",
         "no_config": "no config.json",

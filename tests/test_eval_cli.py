@@ -108,20 +108,12 @@ def test_failed_synthesis_is_listed(asterisk_meta: Path, tmp_path: Path) -> None
     assert doc["settings"]["n_timesteps"] == 10 and doc["weights"] == "real"
 
 
-@pytest.fixture(scope="module")
-def tiny_mlx_dir(tiny_official_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny synthetic official dir (conftest) converted to an MLX model dir."""
-    from cosyvoice2.convert import convert
-
-    return convert(tiny_official_dir, tmp_path_factory.mktemp("eval-model") / "tiny-mlx")
-
-
 def test_cosyvoice2_on_synthetic_weights(
-    asterisk_meta: Path, tiny_mlx_dir: Path, tmp_path: Path
+    asterisk_meta: Path, mlx_tiny_dir: Path, tmp_path: Path
 ) -> None:
     """The real model API through the adapter: audio made, scored, labelled synthetic."""
     out = tmp_path / "out"
-    args = ["--set", str(asterisk_meta), "--limit", "1", "--model-dir", str(tiny_mlx_dir)]
+    args = ["--set", str(asterisk_meta), "--limit", "1", "--model-dir", str(mlx_tiny_dir)]
     args += ["--steps", "2", "--seed", "3", "--sim", "none", "--out", str(out)]
     main(["run", *args])
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))

@@ -182,7 +182,7 @@ def test_slaney_filters_match_librosa():
 
 def test_mel_matches_matcha(espeak_wav):
     pytest.importorskip("torch")
-    from cosyvoice2.testing.shims import install_shims
+    from cosyvoice2_testing.shims import install_shims
 
     install_shims()
     import torch
@@ -240,7 +240,7 @@ def test_mel_batch_and_frame_count():
 
 def test_whisper_log_mel_matches_s3tokenizer(espeak_wav):
     pytest.importorskip("torch")
-    from cosyvoice2.testing.shims import install_shims
+    from cosyvoice2_testing.shims import install_shims
 
     install_shims()
     import s3tokenizer

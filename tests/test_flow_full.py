@@ -52,7 +52,7 @@ pytestmark = pytest.mark.parity
 @pytest.fixture(scope="module")
 def full_pair(full_pt_dir: Path, torch_threads):
     from cosyvoice2.config import config_from_official_dir
-    from cosyvoice2.testing.official import load_official
+    from cosyvoice2_testing.official import load_official
 
     cfg = config_from_official_dir(full_pt_dir).flow
     tflow = load_official("flow", full_pt_dir)

@@ -58,7 +58,7 @@ import pytest
 
 from cosyvoice2.config import CFMConfig, EncoderConfig, EstimatorConfig, FlowConfig
 from cosyvoice2.flow import CausalMaskedDiffWithXvec, decoder, encoder, flow_matching
-from cosyvoice2.flow.decoder import ConditionalDecoder
+from cosyvoice2_testing.conditional_decoder import ConditionalDecoder
 from tests.power import assert_power, patched, wrapped
 from tests.test_flow_noise import box_muller_halves_swapped
 
@@ -189,7 +189,7 @@ def build_official_flow(cfg: FlowConfig, seed: int = 0, perturb: bool = True):
     """
     import torch
 
-    from cosyvoice2.testing.shims import install_shims
+    from cosyvoice2_testing.shims import install_shims
 
     install_shims()
     from cosyvoice.flow.decoder import CausalConditionalDecoder as TDecoder
@@ -766,7 +766,7 @@ def non_causal_pair(torch_threads):
     the official velocity."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("cosyvoice")
-    from cosyvoice2.testing.shims import install_shims
+    from cosyvoice2_testing.shims import install_shims
 
     install_shims()
     from cosyvoice.flow.decoder import ConditionalDecoder as TDecoder
@@ -838,7 +838,7 @@ def test_non_causal_conditional_decoder_matches_official(non_causal_pair, route:
 def test_tiny_official_dir_loads_and_matches(tiny_pt_dir: Path, torch_threads) -> None:
     """The synthetic tiny dir's `flow.pt` through `config_from_official_dir` + `sanitize`."""
     from cosyvoice2.config import config_from_official_dir
-    from cosyvoice2.testing.official import load_official
+    from cosyvoice2_testing.official import load_official
 
     cfg = config_from_official_dir(tiny_pt_dir).flow
     # the official code hard-codes 512 channels in PreLookaheadLayer/Upsample1D

@@ -10,7 +10,7 @@ import pytest
 
 from cosyvoice2.config import ModelConfig, config_from_official
 from cosyvoice2.official_yaml import Tagged, load_official_yaml
-from cosyvoice2.testing.synthetic import official_yaml_text, qwen_config
+from cosyvoice2_testing.synthetic import official_yaml_text, qwen_config
 
 OFFICIAL_FILES = [
     "cosyvoice2.yaml",
@@ -102,7 +102,7 @@ def test_official_dir_has_the_official_layout(tiny_official_dir: Path) -> None:
 def test_pt_files_load_strictly_into_official_modules(tiny_pt_dir: Path, part: str) -> None:
     import torch
 
-    from cosyvoice2.testing.official import build_official, official_hparams
+    from cosyvoice2_testing.official import build_official, official_hparams
 
     module = build_official(part, official_hparams(tiny_pt_dir), seed=123)
     state = torch.load(tiny_pt_dir / f"{part}.pt", map_location="cpu", weights_only=True)
@@ -113,7 +113,7 @@ def test_pt_files_load_strictly_into_official_modules(tiny_pt_dir: Path, part: s
 def test_official_modules_run_a_forward_pass(tiny_pt_dir: Path, torch_threads: None) -> None:
     import torch
 
-    from cosyvoice2.testing.official import load_official
+    from cosyvoice2_testing.official import load_official
 
     torch.manual_seed(0)
     llm = load_official("llm", tiny_pt_dir)
@@ -148,7 +148,7 @@ def test_official_modules_run_a_forward_pass(tiny_pt_dir: Path, torch_threads: N
 def test_generation_is_deterministic_per_seed(tiny_pt_dir: Path, tmp_path: Path) -> None:
     import torch
 
-    from cosyvoice2.testing.synthetic import make_official_dir
+    from cosyvoice2_testing.synthetic import make_official_dir
 
     again = make_official_dir(tmp_path / "again", size="tiny", seed=0, onnx=False)
     other = make_official_dir(tmp_path / "other", size="tiny", seed=1, onnx=False)
@@ -164,7 +164,7 @@ def test_generation_is_deterministic_per_seed(tiny_pt_dir: Path, tmp_path: Path)
 
 def test_weight_norm_key_styles(tmp_path: Path) -> None:
     pytest.importorskip("torch")
-    from cosyvoice2.testing.synthetic import legacy_weight_norm_keys
+    from cosyvoice2_testing.synthetic import legacy_weight_norm_keys
 
     state = {
         "conv_pre.parametrizations.weight.original0": np.zeros((4, 1, 1)),

@@ -6,7 +6,7 @@ and `speech_tokenizer_v2.onnx` on onnxruntime, Whisper's log-mel), driven by the
 wheel's own `CosyVoice2.inference_*` / `add_zero_shot_spk` (`official_cosyvoice2`),
 whose `model.tts` records the `model_input` of every text segment instead of
 synthesising. The prompt is read by the wheel's `load_wav(path, 16000)`.
-Shims (`cosyvoice2.testing.shims`, `official_frontend`): torchaudio's `load`,
+Shims (`cosyvoice2_testing.shims`, `official_frontend`): torchaudio's `load`,
 `Resample` and Kaldi `fbank` (torchaudio has no build for torch 2.13), written in
 torch independently of our frontend and checked here against the real torchaudio's
 stored outputs (within float32 rounding); the text normalisers, which the wheel
@@ -60,8 +60,8 @@ pytest.importorskip(
 from cosyvoice2.frontend import audio, features  # noqa: E402
 from cosyvoice2.frontend import text as text_frontend  # noqa: E402
 from cosyvoice2.model import ENDOFPROMPT, CosyVoice2  # noqa: E402
-from cosyvoice2.testing import shims  # noqa: E402
-from cosyvoice2.testing.official import (  # noqa: E402
+from cosyvoice2_testing import shims  # noqa: E402
+from cosyvoice2_testing.official import (  # noqa: E402
     official_cosyvoice2,
     official_frontend,
     official_model_inputs,

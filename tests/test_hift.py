@@ -202,7 +202,7 @@ def _rescale(state: dict, ref, voiced: bool) -> None:
 def _pair(model_dir: Path, voiced: bool):
     """(official module, our module) with the same (rescaled) weights from `model_dir/hift.pt`."""
     from cosyvoice2.config import config_from_official_dir
-    from cosyvoice2.testing.official import load_official
+    from cosyvoice2_testing.official import load_official
 
     ref = load_official("hift", model_dir)
     state = _pt_state(model_dir)
@@ -294,7 +294,7 @@ def hift_route(route):
 
 @pytest.fixture(scope="module")
 def tiny_official(tiny_pt_dir, torch_threads):
-    from cosyvoice2.testing.official import load_official
+    from cosyvoice2_testing.official import load_official
 
     return load_official("hift", tiny_pt_dir)
 

@@ -802,15 +802,15 @@ def test_swapped_layers_fall_back_without_the_module(monkeypatch) -> None:
 # ------------------------------------------------------------ model loading
 
 
-def test_load_selects_kernels_by_precision(tiny_mlx_dir: Path) -> None:
+def test_load_selects_kernels_by_precision(mlx_tiny_dir: Path) -> None:
     """`CosyVoice2.load(llm_kernels=...)`: kernel layers when installed, MLX's own with "off"."""
     from cosyvoice2.model import CosyVoice2
 
-    off = CosyVoice2.load(tiny_mlx_dir, llm_bits=8, llm_kernels="off")
+    off = CosyVoice2.load(mlx_tiny_dir, llm_bits=8, llm_kernels="off")
     assert off.meta["llm_kernels"] == "off"
     assert isinstance(off.llm.llm.layers[0].mlp.down_proj, nn.QuantizedLinear)
     for kwargs in ({}, {"llm_dtype": "bfloat16"}, {"llm_bits": 8}):
-        auto = CosyVoice2.load(tiny_mlx_dir, **kwargs)
+        auto = CosyVoice2.load(mlx_tiny_dir, **kwargs)
         layer = auto.llm.llm.layers[0]
         if K is None:
             assert auto.meta["llm_kernels"] == "off" and not isinstance(
@@ -820,7 +820,7 @@ def test_load_selects_kernels_by_precision(tiny_mlx_dir: Path) -> None:
             assert auto.meta["llm_kernels"] == fastlinear.describe() != "off"
             assert isinstance(layer, fastlinear.KernelBlock)
     with pytest.raises(ValueError, match="llm_kernels"):
-        CosyVoice2.load(tiny_mlx_dir, llm_kernels="on")
+        CosyVoice2.load(mlx_tiny_dir, llm_kernels="on")
 
 
 # ------------------------------------------------------------------ full size
@@ -833,7 +833,7 @@ def test_full_size_llm_with_and_without_kernels(precision: str, capsys) -> None:
     """The 0.5B-shape speech LM (synthetic weights): kernels against MLX's model, 20 steps."""
     from cosyvoice2.checkpoint import load_torch_checkpoint
     from cosyvoice2.config import config_from_official_dir
-    from cosyvoice2.testing.synthetic import cached_official_dir
+    from cosyvoice2_testing.synthetic import cached_official_dir
 
     official = cached_official_dir("full", onnx=False)
     config = config_from_official_dir(official).llm

@@ -17,8 +17,17 @@ import pytest
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from cosyvoice2.config import LLMConfig, QwenConfig
-from cosyvoice2.llm import PromptPrefix, Qwen2LM, _length_limit, cast, quantize, weights_of
+from cosyvoice2.llm import (
+    PromptPrefix,
+    Qwen2LM,
+    _length_limit,
+    cast,
+    default_sampler,
+    quantize,
+    weights_of,
+)
 from cosyvoice2.sampling import GreedySampler, RasSampler, empty_recent, push_recent
+from cosyvoice2_testing.legacy import LegacyDecoder
 
 S = 6561
 TINY = LLMConfig(
@@ -205,9 +214,26 @@ def test_legacy_gives_up_on_eos_below_min_len() -> None:
     with pytest.raises(RuntimeError, match="trials"):
         list(
             model.inference(
-                text, prompt_text, prompt_speech, sampling=GreedySampler(), behaviour="legacy"
+                text, prompt_text, prompt_speech, sampling=GreedySampler(), decoder=LegacyDecoder
             )
         )
+
+
+def test_behaviour_accepts_upstream_and_points_legacy_to_the_testing_package() -> None:
+    model = random_tiny(1)
+    text, prompt_text, prompt_speech = inputs(5, n_text=4)
+    default = list(model.inference(text, prompt_text, prompt_speech, sampling=GreedySampler()))
+    upstream = model.inference(
+        text, prompt_text, prompt_speech, sampling=GreedySampler(), behaviour="upstream"
+    )
+    assert list(upstream) == default
+    for call in (model.inference, model.inference_bistream):
+        with pytest.raises(ValueError, match="cosyvoice2_testing.legacy.LegacyDecoder"):
+            list(call(text, prompt_text, prompt_speech, behaviour="legacy"))
+        with pytest.raises(ValueError, match="must be 'upstream'"):
+            list(call(text, prompt_text, prompt_speech, behaviour="upstreem"))
+    with pytest.raises(ValueError, match="LegacyDecoder"):
+        default_sampler(model.config, "legacy")
 
 
 # --------------------------------------------------------------------- prefixes

@@ -2,9 +2,10 @@
 
 References:
 - the installed official code (mid-2025, the `cosyvoice-minicpmo` wheel), executed:
-  logits, greedy tokens, and our `behaviour="legacy"` token for token;
+  logits, greedy tokens, and our decoding with the wheel's rules
+  (`cosyvoice2_testing.legacy.LegacyDecoder`) token for token;
 - the upstream `cosyvoice/llm/llm.py` at commit `UPSTREAM_COMMIT`, which our default
-  `behaviour="upstream"` follows, through goldens recorded from it
+  decoding (`cosyvoice2.llm.TokenDecoder`) follows, through goldens recorded from it
   (`tests/data/upstream/llm_upstream.json`, written by `tests/official/record_upstream.py`,
   which executes that file from a CosyVoice checkout; no test reads a checkout). The
   goldens hold the tokens of each case on the tiny synthetic dir and the sha256 of that
@@ -64,6 +65,7 @@ import pytest
 from cosyvoice2 import fastlinear
 from cosyvoice2.config import config_from_official_dir
 from cosyvoice2.llm import Qwen2LM
+from cosyvoice2_testing.legacy import LegacyDecoder
 from tests.power import FACTOR, assert_power, patched, wrapped
 
 torch = pytest.importorskip("torch")
@@ -108,7 +110,7 @@ def load_reference(model_dir: Path) -> tuple[Any, str]:
     """
     from transformers.modeling_utils import no_init_weights
 
-    from cosyvoice2.testing.official import build_official, official_hparams
+    from cosyvoice2_testing.official import build_official, official_hparams
 
     torch.set_num_threads(1)
     with no_init_weights():
@@ -476,10 +478,10 @@ def mix_ratio_bug(model: Qwen2LM) -> contextlib.AbstractContextManager:
 
 
 def legacy_decoding_bug() -> contextlib.AbstractContextManager:
-    """`behaviour="upstream"` silently decodes as the legacy code does."""
+    """The default decoding silently follows the wheel's rules (`LegacyDecoder`)."""
     import cosyvoice2.llm as llm_module
 
-    return wrapped(llm_module, "_check_behaviour", lambda f: lambda behaviour: "legacy")
+    return patched(llm_module, "TokenDecoder", LegacyDecoder)
 
 
 # ----------------------------------------------------------------- tiny: logits
@@ -568,14 +570,14 @@ def test_greedy_tokens_equal_installed_official(
     )
     ref = official_inference(tiny.ref, text, prompt_text, prompt_speech, official_greedy)
     assert len(ref) == 120  # max_len = 6 * 20: no eos
-    for behaviour in ("legacy", "upstream"):
+    for decoder in (LegacyDecoder, None):
         ours = list(
             tiny.ours.inference(
-                text, prompt_text, prompt_speech, sampling=MaskedGreedy(), behaviour=behaviour
+                text, prompt_text, prompt_speech, sampling=MaskedGreedy(), decoder=decoder
             )
         )
         first = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
-        assert ours == ref, f"{behaviour}: first difference at {first}"
+        assert ours == ref, f"{decoder or 'upstream'}: first difference at {first}"
 
 
 def test_greedy_tokens_power(tiny: Pair) -> None:
@@ -615,7 +617,7 @@ def test_legacy_skips_6562_and_refeeds_like_installed_official(tiny: Pair) -> No
     ref = official_inference(tiny.ref, text, prompt_text, prompt_speech, official_rule6562)
     ours = list(
         tiny.ours.inference(
-            text, prompt_text, prompt_speech, sampling=Rule6562(), behaviour="legacy"
+            text, prompt_text, prompt_speech, sampling=Rule6562(), decoder=LegacyDecoder
         )
     )
     assert ours == ref
@@ -636,7 +638,11 @@ def test_eos_below_minimum_length(tiny: Pair) -> None:
         with pytest.raises(RuntimeError):
             list(
                 tiny.ours.inference(
-                    text, prompt_text, prompt_speech, sampling=MaskedGreedy(), behaviour="legacy"
+                    text,
+                    prompt_text,
+                    prompt_speech,
+                    sampling=MaskedGreedy(),
+                    decoder=LegacyDecoder,
                 )
             )
     # the tokens before eos are the greedy tokens among the rest
@@ -692,7 +698,7 @@ def legacy_bistream_case(pair: Pair, case: str) -> tuple[tuple, Callable[[], tup
         with mlx_bias(pair.ours, NO_STOP):
             return our_bistream(
                 pair.ours, chunks, prompt_text, prompt_speech, HashFill(every), LIMIT,
-                behaviour="legacy",
+                decoder=LegacyDecoder,
             )  # fmt: skip
 
     return ref, ours
@@ -791,7 +797,7 @@ def reference_case(module, spec: dict[str, Any]) -> tuple[list[int], str | None]
 
 
 def our_case(model: Qwen2LM, spec: dict[str, Any]) -> tuple[list[int], str | None]:
-    """Our stream (default `behaviour`, i.e. upstream) for an `UPSTREAM_CASES` entry."""
+    """Our stream (the default decoding, i.e. upstream) for an `UPSTREAM_CASES` entry."""
     with mlx_bias(model, _case_bias(spec)):
         if spec["kind"] == "inference":
             rule = {"greedy": MaskedGreedy, "rule6562": Rule6562}[spec["rule"]]()

@@ -183,11 +183,11 @@ def test_bad_files(tmp_path: Path):
 def onnx_dir() -> Path:
     pytest.importorskip("torch")
     pytest.importorskip("speakerlab.models.campplus.DTDNN")
-    from cosyvoice2.testing.shims import install_shims
+    from cosyvoice2_testing.shims import install_shims
 
     install_shims()  # s3tokenizer imports torchaudio
     pytest.importorskip("s3tokenizer")
-    from cosyvoice2.testing.onnx_exports import cached_onnx_files
+    from cosyvoice2_testing.onnx_exports import cached_onnx_files
 
     return cached_onnx_files("tiny", seed=0)
 
@@ -232,7 +232,7 @@ def _initializer_names(path: Path) -> set[str]:
 
 def test_tokenizer_export_names_and_weights(onnx_dir: Path):
     """The export has the real file's naming scheme, and every tensor comes back under its PyTorch name."""
-    from cosyvoice2.testing.onnx_exports import cached_torch_state
+    from cosyvoice2_testing.onnx_exports import cached_torch_state
 
     path = onnx_dir / "speech_tokenizer_v2.onnx"
     names = _initializer_names(path)
@@ -261,7 +261,7 @@ def test_tokenizer_export_names_and_weights(onnx_dir: Path):
 
 def test_campplus_export_names_and_weights(onnx_dir: Path):
     """Unfolded tensors come back exactly under their PyTorch names; folded convs carry their batch norm."""
-    from cosyvoice2.testing.onnx_exports import cached_torch_state
+    from cosyvoice2_testing.onnx_exports import cached_torch_state
 
     path = onnx_dir / "campplus.onnx"
     names = _initializer_names(path)

@@ -43,9 +43,9 @@ pytest.importorskip(
     "wetext", reason="the official text normalisation (upstream's tn) runs on wetext"
 )
 
-import cosyvoice2.model as model_mod  # noqa: E402
+import cosyvoice2.engine as engine_mod  # noqa: E402
 from cosyvoice2.model import ENDOFPROMPT, CosyVoice2, source_noise_key  # noqa: E402
-from cosyvoice2.testing.official import (  # noqa: E402
+from cosyvoice2_testing.official import (  # noqa: E402
     install_shims,
     load_official,
     official_cosyvoice2,
@@ -260,7 +260,7 @@ def test_cross_lingual_and_speed(ours, official, prompt_wav) -> None:
         "cross-lingual, speed 1.3",
         lambda: ours_wave(ours, "inference_cross_lingual", TEXT, prompt_wav, speed=1.3),
         want,
-        patched(model_mod, "interpolate_linear", nearest),
+        patched(engine_mod, "interpolate_linear", nearest),
         "speed change by nearest-neighbour interpolation (F.interpolate's default mode)",
     )
 

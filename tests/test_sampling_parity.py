@@ -31,7 +31,7 @@ pytestmark = pytest.mark.parity
 @pytest.fixture(scope="module")
 def common():
     pytest.importorskip("cosyvoice", reason="the official CosyVoice code is not installed")
-    from cosyvoice2.testing.shims import install_shims
+    from cosyvoice2_testing.shims import install_shims
 
     install_shims()
     from cosyvoice.utils import common

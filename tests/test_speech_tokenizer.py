@@ -56,7 +56,7 @@ def _need_exports() -> None:
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
     pytest.importorskip("speakerlab.models.campplus.DTDNN")
-    from cosyvoice2.testing.shims import install_shims
+    from cosyvoice2_testing.shims import install_shims
 
     install_shims()  # s3tokenizer imports torchaudio
     pytest.importorskip("s3tokenizer")
@@ -71,7 +71,7 @@ class Reference:
         import torch
         from s3tokenizer.model_v2 import ModelConfig, S3TokenizerV2
 
-        from cosyvoice2.testing.onnx_exports import cached_onnx_files, cached_torch_state
+        from cosyvoice2_testing.onnx_exports import cached_onnx_files, cached_torch_state
 
         self.path = cached_onnx_files(size, seed=0) / "speech_tokenizer_v2.onnx"
         model = onnx.load(str(self.path))
@@ -313,7 +313,7 @@ def test_tokens_from_audio_match_the_official_path(tiny, prompts):
 
 
 def test_sanitize_accepts_s3tokenizer_state_dict(tiny, mels):
-    from cosyvoice2.testing.onnx_exports import cached_torch_state
+    from cosyvoice2_testing.onnx_exports import cached_torch_state
 
     model, _ = tiny
     other = SpeechTokenizerV2.from_weights(cached_torch_state("speech_tokenizer", "tiny", seed=0))

@@ -40,8 +40,8 @@ class SpeechSampler:
 
 
 @pytest.fixture(scope="module")
-def ours(tiny_mlx_dir) -> CosyVoice2:
-    return CosyVoice2.load(tiny_mlx_dir)
+def ours(mlx_tiny_dir) -> CosyVoice2:
+    return CosyVoice2.load(mlx_tiny_dir)
 
 
 def prompt(model: CosyVoice2) -> Prompt:

@@ -7,7 +7,7 @@ Modules (each ports the official file of the same name, names kept so the
 - `encoder.py`: `UpsampleConformerEncoder` with `PreLookaheadLayer`, `Upsample1D`,
   espnet relative-position attention;
 - `flow_matching.py`: `CausalConditionalCFM` (Euler, cosine schedule, batched CFG);
-- `decoder.py`: the U-Net estimator (`CausalConditionalDecoder`, `ConditionalDecoder`);
+- `decoder.py`: the U-Net estimator (`CausalConditionalDecoder`);
 - `noise.py`: the official fixed starting noise, computed without torch;
 - `ops.py`: convolution, mask and activation helpers (CPU kernels or MLX ops);
 - `cpu_kernels.py`: numba kernels for softmax, GELU, SiLU, Mish, LayerNorm (the
@@ -53,7 +53,7 @@ bench's results files (`bench/README.md`); this is what they are made of:
   are slower paths still on MLX-CPU).
 """
 
-from cosyvoice2.flow.decoder import CausalConditionalDecoder, ConditionalDecoder
+from cosyvoice2.flow.decoder import CausalConditionalDecoder
 from cosyvoice2.flow.encoder import UpsampleConformerEncoder
 from cosyvoice2.flow.flow import CausalMaskedDiffWithXvec
 from cosyvoice2.flow.flow_matching import CausalConditionalCFM
@@ -63,7 +63,6 @@ __all__ = [
     "CausalConditionalCFM",
     "CausalConditionalDecoder",
     "CausalMaskedDiffWithXvec",
-    "ConditionalDecoder",
     "UpsampleConformerEncoder",
     "cfm_noise",
 ]

@@ -1,8 +1,8 @@
-"""The CFM's velocity estimator: `ConditionalDecoder` / `CausalConditionalDecoder` (a 1-D U-Net).
+"""The CFM's velocity estimator: `CausalConditionalDecoder` (a 1-D U-Net).
 
 Port of the official `cosyvoice/flow/decoder.py` and the Matcha-TTS blocks it
 builds on (`matcha/models/components/decoder.py`: `SinusoidalPosEmb`,
-`TimestepEmbedding`, `Block1D`, `ResnetBlock1D`, `Downsample1D`, `Upsample1D`;
+`TimestepEmbedding`, `ResnetBlock1D` in its causal form, `Downsample1D`, `Upsample1D`;
 `matcha/models/components/transformer.py`: `BasicTransformerBlock` with diffusers'
 `Attention` and a GELU feed-forward). Module and parameter names are the
 official ones, so the keys of `flow.pt` under `decoder.estimator.` map one to one.
@@ -19,9 +19,11 @@ skip, a final causal block and a 1x1 projection. Attention is full, or in chunks
 of `static_chunk_size` frames (each frame sees everything before the end of its
 chunk) when `streaming`.
 
-The non-causal `ConditionalDecoder` (multi-level, GroupNorm blocks, stride-2
-`Downsample1D` and transposed-conv `Upsample1D`) is ported too and tested, since
-the brief asks for it; CosyVoice2 does not use it.
+With more than one entry in `channels` the U-Net has one level per entry,
+joined by stride-2 `Downsample1D` and transposed-conv `Upsample1D`, as in the
+official class. CosyVoice2 does not use the non-causal Matcha `ConditionalDecoder`
+(GroupNorm blocks); the parity tests build it from these blocks in
+`cosyvoice2_testing.conditional_decoder`.
 """
 
 from __future__ import annotations
@@ -116,24 +118,6 @@ def _masked(x: mx.array, mask: mx.array | None) -> mx.array:
     return x if mask is None else x * mask
 
 
-class Block1D(nn.Module):
-    """`Conv1d(k=3, pad 1) -> GroupNorm(groups) -> Mish` on the masked input."""
-
-    def __init__(self, dim: int, dim_out: int, groups: int = 8):
-        super().__init__()
-        self.block = [
-            nn.Conv1d(dim, dim_out, 3, padding=1),
-            nn.GroupNorm(groups, dim_out, pytorch_compatible=True),
-            Mish(),
-        ]
-
-    def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
-        x = _masked(x, mask)
-        for layer in self.block:
-            x = layer(x)
-        return _masked(x, mask)
-
-
 class CausalBlock1D(nn.Module):
     """`CausalConv1d(k=3) -> LayerNorm over channels -> Mish` on the masked input.
 
@@ -159,20 +143,14 @@ class CausalBlock1D(nn.Module):
         return _masked(x, mask)
 
 
-class ResnetBlock1D(nn.Module):
-    """Two blocks with the time embedding added between them, plus a 1x1 residual convolution."""
+class CausalResnetBlock1D(nn.Module):
+    """Two causal blocks with the time embedding added between them, plus a 1x1 residual convolution."""
 
-    def __init__(
-        self, dim: int, dim_out: int, time_emb_dim: int, groups: int = 8, causal: bool = False
-    ):
+    def __init__(self, dim: int, dim_out: int, time_emb_dim: int):
         super().__init__()
         self.mlp = [Mish(), nn.Linear(time_emb_dim, dim_out)]
-        if causal:
-            self.block1 = CausalBlock1D(dim, dim_out)
-            self.block2 = CausalBlock1D(dim_out, dim_out)
-        else:
-            self.block1 = Block1D(dim, dim_out, groups=groups)
-            self.block2 = Block1D(dim_out, dim_out, groups=groups)
+        self.block1 = CausalBlock1D(dim, dim_out)
+        self.block2 = CausalBlock1D(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
     def __call__(self, x: mx.array, mask: mx.array | None, time_emb: mx.array) -> mx.array:
@@ -180,13 +158,6 @@ class ResnetBlock1D(nn.Module):
         h = h + self.mlp[1](self.mlp[0](time_emb))[:, None, :]
         h = self.block2(h, mask)
         return h + dense(self.res_conv, _masked(x, mask))
-
-
-class CausalResnetBlock1D(ResnetBlock1D):
-    """`ResnetBlock1D` with causal blocks (LayerNorm instead of GroupNorm)."""
-
-    def __init__(self, dim: int, dim_out: int, time_emb_dim: int, groups: int = 8):
-        super().__init__(dim, dim_out, time_emb_dim, groups, causal=True)
 
 
 class Downsample1D(nn.Module):
@@ -431,19 +402,24 @@ def _padding_mask(mask: mx.array | None) -> mx.array | None:
     return None if mask is None else (mask[:, :, 0] > 0)[:, None, None, :]
 
 
-class ConditionalDecoder(nn.Module):
-    """The U-Net velocity estimator (non-causal Matcha form; `causal=True` gives CosyVoice2's)."""
+class CausalConditionalDecoder(nn.Module):
+    """CosyVoice2's estimator: causal convolutions, LayerNorm blocks, optional chunk-masked attention.
 
-    def __init__(self, config: EstimatorConfig, causal: bool = False):
+    The blocks come from `_resnet`, `_same_conv` and `_final_block`, so that a
+    variant with other blocks (the non-causal Matcha decoder the tests compare)
+    shares this structure and forward pass.
+    """
+
+    def __init__(self, config: EstimatorConfig):
         super().__init__()
         channels = tuple(config.channels)
         self.config = config
-        self.causal = causal
         self.in_channels = config.in_channels
         self.time_embeddings = SinusoidalPosEmb(config.in_channels)
         time_embed_dim = channels[0] * 4
         self.time_mlp = TimestepEmbedding(config.in_channels, time_embed_dim)
-        resnet_cls = CausalResnetBlock1D if causal else ResnetBlock1D
+        resnet_cls = self._resnet
+        same_conv = self._same_conv
 
         def transformers(dim: int) -> list[BasicTransformerBlock]:
             return [
@@ -452,9 +428,6 @@ class ConditionalDecoder(nn.Module):
                 )
                 for _ in range(config.n_blocks)
             ]
-
-        def same_conv(dim: int) -> nn.Module:
-            return CausalConv1d(dim, dim, 3) if causal else nn.Conv1d(dim, dim, 3, padding=1)
 
         self.down_blocks = []
         output_channel = config.in_channels
@@ -480,11 +453,7 @@ class ConditionalDecoder(nn.Module):
             up = same_conv(output_channel) if is_last else Upsample1D(output_channel)
             self.up_blocks.append([resnet, transformers(output_channel), up])
 
-        self.final_block = (
-            CausalBlock1D(up_channels[-1], up_channels[-1])
-            if causal
-            else Block1D(up_channels[-1], up_channels[-1])
-        )
+        self.final_block = self._final_block(up_channels[-1])
         self.final_proj = nn.Conv1d(up_channels[-1], config.out_channels, 1)
 
     def __call__(
@@ -498,8 +467,7 @@ class ConditionalDecoder(nn.Module):
         streaming: bool = False,
     ) -> mx.array:
         """The velocity at noisy mel `x` and time `t`, conditioned on `mu`, `spks`, `cond` (see module doc)."""
-        # The non-causal decoder has no streaming mode (the official one ignores the flag).
-        chunk = self.config.static_chunk_size if streaming and self.causal else 0
+        chunk = self.config.static_chunk_size if streaming else 0
         temb = self.time_mlp(self.time_embeddings(t))
 
         parts = [x, mu]
@@ -542,9 +510,15 @@ class ConditionalDecoder(nn.Module):
         out = dense(self.final_proj, _masked(x, mask_up))
         return _masked(out, mask)
 
+    @staticmethod
+    def _resnet(dim: int, dim_out: int, time_emb_dim: int) -> nn.Module:
+        return CausalResnetBlock1D(dim, dim_out, time_emb_dim)
 
-class CausalConditionalDecoder(ConditionalDecoder):
-    """CosyVoice2's estimator: causal convolutions, LayerNorm blocks, optional chunk-masked attention."""
+    @staticmethod
+    def _same_conv(dim: int) -> nn.Module:
+        """The convolution in place of down/up-sampling at the last level."""
+        return CausalConv1d(dim, dim, 3)
 
-    def __init__(self, config: EstimatorConfig):
-        super().__init__(config, causal=True)
+    @staticmethod
+    def _final_block(dim: int) -> nn.Module:
+        return CausalBlock1D(dim, dim)

@@ -10,7 +10,7 @@ the `cosyvoice2.flow` package docstring):
   unfold + matmul formulation), so the causal convolutions use it after a left pad.
 - `mx.conv_transpose1d` is a slow path on CPU. CosyVoice2's
   estimator has one resolution level and never uses it; the multi-level
-  `ConditionalDecoder` does (`Upsample1D`), through the shared fast route
+  estimator does (`Upsample1D`), through the shared fast route
   `cosyvoice2.ops.conv_transpose1d` (the one HiFT uses).
 - Float32 projections (`dense`: `nn.Linear`, 1x1 `nn.Conv1d`) run the panel GEMM of
   the optional `cosyvoice2_kernels` when it is built: weights packed once per layer

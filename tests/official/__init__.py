@@ -1,5 +1,5 @@
-"""The official CosyVoice2 PyTorch code as a parity reference (see `cosyvoice2.testing.official`)."""
+"""The official CosyVoice2 PyTorch code as a parity reference (see `cosyvoice2_testing.official`)."""
 
-from cosyvoice2.testing.official import build_official, install_shims, official_hparams
+from cosyvoice2_testing.official import build_official, install_shims, official_hparams
 
 __all__ = ["build_official", "install_shims", "official_hparams"]

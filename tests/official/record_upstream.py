@@ -78,7 +78,7 @@ def upstream_qwen2lm(ref, source: str, commit: str):
 
 def record(repo: Path, out: Path) -> dict:
     sys.path.insert(0, str(ROOT))
-    from cosyvoice2.testing.synthetic import cached_official_dir
+    from cosyvoice2_testing.synthetic import cached_official_dir
     from tests import test_llm_parity as t
 
     source = upstream_source(repo, t.UPSTREAM_COMMIT)

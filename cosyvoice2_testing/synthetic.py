@@ -302,7 +302,7 @@ def make_official_dir(
         raise ValueError(f"unknown weight_norm_style {weight_norm_style!r}")
     import torch
 
-    from cosyvoice2.testing.official import build_official, official_hparams
+    from cosyvoice2_testing.official import build_official, official_hparams
 
     out_dir = Path(out_dir)
     with staged_dir(out_dir) as tmp:
@@ -317,7 +317,7 @@ def make_official_dir(
             torch.save(state, tmp / f"{part}.pt")
             del module, state
         if onnx:
-            from cosyvoice2.testing.onnx_exports import write_onnx_files
+            from cosyvoice2_testing.onnx_exports import write_onnx_files
 
             write_onnx_files(tmp, size=size, seed=seed)
         label = {

@@ -146,7 +146,7 @@ def kaldi_fbank(
 
 def _torchaudio_stub() -> types.ModuleType:
     mod = _stub_module("torchaudio")
-    mod.__doc__ = "Test shim: stand-in for torchaudio (see cosyvoice2/testing/shims.py)."
+    mod.__doc__ = "Test shim: stand-in for torchaudio (see cosyvoice2_testing/shims.py)."
 
     def load(path, backend=None):  # noqa: ARG001 - official call signature
         import soundfile as sf

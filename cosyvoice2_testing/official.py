@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cosyvoice2.official_yaml import Tagged, load_official_yaml
-from cosyvoice2.testing.shims import install_shims
+from cosyvoice2_testing.shims import install_shims
 
 PARTS = ("llm", "flow", "hift")
 
@@ -118,7 +118,7 @@ def official_frontend(model_dir: str | Path, text_normalizers: bool = True):
     The yaml's `get_tokenizer` and `feat_extractor`, `campplus.onnx` and
     `speech_tokenizer_v2.onnx` on onnxruntime's CPU provider, `spk2info.pt` when the
     dir has one. torchaudio's `Resample` and Kaldi `fbank` come from the shims
-    (`cosyvoice2.testing.shims`).
+    (`cosyvoice2_testing.shims`).
 
     Text normalisation: the reference wheel comments out the creation of its
     normalisers in `__init__` but `text_normalize` still reads them (it fails with

@@ -158,7 +158,7 @@ def speech_tokenizer_torch_model(size: str = "tiny", seed: int = 0):
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     torch = _torch()
-    from cosyvoice2.testing.shims import install_shims
+    from cosyvoice2_testing.shims import install_shims
 
     install_shims()  # s3tokenizer imports torchaudio at import time
     from s3tokenizer.model_v2 import ModelConfig, S3TokenizerV2

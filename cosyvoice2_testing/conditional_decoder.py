@@ -1,0 +1,70 @@
+"""The non-causal Matcha-TTS `ConditionalDecoder`, built from the runtime estimator's blocks.
+
+CosyVoice2's estimator is the causal `cosyvoice2.flow.decoder.CausalConditionalDecoder`.
+The official `cosyvoice/flow/decoder.py` also has the multi-level non-causal form
+(Matcha's: GroupNorm `Block1D`s, zero-padded convolutions). The parity tests
+compare it with the official class, which exercises the runtime's U-Net structure
+and forward pass on several levels (stride-2 `Downsample1D`, transposed-conv
+`Upsample1D`, masks halved per level) that CosyVoice2's one level never reaches.
+Only the blocks differ, so this class swaps them in and reuses the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from cosyvoice2.config import EstimatorConfig
+from cosyvoice2.flow.decoder import CausalConditionalDecoder, CausalResnetBlock1D, Mish, _masked
+
+
+class Block1D(nn.Module):
+    """`Conv1d(k=3, pad 1) -> GroupNorm(groups) -> Mish` on the masked input."""
+
+    def __init__(self, dim: int, dim_out: int, groups: int = 8):
+        super().__init__()
+        self.block = [
+            nn.Conv1d(dim, dim_out, 3, padding=1),
+            nn.GroupNorm(groups, dim_out, pytorch_compatible=True),
+            Mish(),
+        ]
+
+    def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
+        x = _masked(x, mask)
+        for layer in self.block:
+            x = layer(x)
+        return _masked(x, mask)
+
+
+class ResnetBlock1D(CausalResnetBlock1D):
+    """Matcha's `ResnetBlock1D`: the causal block's structure with GroupNorm `Block1D`s."""
+
+    def __init__(self, dim: int, dim_out: int, time_emb_dim: int, groups: int = 8):
+        super().__init__(dim, dim_out, time_emb_dim)
+        self.block1 = Block1D(dim, dim_out, groups=groups)
+        self.block2 = Block1D(dim_out, dim_out, groups=groups)
+
+
+class ConditionalDecoder(CausalConditionalDecoder):
+    """The non-causal U-Net velocity estimator.
+
+    It has no streaming mode (the official one ignores the flag): a chunk size of 0
+    keeps attention full either way.
+    """
+
+    def __init__(self, config: EstimatorConfig):
+        super().__init__(dataclasses.replace(config, static_chunk_size=0))
+
+    @staticmethod
+    def _resnet(dim: int, dim_out: int, time_emb_dim: int) -> nn.Module:
+        return ResnetBlock1D(dim, dim_out, time_emb_dim)
+
+    @staticmethod
+    def _same_conv(dim: int) -> nn.Module:
+        return nn.Conv1d(dim, dim, 3, padding=1)
+
+    @staticmethod
+    def _final_block(dim: int) -> nn.Module:
+        return Block1D(dim, dim)
