@@ -31,6 +31,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from cosyvoice2 import settings
+
 # One MLX CPU stream per thread that uses it (a plain MLX stream belongs to the
 # thread that made it; a thread-local stream is valid in any thread).
 _STREAM = mx.new_thread_local_stream(mx.cpu)
@@ -69,7 +71,7 @@ def in_worker() -> bool:
 
 def enabled() -> bool:
     """Whether estimator branches run on two threads (CPU device, >= 2 cores, not disabled)."""
-    if os.environ.get("COSYVOICE2_FLOW_BRANCH_THREADS", "1") == "0":
+    if not settings.flag("COSYVOICE2_FLOW_BRANCH_THREADS"):
         return False
     return mx.default_device() == mx.cpu and _cpus() >= 2
 

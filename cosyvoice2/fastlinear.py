@@ -44,7 +44,6 @@ not the CPU (and inside `mlx_ops()`), so a swapped model runs anywhere.
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from collections.abc import Iterator
 from types import ModuleType
@@ -56,6 +55,8 @@ import numpy as np
 from mlx_lm.models import qwen2
 from mlx_lm.models.base import scaled_dot_product_attention
 
+from cosyvoice2 import settings
+
 ENV = "COSYVOICE2_KERNELS"
 GROUP_SIZES = (32, 64, 128)
 
@@ -65,7 +66,7 @@ _force_mlx = False
 
 
 def _disabled_by_env() -> bool:
-    return os.environ.get(ENV, "").strip().lower() in ("0", "off", "false", "no")
+    return not settings.flag(ENV)
 
 
 def kernels_module() -> ModuleType | None:

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import queue
 import threading
 import time
@@ -63,7 +62,7 @@ from typing import Any, Protocol
 import mlx.core as mx
 import numpy as np
 
-from cosyvoice2 import branches
+from cosyvoice2 import branches, settings
 from cosyvoice2.errors import CosyVoiceError
 from cosyvoice2.flow.cache import FlowState, block_tokens, flow_step
 
@@ -162,7 +161,7 @@ def overlap_enabled() -> bool:
     idle (more cores than its two threads use); measure it with the bench
     (`bench/README.md`) before turning it on.
     """
-    if os.environ.get("COSYVOICE2_STREAM_LLM_THREAD", "0") != "1":
+    if not settings.flag("COSYVOICE2_STREAM_LLM_THREAD"):
         return False
     return branches.enabled()
 

@@ -30,11 +30,11 @@ only torch).
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from pathlib import Path
 from typing import Any
 
+from cosyvoice2 import settings
 from cosyvoice2.files import staged_dir
 
 EXPORT_VERSION = 5
@@ -329,7 +329,7 @@ def write_onnx_files(
 
 def cache_dir() -> Path:
     """`$COSYVOICE2_CACHE/onnx` (default `~/.cache/cosyvoice2-mlx/onnx`)."""
-    root = Path(os.environ.get("COSYVOICE2_CACHE", Path.home() / ".cache" / "cosyvoice2-mlx"))
+    root = settings.path("COSYVOICE2_CACHE")
     return root / "onnx"
 
 

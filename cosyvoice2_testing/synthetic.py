@@ -16,10 +16,10 @@ Two sizes: `tiny` (a 2-layer Qwen2 and small flow/HiFT, for fast tests) and
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from cosyvoice2 import settings
 from cosyvoice2.files import staged_dir
 
 GENERATOR_VERSION = 2
@@ -333,7 +333,7 @@ def make_official_dir(
 
 def cache_root() -> Path:
     """Where generated models are cached: `$COSYVOICE2_CACHE` or `~/.cache/cosyvoice2-mlx`."""
-    return Path(os.environ.get("COSYVOICE2_CACHE", Path.home() / ".cache" / "cosyvoice2-mlx"))
+    return settings.path("COSYVOICE2_CACHE")
 
 
 def cached_official_dir(

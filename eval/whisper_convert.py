@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cosyvoice2 import settings
 from cosyvoice2.files import staged_dir
 
 CONVERTER_VERSION = 1
@@ -283,7 +284,7 @@ def convert(parts: Iterable[Path], out_dir: Path, dtype: str = "float32", source
 
 def cache_root() -> Path:
     """The project's cache: `$COSYVOICE2_CACHE` or `~/.cache/cosyvoice2-mlx`."""
-    return Path(os.environ.get("COSYVOICE2_CACHE", Path.home() / ".cache" / "cosyvoice2-mlx"))
+    return settings.path("COSYVOICE2_CACHE")
 
 
 def offline_model_parts(name: str) -> list[Path]:

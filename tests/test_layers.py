@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
         ["errors", "files", "config", "official_yaml", "ops", "sampling", "checkpoint"], 0
     ),
     "onnx_weights": 0,
+    "settings": 0,
     **dict.fromkeys(["fastlinear", "branches", "flow", "hift", "llm", "frontend"], 1),
     "speakers": 1,
     "streaming": 2,

@@ -35,6 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit
 
+from cosyvoice2 import settings
+
 _MIN_PARALLEL = 1 << 15  # below this many elements one thread is faster than handing work out
 
 _LOG2E = np.float32(1.4426950408889634)
@@ -226,9 +228,9 @@ def serial_in_this_thread() -> None:
 
 def num_threads() -> int:
     """Threads the kernels use: `COSYVOICE2_FLOW_THREADS`, else the CPUs this process may run on."""
-    env = os.environ.get("COSYVOICE2_FLOW_THREADS")
-    if env:
-        return max(1, int(env))
+    env = settings.integer("COSYVOICE2_FLOW_THREADS")
+    if env is not None:
+        return max(1, env)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS

@@ -33,13 +33,11 @@ live in `cosyvoice2/ops.py`; this module keeps what only the flow needs.
 
 from __future__ import annotations
 
-import os
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from cosyvoice2 import branches, fastlinear
+from cosyvoice2 import branches, fastlinear, settings
 
 
 def causal_conv1d(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
@@ -141,7 +139,7 @@ def _kernels():
     """The numba kernels module, or None where numba is missing or disabled (`COSYVOICE2_FLOW_KERNELS=0`)."""
     global _KERNELS
     if _KERNELS is None:
-        if os.environ.get("COSYVOICE2_FLOW_KERNELS", "1") == "0":
+        if not settings.flag("COSYVOICE2_FLOW_KERNELS"):
             _KERNELS = False
         else:
             try:
