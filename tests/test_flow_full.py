@@ -41,9 +41,8 @@ from tests.test_flow_parity import (
     mlx_flow_from_state,
     realistic_weights,
     rel_positions_shifted,
+    run_torch_layout,
     time_frequencies_off,
-    to_mlx_layout,
-    to_torch_layout,
 )
 
 pytestmark = pytest.mark.parity
@@ -135,16 +134,8 @@ def test_full_estimator_one_call_matches_official(full_pair) -> None:
     def measure() -> float:
         worst = 0.0
         for streaming, ref in refs.items():
-            got = model.decoder.estimator(
-                to_mlx_layout(x),
-                None,
-                to_mlx_layout(mu),
-                mx.array(t),
-                mx.array(spks),
-                to_mlx_layout(cond),
-                streaming,
-            )
-            worst = max(worst, max_err(to_torch_layout(got), ref))
+            got = run_torch_layout(model.decoder.estimator, x, None, mu, t, spks, cond, streaming)
+            worst = max(worst, max_err(got, ref))
         return worst
 
     assert_power(

@@ -285,6 +285,21 @@ def to_mlx_layout(a) -> mx.array:
     return mx.array(np.ascontiguousarray(a.transpose(0, 2, 1)))
 
 
+def run_torch_layout(module, x, mask, mu, t, spks, cond, *args) -> np.ndarray:
+    """`module(x, mask, mu, t, spks, cond, *args)` (an estimator) on torch-layout numpy
+    inputs (`mask` may be None), its output back in torch layout."""
+    got = module(
+        to_mlx_layout(x),
+        None if mask is None else to_mlx_layout(mask),
+        to_mlx_layout(mu),
+        mx.array(t),
+        mx.array(spks),
+        to_mlx_layout(cond),
+        *args,
+    )
+    return to_torch_layout(got)
+
+
 def max_err(got, ref) -> float:
     return float(
         np.abs(np.asarray(got, dtype=np.float64) - np.asarray(ref, dtype=np.float64)).max()
@@ -658,27 +673,13 @@ def test_estimator_one_call_matches_official(tiny_pair, estimator_refs, route: s
     def measure() -> float:
         worst = 0.0
         for streaming, ref in refs.items():
-            got = est(
-                to_mlx_layout(x),
-                to_mlx_layout(mask),
-                to_mlx_layout(mu),
-                mx.array(t),
-                mx.array(spks),
-                to_mlx_layout(cond),
-                streaming,
+            worst = max(
+                worst, max_err(run_torch_layout(est, x, mask, mu, t, spks, cond, streaming), ref)
             )
-            worst = max(worst, max_err(to_torch_layout(got), ref))
             # without a mask (all frames valid) the first row is the same computation
-            got1 = est(
-                to_mlx_layout(x[:1]),
-                None,
-                to_mlx_layout(mu[:1]),
-                mx.array(t[:1]),
-                mx.array(spks[:1]),
-                to_mlx_layout(cond[:1]),
-                streaming,
-            )
-            worst = max(worst, max_err(to_torch_layout(got1), ref[:1]))
+            x1, mu1, t1, spks1, cond1 = (a[:1] for a in (x, mu, t, spks, cond))
+            got1 = run_torch_layout(est, x1, None, mu1, t1, spks1, cond1, streaming)
+            worst = max(worst, max_err(got1, ref[:1]))
         return worst
 
     assert_power(
@@ -816,15 +817,7 @@ def test_non_causal_conditional_decoder_matches_official(non_causal_pair, route:
     model, (x, mask, mu, t, spks, cond), ref = non_causal_pair
 
     def measure() -> float:
-        got = model(
-            to_mlx_layout(x),
-            to_mlx_layout(mask),
-            to_mlx_layout(mu),
-            mx.array(t),
-            mx.array(spks),
-            to_mlx_layout(cond),
-        )
-        return max_err(to_torch_layout(got), ref)
+        return max_err(run_torch_layout(model, x, mask, mu, t, spks, cond), ref)
 
     assert_power(
         f"non-causal ConditionalDecoder ({route})",

@@ -49,13 +49,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("cosyvoice")
-pytest.importorskip("onnxruntime")
-pytest.importorskip("whisper", reason="the official frontend imports openai-whisper")
-pytest.importorskip(
-    "wetext", reason="the official text normalisation (upstream's tn) runs on wetext"
-)
+from tests.official import need_official_frontend
+
+torch = need_official_frontend()
 
 from cosyvoice2.frontend import audio, features  # noqa: E402
 from cosyvoice2.frontend import text as text_frontend  # noqa: E402

@@ -35,13 +35,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("cosyvoice")
-pytest.importorskip("onnxruntime")
-pytest.importorskip("whisper", reason="the official frontend imports openai-whisper")
-pytest.importorskip(
-    "wetext", reason="the official text normalisation (upstream's tn) runs on wetext"
-)
+from tests.official import need_official_frontend
+
+torch = need_official_frontend()
 
 import cosyvoice2.engine as engine_mod  # noqa: E402
 from cosyvoice2.model import ENDOFPROMPT, CosyVoice2, source_noise_key  # noqa: E402
