@@ -31,6 +31,11 @@ The older official code (the `cosyvoice-minicpmo` wheel the parity tests run)
 decodes differently on each point; its rules are a `TokenDecoder` subclass in
 the test-support package (`cosyvoice2_testing.legacy`), passed as `decoder=`.
 
+Where the parts live: the step decoder (`TokenDecoder`, `DecodeStep`) is in
+`cosyvoice2.decoding` and the bistream loop (`BistreamDecoder`) in
+`cosyvoice2.bistream`, so that neither imports this module; both are
+re-exported here.
+
 Prompt prefix reuse: `[sos, prompt_text]` does not depend on the target text,
 so its KV cache can be computed once per saved speaker (`make_prefix`) and
 reused (`inference(..., prefix=...)`): each call copies it, so the saved one is
@@ -78,8 +83,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,40 +98,36 @@ from mlx_lm.models.cache import (
     load_prompt_cache,
     make_prompt_cache,
     save_prompt_cache,
-    trim_prompt_cache,
 )
 
+from cosyvoice2.bistream import BistreamDecoder
 from cosyvoice2.config import LLMConfig
-from cosyvoice2.sampling import RasSampler, Sampler, empty_recent, push_recent
+from cosyvoice2.decoding import (
+    DecodeStep,
+    TokenDecoder,
+    TokenLike,
+    _as_key,
+    _check_behaviour,
+    _length_limit,
+    _tokens,
+)
+from cosyvoice2.sampling import Sampler, empty_recent
 
-TokenLike = Sequence[int] | np.ndarray | mx.array
+__all__ = [
+    "LLM",
+    "BistreamDecoder",
+    "DecodeStep",
+    "PromptPrefix",
+    "Qwen2LM",
+    "TokenDecoder",
+    "TokenLike",
+    "cast",
+    "default_sampler",
+    "quantize",
+    "weights_of",
+]
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-
-
-def _tokens(x: TokenLike | None) -> mx.array:
-    """Token ids as an int32 array of shape (1, T) (T may be 0)."""
-    if x is None:
-        return mx.zeros((1, 0), dtype=mx.int32)
-    if isinstance(x, mx.array):
-        arr = x.astype(mx.int32)
-    else:
-        arr = mx.array(np.asarray(x, dtype=np.int64).astype(np.int32))
-    return arr.reshape(1, arr.size)
-
-
-def _length_limit(n_text: int, ratio: float) -> int:
-    """`int(text_len * ratio)` computed in float32, as the official code does with tensors."""
-    return int(np.float32(n_text) * np.float32(ratio))
-
-
-def _as_key(key: mx.array | int | None) -> mx.array:
-    """An explicit MLX random key: an int is a seed; None draws fresh entropy from the OS."""
-    if key is None:
-        return mx.random.key(int.from_bytes(os.urandom(8), "little") >> 1)
-    if isinstance(key, int):
-        return mx.random.key(key)
-    return key
 
 
 @dataclass
@@ -420,203 +420,16 @@ class Qwen2LM(nn.Module):
         del embedding, min_token_text_ratio
         decoder = _decoder_class(decoder, behaviour)
         sampler = sampling if sampling is not None else decoder.default_sampler(self.config)
-        n_text_mix, n_speech_mix = self.mix_ratio
-        eos, fill = self.eos_token, self.fill_token
         dec = decoder(self, self.make_cache(), sampler, _as_key(key))
-        recent = empty_recent(sampler.window)
-        speech_tokens = _tokens(prompt_speech_token)
-        n_prompt_speech = speech_tokens.shape[1]
-        prompt_speech = (
-            self.embed_speech(speech_tokens)
-            if n_prompt_speech
-            else mx.zeros(
-                (1, 0, self.config.llm_input_size), dtype=self.speech_embedding.weight.dtype
-            )
+        bistream = BistreamDecoder(
+            self, dec, prompt_text, prompt_speech_token, max_token_text_ratio, max_tokens
         )
-        lm_input = self.special_embedding(self.sos)
-        text_cache = self.embed_text(_tokens(prompt_text))
-        next_fill = dec.first_fill(n_prompt_speech, n_speech_mix)
-        out_tokens: list[int] = []
-        n_text = 0
-        n_yielded = 0
-
-        def capped(n: int) -> bool:
-            return n >= _length_limit(n_text, max_token_text_ratio)
-
-        def at_max(n: int) -> bool:
-            return max_tokens is not None and n >= max_tokens
-
-        def forced(n_out: int, n: int) -> bool:
-            return capped(n) or (next_fill != -1 and n_out == next_fill)
-
-        for chunk in text:
-            chunk_t = _tokens(chunk)
-            n_text += chunk_t.shape[1]
-            text_cache = mx.concatenate([text_cache, self.embed_text(chunk_t)], axis=1)
-            while prompt_speech.shape[1] != 0:
-                if text_cache.shape[1] < n_text_mix:
-                    break
-                lm_input = mx.concatenate(
-                    [lm_input, text_cache[:, :n_text_mix], prompt_speech[:, :n_speech_mix]], axis=1
-                )
-                text_cache = text_cache[:, n_text_mix:]
-                prompt_speech = prompt_speech[:, n_speech_mix:]
-            if prompt_speech.shape[1] != 0:
-                continue
-            after_fill = bool(out_tokens) and out_tokens[-1] == fill
-            if after_fill or (not out_tokens and lm_input.shape[1] == 1):
-                if text_cache.shape[1] < n_text_mix:
-                    continue
-                head = text_cache[:, :n_text_mix]
-                lm_input = head if after_fill else mx.concatenate([lm_input, head], axis=1)
-                text_cache = text_cache[:, n_text_mix:]
-            step = None  # the step feeding `lm_input`, when already scheduled
-            while True:
-                if at_max(n_yielded):
-                    return
-                if forced(len(out_tokens), n_yielded):
-                    if step is None:
-                        dec.schedule(lm_input, recent, ignore_eos=True, draw=False)
-                    top = fill
-                    next_fill += n_speech_mix + 1
-                    ahead = None
-                else:
-                    if step is None:
-                        step = dec.schedule(lm_input, recent, ignore_eos=True)
-                    ahead = None
-                    if not at_max(n_yielded + 1):
-                        draw = not forced(len(out_tokens) + 1, n_yielded + 1)
-                        ahead = dec.schedule_next(step, ignore_eos=True, draw=draw)
-                    top, ahead = dec.resolve(step, ahead)
-                    if top >= eos:
-                        dec.discard(ahead)
-                        ahead = None
-                if top == fill:
-                    next_fill = len(out_tokens) + n_speech_mix + 1
-                out_tokens.append(top)
-                recent = push_recent(recent, mx.array(top, dtype=mx.int32))
-                if top >= eos:
-                    if top == fill:
-                        break
-                    raise ValueError(f"should not get token {top} while text is still arriving")
-                yield top
-                n_yielded += 1
-                lm_input = self.speech_embedding(mx.array([[top]], dtype=mx.int32))
-                step = ahead
-
-        lm_input = mx.concatenate(
-            [lm_input, text_cache, self.special_embedding(self.task_id)], axis=1
-        )
-        step = None
-        while True:
-            if at_max(n_yielded) or capped(n_yielded):
-                return
-            if step is None:
-                step = dec.schedule(lm_input, recent, ignore_eos=False)
-            ahead = None
-            if not (at_max(n_yielded + 1) or capped(n_yielded + 1)):
-                ahead = dec.schedule_next(step, ignore_eos=False)
-            top, ahead = dec.resolve(step, ahead)
-            out_tokens.append(top)
-            recent = push_recent(recent, mx.array(top, dtype=mx.int32))
-            if top >= eos:
-                if top == eos:
-                    return
-                raise ValueError(f"should not get token {top} after the text ended")
-            yield top
-            n_yielded += 1
-            step = ahead
-
-
-def _check_behaviour(behaviour: str) -> None:
-    if behaviour == "legacy":
-        raise ValueError(
-            'behaviour="legacy" is not part of the runtime: the older official decoding rules'
-            " are `cosyvoice2_testing.legacy.LegacyDecoder`, passed as `decoder=`"
-        )
-    if behaviour != "upstream":
-        raise ValueError(f"behaviour must be 'upstream', got {behaviour!r}")
+        yield from bistream.tokens(text)
 
 
 def _decoder_class(decoder: type[TokenDecoder] | None, behaviour: str) -> type[TokenDecoder]:
     _check_behaviour(behaviour)
     return TokenDecoder if decoder is None else decoder
-
-
-@dataclass
-class DecodeStep:
-    """One scheduled decode step: its input, log-probabilities and drawn token (lazy)."""
-
-    x: mx.array  # the input embeddings fed
-    logp: mx.array
-    token: mx.array | None  # None when no draw was scheduled (a forced fill step)
-    recent: mx.array  # the history the draw saw
-    ignore_eos: bool
-
-
-class TokenDecoder:
-    """Feeds the backbone through one KV cache and draws tokens, keeping one step in flight.
-
-    `schedule` builds a step's graph and starts it with `mx.async_eval`;
-    `schedule_next` builds the step fed with a step's token before that token
-    is known on the host (look-ahead, as mlx-lm's `generate_step`); `resolve`
-    reads a token; `discard` undoes a look-ahead step by trimming its one
-    position from the cache.
-
-    The decoding rules that differ between official versions are the methods
-    `scores`, `resolve`, `after_stop_token`, `first_fill` and `default_sampler`;
-    this class has the upstream ones (see the module docstring).
-    """
-
-    def __init__(self, model: Qwen2LM, cache: list[KVCache], sampler: Sampler, key: mx.array):
-        self.model, self.cache, self.sampler, self.key = model, cache, sampler, key
-
-    @classmethod
-    def default_sampler(cls, config: LLMConfig) -> Sampler:
-        """The sampler used when the caller passes none: repetition-aware, the config's settings."""
-        return RasSampler.from_config(config.sampling)
-
-    def next_key(self) -> mx.array:
-        self.key, sub = mx.random.split(self.key)
-        return sub
-
-    def scores(self, logp: mx.array, ignore_eos: bool) -> mx.array:
-        """The scores a draw sees: eos masked to `-inf` below the minimum length."""
-        return self.model._eos_masked(logp) if ignore_eos else logp
-
-    def schedule(
-        self, x: mx.array, recent: mx.array, ignore_eos: bool, draw: bool = True
-    ) -> DecodeStep:
-        logp = self.scores(self.model.log_probs(x, self.cache), ignore_eos)
-        token = self.sampler(logp, recent, self.next_key()) if draw else None
-        mx.async_eval(token if token is not None else [c.state for c in self.cache])
-        return DecodeStep(x, logp, token, recent, ignore_eos)
-
-    def schedule_next(self, step: DecodeStep, ignore_eos: bool, draw: bool = True) -> DecodeStep:
-        """Schedule the step fed with `step`'s token, before that token is read."""
-        x = self.model.speech_embedding(step.token.reshape(1, 1))
-        return self.schedule(x, push_recent(step.recent, step.token), ignore_eos, draw)
-
-    def resolve(self, step: DecodeStep, ahead: DecodeStep | None) -> tuple[int, DecodeStep | None]:
-        """The step's token on the host, and the look-ahead step that follows it (`ahead` here)."""
-        return step.token.item(), ahead
-
-    def after_stop_token(
-        self, token: int, step: DecodeStep, ahead: DecodeStep | None, ignore_eos: bool
-    ) -> DecodeStep | None:
-        """In `inference`, the step to go on with after `step` drew `token` (eos, 6562 or fill;
-        `ahead` is its look-ahead step), or None to end decoding: upstream always ends."""
-        return None
-
-    def first_fill(self, n_prompt_speech: int, n_speech_mix: int) -> int:
-        """In `inference_bistream`, the number of speech tokens after which the first fill token is
-        forced (-1: none until the model emits one)."""
-        return (n_prompt_speech // n_speech_mix + 1) * n_speech_mix - n_prompt_speech
-
-    def discard(self, ahead: DecodeStep | None) -> None:
-        """Undo a look-ahead step (one cache position)."""
-        if ahead is not None:
-            trim_prompt_cache(self.cache, 1)
 
 
 LLM = Qwen2LM

@@ -17,12 +17,26 @@ PACKAGE = ROOT / "cosyvoice2"
 
 LAYERS: dict[str, int] = {
     **dict.fromkeys(
-        ["errors", "files", "config", "official_yaml", "ops", "sampling", "checkpoint"], 0
+        [
+            "errors",
+            "files",
+            "config",
+            "official_yaml",
+            "ops",
+            "sampling",
+            "checkpoint",
+            "torch_pickle",
+        ],
+        0,
     ),
     "onnx_weights": 0,
     "settings": 0,
+    "backend": 0,
+    "row_kernels": 0,
     **dict.fromkeys(["fastlinear", "branches", "flow", "hift", "llm", "frontend"], 1),
     "speakers": 1,
+    "decoding": 1,
+    "bistream": 1,
     "streaming": 2,
     "options": 2,
     "engine": 3,
