@@ -195,7 +195,7 @@ def measure_case(
             "loadavg_start": load_start,
             "loadavg_end": _loadavg(),
             "pid": os.getpid(),
-            **{k: os.environ[k] for k in ("OMP_NUM_THREADS",) if k in os.environ},
+            **{k: os.environ[k] for k in ("OMP_NUM_THREADS", *BACKEND_SWITCHES) if k in os.environ},
             **prepared.options.get("worker_env", {}),
         },
         "started": started,
@@ -205,6 +205,14 @@ def measure_case(
 
 
 # --------------------------------------------------------------------------- executors
+
+
+# the switches that choose our compute backend (`cosyvoice2.backend`), recorded per case
+BACKEND_SWITCHES = (
+    "COSYVOICE2_KERNELS",
+    "COSYVOICE2_FLOW_KERNELS",
+    "COSYVOICE2_FLOW_BRANCH_THREADS",
+)
 
 
 def worker_env(

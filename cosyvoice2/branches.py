@@ -9,20 +9,22 @@ busy with useful work and spend less CPU time in all. Results equal the batched
 call within float rounding (8e-6 at full size: the GEMMs block M = 400 instead of
 800).
 
-Used when the default device is the CPU, the machine has at least two cores and
-`COSYVOICE2_FLOW_BRANCH_THREADS` is not `0`. On Metal the batched call is kept.
+Used where the active backend says so (`cosyvoice2.backend`: the CPU, at least two
+cores and `COSYVOICE2_FLOW_BRANCH_THREADS` not `0`). On Metal the batched call is
+kept. The workers run each call in a copy of the caller's context, so the caller's
+backend is theirs too.
 
 How: two long-lived worker threads, each with its own MLX CPU stream (an MLX
 thread-local stream: plain streams belong to the thread that made them), each evaluating one branch to completion. While they run,
 OpenBLAS (when it is the BLAS in use, e.g. preloaded on Linux) is set to one
-thread and restored afterwards, and the numba kernels of `cpu_kernels` run
-serially in those threads (`cpu_kernels.serial_in_this_thread`).
+thread and restored afterwards, and the numba kernels of `row_kernels` run
+serially in those threads (`row_kernels.serial_in_this_thread`).
 """
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
-import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -31,7 +33,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from cosyvoice2 import settings
+from cosyvoice2 import backend
 
 # One MLX CPU stream per thread that uses it (a plain MLX stream belongs to the
 # thread that made it; a thread-local stream is valid in any thread).
@@ -56,13 +58,6 @@ def _openblas() -> tuple[Callable[[], int], Callable[[int], None]] | None:
     return _BLAS or None
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
 def in_worker() -> bool:
     """Whether this thread is a branch worker (which computes with one core: the other
     branch has the other)."""
@@ -70,10 +65,8 @@ def in_worker() -> bool:
 
 
 def enabled() -> bool:
-    """Whether estimator branches run on two threads (CPU device, >= 2 cores, not disabled)."""
-    if not settings.flag("COSYVOICE2_FLOW_BRANCH_THREADS"):
-        return False
-    return mx.default_device() == mx.cpu and _cpus() >= 2
+    """Whether estimator branches run on two threads (the active backend's choice)."""
+    return backend.current().branch_threads
 
 
 class _Worker:
@@ -90,9 +83,12 @@ class _Worker:
         threading.Thread(target=self._loop, name=name, daemon=True).start()
 
     def _loop(self) -> None:
-        from cosyvoice2.flow import cpu_kernels
+        try:  # numba is optional: without it there is nothing to make serial
+            from cosyvoice2 import row_kernels
 
-        cpu_kernels.serial_in_this_thread()
+            row_kernels.serial_in_this_thread()
+        except ImportError:
+            pass
         _LOCAL.worker = True
         while True:
             fn, args, fut = self.jobs.get()
@@ -142,7 +138,10 @@ def map_branches(fn: Callable[..., mx.array], branches: Sequence[Sequence[Any]])
         blas[1](1)
     try:
         workers = _workers()
-        futures = [workers[i % 2].submit(_run, fn, a) for i, a in enumerate(args)]
+        futures = [
+            workers[i % 2].submit(contextvars.copy_context().run, _run, fn, a)
+            for i, a in enumerate(args)
+        ]
         return [f.result() for f in futures]
     finally:
         if blas:

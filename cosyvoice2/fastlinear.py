@@ -25,8 +25,8 @@ Float32 projections keep their weight packed once in panels of 16 columns
 that serves every row count: decode at the memory's speed, and prefill without
 the re-packing of the whole weight matrix that MLX's matmul (OpenBLAS's GEMM) does
 on every call (kernels/README.md). Float16 models are
-left alone. Nothing is swapped when the extension is not importable, or
-`COSYVOICE2_KERNELS` is `0`/`off` when the model is swapped.
+left alone. Nothing is swapped when the backend has no extension (not built,
+disabled with `COSYVOICE2_KERNELS=0`, or not the CPU).
 
 Numerics: everything after the embeddings runs in float32 (x converted, float32
 accumulation), as MLX's own path does for a float32 or quantized model: the swapped
@@ -38,14 +38,12 @@ precise one. 8- and 4-bit weights are dequantised exactly; x is never quantised.
 A swapped model is a runtime form: its parameters are renamed and fused (e.g.
 `llm.layers.0.qkv.weight`), so save weights from an unswapped model (the converter
 never swaps). Swapped modules fall back to MLX's ops when the default device is
-not the CPU (and inside `mlx_ops()`), so a swapped model runs anywhere.
+not the CPU (any backend without the extension, `cosyvoice2.backend`), so a
+swapped model runs anywhere.
 """
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -55,72 +53,14 @@ import numpy as np
 from mlx_lm.models import qwen2
 from mlx_lm.models.base import scaled_dot_product_attention
 
-from cosyvoice2 import settings
+from cosyvoice2 import backend
 
-ENV = "COSYVOICE2_KERNELS"
 GROUP_SIZES = (32, 64, 128)
-
-_module: ModuleType | None = None
-_tried = False
-_force_mlx = False
-
-
-def _disabled_by_env() -> bool:
-    return not settings.flag(ENV)
-
-
-def kernels_module() -> ModuleType | None:
-    """The `cosyvoice2_kernels` module, or None when absent, unusable or disabled.
-
-    `COSYVOICE2_KERNELS=0` (or `off`) makes the package behave as if the extension
-    were not installed (it is then not even imported). A present but unusable build
-    (e.g. built against another MLX version) gives one warning; an absent one is
-    silent, since the extension is optional.
-    """
-    global _module, _tried
-    if _disabled_by_env():
-        return None
-    if not _tried:
-        _tried = True
-        try:
-            import cosyvoice2_kernels as k
-
-            _module = k
-        except ModuleNotFoundError as e:
-            if e.name != "cosyvoice2_kernels":
-                warnings.warn(f"cosyvoice2_kernels cannot load: {e}", stacklevel=2)
-        except ImportError as e:
-            warnings.warn(f"cosyvoice2_kernels cannot load: {e}", stacklevel=2)
-    return _module
-
-
-def enabled() -> bool:
-    """The kernels are importable and not switched off with `COSYVOICE2_KERNELS=0`."""
-    return kernels_module() is not None
-
-
-def describe() -> str:
-    """A label for results: the variant and threads (e.g. `avx2 x2`), or `off`."""
-    k = kernels_module()
-    return f"{k.isa()} x{k.num_threads()}" if k is not None else "off"
-
-
-@contextlib.contextmanager
-def mlx_ops() -> Iterator[None]:
-    """Within the block, swapped modules compute with MLX's ops (as they do off the CPU)."""
-    global _force_mlx
-    saved, _force_mlx = _force_mlx, True
-    try:
-        yield
-    finally:
-        _force_mlx = saved
 
 
 def _active() -> ModuleType | None:
-    """The kernels module if this call should use it (CPU default device, not in `mlx_ops`)."""
-    if _module is None or _force_mlx or mx.default_device() != mx.cpu:
-        return None
-    return _module
+    """The kernels module if this call should use it: the active backend's extension."""
+    return backend.current().extension
 
 
 # ------------------------------------------------------------------- layers
@@ -148,7 +88,7 @@ class KernelLinear(nn.Module):
         self.float32 = weight.dtype == mx.float32 and scales is None
         self.out_features = weight.shape[0]
         if self.float32:
-            self.panels = _module.pack_panels(weight, stream=mx.cpu)
+            self.panels = backend.load_extension().pack_panels(weight, stream=mx.cpu)
         else:
             self.weight = weight
         if scales is not None:
@@ -280,7 +220,7 @@ class KernelBlock(nn.Module):
         return h + self.down_proj(k.swiglu(self.gate_up(n)))
 
     def _mlx(self, x: mx.array, mask: Any, cache: Any) -> mx.array:
-        """The same layer with MLX's ops (off the CPU, in `mlx_ops`, or unusual masks/caches)."""
+        """The same layer with MLX's ops (a backend without the extension, or unusual masks/caches)."""
         x = x.astype(mx.float32)
         B, L, _ = x.shape
         qkv = self.qkv(self.input_norm(x))
@@ -399,14 +339,14 @@ def _block_specs(block: nn.Module) -> dict[str, dict[str, Any]] | None:
     return specs
 
 
-def use_kernels(model: nn.Module) -> int:
+def use_kernels(model: nn.Module, on: backend.Backend | None = None) -> int:
     """Swap `model`'s decoder layers, norms and bf16/quantized linears for kernel modules, in place.
 
-    Returns the number of modules swapped: 0 (and nothing changes) when the kernels
-    are not available or disabled (`COSYVOICE2_KERNELS=0`), or the model has nothing
-    for them. Call it after setting the model's precision (`cast`, `quantize`).
+    Returns the number of modules swapped: 0 (and nothing changes) when the backend
+    `on` (default: the active one) has no extension, or the model has nothing for
+    them. Call it after setting the model's precision (`cast`, `quantize`).
     """
-    if not enabled():
+    if (on or backend.current()).extension is None:
         return 0
     swapped = 0
     # decoder layers first; then, in the updated tree, the remaining norms and linears

@@ -17,14 +17,16 @@ per text segment (or per chunk with `stream=True`), like the official generators
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+import functools
+import inspect
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from cosyvoice2 import model_dir
+from cosyvoice2 import backend, model_dir
 from cosyvoice2.config import ModelConfig
 from cosyvoice2.engine import Engine, Prompt, source_noise_key
 from cosyvoice2.errors import InputError
@@ -48,6 +50,18 @@ __all__ = [
 ENDOFPROMPT = "<|endofprompt|>"
 
 
+def _on_backend(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a model method, and every step of the generator it returns, on the model's backend."""
+
+    @functools.wraps(method)
+    def run(self: CosyVoice2, *args: Any, **kwargs: Any) -> Any:
+        with backend.active(self.backend):
+            out = method(self, *args, **kwargs)
+        return backend.iterate(self.backend, out) if inspect.isgenerator(out) else out
+
+    return run
+
+
 def _empty_tokens() -> mx.array:
     return mx.zeros((1, 0), dtype=mx.int32)
 
@@ -66,8 +80,11 @@ class CosyVoice2:
         frontend: Any,
         path: Path | None = None,
         meta: dict[str, Any] | None = None,
+        on: backend.Backend | None = None,
     ):
         self.config = config
+        # the kernels every call runs on, chosen once (`cosyvoice2.backend`)
+        self.backend = on or backend.current()
         self.llm = llm
         self.engine = Engine(flow, hift)  # tokens -> audio; keeps saved speakers' flow states
         self.campplus, self.speech_tokenizer = campplus, speech_tokenizer
@@ -99,18 +116,22 @@ class CosyVoice2:
         group_size: int = 64,
         text_backend: str = "auto",
         llm_kernels: str = "auto",
+        route: str | None = None,
     ) -> CosyVoice2:
         """Load an MLX model dir written by `cosyvoice2 convert` (format: `cosyvoice2.model_dir`).
 
         `llm_dtype`/`llm_bits` change the speech LM's precision at load time (from a
-        float dir); the dir's own setting is used otherwise. `llm_kernels="auto"`
-        runs the speech LM's decoder layers (and its bf16 or 8-bit projections) on
-        the optional CPU kernels when they are installed (`cosyvoice2.fastlinear`;
+        float dir); the dir's own setting is used otherwise. The compute backend is
+        chosen here, once (`cosyvoice2.backend.choose`: the fastest route available,
+        or `route`: `extension`, `plain` or `composed`). `llm_kernels="auto"` runs the
+        speech LM's decoder layers (and its bf16 or 8-bit projections) on the optional
+        CPU kernels when the backend has them (`cosyvoice2.fastlinear`;
         `COSYVOICE2_KERNELS=0` disables them); `"off"` keeps MLX's own ops.
-        `meta["llm_kernels"]` records what is used.
+        `meta["llm_kernels"]` records what is used, `meta["backend"]` the route.
         """
         if llm_kernels not in ("auto", "off"):
             raise ValueError(f"llm_kernels must be 'auto' or 'off', got {llm_kernels!r}")
+        on = backend.choose(route)
         path = Path(path)
         meta, config = model_dir.read_config(path)
         llm, precision = model_dir.load_llm(path, meta, config, llm_dtype, llm_bits, group_size)
@@ -118,18 +139,16 @@ class CosyVoice2:
         if llm_kernels == "auto":
             from cosyvoice2 import fastlinear
 
-            if fastlinear.use_kernels(llm):
-                kernels = fastlinear.describe()
+            if fastlinear.use_kernels(llm, on):
+                kernels = on.describe()
         flow = model_dir.load_flow(path, config)
         hift = model_dir.load_hift(path, config)
         campplus = model_dir.load_campplus(path, meta)
         speech_tokenizer = model_dir.load_speech_tokenizer(path, meta)
         mx.eval([m.parameters() for m in (flow, hift, campplus, speech_tokenizer)])
         frontend = model_dir.load_text_frontend(path, text_backend)
-        meta = {**meta, "llm_precision": precision, "llm_kernels": kernels}
-        return cls(
-            config, llm, flow, hift, campplus, speech_tokenizer, frontend, path=path, meta=meta
-        )
+        meta = {**meta, "llm_precision": precision, "llm_kernels": kernels, "backend": on.route}
+        return cls(config, llm, flow, hift, campplus, speech_tokenizer, frontend, path, meta, on)
 
     @property
     def weights_label(self) -> str:
@@ -158,12 +177,14 @@ class CosyVoice2:
         raw, sr = read_audio(prompt_wav)
         return speech_16k, resample(raw, sr, self.sample_rate)
 
+    @_on_backend
     def speech_tokens(self, speech_16k: np.ndarray) -> mx.array:
         """Prompt speech tokens (1, T) at 25 Hz (S3 tokenizer v2)."""
         from cosyvoice2.frontend.speech_tokenizer import speech_tokens
 
         return speech_tokens(self.speech_tokenizer, speech_16k).astype(mx.int32)
 
+    @_on_backend
     def prompt_from_wav(
         self,
         prompt_wav: str | Path | tuple[np.ndarray, int],
@@ -207,6 +228,7 @@ class CosyVoice2:
 
     # ------------------------------------------------------------------ speakers
 
+    @_on_backend
     def add_zero_shot_spk(
         self, prompt_text: str, prompt_wav: str | Path, zero_shot_spk_id: str
     ) -> bool:
@@ -231,6 +253,7 @@ class CosyVoice2:
         self.engine.forget(zero_shot_spk_id)
         return True
 
+    @_on_backend
     def prepare_speaker(self, zero_shot_spk_id: str, n_timesteps: int = 10) -> None:
         """Compute a saved speaker's LLM prompt prefix and streaming flow prompt state now.
 
@@ -252,6 +275,7 @@ class CosyVoice2:
 
     # ------------------------------------------------------------------ the modes
 
+    @_on_backend
     def inference_zero_shot(
         self,
         tts_text: str,
@@ -284,6 +308,7 @@ class CosyVoice2:
         speaker = zero_shot_spk_id or None
         yield from self._synthesise(tts_text, prompt, stream, text_frontend, opts, speaker)
 
+    @_on_backend
     def inference_bistream(
         self,
         text: Iterable[str],
@@ -314,6 +339,7 @@ class CosyVoice2:
             tokens, prompt, stream, opts.speed, spk_id=zero_shot_spk_id or None, options=opts
         )
 
+    @_on_backend
     def bistream_token_stream(
         self,
         text: Iterable[str],
@@ -353,6 +379,7 @@ class CosyVoice2:
             max_tokens=opts.max_tokens,
         )
 
+    @_on_backend
     def inference_cross_lingual(
         self,
         tts_text: str,
@@ -369,6 +396,7 @@ class CosyVoice2:
         prompt.prompt_text, prompt.llm_speech_token = _empty_tokens(), _empty_tokens()
         yield from self._synthesise(tts_text, prompt, stream, text_frontend, opts)
 
+    @_on_backend
     def inference_instruct2(
         self,
         tts_text: str,
@@ -396,6 +424,7 @@ class CosyVoice2:
         prompt.llm_speech_token = _empty_tokens()
         yield from self._synthesise(tts_text, prompt, stream, text_frontend, opts)
 
+    @_on_backend
     def inference_sft(
         self,
         tts_text: str,
@@ -417,6 +446,7 @@ class CosyVoice2:
         )
         yield from self._synthesise(tts_text, prompt, stream, text_frontend, opts)
 
+    @_on_backend
     def inference_vc(
         self,
         source_wav: str | Path | tuple[np.ndarray, int],
@@ -443,6 +473,7 @@ class CosyVoice2:
         tokens = [int(t) for t in np.asarray(self.speech_tokens(src)).reshape(-1)]
         yield from self.token2wav_stream(iter(tokens), prompt, stream, opts.speed, options=opts)
 
+    @_on_backend
     def generate(
         self,
         text: str,
@@ -525,6 +556,7 @@ class CosyVoice2:
             prefix = self._prefixes[spk_id] = self.llm.make_prefix(prompt.prompt_text)
         return prefix
 
+    @_on_backend
     def speech_token_stream(
         self,
         text: mx.array,
@@ -556,6 +588,7 @@ class CosyVoice2:
         )
         return tokens if opts.max_tokens is None else _at_most(tokens, opts.max_tokens)
 
+    @_on_backend
     def token2wav_stream(
         self,
         tokens: Iterator[int],

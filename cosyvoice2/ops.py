@@ -23,10 +23,9 @@ so an im2col buffer, whose larger inner dimension makes the matmul faster for
 64-128 channels, costs more to build than it saves.
 
 `conv1d` and `conv_transpose1d` pick the route: the fast formulation where
-`fast_paths_enabled()` (the default device is the CPU), the native op otherwise
-(Metal's kernels are fast), and the native op for what the fast formulations do
-not cover (groups > 1, transposed dilation > 1). `set_fast_paths` forces either
-route (tests, benchmarks).
+`fast_paths_enabled()` (the backend's choice, `cosyvoice2.backend`: on the CPU),
+the native op otherwise (Metal's kernels are fast), and the native op for what the
+fast formulations do not cover (groups > 1, transposed dilation > 1).
 
 Layouts are MLX's: input (N, L, C_in), conv weight (C_out, K, C_in) for both
 the conv and the transposed conv, as `mx.conv1d` / `mx.conv_transpose1d` take them.
@@ -45,20 +44,13 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-_FORCE: bool | None = None
-
-
-def set_fast_paths(enabled: bool | None) -> None:
-    """Force the fast formulations on (True) or off (False); None restores the automatic choice."""
-    global _FORCE
-    _FORCE = enabled
+from cosyvoice2 import backend
 
 
 def fast_paths_enabled() -> bool:
-    """Whether `conv1d` / `conv_transpose1d` use the matmul formulations (default: on the CPU)."""
-    if _FORCE is not None:
-        return _FORCE
-    return mx.default_device().type == mx.DeviceType.cpu
+    """Whether `conv1d` / `conv_transpose1d` use the matmul formulations: the active
+    backend's choice (`cosyvoice2.backend`; on the CPU by default)."""
+    return backend.current().conv_matmuls
 
 
 def _pads(padding: int | tuple[int, int]) -> tuple[int, int]:

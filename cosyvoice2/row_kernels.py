@@ -1,4 +1,4 @@
-"""Vectorised CPU kernels (numba) for the flow's transcendental element-wise work.
+"""Vectorised CPU row kernels (numba) for the flow's transcendental element-wise work.
 
 Why: MLX 0.32.4 on Linux x86_64 evaluates `exp`, `erf`, `tanh`, `sigmoid` and
 `log1p` one scalar call per element (its CPU backend has no vectorised
@@ -17,8 +17,9 @@ GELU's absolute error is within 1.5e-6 of the exact one, softmax rows within
 1.5e-6 relative. The tests compare each kernel with the direct MLX op.
 
 The kernels take numpy views of evaluated MLX arrays and write into a separate
-output buffer; `cosyvoice2.flow.ops` decides when to use them (CPU device and
-numba importable) and falls back to the MLX ops otherwise (Metal, or no numba).
+output buffer; `cosyvoice2.flow.ops` uses them where the backend has them
+(`cosyvoice2.backend`: the CPU without `COSYVOICE2_FLOW_KERNELS=0`) and MLX's ops
+otherwise (Metal, or no numba).
 They are serial `nogil` functions over a range of rows: `run_rows` splits the
 rows over a small thread pool. (numba's `parallel=True` compiled more slowly,
 and its single-thread code was slower.) numba comes with librosa, a dependency of

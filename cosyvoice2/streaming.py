@@ -49,6 +49,7 @@ Differences with the official code, each an option:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import queue
 import threading
@@ -204,7 +205,9 @@ def prefetch(tokens: Iterator[int]) -> Iterator[int]:
                 close()
         q.put(_END)
 
-    threading.Thread(target=produce, name="cosyvoice2-llm", daemon=True).start()
+    # the caller's context goes with it: its backend (`cosyvoice2.backend`) is the thread's
+    run = contextvars.copy_context().run
+    threading.Thread(target=run, args=(produce,), name="cosyvoice2-llm", daemon=True).start()
     try:
         while True:
             item = q.get()

@@ -12,6 +12,7 @@ Only the blocks differ, so this class swaps them in and reuses the rest.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -31,11 +32,28 @@ class Block1D(nn.Module):
             Mish(),
         ]
 
-    def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | None, cache: Any = None) -> mx.array:
+        _no_cache(cache)
         x = _masked(x, mask)
         for layer in self.block:
             x = layer(x)
         return _masked(x, mask)
+
+
+class SameConv1d(nn.Conv1d):
+    """`Conv1d(k=3, pad 1)` in place of down/up-sampling at the last level."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, dim, 3, padding=1)
+
+    def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
+        _no_cache(cache)
+        return super().__call__(x)
+
+
+def _no_cache(cache: Any) -> None:
+    if cache is not None:
+        raise NotImplementedError("the non-causal decoder has no streaming cache")
 
 
 class ResnetBlock1D(CausalResnetBlock1D):
@@ -63,7 +81,7 @@ class ConditionalDecoder(CausalConditionalDecoder):
 
     @staticmethod
     def _same_conv(dim: int) -> nn.Module:
-        return nn.Conv1d(dim, dim, 3, padding=1)
+        return SameConv1d(dim)
 
     @staticmethod
     def _final_block(dim: int) -> nn.Module:

@@ -26,7 +26,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from cosyvoice2 import fastlinear
+from cosyvoice2 import backend, fastlinear
 from cosyvoice2.checkpoint import load_torch_checkpoint
 from cosyvoice2.config import config_from_official_dir
 from cosyvoice2.llm import Qwen2LM, cast, quantize
@@ -115,7 +115,7 @@ def main() -> None:
         models = {}
         for setting in args.kernels.split(","):
             on = setting == "on"
-            if on and not fastlinear.enabled():
+            if on and backend.load_extension() is None:
                 print(json.dumps({"precision": precision, "kernels": "unavailable"}))
                 continue
             models[setting] = build(config, weights, precision, on)
@@ -125,7 +125,7 @@ def main() -> None:
                 result = run_case(model, args.tokens, args.repeats)
                 record = {
                     "precision": precision,
-                    "kernels": fastlinear.describe() if swapped else "off",
+                    "kernels": backend.choose().describe() if swapped else "off",
                     "round": r,
                     **result,
                     "load_before": round(load, 2),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
+from cosyvoice2 import backend
 from cosyvoice2.flow.decoder import ConvTranspose1d
 from cosyvoice2.flow.encoder import RelPositionMultiHeadedAttention, rel_position_table
 from cosyvoice2.flow.flow_matching import euler_times, time_schedule
@@ -123,10 +124,8 @@ def _mlx_route(monkeypatch, fn, *args, **kwargs):
     """`fn` on MLX's ops: neither the numba kernels nor the `cosyvoice2_kernels` extension."""
     from cosyvoice2.flow import ops
 
-    with monkeypatch.context() as m:
-        m.setattr(ops, "_KERNELS", False)
-        m.setattr(ops, "cpu_extension", lambda: None)
-        assert not ops.use_cpu_kernels()
+    with backend.active(backend.choose("composed")):
+        assert not ops.use_cpu_kernels() and ops.cpu_extension() is None
         out = fn(*args, **kwargs)
         mx.eval(out)
     return out
@@ -142,10 +141,12 @@ def fast_route(request, monkeypatch):
     if request.param == "numba":
         if not ops.use_cpu_kernels():
             pytest.skip("numba kernels unavailable (no numba, or not the CPU device)")
-        monkeypatch.setattr(ops, "cpu_extension", lambda: None)
-    elif ops.cpu_extension() is None:
+        with backend.active(backend.choose("plain")):
+            yield ops
+        return
+    if ops.cpu_extension() is None:
         pytest.skip("cosyvoice2_kernels not built (kernels/build.sh) or COSYVOICE2_KERNELS=0")
-    return ops
+    yield ops
 
 
 @pytest.mark.parametrize(("t_q", "chunk"), [(37, 0), (37, 10), (120, 50)])

@@ -493,8 +493,8 @@ def lookahead_token_dropped() -> contextlib.AbstractContextManager:
     (zero padding in its place)."""
 
     def make(orig):
-        def call(self, inputs, context=None):
-            return orig(self, inputs, None if context is None else context[:, :-1])
+        def call(self, inputs, context=None, cache=None):
+            return orig(self, inputs, None if context is None else context[:, :-1], cache)
 
         return call
 

@@ -275,18 +275,10 @@ def f0_padding_bug(ours):
 
 @pytest.fixture
 def hift_route(route):
-    """`route`, plus on the composed route the formulation Metal runs: native convs, no threads."""
-    if route != "composed":
-        yield route
-        return
-    mp = pytest.MonkeyPatch()
-    ops.set_fast_paths(False)
-    mp.setattr(branches, "enabled", lambda: False)
-    try:
-        yield route
-    finally:
-        mp.undo()
-        ops.set_fast_paths(None)
+    """`route`; on the composed route the formulation Metal runs (native convs, no threads)."""
+    if route == "composed":
+        assert not ops.fast_paths_enabled() and not branches.enabled()
+    yield route
 
 
 # -- parity on the tiny synthetic model ------------------------------------------------------

@@ -34,11 +34,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from cosyvoice2 import fastlinear
+from cosyvoice2 import backend, fastlinear
 from cosyvoice2.llm import Qwen2LM, cast, quantize, weights_of
 from tests.test_llm import BACKBONE_SCALE, TINY, NoStopGreedy, inputs, random_tiny
 
-K = fastlinear.kernels_module()
+K = backend.load_extension()
 needs_kernels = pytest.mark.skipif(
     K is None, reason="cosyvoice2_kernels not built (kernels/build.sh) or COSYVOICE2_KERNELS=0"
 )
@@ -735,12 +735,12 @@ def test_llm_with_and_without_kernels(tiny_base: Qwen2LM, precision: str, capsys
 @needs_kernels
 @pytest.mark.parametrize("precision", ["bf16", "8bit"])
 def test_swapped_model_on_mlx_ops(precision: str) -> None:
-    """A swapped model off the kernels (`mlx_ops`, as on a GPU) computes the same logits."""
+    """A swapped model on a backend without the kernels (as on a GPU) computes the same logits."""
     base = scaled_tiny()
     model = tiny_precision(base, precision)
     fastlinear.use_kernels(model)
     reference = teacher_forced_logits(tiny_precision(base, REFERENCE[precision]), 20)
-    with fastlinear.mlx_ops():
+    with backend.active(backend.choose("composed")):
         err = logits_rel(teacher_forced_logits(model, 20), reference)
     assert err <= TOL, f"{precision}: logits relative error {err:.2e} on MLX's ops"
 
@@ -771,32 +771,35 @@ def test_bf16_kernels_closer_to_fp32_than_mlx_bf16(capsys) -> None:
 def test_absent_extension_changes_nothing(monkeypatch) -> None:
     """With the extension missing, nothing is swapped and the model runs on MLX's ops."""
     monkeypatch.setitem(sys.modules, "cosyvoice2_kernels", None)  # import raises
-    monkeypatch.setattr(fastlinear, "_module", None)
-    monkeypatch.setattr(fastlinear, "_tried", False)
-    assert fastlinear.kernels_module() is None
-    assert not fastlinear.enabled() and fastlinear.describe() == "off"
+    monkeypatch.setattr(backend, "_extension", None)
+    monkeypatch.setattr(backend, "_tried_extension", False)
+    assert backend.load_extension() is None
+    chosen = backend.choose()
+    assert chosen.extension is None and chosen.describe() == "off" and chosen.route == "plain"
     model = tiny_precision(random_tiny(0), "bf16")
-    assert fastlinear.use_kernels(model) == 0
+    assert fastlinear.use_kernels(model, chosen) == 0
     assert isinstance(model.llm.layers[0].self_attn.q_proj, nn.Linear)
     assert len(greedy_tokens(model)) == 120
 
 
 def test_environment_switch_disables(monkeypatch) -> None:
-    monkeypatch.setenv(fastlinear.ENV, "0")
-    assert fastlinear.kernels_module() is None and not fastlinear.enabled()
+    monkeypatch.setenv("COSYVOICE2_KERNELS", "0")
+    assert backend.load_extension() is None
+    chosen = backend.choose()
+    assert chosen.extension is None
     model = tiny_precision(random_tiny(0), "8bit")
-    assert fastlinear.use_kernels(model) == 0
+    assert fastlinear.use_kernels(model, chosen) == 0
     assert isinstance(model.llm.layers[0].mlp.gate_proj, nn.QuantizedLinear)
 
 
 @needs_kernels
 def test_swapped_layers_fall_back_without_the_module(monkeypatch) -> None:
-    """Where the kernels cannot run (here: the module gone), swapped layers use MLX's ops."""
+    """Where the kernels cannot run (a backend without them), swapped layers use MLX's ops."""
     model = tiny_precision(random_tiny(0), "8bit")
     fastlinear.use_kernels(model)
     want = teacher_forced_logits(model, 3)
-    monkeypatch.setattr(fastlinear, "_module", None)
-    assert logits_rel(teacher_forced_logits(model, 3), want) <= TOL
+    with backend.active(backend.choose("plain")):
+        assert logits_rel(teacher_forced_logits(model, 3), want) <= TOL
 
 
 # ------------------------------------------------------------ model loading
@@ -817,7 +820,7 @@ def test_load_selects_kernels_by_precision(mlx_tiny_dir: Path) -> None:
                 layer, fastlinear.KernelBlock
             )
         else:
-            assert auto.meta["llm_kernels"] == fastlinear.describe() != "off"
+            assert auto.meta["llm_kernels"] == auto.backend.describe() != "off"
             assert isinstance(layer, fastlinear.KernelBlock)
     with pytest.raises(ValueError, match="llm_kernels"):
         CosyVoice2.load(mlx_tiny_dir, llm_kernels="on")

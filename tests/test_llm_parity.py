@@ -454,7 +454,7 @@ def gqa_mapping_bug(model: Qwen2LM) -> contextlib.AbstractContextManager:
     kernel_layers = isinstance(first, fastlinear.KernelBlock)
     if kernel_layers and fastlinear._active() is not None:
         return wrapped(
-            fastlinear._module,
+            fastlinear._active(),
             "attention",
             lambda f: lambda q, k, v, scale, causal: f(q, k[:, idx], v[:, idx], scale, causal),
         )

@@ -6,11 +6,14 @@ on the same inputs; the tolerance is float32 rounding of sums of K * C_in produc
 
 from __future__ import annotations
 
+import contextlib
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from cosyvoice2 import ops
+from cosyvoice2 import backend, ops
+from tests.routes import with_backend
 
 
 def _rand(rng: np.random.Generator, *shape: int) -> mx.array:
@@ -24,10 +27,20 @@ def _assert_close(got: mx.array, want: mx.array, what: str, atol: float = 2e-5) 
     assert err <= atol * max(1.0, scale), f"{what}: max abs diff {err:.3g} (scale {scale:.3g})"
 
 
+_STACKS: list[contextlib.ExitStack] = []
+
+
 @pytest.fixture(autouse=True)
 def _restore_routing():
-    yield
-    ops.set_fast_paths(None)
+    with contextlib.ExitStack() as stack:
+        _STACKS.append(stack)
+        yield
+        _STACKS.pop()
+
+
+def set_fast_paths(fast: bool) -> None:
+    """The fast convolution routes on or off for the rest of the test (a backend variant)."""
+    _STACKS[-1].enter_context(with_backend(conv_matmuls=fast))
 
 
 # (batch, length, c_in, c_out, kernel, stride, padding, dilation)
@@ -64,7 +77,7 @@ def test_conv1d_formulations_equal_native(case):
         _assert_close(ops.conv1d_taps(x, w, b, padding, dilation, taps), want, "kept taps")
         _assert_close(ops.conv1d_taps(x, w, None, padding, dilation), want - b, "taps, no bias")
     for fast in (True, False):
-        ops.set_fast_paths(fast)
+        set_fast_paths(fast)
         got = ops.conv1d(x, w, b, stride=stride, padding=padding, dilation=dilation)
         _assert_close(got, want, f"conv1d (fast paths {fast})")
 
@@ -72,7 +85,7 @@ def test_conv1d_formulations_equal_native(case):
 def test_conv1d_groups_fall_back_to_native():
     rng = np.random.default_rng(0)
     x, w = _rand(rng, 1, 10, 4), _rand(rng, 6, 3, 2)
-    ops.set_fast_paths(True)
+    set_fast_paths(True)
     got = ops.conv1d(x, w, padding=1, groups=2)
     _assert_close(got, mx.conv1d(x, w, padding=1, groups=2), "groups=2")
 
@@ -117,19 +130,19 @@ def test_conv_transpose1d_formulations_equal_native(case):
     got = ops.conv_transpose1d_taps(x, w, None, stride, padding, output_padding, blocks)
     _assert_close(got, want - b, "kept tap blocks, no bias")
     for fast in (True, False):
-        ops.set_fast_paths(fast)
+        set_fast_paths(fast)
         got = ops.conv_transpose1d(
             x, w, b, stride=stride, padding=padding, output_padding=output_padding
         )
         _assert_close(got, want, f"conv_transpose1d (fast paths {fast})")
 
 
-def test_routing_follows_the_default_device():
-    ops.set_fast_paths(None)
+def test_routing_follows_the_backend():
     assert ops.fast_paths_enabled() == (mx.default_device().type == mx.DeviceType.cpu)
-    ops.set_fast_paths(False)
+    assert not backend.choose("composed").conv_matmuls
+    set_fast_paths(False)
     assert not ops.fast_paths_enabled()
-    ops.set_fast_paths(True)
+    set_fast_paths(True)
     assert ops.fast_paths_enabled()
 
 
@@ -137,7 +150,7 @@ def test_modules_rebuild_kept_weights_when_replaced():
     """`Conv1d` / `ConvTranspose1d` keep derived weight forms; new weights must replace them."""
     rng = np.random.default_rng(4)
     x = _rand(rng, 1, 12, 3)
-    ops.set_fast_paths(True)
+    set_fast_paths(True)
     for module, ref in (
         (ops.Conv1d(3, 5, 3, padding=2, dilation=2), lambda m: _native_conv(x, m.weight, 1, 2, 2)),
         (

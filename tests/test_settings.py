@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cosyvoice2 import branches, fastlinear, settings, streaming
-from cosyvoice2.flow import cpu_kernels
+from cosyvoice2 import backend, branches, row_kernels, settings, streaming
 from cosyvoice2_testing import synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,7 +128,7 @@ def test_defaults_when_unset_or_empty(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_integer_and_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("COSYVOICE2_FLOW_THREADS", "3")
     assert settings.integer("COSYVOICE2_FLOW_THREADS") == 3
-    assert cpu_kernels.num_threads() == 3
+    assert row_kernels.num_threads() == 3
     monkeypatch.setenv("COSYVOICE2_FLOW_THREADS", "three")
     with pytest.raises(ValueError, match="COSYVOICE2_FLOW_THREADS='three'"):
         settings.integer("COSYVOICE2_FLOW_THREADS")
@@ -145,13 +144,23 @@ def test_unknown_or_mistyped_switch() -> None:
         settings.flag("COSYVOICE2_CACHE")
 
 
-def test_switches_are_read_at_call_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The readers follow the environment as it changes (no value is cached at import)."""
+def test_backend_switches_are_read_when_a_backend_is_chosen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`backend.choose` (at load) follows the environment as it is then; a backend already
+    chosen keeps its choice (nothing reads the switches per call)."""
+    before = backend.choose()
     monkeypatch.setenv("COSYVOICE2_FLOW_BRANCH_THREADS", "off")
-    assert not branches.enabled()
-    assert not streaming.overlap_enabled()
-    monkeypatch.setenv(fastlinear.ENV, "no")
-    assert not fastlinear.enabled()
-    monkeypatch.setenv(fastlinear.ENV, "bogus")
+    assert not backend.choose().branch_threads
+    with backend.active(before):
+        assert branches.enabled() == before.branch_threads
+    with backend.active(backend.choose()):
+        assert not branches.enabled()
+        assert not streaming.overlap_enabled()
+    monkeypatch.setenv("COSYVOICE2_KERNELS", "no")
+    assert backend.choose().extension is None
+    monkeypatch.setenv("COSYVOICE2_FLOW_KERNELS", "0")
+    assert backend.choose().route == "composed"
+    monkeypatch.setenv("COSYVOICE2_KERNELS", "bogus")
     with pytest.raises(ValueError, match="COSYVOICE2_KERNELS='bogus'"):
-        fastlinear.enabled()
+        backend.choose()

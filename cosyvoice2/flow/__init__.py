@@ -10,17 +10,18 @@ Modules (each ports the official file of the same name, names kept so the
 - `decoder.py`: the U-Net estimator (`CausalConditionalDecoder`);
 - `noise.py`: the official fixed starting noise, computed without torch;
 - `ops.py`: convolution, mask and activation helpers (CPU kernels or MLX ops);
-- `cpu_kernels.py`: numba kernels for softmax, GELU, SiLU, Mish, LayerNorm (the
-  optional `cosyvoice2_kernels` extension supersedes them in the estimator when built).
+- `cache.py`: the O(n) streaming state (`ChunkCache`, `FlowState`) and `flow_step`;
+- the numba row kernels for softmax, GELU, SiLU, Mish and LayerNorm are
+  `cosyvoice2.row_kernels` (the optional `cosyvoice2_kernels` extension supersedes
+  them in the estimator when built); which run is `cosyvoice2.backend`'s choice.
 
 Layout is channels-last throughout (`(B, T, C)`); `inference` returns `(1, T, 80)`.
 
 Streaming: `inference(..., streaming=True, finalize=False)` is the official
 chunked path (chunk-masked attention in encoder and estimator, 3 look-ahead
-tokens used as context, not as output). Every module call is a function of its
-explicit inputs (no per-request state), so an incremental O(n) variant that
-caches the prompt's and earlier chunks' per-layer state can be added beside it
-and tested against it.
+tokens used as context, not as output). The O(n) variant runs the same modules
+with a streaming cache passed in (`cache=`, `caches=`; `cache.flow_step`), as
+mlx-lm's layers take their KV cache; without one a call is the whole utterance.
 
 Where the time goes (full size, one CFG estimator call = one Euler step, batch 2
 x 400 frames, i.e. a 3 s prompt + 5 s of speech). Measured times belong in the
@@ -34,7 +35,7 @@ bench's results files (`bench/README.md`); this is what they are made of:
   `logaddexp`) are slow paths on this CPU, orders of magnitude slower per element
   than an add, and each step needs about 143 M softmax exponentials, 46 M GELUs and
   6 M Mish values: with MLX ops they, not the GEMMs, dominated a step. The numba
-  kernels (`cpu_kernels`) compute them within 1.5e-6 of the exact functions; the
+  kernels (`cosyvoice2.row_kernels`) compute them within 1.5e-6 of the exact functions; the
   call is then GEMM-bound.
 - Two cores: batched, only the GEMMs used both (OpenBLAS threads) while MLX's
   element-wise ops and the kernel hand-offs ran on one, the other spinning. So the

@@ -34,9 +34,13 @@ every later frame; it can only be recomputed whole. `FlowStream(official_final=T
 does that (parity with the official output); the default finishes with a
 chunk-masked `finalize=True` step, which the cache computes incrementally.
 
+The forward pass is the modules' own: `flow_step` calls the encoder, the CFM and
+its estimator with a `ChunkCache` (`cache=`), as mlx-lm's models take their KV
+cache; this module holds the state and the commit rule, not a second pass.
+
 Keys and values are kept per layer as the list of blocks in which they were
-computed (`_Walk.keys_values`, `_Walk.kv_blocks`): attention runs over the blocks
-without joining them, so a chunk reads the cache but never copies it.
+computed (`ChunkCache.keys_values`, `ChunkCache.kv_blocks`): attention runs over
+the blocks without joining them, so a chunk reads the cache but never copies it.
 
 Memory (arithmetic from the shapes, not a measurement): per estimator attention
 block and Euler step the keys and values of both CFG branches,
@@ -55,42 +59,44 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 
-from cosyvoice2 import branches
-from cosyvoice2.flow.decoder import block_scores, block_values
-from cosyvoice2.flow.encoder import rel_position_table
 from cosyvoice2.flow.flow_matching import euler_times
 from cosyvoice2.flow.noise import cfm_noise
-from cosyvoice2.flow.ops import dense, layer_norm, silu, softmax
 
 
-class _Walk:
-    """One pass of a network over new positions `[c, end)`.
+class ChunkCache:
+    """One call's view of a network's streaming state, for its new positions `[start, end)`.
 
-    Reads the committed state at `c` (items in traversal order) and records the
-    state at `c2` (the new commit point, `c <= c2 <= end`). Positions are in the
-    walk's unit times `scale` (tokens: 1, frames: the upsampling stride).
+    The modules read the committed state at `start` (one item per stateful layer,
+    in the order of the forward pass) and record the state at `commit` (the new
+    commit point, `start <= commit <= end`) in `new`. Positions are counted in
+    the unit of the layers that use it (tokens, or frames: `scaled`).
     """
 
-    def __init__(self, old: list | None, c: int, c2: int):
-        self.old = iter(old) if old else None
+    def __init__(self, old: list | None, start: int, commit: int):
+        self._old = iter(old) if old else None
         self.new: list = []
-        self.c, self.c2 = c, c2
+        self.start, self.commit = start, commit
+
+    def scaled(self, factor: int) -> ChunkCache:
+        """The same state seen by layers with `factor` positions per position of this one
+        (the encoder's layers after upsampling)."""
+        view = ChunkCache(None, self.start * factor, self.commit * factor)
+        view._old, view.new = self._old, self.new
+        return view
 
     def _take(self) -> Any:
-        return next(self.old) if self.old is not None else None
+        return next(self._old) if self._old is not None else None
 
-    def conv(
-        self, x: mx.array, weight: mx.array, bias: mx.array | None, scale: int = 1
-    ) -> mx.array:
-        """Causal conv (left context from the committed state; zeros at the start)."""
+    def conv(self, x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
+        """Causal convolution of `x` `(B, n, C)` with its left context from the state
+        (zeros at the start); records the `k - 1` inputs before `commit`."""
         k = weight.shape[1]
         tail = self._take()
         if tail is None:
             tail = mx.zeros((x.shape[0], k - 1, x.shape[2]), dtype=x.dtype)
         full = mx.concatenate([tail, x], axis=1)
-        rel = (self.c2 - self.c) * scale
+        rel = self.commit - self.start
         self.new.append(full[:, rel : rel + k - 1])
         y = mx.conv1d(full, weight)
         return y if bias is None else y + bias
@@ -102,15 +108,13 @@ class _Walk:
         reads head by head."""
         old = self._take()
         blocks = list(old) if old else []
-        return blocks, self.c2 - sum(b.shape[1] for b in blocks)
+        return blocks, self.commit - sum(b.shape[1] for b in blocks)
 
     def commit_kv(self, blocks: list[mx.array], kv: mx.array | None) -> None:
         """The new state: `blocks` (from `kv_blocks`) plus the committed positions' `kv`."""
         self.new.append(blocks + ([kv] if kv is not None else []))
 
-    def keys_values(
-        self, k: mx.array, v: mx.array, scale: int = 1
-    ) -> tuple[list[mx.array], list[mx.array]]:
+    def keys_values(self, k: mx.array, v: mx.array) -> tuple[list[mx.array], list[mx.array]]:
         """Keys and values `(B, H, n, d)` of all positions so far, as blocks in order.
 
         The committed positions are kept as the list of blocks in which they were
@@ -121,152 +125,10 @@ class _Walk:
         """
         old = self._take()
         blocks = list(old) if old else []
-        n_old = sum(b[0].shape[2] for b in blocks)
-        keep = self.c2 * scale - n_old
+        keep = self.commit - sum(b[0].shape[2] for b in blocks)
         self.new.append(blocks + ([(k[:, :, :keep], v[:, :, :keep])] if keep > 0 else []))
         blocks.append((k, v))
         return [b[0] for b in blocks], [b[1] for b in blocks]
-
-
-# ----------------------------------------------------------------------------- encoder
-
-
-def _rel_attention(
-    w: _Walk, attn: Any, x: mx.array, chunk: int, scale: int, table: mx.array
-) -> mx.array:
-    """`RelPositionMultiHeadedAttention` for the new queries against all keys so far."""
-    b, n, _ = x.shape
-    h, d = attn.h, attn.d_k
-    q = attn.linear_q(x).reshape(b, n, h, d)
-    k = attn.linear_k(x).reshape(b, n, h, d).transpose(0, 2, 1, 3)
-    v = attn.linear_v(x).reshape(b, n, h, d).transpose(0, 2, 1, 3)
-    keys, values = w.keys_values(k, v, scale)
-    total = sum(b.shape[2] for b in keys)
-    c = total - n
-    # Relative positions i - j for queries c..total-1 and keys 0..total-1: from
-    # total-1 down to -(n-1): rows 0 .. 2*total-2-c of the length-`total` table.
-    p = attn.linear_pos(table[:, : 2 * total - 1 - c])
-    p = p.reshape(1, -1, h, d).transpose(0, 2, 1, 3)
-    q_u = (q + attn.pos_bias_u).transpose(0, 2, 1, 3)
-    q_v = (q + attn.pos_bias_v).transpose(0, 2, 1, 3)
-    sc = 1.0 / math.sqrt(d)
-    bd = q_v @ p.transpose(0, 1, 3, 2)  # (b, h, n, 2*total-1-c)
-    idx = (n - 1) - mx.arange(n)[:, None] + mx.arange(total)[None, :]
-    bd = mx.take_along_axis(bd, mx.broadcast_to(idx, (b, h, n, total)), axis=-1)
-    scores = block_scores(q_u * sc, keys) + bd * sc
-    out = block_values(softmax(scores, chunk, c), values)
-    return attn.linear_out(out.transpose(0, 2, 1, 3).reshape(b, n, h * d))
-
-
-def _conformer(w: _Walk, layer: Any, x: mx.array, chunk: int, scale: int, table) -> mx.array:
-    x = x + _rel_attention(w, layer.self_attn, layer.norm_mha(x), chunk, scale, table)
-    ff = layer.feed_forward
-    y = layer.norm_ff(x)
-    if type(ff.w_1) is nn.Linear:
-        y = silu(y @ ff.w_1.weight.T, ff.w_1.bias)
-    else:
-        y = silu(ff.w_1(y))
-    return x + ff.w_2(y)
-
-
-def encode_step(
-    w: _Walk, encoder: Any, xs: mx.array, context: mx.array | None, lookahead: int
-) -> mx.array:
-    """Encoder output for new token embeddings `xs` `(1, n, in)` (frames `stride * n`).
-
-    `context`: the embeddings of the `lookahead` tokens after them (None: the end,
-    zero padding, as `finalize=True`).
-    """
-    cfg = encoder.config
-    xs = encoder.embed.embed(xs)
-    ctx = (
-        encoder.embed.embed(context)
-        if context is not None
-        else mx.zeros((xs.shape[0], lookahead, xs.shape[2]), dtype=xs.dtype)
-    )
-    pre = encoder.pre_lookahead_layer
-    y = mx.conv1d(mx.concatenate([xs, ctx], axis=1), pre.conv1.weight) + pre.conv1.bias
-    y = nn.leaky_relu(y, negative_slope=0.01)
-    xs = w.conv(y, pre.conv2.weight, pre.conv2.bias) + xs
-    total = w.c + xs.shape[1]
-    table = rel_position_table(total, xs.shape[2])
-    for layer in encoder.encoders:
-        xs = _conformer(w, layer, xs, cfg.static_chunk_size, 1, table)
-    s = cfg.upsample_stride
-    b, n, ch = xs.shape
-    xs = mx.broadcast_to(xs[:, :, None], (b, n, s, ch)).reshape(b, n * s, ch)
-    xs = w.conv(xs, encoder.up_layer.conv.weight, encoder.up_layer.conv.bias, scale=s)
-    xs = encoder.up_embed.embed(xs)
-    table = rel_position_table(total * s, xs.shape[2])
-    for layer in encoder.up_encoders:
-        xs = _conformer(w, layer, xs, cfg.static_chunk_size * s, s, table)
-    return encoder.after_norm(xs)
-
-
-# ----------------------------------------------------------------------------- estimator
-
-
-def _causal_block(w: _Walk, blk: Any, x: mx.array) -> mx.array:
-    conv, norm = blk.block[0], blk.block[2]
-    y = w.conv(x, conv.weight, conv.bias)
-    return layer_norm(y, norm.weight, norm.bias, norm.eps, then_mish=True)
-
-
-def _resnet(w: _Walk, r: Any, x: mx.array, temb: mx.array) -> mx.array:
-    h = _causal_block(w, r.block1, x)
-    h = h + r.mlp[1](r.mlp[0](temb))[:, None, :]
-    h = _causal_block(w, r.block2, h)
-    return h + dense(r.res_conv, x)
-
-
-def _transformer(w: _Walk, blk: Any, x: mx.array, chunk: int) -> mx.array:
-    blocks, keep = w.kv_blocks()
-    y, kv = blk.over_blocks(x, blocks, chunk, keep)
-    w.commit_kv(blocks, kv)
-    return y
-
-
-def estimator_step(
-    w: _Walk,
-    est: Any,
-    x: mx.array,
-    mu: mx.array,
-    t: mx.array,
-    spks: mx.array,
-    cond: mx.array,
-) -> mx.array:
-    """The causal U-Net's velocity for new frames (batch of 2: CFG), streaming (chunk-masked)."""
-    chunk = est.config.static_chunk_size
-    temb = est.time_mlp(est.time_embeddings(t))
-    spk = mx.broadcast_to(spks[:, None, :], (*x.shape[:2], spks.shape[-1]))
-    x = mx.concatenate([x, mu, spk, cond], axis=-1)
-    hiddens = []
-    for resnet, blocks, down in est.down_blocks:
-        x = _resnet(w, resnet, x, temb)
-        for blk in blocks:
-            x = _transformer(w, blk, x, chunk)
-        hiddens.append(x)
-        x = w.conv(x, down.weight, down.bias)
-    for resnet, blocks in est.mid_blocks:
-        x = _resnet(w, resnet, x, temb)
-        for blk in blocks:
-            x = _transformer(w, blk, x, chunk)
-        # Start computing what is built while the rest of the graph is built (the Python
-        # of a step is about a tenth of its time, and the two branches' Python shares a
-        # GIL): no step waits for its whole graph first.
-        mx.async_eval(x)
-    for resnet, blocks, up in est.up_blocks:
-        skip = hiddens.pop()
-        x = mx.concatenate([x, skip], axis=-1)
-        x = _resnet(w, resnet, x, temb)
-        for blk in blocks:
-            x = _transformer(w, blk, x, chunk)
-        x = w.conv(x, up.weight, up.bias)
-    x = _causal_block(w, est.final_block, x)
-    return dense(est.final_proj, x)
-
-
-# ----------------------------------------------------------------------------- state
 
 
 @dataclass(frozen=True)
@@ -336,10 +198,9 @@ def flow_step(
     if not (c <= c2 <= n):
         raise ValueError(f"commit point {c2} outside [{c}, {n}]")
     emb = flow.input_embedding(mx.maximum(tokens[:, c:].astype(mx.int32), 0))
-    w = _Walk(state.encoder, c, c2)
-    ctx = None if finalize else emb[:, n - c :]
-    h = encode_step(w, flow.encoder, emb[:, : n - c], ctx, look)
-    mu = flow.encoder_proj(h)
+    encoder = ChunkCache(state.encoder, c, c2)
+    context = None if finalize else emb[:, n - c :]
+    mu = flow.encoder_proj(flow.encoder(emb[:, : n - c], context, True, encoder))
     f0, f1 = ratio * c, ratio * n
     t_p = prompt_feat.shape[1]
     cond = mx.zeros((1, f1 - f0, mu.shape[-1]), dtype=mu.dtype)
@@ -347,32 +208,14 @@ def flow_step(
         cond = mx.concatenate(
             [prompt_feat[:, f0:f1].astype(mu.dtype), cond[:, : max(0, f1 - t_p)]], 1
         )
-    x = cfm_noise(f1)[:, f0:].astype(mu.dtype)
-    rate = flow.decoder.config.inference_cfg_rate
-    est = flow.decoder.estimator
-    mu_in = mx.concatenate([mu, mx.zeros_like(mu)], axis=0)
-    spks_in = mx.concatenate([spks, mx.zeros_like(spks)], axis=0)
-    cond_in = mx.concatenate([cond, mx.zeros_like(cond)], axis=0)
-    steps = []
-    times = euler_times(n_timesteps, flow.decoder.config.t_scheduler)
-    old_steps = state.steps or (None,) * len(times)
-    mx.eval(old_steps)  # worker threads cannot evaluate this thread's pending work
-    for (t, dt), old in zip(times, old_steps):
-        inputs = (mx.concatenate([x, x], axis=0), mu_in, mx.full((2,), t, dtype=x.dtype))
-        inputs += (spks_in, cond_in)
-
-        def branch(i: int, *a: mx.array, old: Any = old) -> tuple[mx.array, list]:
-            ws = _Walk(old[i] if old is not None else None, f0, ratio * c2)
-            return estimator_step(ws, est, *a), ws.new
-
-        # The CFG branches one at a time (on two threads where `branches.enabled()`),
-        # each with its own state: no batch-2 state to split or join between calls.
-        (v_cond, new0), (v_uncond, new1) = branches.map_branches(
-            branch, [[i, *(a[i : i + 1] for a in inputs)] for i in (0, 1)]
-        )
-        steps.append((new0, new1))
-        x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
-    return x, FlowState(c2, w.new, tuple(steps))
+    old_steps = state.steps or ((None, None),) * len(euler_times(n_timesteps))
+    mx.eval(old_steps)  # branch threads cannot evaluate this thread's pending work
+    steps = [tuple(ChunkCache(old, f0, ratio * c2) for old in pair) for pair in old_steps]
+    mel = flow.decoder(
+        mu, None, n_timesteps, spks=spks, cond=cond, streaming=True,
+        noise=cfm_noise(f1)[:, f0:], caches=steps,
+    )  # fmt: skip
+    return mel, FlowState(c2, encoder.new, tuple((a.new, b.new) for a, b in steps))
 
 
 def prompt_state(

@@ -29,6 +29,7 @@ official class. CosyVoice2 does not use the non-causal Matcha `ConditionalDecode
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,6 +37,8 @@ import mlx.nn as nn
 from cosyvoice2.config import EstimatorConfig
 from cosyvoice2.flow.ops import (
     all_cores,
+    block_scores,
+    block_values,
     causal_conv1d,
     chunk_mask,
     cpu_extension,
@@ -88,8 +91,11 @@ class CausalConv1d(nn.Module):
         self.weight = mx.random.uniform(-scale, scale, (out_channels, kernel_size, in_channels))
         self.bias = mx.zeros((out_channels,))
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return causal_conv1d(x, self.weight, self.bias)
+    def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
+        """Left context from the streaming `cache` when given, else zeros."""
+        if cache is None:
+            return causal_conv1d(x, self.weight, self.bias)
+        return cache.conv(x, self.weight, self.bias)
 
 
 class ConvTranspose1d(nn.Module):
@@ -136,8 +142,8 @@ class CausalBlock1D(nn.Module):
             Mish(),
         ]
 
-    def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
-        x = self.block[0](_masked(x, mask))
+    def __call__(self, x: mx.array, mask: mx.array | None, cache: Any = None) -> mx.array:
+        x = self.block[0](_masked(x, mask), cache)
         norm = self.block[2]
         x = layer_norm(x, norm.weight, norm.bias, norm.eps, then_mish=True)
         return _masked(x, mask)
@@ -153,10 +159,12 @@ class CausalResnetBlock1D(nn.Module):
         self.block2 = CausalBlock1D(dim_out, dim_out)
         self.res_conv = nn.Conv1d(dim, dim_out, 1)
 
-    def __call__(self, x: mx.array, mask: mx.array | None, time_emb: mx.array) -> mx.array:
-        h = self.block1(x, mask)
+    def __call__(
+        self, x: mx.array, mask: mx.array | None, time_emb: mx.array, cache: Any = None
+    ) -> mx.array:
+        h = self.block1(x, mask, cache)
         h = h + self.mlp[1](self.mlp[0](time_emb))[:, None, :]
-        h = self.block2(h, mask)
+        h = self.block2(h, mask, cache)
         return h + dense(self.res_conv, _masked(x, mask))
 
 
@@ -167,7 +175,9 @@ class Downsample1D(nn.Module):
         super().__init__()
         self.conv = nn.Conv1d(dim, dim, 3, stride=2, padding=1)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
+        if cache is not None:
+            raise NotImplementedError("the streaming cache supports the single-level estimator")
         return self.conv(x)
 
 
@@ -178,7 +188,9 @@ class Upsample1D(nn.Module):
         super().__init__()
         self.conv = ConvTranspose1d(channels, channels, 4, 2, 1)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
+        if cache is not None:
+            raise NotImplementedError("the streaming cache supports the single-level estimator")
         return self.conv(x)
 
 
@@ -199,19 +211,7 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask: mx.array | None, chunk: int = 0) -> mx.array:
         """`x` `(B, T, D)`; `mask` boolean key-padding mask `(B, 1, 1, T)` or None; `chunk` > 0: chunk mask."""
-        b, t, _ = x.shape
-        h, d = self.heads, self.dim_head
-        if mask is None and use_cpu_kernels():
-            # CPU: explicit scores and a vectorised softmax (MLX's exp is the bottleneck).
-            out = self.attend(self.qkv(x), [], chunk)
-        else:
-            q, k, v = self._heads(self.qkv(x), 3)
-            if chunk > 0:
-                cm = chunk_mask(t, chunk)[None, None]
-                mask = cm if mask is None else mask & cm
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
-            out = out.transpose(0, 2, 1, 3).reshape(b, t, h * d)
-        return dense(self.to_out[0], out)
+        return dense(self.to_out[0], self.attend(self.qkv(x), [], chunk, mask))
 
     def qkv(self, x: mx.array) -> mx.array:
         """`(B, T, 3 * heads * dim_head)`: queries (already scaled by `dim_head ** -0.5`), keys, values.
@@ -244,27 +244,39 @@ class Attention(nn.Module):
             cached = self._fused = (kernels is not None, ws, fused)
         return cached[2]
 
-    def attend(self, qkv: mx.array, blocks: list[mx.array], chunk: int) -> mx.array:
+    def attend(
+        self, qkv: mx.array, blocks: list[mx.array], chunk: int, mask: mx.array | None = None
+    ) -> mx.array:
         """Attention of the positions in `qkv` (`self.qkv`'s output) over the earlier positions'
         keys and values `blocks` (each `(B, n, 2 * heads * dim_head)`, in order) and themselves.
 
         Position `q0 + r` (`q0` the blocks' total length) sees the keys before the end
-        of its chunk (`chunk` 0: all). Returns `(B, T, heads * dim_head)`, the output
-        projection's input. On the CPU with `cosyvoice2_kernels` (batch 1) one
-        `block_attention` node; otherwise scores per block, the masked softmax and the
-        weighted values (blocks are never joined).
+        of its chunk (`chunk` 0: all); `mask`: a key-padding mask (no blocks then).
+        Returns `(B, T, heads * dim_head)`, the output projection's input. On the CPU
+        with `cosyvoice2_kernels` (batch 1) one `block_attention` node; with the numba
+        kernels or over blocks, scores per block, the masked softmax and the weighted
+        values (blocks are never joined); otherwise MLX's fused attention.
         """
         b, t, _ = qkv.shape
         h, d = self.heads, self.dim_head
-        k = cpu_extension() if b == 1 and qkv.dtype == mx.float32 else None
+        if mask is not None and blocks:
+            raise ValueError("a key-padding mask applies to a whole-utterance call only")
+        k = cpu_extension() if mask is None and b == 1 and qkv.dtype == mx.float32 else None
         if k is not None:
             return k.block_attention(qkv, blocks, h, chunk, parallel=all_cores())
         q, key, value = self._heads(qkv, 3)
-        old = [self._heads(blk, 2) for blk in blocks]
-        keys = [kv[0] for kv in old] + [key]
-        values = [kv[1] for kv in old] + [value]
-        q0 = sum(blk.shape[1] for blk in blocks)
-        out = block_values(softmax(block_scores(q, keys), chunk, q0), values)
+        if mask is None and (blocks or use_cpu_kernels()):
+            # CPU: explicit scores and a vectorised softmax (MLX's exp is the bottleneck).
+            old = [self._heads(blk, 2) for blk in blocks]
+            keys = [kv[0] for kv in old] + [key]
+            values = [kv[1] for kv in old] + [value]
+            q0 = sum(blk.shape[1] for blk in blocks)
+            out = block_values(softmax(block_scores(q, keys), chunk, q0), values)
+        else:
+            if chunk > 0:
+                cm = chunk_mask(t, chunk)[None, None]
+                mask = cm if mask is None else mask & cm
+            out = mx.fast.scaled_dot_product_attention(q, key, value, scale=1.0, mask=mask)
         return out.transpose(0, 2, 1, 3).reshape(b, t, h * d)
 
     def _heads(self, a: mx.array, parts: int) -> list[mx.array]:
@@ -277,23 +289,6 @@ class Attention(nn.Module):
         h = self.heads
         a = a.reshape(b, t, parts * h, self.dim_head).transpose(0, 2, 1, 3)
         return [a[:, i * h : (i + 1) * h] for i in range(parts)]
-
-
-def block_scores(q: mx.array, keys: list[mx.array]) -> mx.array:
-    """`q @ K^T` over key blocks: `(..., n_q, sum of block lengths)`."""
-    parts = [q @ k.transpose(0, 1, 3, 2) for k in keys]
-    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
-
-
-def block_values(p: mx.array, values: list[mx.array]) -> mx.array:
-    """`p @ V` over value blocks (`p`'s last axis spans the blocks in order)."""
-    out, start = None, 0
-    for v in values:
-        n = v.shape[2]
-        term = p[..., start : start + n] @ v
-        out = term if out is None else out + term
-        start += n
-    return out
 
 
 class GELU(nn.Module):
@@ -339,28 +334,40 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, activation_fn=activation_fn)
 
-    def __call__(self, x: mx.array, attention_mask: mx.array | None, chunk: int = 0) -> mx.array:
-        if attention_mask is None:
-            fused = self._kernel(x, [], chunk, 0)
-            if fused is not None:
-                return fused[0]
-        n1, n3 = self.norm1, self.norm3
-        x = x + self.attn1(layer_norm(x, n1.weight, n1.bias, n1.eps), attention_mask, chunk)
-        return x + self.ff(layer_norm(x, n3.weight, n3.bias, n3.eps))
+    def __call__(
+        self,
+        x: mx.array,
+        attention_mask: mx.array | None,
+        chunk: int = 0,
+        cache: Any = None,
+    ) -> mx.array:
+        """`x` `(B, T, dim)`; `cache`: the earlier positions' keys and values (streaming),
+        read and extended with the positions it commits; None: `x` is the whole utterance."""
+        if cache is None:
+            return self.over_blocks(x, [], chunk, 0, attention_mask)[0]
+        blocks, keep = cache.kv_blocks()
+        y, kv = self.over_blocks(x, blocks, chunk, keep)
+        cache.commit_kv(blocks, kv)
+        return y
 
     def over_blocks(
-        self, x: mx.array, blocks: list[mx.array], chunk: int, keep: int
+        self,
+        x: mx.array,
+        blocks: list[mx.array],
+        chunk: int,
+        keep: int,
+        attention_mask: mx.array | None = None,
     ) -> tuple[mx.array, mx.array | None]:
         """The block for new positions `x` over earlier positions' key/value `blocks`
         (`Attention.attend`), and the keys and values `(B, keep, 2 * inner)` of the first
         `keep` new positions (None if 0), which a streaming cache keeps."""
-        fused = self._kernel(x, blocks, chunk, keep)
+        fused = self._kernel(x, blocks, chunk, keep) if attention_mask is None else None
         if fused is not None:
             return fused[0], fused[1] if keep > 0 else None
         n1, n3, attn = self.norm1, self.norm3, self.attn1
         inner = attn.heads * attn.dim_head
         qkv = attn.qkv(layer_norm(x, n1.weight, n1.bias, n1.eps))
-        x = x + dense(attn.to_out[0], attn.attend(qkv, blocks, chunk))
+        x = x + dense(attn.to_out[0], attn.attend(qkv, blocks, chunk, attention_mask))
         y = x + self.ff(layer_norm(x, n3.weight, n3.bias, n3.eps))
         # copied: a view would pin the whole projection's buffer in the cache
         return y, mx.contiguous(qkv[:, :keep, inner:]) if keep > 0 else None
@@ -465,8 +472,15 @@ class CausalConditionalDecoder(nn.Module):
         spks: mx.array | None = None,
         cond: mx.array | None = None,
         streaming: bool = False,
+        cache: Any = None,
     ) -> mx.array:
-        """The velocity at noisy mel `x` and time `t`, conditioned on `mu`, `spks`, `cond` (see module doc)."""
+        """The velocity at noisy mel `x` and time `t`, conditioned on `mu`, `spks`, `cond` (see module doc).
+
+        `cache`: the streaming state of the frames before `x` (`ChunkCache`, in frames;
+        streaming only), read and recorded; None: `x` is the whole utterance.
+        """
+        if cache is not None and not streaming:
+            raise ValueError("a streaming cache needs streaming=True (chunk-masked attention)")
         chunk = self.config.static_chunk_size if streaming else 0
         temb = self.time_mlp(self.time_embeddings(t))
 
@@ -481,32 +495,36 @@ class CausalConditionalDecoder(nn.Module):
         masks = [mask]
         for resnet, blocks, down in self.down_blocks:
             mask_down = masks[-1]
-            x = resnet(x, mask_down, temb)
+            x = resnet(x, mask_down, temb, cache)
             attn_mask = _padding_mask(mask_down)
             for block in blocks:
-                x = block(x, attn_mask, chunk)
+                x = block(x, attn_mask, chunk, cache)
             hiddens.append(x)
-            x = down(_masked(x, mask_down))
+            x = down(_masked(x, mask_down), cache)
             masks.append(None if mask_down is None else mask_down[:, ::2])
         masks = masks[:-1]
         mask_mid = masks[-1]
 
         for resnet, blocks in self.mid_blocks:
-            x = resnet(x, mask_mid, temb)
+            x = resnet(x, mask_mid, temb, cache)
             attn_mask = _padding_mask(mask_mid)
             for block in blocks:
-                x = block(x, attn_mask, chunk)
+                x = block(x, attn_mask, chunk, cache)
+            if cache is not None:
+                # A streaming chunk is small: start computing what is built while the rest
+                # of the graph is built, so that no step waits for its whole graph first.
+                mx.async_eval(x)
 
         for resnet, blocks, up in self.up_blocks:
             mask_up = masks.pop()
             skip = hiddens.pop()
             x = mx.concatenate([x[:, : skip.shape[1]], skip], axis=-1)
-            x = resnet(x, mask_up, temb)
+            x = resnet(x, mask_up, temb, cache)
             attn_mask = _padding_mask(mask_up)
             for block in blocks:
-                x = block(x, attn_mask, chunk)
-            x = up(_masked(x, mask_up))
-        x = self.final_block(x, mask_up)
+                x = block(x, attn_mask, chunk, cache)
+            x = up(_masked(x, mask_up), cache)
+        x = self.final_block(x, mask_up, cache)
         out = dense(self.final_proj, _masked(x, mask_up))
         return _masked(out, mask)
 

@@ -28,20 +28,32 @@ from `EncoderConfig.output_size` and `num_up_blocks` (512 and 4 in CosyVoice2).
 The relative-position table is computed for the needed length instead of being a
 5000-row buffer (same values).
 
-Every call is a pure function of its inputs (no cache, no per-request state), so
-an incremental (O(n)) streaming variant can be added beside it and tested
-against it.
+One forward pass serves the whole utterance and the O(n) streaming cache: every
+module takes an optional `cache` (a `cosyvoice2.flow.cache.ChunkCache`), as
+mlx-lm's layers take their KV cache. `None` is the whole-utterance pass (zero
+left context, keys of this call only); with a cache, causal convolutions read
+their left context from it, attention reads the earlier positions' keys and
+values, and what the next call needs is recorded in it.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from cosyvoice2.config import EncoderConfig
-from cosyvoice2.flow.ops import causal_conv1d, chunk_mask, silu, softmax, use_cpu_kernels
+from cosyvoice2.flow.ops import (
+    block_scores,
+    block_values,
+    causal_conv1d,
+    chunk_mask,
+    silu,
+    softmax,
+    use_cpu_kernels,
+)
 
 
 def rel_position_table(size: int, d_model: int) -> mx.array:
@@ -60,7 +72,8 @@ def rel_position_table(size: int, d_model: int) -> mx.array:
 class LinearNoSubsampling(nn.Module):
     """`Linear -> LayerNorm(eps 1e-5)`, then the positional-encoding scale `sqrt(d)`.
 
-    Returns the scaled features and the relative-position table for their length.
+    The relative-position table the official module returns beside the features
+    is built by the encoder (`rel_position_table`), for the positions of a call.
     """
 
     def __init__(self, idim: int, odim: int):
@@ -69,13 +82,8 @@ class LinearNoSubsampling(nn.Module):
         self.xscale = math.sqrt(odim)
         self.odim = odim
 
-    def embed(self, x: mx.array) -> mx.array:
-        """The scaled features only (what the look-ahead context needs)."""
+    def __call__(self, x: mx.array) -> mx.array:
         return self.out[1](self.out[0](x)) * self.xscale
-
-    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        x = self.embed(x)
-        return x, rel_position_table(x.shape[1], self.odim)
 
 
 class RelPositionMultiHeadedAttention(nn.Module):
@@ -104,26 +112,45 @@ class RelPositionMultiHeadedAttention(nn.Module):
         x = x.reshape(b, h, p + 1, t)[:, :, 1:].reshape(b, h, t, p)
         return x[:, :, :, : p // 2 + 1]
 
-    def __call__(self, x: mx.array, pos_emb: mx.array, chunk: int = 0) -> mx.array:
-        """`x` `(B, T, D)`, `pos_emb` `(1, 2T-1, D)`; `chunk` > 0: chunk-masked attention."""
+    def __call__(
+        self, x: mx.array, pos_emb: mx.array, chunk: int = 0, cache: Any = None
+    ) -> mx.array:
+        """`x` `(B, T, D)`; `chunk` > 0: chunk-masked attention.
+
+        `pos_emb` `(1, 2L-1, D)` is the table for the `L` positions so far (`L = T`
+        without a cache; with one, the cached positions come first and the queries
+        are the last `T`).
+        """
         b, t, _ = x.shape
-        q = self.linear_q(x).reshape(b, t, self.h, self.d_k)
-        k = self.linear_k(x).reshape(b, t, self.h, self.d_k).transpose(0, 2, 1, 3)
-        v = self.linear_v(x).reshape(b, t, self.h, self.d_k).transpose(0, 2, 1, 3)
-        p = self.linear_pos(pos_emb).reshape(pos_emb.shape[0], -1, self.h, self.d_k)
-        p = p.transpose(0, 2, 1, 3)
+        h, d = self.h, self.d_k
+        c = 0 if cache is None else cache.start  # positions before this call's
+        q = self.linear_q(x).reshape(b, t, h, d)
+        k = self.linear_k(x).reshape(b, t, h, d).transpose(0, 2, 1, 3)
+        v = self.linear_v(x).reshape(b, t, h, d).transpose(0, 2, 1, 3)
+        keys, values = ([k], [v]) if cache is None else cache.keys_values(k, v)
+        # Relative positions i - j for queries c .. c+t-1 and keys 0 .. c+t-1: from
+        # c+t-1 down to -(t-1), the first 2t-1+c rows of the table.
+        p = self.linear_pos(pos_emb[:, : 2 * t - 1 + c])
+        p = p.reshape(p.shape[0], -1, h, d).transpose(0, 2, 1, 3)
         q_u = (q + self.pos_bias_u).transpose(0, 2, 1, 3)
         q_v = (q + self.pos_bias_v).transpose(0, 2, 1, 3)
-        scale = 1.0 / math.sqrt(self.d_k)
+        scale = 1.0 / math.sqrt(d)
+        bd = q_v @ p.transpose(0, 1, 3, 2)  # (b, h, t, 2t-1+c)
+        if c == 0:
+            bd = self.rel_shift(bd)
+        else:  # query i reads column (t - 1) - i + j for key j
+            idx = (t - 1) - mx.arange(t)[:, None] + mx.arange(c + t)[None, :]
+            bd = mx.take_along_axis(bd, mx.broadcast_to(idx, (b, h, t, c + t)), axis=-1)
         # Position term as an additive bias of the content attention.
-        bias = self.rel_shift(q_v @ p.transpose(0, 1, 3, 2)) * scale
-        if use_cpu_kernels():
-            out = softmax((q_u * scale) @ k.transpose(0, 1, 3, 2) + bias, chunk) @ v
-        else:
+        bias = bd * scale
+        if cache is None and not use_cpu_kernels():
             if chunk > 0:
                 bias = mx.where(chunk_mask(t, chunk), bias, -mx.inf)
             out = mx.fast.scaled_dot_product_attention(q_u, k, v, scale=scale, mask=bias)
-        out = out.transpose(0, 2, 1, 3).reshape(b, t, self.h * self.d_k)
+        else:
+            scores = block_scores(q_u * scale, keys) + bias
+            out = block_values(softmax(scores, chunk, c), values)
+        out = out.transpose(0, 2, 1, 3).reshape(b, t, h * d)
         return self.linear_out(out)
 
 
@@ -151,8 +178,10 @@ class ConformerEncoderLayer(nn.Module):
         self.norm_ff = nn.LayerNorm(size, eps=1e-12)
         self.norm_mha = nn.LayerNorm(size, eps=1e-12)
 
-    def __call__(self, x: mx.array, pos_emb: mx.array, chunk: int = 0) -> mx.array:
-        x = x + self.self_attn(self.norm_mha(x), pos_emb, chunk)
+    def __call__(
+        self, x: mx.array, pos_emb: mx.array, chunk: int = 0, cache: Any = None
+    ) -> mx.array:
+        x = x + self.self_attn(self.norm_mha(x), pos_emb, chunk, cache)
         return x + self.feed_forward(self.norm_ff(x))
 
 
@@ -170,15 +199,18 @@ class PreLookaheadLayer(nn.Module):
         self.conv1 = nn.Conv1d(channels, channels, kernel_size=pre_lookahead_len + 1)
         self.conv2 = nn.Conv1d(channels, channels, kernel_size=3)
 
-    def __call__(self, inputs: mx.array, context: mx.array | None = None) -> mx.array:
-        """`inputs` `(B, T, C)`; `context` `(B, <= pre_lookahead_len, C)` of the frames after them."""
+    def __call__(
+        self, inputs: mx.array, context: mx.array | None = None, cache: Any = None
+    ) -> mx.array:
+        """`inputs` `(B, T, C)`; `context` `(B, <= pre_lookahead_len, C)` of the frames after them;
+        `cache`: `conv2`'s left context (else zeros)."""
         n = 0 if context is None else context.shape[1]
         if n > self.pre_lookahead_len:
             raise ValueError(f"context has {n} frames, more than {self.pre_lookahead_len}")
         x = inputs if n == 0 else mx.concatenate([inputs, context], axis=1)
         x = mx.pad(x, [(0, 0), (0, self.pre_lookahead_len - n), (0, 0)])
         x = nn.leaky_relu(self.conv1(x), negative_slope=0.01)
-        x = causal_conv1d(x, self.conv2.weight, self.conv2.bias)
+        x = _causal_conv(x, self.conv2, cache)
         return x + inputs
 
 
@@ -190,10 +222,10 @@ class Upsample1D(nn.Module):
         self.stride = stride
         self.conv = nn.Conv1d(channels, out_channels, kernel_size=stride * 2 + 1)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
         b, t, c = x.shape
         x = mx.broadcast_to(x[:, :, None], (b, t, self.stride, c)).reshape(b, t * self.stride, c)
-        return causal_conv1d(x, self.conv.weight, self.conv.bias)
+        return _causal_conv(x, self.conv, cache)
 
 
 class UpsampleConformerEncoder(nn.Module):
@@ -226,7 +258,11 @@ class UpsampleConformerEncoder(nn.Module):
         self.after_norm = nn.LayerNorm(d, eps=1e-5)
 
     def __call__(
-        self, xs: mx.array, context: mx.array | None = None, streaming: bool = False
+        self,
+        xs: mx.array,
+        context: mx.array | None = None,
+        streaming: bool = False,
+        cache: Any = None,
     ) -> mx.array:
         """Encode `xs` `(B, T, input_size)`; returns `(B, stride * T, output_size)`.
 
@@ -234,20 +270,33 @@ class UpsampleConformerEncoder(nn.Module):
         (`(B, pre_lookahead_len, input_size)`), or None when `xs` ends the utterance.
         `streaming`: chunk-masked attention (`static_chunk_size` tokens, then
         `stride * static_chunk_size` frames) instead of full attention.
+        `cache`: the streaming state of the tokens before `xs` (`ChunkCache`, in
+        tokens; streaming only), read and recorded; None: `xs` starts the utterance.
         """
+        if cache is not None and not streaming:
+            raise ValueError("a streaming cache needs streaming=True (chunk-masked attention)")
         cfg = self.config
-        xs, pos_emb = self.embed(xs)
-        if context is not None and context.shape[1] > 0:
-            context = self.embed.embed(context)
-        else:
-            context = None
+        s = cfg.upsample_stride
+        start = 0 if cache is None else cache.start
+        xs = self.embed(xs)
+        context = self.embed(context) if context is not None and context.shape[1] > 0 else None
         chunk = cfg.static_chunk_size if streaming else 0
-        xs = self.pre_lookahead_layer(xs, context)
+        xs = self.pre_lookahead_layer(xs, context, cache)
+        pos_emb = rel_position_table(start + xs.shape[1], xs.shape[2])
         for layer in self.encoders:
-            xs = layer(xs, pos_emb, chunk)
-        xs = self.up_layer(xs)
-        xs, pos_emb = self.up_embed(xs)
-        chunk = cfg.static_chunk_size * cfg.upsample_stride if streaming else 0
+            xs = layer(xs, pos_emb, chunk, cache)
+        up = None if cache is None else cache.scaled(s)  # the same state, counted in frames
+        xs = self.up_layer(xs, up)
+        xs = self.up_embed(xs)
+        pos_emb = rel_position_table(start * s + xs.shape[1], xs.shape[2])
+        chunk = cfg.static_chunk_size * s if streaming else 0
         for layer in self.up_encoders:
-            xs = layer(xs, pos_emb, chunk)
+            xs = layer(xs, pos_emb, chunk, up)
         return self.after_norm(xs)
+
+
+def _causal_conv(x: mx.array, conv: nn.Conv1d, cache: Any) -> mx.array:
+    """`conv` applied causally: left context from `cache`, or zeros without one."""
+    if cache is None:
+        return causal_conv1d(x, conv.weight, conv.bias)
+    return cache.conv(x, conv.weight, conv.bias)

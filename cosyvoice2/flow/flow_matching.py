@@ -15,6 +15,9 @@ estimator sees the same `t` as the official one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -83,17 +86,20 @@ class CausalConditionalCFM(nn.Module):
         cond: mx.array | None = None,
         streaming: bool = False,
         noise: mx.array | None = None,
+        caches: Sequence[tuple[Any, Any]] | None = None,
     ) -> mx.array:
         """Generate a mel `(1, T, 80)` from encoder features `mu` `(1, T, 80)`.
 
         `noise` overrides the official fixed noise (its first T frames) when given.
         `spks` is the projected speaker embedding `(1, 80)`, `cond` the prompt mel
-        padded with zeros to `(1, T, 80)`.
+        padded with zeros to `(1, T, 80)`. `caches` (streaming): per Euler step, the
+        estimator's caches of the conditional and the unconditional branch
+        (`cosyvoice2.flow.cache`); None: the whole utterance.
         """
         if noise is None:
             noise = cfm_noise(mu.shape[1])
         z = noise.astype(mu.dtype) * temperature
-        return self.solve_euler(z, n_timesteps, mu, mask, spks, cond, streaming)
+        return self.solve_euler(z, n_timesteps, mu, mask, spks, cond, streaming, caches)
 
     def solve_euler(
         self,
@@ -104,22 +110,40 @@ class CausalConditionalCFM(nn.Module):
         spks: mx.array | None,
         cond: mx.array | None,
         streaming: bool = False,
+        caches: Sequence[tuple[Any, Any]] | None = None,
     ) -> mx.array:
-        """Fixed-step Euler from `x` (noise, t=0) to t=1, with one batched CFG estimator call per step."""
+        """Fixed-step Euler from `x` (noise, t=0) to t=1, with CFG (see module doc).
+
+        Each step evaluates the two CFG branches as one batch-2 estimator call, or
+        one call per branch: on two threads where `branches.enabled()`, and always
+        with `caches` (each branch has its own streaming state).
+        """
         rate = self.config.inference_cfg_rate
+        times = euler_times(n_timesteps, self.config.t_scheduler)
+        if caches is not None and len(caches) != len(times):
+            raise ValueError(f"{len(caches)} step caches for {len(times)} Euler steps")
         mask_in = None if mask is None else mx.concatenate([mask, mask], axis=0)
         mu_in = mx.concatenate([mu, mx.zeros_like(mu)], axis=0)
         spks_in = None if spks is None else mx.concatenate([spks, mx.zeros_like(spks)], axis=0)
         cond_in = None if cond is None else mx.concatenate([cond, mx.zeros_like(cond)], axis=0)
-        split = branches.enabled()
-        for t, dt in euler_times(n_timesteps, self.config.t_scheduler):
+        split = caches is not None or branches.enabled()
+
+        def branch(cache: Any, *a: mx.array) -> tuple[mx.array, list]:
+            # the cache's new state is returned so that the branch's thread evaluates it
+            return self.estimator(*a, streaming, cache), [] if cache is None else cache.new
+
+        for i, (t, dt) in enumerate(times):
             x_in = mx.concatenate([x, x], axis=0)
             t_in = mx.full((2,), t, dtype=x.dtype)
             inputs = (x_in, mask_in, mu_in, t_in, spks_in, cond_in)
-            if split:  # the two branches on two threads (see `branches`)
-                v_cond, v_uncond = branches.map_branches(
-                    lambda *a: self.estimator(*a, streaming),
-                    [[None if a is None else a[i : i + 1] for a in inputs] for i in (0, 1)],
+            if split:
+                step = (None, None) if caches is None else caches[i]
+                (v_cond, _), (v_uncond, _) = branches.map_branches(
+                    branch,
+                    [
+                        [step[b], *(None if a is None else a[b : b + 1] for a in inputs)]
+                        for b in (0, 1)
+                    ],
                 )
             else:
                 v = self.estimator(*inputs, streaming)

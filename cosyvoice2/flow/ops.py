@@ -16,16 +16,18 @@ the `cosyvoice2.flow` package docstring):
   the optional `cosyvoice2_kernels` when it is built: weights packed once per layer
   (`pack_panels`), which at the streaming cache's 60-70 rows saves what MLX's
   matmul spends re-packing the weights (OpenBLAS) on every call. Without the
-  extension (or with `COSYVOICE2_KERNELS=0`) they are MLX's matmul.
+  extension they are MLX's matmul.
 - With the extension, `layer_norm` (and Mish) and `gelu` are its operations too, so a
   transformer block is lazy end to end (a numba kernel needs an evaluation and a
   buffer hand-off per call, 3 per block).
 - Transcendental element-wise functions (`exp`, `erf`, `tanh`, `sigmoid`,
   `log1p`) are slow paths on MLX-CPU, costing more per element than a 256-wide
   matmul does. `softmax`, `gelu`, `silu`, `mish` and `layer_norm` here therefore
-  run the numba kernels of `cpu_kernels` when the default device is the CPU and
-  numba imports (`use_cpu_kernels`), and the MLX ops otherwise (Metal; or
-  `COSYVOICE2_FLOW_KERNELS=0`). Both routes are tested against each other.
+  run the numba kernels of `cosyvoice2.row_kernels` where the backend uses them
+  (`use_cpu_kernels`), and the MLX ops otherwise. Both are tested against each other.
+
+Which of these run is the active backend's choice (`cosyvoice2.backend`), made once
+at load; nothing here reads the environment or the device.
 
 The convolution routes shared with HiFT (dilated and transposed convolutions)
 live in `cosyvoice2/ops.py`; this module keeps what only the flow needs.
@@ -37,7 +39,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from cosyvoice2 import branches, fastlinear, settings
+from cosyvoice2 import backend, branches
 
 
 def causal_conv1d(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
@@ -53,10 +55,9 @@ def causal_conv1d(x: mx.array, weight: mx.array, bias: mx.array | None = None) -
 
 
 def cpu_extension():
-    """`cosyvoice2_kernels` where the flow should use it (its panel GEMM, row ops,
-    attention and transformer block), else None: the default device is the CPU and
-    the extension is built and not disabled (`COSYVOICE2_KERNELS=0`)."""
-    return fastlinear.kernels_module() if mx.default_device() == mx.cpu else None
+    """`cosyvoice2_kernels` where the active backend uses it (its panel GEMM, row ops,
+    attention and transformer block), else None (`cosyvoice2.backend`)."""
+    return backend.current().extension
 
 
 def all_cores() -> bool:
@@ -131,32 +132,35 @@ def chunk_mask(size: int, chunk_size: int) -> mx.array:
     return pos[None, :] < ends[:, None]
 
 
+def block_scores(q: mx.array, keys: list[mx.array]) -> mx.array:
+    """`q @ K^T` over key blocks: `(..., n_q, sum of block lengths)`."""
+    parts = [q @ k.transpose(0, 1, 3, 2) for k in keys]
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
+def block_values(p: mx.array, values: list[mx.array]) -> mx.array:
+    """`p @ V` over value blocks (`p`'s last axis spans the blocks in order)."""
+    out, start = None, 0
+    for v in values:
+        n = v.shape[2]
+        term = p[..., start : start + n] @ v
+        out = term if out is None else out + term
+        start += n
+    return out
+
+
 # Below this many elements an element-wise op is cheaper in MLX than a kernel hand-off.
 SMALL = 4096
 
 
 def _kernels():
-    """The numba kernels module, or None where numba is missing or disabled (`COSYVOICE2_FLOW_KERNELS=0`)."""
-    global _KERNELS
-    if _KERNELS is None:
-        if not settings.flag("COSYVOICE2_FLOW_KERNELS"):
-            _KERNELS = False
-        else:
-            try:
-                from cosyvoice2.flow import cpu_kernels
-
-                _KERNELS = cpu_kernels
-            except ImportError:
-                _KERNELS = False
-    return _KERNELS or None
-
-
-_KERNELS = None
+    """The numba row kernels where the active backend uses them, else None."""
+    return backend.current().row_kernels
 
 
 def use_cpu_kernels() -> bool:
-    """Whether element-wise transcendentals go through the numba kernels (CPU device, numba present)."""
-    return mx.default_device() == mx.cpu and _kernels() is not None
+    """Whether element-wise transcendentals go through the numba row kernels (`cosyvoice2.row_kernels`)."""
+    return backend.current().row_kernels is not None
 
 
 def _as_numpy(x: mx.array, shape: tuple[int, ...]) -> np.ndarray:
@@ -181,7 +185,7 @@ def softmax(scores: mx.array, chunk: int = 0, q0: int = 0) -> mx.array:
     probabilities are 0. (`q0 > 0`: the new queries of the streaming cache.)
     """
     t_q, t_k = scores.shape[-2:]
-    k = _kernels() if mx.default_device() == mx.cpu else None
+    k = _kernels()
     if k is None:
         if chunk > 0:
             q = mx.arange(q0, q0 + t_q)
@@ -199,7 +203,7 @@ def gelu(x: mx.array, bias: mx.array | None = None) -> mx.array:
     ck = cpu_extension() if x.dtype == mx.float32 else None
     if ck is not None:
         return ck.gelu(x, bias, parallel=all_cores())
-    k = _kernels() if mx.default_device() == mx.cpu else None
+    k = _kernels()
     if k is None:
         if bias is not None:
             x = x + bias
@@ -214,7 +218,7 @@ def gelu(x: mx.array, bias: mx.array | None = None) -> mx.array:
 
 def silu(x: mx.array, bias: mx.array | None = None) -> mx.array:
     """`v * sigmoid(v)` with `v = x + bias` (the encoder's swish)."""
-    k = _kernels() if mx.default_device() == mx.cpu else None
+    k = _kernels()
     if k is None:
         if bias is not None:
             x = x + bias
@@ -234,7 +238,7 @@ def layer_norm(
     ck = cpu_extension() if x.dtype == mx.float32 else None
     if ck is not None:
         return ck.layer_norm(x, weight, bias, eps, mish=then_mish, parallel=all_cores())
-    k = _kernels() if mx.default_device() == mx.cpu else None
+    k = _kernels()
     if k is None:
         y = mx.fast.layer_norm(x, weight, bias, eps)
         return mish(y) if then_mish else y
@@ -261,7 +265,7 @@ def mish(x: mx.array) -> mx.array:
     Small inputs (the time embedding, 1 x 1024 per resnet block) take MLX's ops: a
     kernel would force an evaluation there, stalling the rest of the lazily built step.
     """
-    k = _kernels() if mx.default_device() == mx.cpu and x.size >= SMALL else None
+    k = _kernels() if x.size >= SMALL else None
     if k is None:
         return x * mx.tanh(mx.where(x > 20.0, x, mx.logaddexp(x, 0.0)))
     c = x.shape[-1]
