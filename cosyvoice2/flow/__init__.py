@@ -8,6 +8,7 @@ Modules (each ports the official file of the same name, names kept so the
   espnet relative-position attention;
 - `flow_matching.py`: `CausalConditionalCFM` (Euler, cosine schedule, batched CFG);
 - `decoder.py`: the U-Net estimator (`CausalConditionalDecoder`);
+- `transformer.py`: its transformer block (`BasicTransformerBlock`, diffusers' `Attention`);
 - `noise.py`: the official fixed starting noise, computed without torch;
 - `ops.py`: convolution, mask and activation helpers (CPU kernels or MLX ops);
 - `cache.py`: the O(n) streaming state (`ChunkCache`, `FlowState`) and `flow_step`;
