@@ -134,7 +134,7 @@ def _mlx_route(monkeypatch, fn, *args, **kwargs):
 @pytest.fixture(params=["numba", "extension"])
 def fast_route(request, monkeypatch):
     """The flow ops module on one of its fast CPU routes: the numba kernels alone, or the
-    `cosyvoice2_kernels` extension (which `layer_norm`, `gelu`, `dense` and attention
+    `cosyvoice2_kernels` extension (which `layer_norm`, `gelu`, `linear` and attention
     prefer when it is built)."""
     from cosyvoice2.flow import ops
 
@@ -228,11 +228,11 @@ def test_dense_matches_the_layer(fast_route, monkeypatch, layer: str, bias: bool
     m = nn.Linear(40, 33) if layer == "linear" else nn.Conv1d(40, 33, 1)
     x = mx.random.normal((2, 23, 40))
     ref = _mlx_route(monkeypatch, lambda: m(x) if bias else x @ m.weight.reshape(33, 40).T)
-    got = ops.dense(m, x, bias=bias)
+    got = ops.linear(m, x, bias=bias)
     assert got.shape == ref.shape
     assert mx.abs(got - ref).max().item() < 1e-5 * mx.abs(ref).max().item()
     m.weight = m.weight * 2  # a new weight is packed again, not read from the old panels
-    assert mx.abs(ops.dense(m, x) - m(x)).max().item() < 1e-5 * mx.abs(m(x)).max().item()
+    assert mx.abs(ops.linear(m, x) - m(x)).max().item() < 1e-5 * mx.abs(m(x)).max().item()
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from cosyvoice2.config import EstimatorConfig
-from cosyvoice2.flow.ops import causal_conv1d, dense, layer_norm, mish
+from cosyvoice2.flow.ops import causal_conv1d, layer_norm, linear, mish
 from cosyvoice2.flow.transformer import GELU, Attention, BasicTransformerBlock, FeedForward
 
 __all__ = [
@@ -171,7 +171,7 @@ class CausalResnetBlock1D(nn.Module):
         h = self.block1(x, mask, cache)
         h = h + self.mlp[1](self.mlp[0](time_emb))[:, None, :]
         h = self.block2(h, mask, cache)
-        return h + dense(self.res_conv, _masked(x, mask))
+        return h + linear(self.res_conv, _masked(x, mask))
 
 
 class Downsample1D(nn.Module):
@@ -321,7 +321,7 @@ class CausalConditionalDecoder(nn.Module):
                 x = block(x, attn_mask, chunk, cache)
             x = up(_masked(x, mask_up), cache)
         x = self.final_block(x, mask_up, cache)
-        out = dense(self.final_proj, _masked(x, mask_up))
+        out = linear(self.final_proj, _masked(x, mask_up))
         return _masked(out, mask)
 
     @staticmethod

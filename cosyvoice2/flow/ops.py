@@ -12,7 +12,7 @@ the `cosyvoice2.flow` package docstring):
   estimator has one resolution level and never uses it; the multi-level
   estimator does (`Upsample1D`), through the shared fast route
   `cosyvoice2.ops.conv_transpose1d` (the one HiFT uses).
-- Float32 projections (`dense`: `nn.Linear`, 1x1 `nn.Conv1d`) run the panel GEMM of
+- Float32 projections (`linear`: `nn.Linear`, 1x1 `nn.Conv1d`) run the panel GEMM of
   the optional `cosyvoice2_kernels` when it is built: weights packed once per layer
   (`pack_panels`), which at the streaming cache's 60-70 rows saves what MLX's
   matmul spends re-packing the weights (OpenBLAS) on every call. Without the
@@ -92,7 +92,7 @@ def _is_pointwise(layer: nn.Module) -> bool:
     )
 
 
-def dense(layer: nn.Module, x: mx.array, bias: bool = True) -> mx.array:
+def linear(layer: nn.Module, x: mx.array, bias: bool = True) -> mx.array:
     """`layer(x)` for an `nn.Linear` or a pointwise `nn.Conv1d` (channels-last); `bias=False`:
     without the layer's bias.
 

@@ -29,9 +29,9 @@ from cosyvoice2.flow.ops import (
     block_values,
     chunk_mask,
     cpu_extension,
-    dense,
     gelu,
     layer_norm,
+    linear,
     packed,
     panel_linear,
     softmax,
@@ -56,7 +56,7 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask: mx.array | None, chunk: int = 0) -> mx.array:
         """`x` `(B, T, D)`; `mask` boolean key-padding mask `(B, 1, 1, T)` or None; `chunk` > 0: chunk mask."""
-        return dense(self.to_out[0], self.attend(self.qkv(x), [], chunk, mask))
+        return linear(self.to_out[0], self.attend(self.qkv(x), [], chunk, mask))
 
     def qkv(self, x: mx.array) -> mx.array:
         """`(B, T, 3 * heads * dim_head)`: queries (already scaled by `dim_head ** -0.5`), keys, values.
@@ -145,7 +145,7 @@ class GELU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if type(self.proj) is nn.Linear:  # bias added inside the GELU kernel
-            return gelu(dense(self.proj, x, bias=False), self.proj.bias)
+            return gelu(linear(self.proj, x, bias=False), self.proj.bias)
         return gelu(self.proj(x))
 
 
@@ -160,7 +160,7 @@ class FeedForward(nn.Module):
         self.net = [GELU(dim, inner), nn.Identity(), nn.Linear(inner, dim)]
 
     def __call__(self, x: mx.array) -> mx.array:
-        return dense(self.net[2], self.net[0](x))
+        return linear(self.net[2], self.net[0](x))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -212,7 +212,7 @@ class BasicTransformerBlock(nn.Module):
         n1, n3, attn = self.norm1, self.norm3, self.attn1
         inner = attn.heads * attn.dim_head
         qkv = attn.qkv(layer_norm(x, n1.weight, n1.bias, n1.eps))
-        x = x + dense(attn.to_out[0], attn.attend(qkv, blocks, chunk, attention_mask))
+        x = x + linear(attn.to_out[0], attn.attend(qkv, blocks, chunk, attention_mask))
         y = x + self.ff(layer_norm(x, n3.weight, n3.bias, n3.eps))
         # copied: a view would pin the whole projection's buffer in the cache
         return y, mx.contiguous(qkv[:, :keep, inner:]) if keep > 0 else None
