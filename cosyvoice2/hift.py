@@ -1,12 +1,16 @@
 """HiFT vocoder of CosyVoice2 (24 kHz): mel -> F0 -> harmonic source -> waveform, in MLX.
 
 A port of the official `cosyvoice/hifigan/generator.py` (`HiFTGenerator`,
-`ResBlock` with Snake activations, `SineGen2`, `SourceModuleHnNSF2`) and
-`cosyvoice/hifigan/f0_predictor.py` (`ConvRNNF0Predictor`) as of mid-2025
-(latest upstream renames `SourceModuleHnNSF2` to `SourceModuleHnNSF` with
-`sinegen_type='2'`, same computation and keys, for any rate but 22.05 kHz). Module and
-parameter names are the official ones, so checkpoint keys map one to one
-(`sanitize` folds weight norm and moves conv weights to MLX's layout).
+`ResBlock` with Snake activations). Module and parameter names are the official
+ones, so checkpoint keys map one to one (`sanitize` folds weight norm and moves
+conv weights to MLX's layout). The parts are split as the official files are
+read, to be put side by side with them:
+- `cosyvoice2.hift_source`: the F0 predictor (official `f0_predictor.py`) and the
+  harmonic source `SourceModuleHnNSF2` / `SineGen2` (official `generator.py`),
+  with the bit-faithful sine phase and the explicit noise;
+- `cosyvoice2.stft`: the `torch.stft` / `torch.istft` equivalents;
+- here: `HiFTGenerator` (upsampling, source fusion, resblocks), `ResBlock`, `Snake`.
+Their names stay importable from this module.
 
 Pipeline (`HiFTGenerator.inference`, as the official one):
 1. `ConvRNNF0Predictor`: five k=3 convs with ELU, a linear head, `abs` -> F0 per mel frame.
@@ -23,25 +27,10 @@ Pipeline (`HiFTGenerator.inference`, as the official one):
 Where this port differs in form, not in result:
 - Channels-last arrays inside (MLX convs take (N, L, C)); the public methods take
   and return the official layouts ((B, 80, T) mel, (B, 1, L) source).
-- Randomness is explicit. The only random draw that reaches the waveform is the
-  Gaussian noise of `SineGen2` (shape (B, L, nb_harmonics + 1)): pass `noise`, or a
-  `key` to draw it. The official random initial phase is not drawn: it is added
-  to sample 0 of the per-sample phase increments, which the official downsampling
-  interpolation (sample 480 i + 239.5 for frame i) never reads, so it cannot
-  change the output. The noise branch of `SourceModuleHnNSF2` is discarded by the
-  official code and is not computed.
-- The sine phase is reproduced to the bit of the official float32 arithmetic (the
-  cumulative sum accumulated in float64 then rounded, as torch's CPU `cumsum`
-  does, and the linear interpolation weights and sum rounded as torch's x86-64
-  CPU kernel rounds them, with a fused multiply-add). The phase grows by up to
-  2 pi * 480 per frame, to 1e5-1e6 rad within seconds, where one float32 step is
-  0.01-0.06 rad: the same formula evaluated in plain float32 differed from the
-  official source by 1.7e-3 and its waveform by 6.4e-4 at 10 s of voiced audio
-  (bit-faithful: 2e-8 and 1.5e-7). The few float64 steps run on the CPU stream
-  (Metal has no float64), on (B, L, 9) elements only.
-- STFT and iSTFT are small matrix products (n_fft 16: a DFT matrix with the
-  periodic Hann window folded in) plus framing / overlap-add by reshapes and
-  shifted sums, equal to `torch.stft` / `torch.istft` (center=True, reflect pad).
+- Randomness is explicit: pass `noise` (the sine generator's Gaussian draw) or a
+  `key` to draw it (`cosyvoice2.hift_source` says why no other draw is needed).
+- STFT and iSTFT are small matrix products (`cosyvoice2.stft`), equal to
+  `torch.stft` / `torch.istft` (center=True, reflect pad).
 - Convolutions go through `cosyvoice2.ops` (matmul formulations on CPU, where
   MLX's dilated and transposed convs are slow paths).
 
@@ -73,7 +62,6 @@ files, `bench/README.md`):
 
 from __future__ import annotations
 
-import functools
 import re
 
 import mlx.core as mx
@@ -82,7 +70,23 @@ import numpy as np
 
 from cosyvoice2 import branches
 from cosyvoice2.config import HiFTConfig
+from cosyvoice2.hift_source import ELU, ConvRNNF0Predictor, SineGen2, SourceModuleHnNSF2
 from cosyvoice2.ops import Conv1d, ConvTranspose1d, Derived
+from cosyvoice2.stft import istft, stft
+
+__all__ = [
+    "ELU",
+    "FINAL_LRELU_SLOPE",
+    "ISTFT_MAX_MAGNITUDE",
+    "SNAKE_EPS",
+    "ConvRNNF0Predictor",
+    "HiFTGenerator",
+    "ResBlock",
+    "SineGen2",
+    "Snake",
+    "SourceModuleHnNSF2",
+    "get_padding",
+]
 
 # The official `decode` ends with `F.leaky_relu(x)`: torch's default slope, not `lrelu_slope`.
 FINAL_LRELU_SLOPE = 0.01
@@ -163,196 +167,6 @@ class ResBlock(nn.Module):
         for c1, c2, a1, a2 in zip(self.convs1, self.convs2, self.activations1, self.activations2):
             x = x + c2(a2(c1(a1(x))))
         return x
-
-
-@functools.partial(mx.compile, shapeless=True)
-def _elu(x: mx.array) -> mx.array:
-    return mx.where(x > 0, x, mx.expm1(x))
-
-
-class ELU(nn.Module):
-    """ELU with alpha 1, through `expm1` as torch computes it (no cancellation near 0)."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return _elu(x)
-
-
-class ConvRNNF0Predictor(nn.Module):
-    """F0 per mel frame: five k=3 convs with ELU, a linear head, absolute value."""
-
-    def __init__(self, num_class: int = 1, in_channels: int = 80, cond_channels: int = 512):
-        super().__init__()
-        self.num_class = num_class
-        # Official `condnet` is an nn.Sequential: convs at even indices, ELU at odd ones.
-        self.condnet = []
-        for i in range(5):
-            self.condnet.append(
-                Conv1d(in_channels if i == 0 else cond_channels, cond_channels, 3, padding=1)
-            )
-            self.condnet.append(ELU())
-        self.classifier = nn.Linear(cond_channels, num_class)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        """x: mel, channels-last (B, T, in_channels) -> F0 (B, T) (num_class 1)."""
-        for layer in self.condnet:
-            x = layer(x)
-        return mx.abs(self.classifier(x).squeeze(-1))
-
-
-class SineGen2:
-    """Harmonic sine source of CosyVoice2's 24 kHz HiFT (official `SineGen2`, `flag_for_pulse=False`).
-
-    No parameters. The phase is integrated at frame rate (F0 is constant over
-    each frame's `upsample_scale` samples) and interpolated linearly to samples.
-    """
-
-    def __init__(
-        self,
-        samp_rate: int,
-        upsample_scale: int,
-        harmonic_num: int = 0,
-        sine_amp: float = 0.1,
-        noise_std: float = 0.003,
-        voiced_threshold: float = 0.0,
-    ):
-        self.sine_amp = sine_amp
-        self.noise_std = noise_std
-        self.harmonic_num = harmonic_num
-        self.dim = harmonic_num + 1
-        self.sampling_rate = samp_rate
-        self.voiced_threshold = voiced_threshold
-        self.upsample_scale = upsample_scale
-
-    def phase(self, f0: mx.array) -> mx.array:
-        """Sample-rate phase (B, T * upsample_scale, dim) of F0 per frame (B, T), float32 as the official.
-
-        Official steps: rad = (f0 * h / sr) % 1 per sample; linear downsampling by
-        the scale (frame i reads samples 480 i + 239 and 480 i + 240, equal within
-        a frame, so rad at frame rate is exactly the per-frame value); cumsum * 2 pi;
-        times the scale; linear upsampling (align_corners=False) back to samples.
-        """
-        b, t = f0.shape
-        up = self.upsample_scale
-        harmonics = mx.arange(1, self.dim + 1, dtype=mx.float32)
-        rad = (f0[:, :, None] * harmonics / self.sampling_rate) % 1.0  # (B, T, dim)
-        i0, i1, l0, l1 = _linear_upsample_taps(t, up)
-        # float64 exists on the CPU only (not on Metal): this whole small step runs there.
-        with mx.stream(mx.cpu):
-            # torch's CPU cumsum accumulates float32 in double and rounds each output.
-            cum = mx.cumsum(rad.astype(mx.float64), axis=1).astype(mx.float32)
-            frame_phase = cum * 2.0 * np.float32(np.pi) * float(up)  # (B, T, dim), float32 steps
-            x0 = mx.take(frame_phase, i0, axis=1)
-            x1 = mx.take(frame_phase, i1, axis=1)
-            # fma(x0, l0, l1 * x1) as torch's vectorised CPU kernel evaluates it: x0 * l0 is
-            # exact in float64, so one rounding of the float64 sum gives the fused result.
-            far = (x1 * l1[:, None]).astype(mx.float64)
-            near = x0.astype(mx.float64) * l0[:, None].astype(mx.float64)
-            return (near + far).astype(mx.float32)
-
-    def __call__(self, f0: mx.array, noise: mx.array) -> mx.array:
-        """F0 per frame (B, T) and standard normal `noise` (B, T * scale, dim) -> sine waves (B, T * scale, dim)."""
-        sines = mx.sin(self.phase(f0)) * self.sine_amp
-        uv = mx.repeat((f0 > self.voiced_threshold).astype(mx.float32), self.upsample_scale, axis=1)
-        uv = uv[:, :, None]
-        noise_amp = uv * self.noise_std + (1 - uv) * (self.sine_amp / 3)
-        return sines * uv + noise_amp * noise
-
-
-@functools.lru_cache(maxsize=8)  # 4 arrays of T * scale values each: keep few
-def _linear_upsample_taps(length: int, scale: int) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-    """Indices and weights of torch's CPU `interpolate(mode='linear', scale_factor=scale)`, float32 exact.
-
-    Source position fma(1/scale, j + 0.5, -0.5) clamped at 0 (rounded once to
-    float32: the product of two float32 values is exact in float64), index
-    floor, weight l1 = src - i0, l0 = 1 - l1.
-    """
-    j = np.arange(length * scale, dtype=np.float64)
-    ratio = np.float64(np.float32(1.0 / scale))
-    src = (ratio * (j + 0.5) - 0.5).astype(np.float32)
-    src = np.maximum(src, np.float32(0))
-    i0 = np.minimum(np.floor(src).astype(np.int64), length - 1)
-    i1 = np.where(i0 < length - 1, i0 + 1, i0)
-    l1 = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1))
-    l0 = np.float32(1) - l1
-    return (
-        mx.array(i0.astype(np.int32)),
-        mx.array(i1.astype(np.int32)),
-        mx.array(l0),
-        mx.array(l1),
-    )
-
-
-class SourceModuleHnNSF2(nn.Module):
-    """Harmonic-plus-noise source: `SineGen2` harmonics merged by a linear layer and tanh."""
-
-    def __init__(
-        self,
-        sampling_rate: int,
-        upsample_scale: int,
-        harmonic_num: int = 0,
-        sine_amp: float = 0.1,
-        add_noise_std: float = 0.003,
-        voiced_threshod: float = 0.0,
-    ):
-        super().__init__()
-        self.sine_amp = sine_amp
-        self.noise_std = add_noise_std
-        self.l_sin_gen = SineGen2(
-            sampling_rate, upsample_scale, harmonic_num, sine_amp, add_noise_std, voiced_threshod
-        )
-        self.l_linear = nn.Linear(harmonic_num + 1, 1)
-
-    def __call__(self, f0: mx.array, noise: mx.array) -> mx.array:
-        """F0 per frame (B, T), noise (B, T * scale, harmonics + 1) -> excitation (B, T * scale, 1)."""
-        return mx.tanh(self.l_linear(self.l_sin_gen(f0, noise)))
-
-
-@functools.lru_cache(maxsize=8)
-def _stft_mats(n_fft: int) -> tuple[mx.array, mx.array, np.ndarray]:
-    """(analysis (n_fft, 2 * bins), synthesis (2 * bins, n_fft), window) for a periodic Hann window.
-
-    Analysis: [Re | Im] of the onesided DFT of a windowed frame. Synthesis: the
-    onesided inverse DFT (1/n_fft, interior bins doubled, imaginary parts of DC
-    and Nyquist ignored as a c2r transform does) times the window, as `torch.istft`.
-    """
-    n = np.arange(n_fft)
-    bins = n_fft // 2 + 1
-    k = np.arange(bins)
-    window = (0.5 - 0.5 * np.cos(2.0 * np.pi * n / n_fft)).astype(np.float32).astype(np.float64)
-    ang = 2.0 * np.pi * np.outer(n, k) / n_fft  # (n_fft, bins)
-    analysis = np.concatenate(
-        [window[:, None] * np.cos(ang), -window[:, None] * np.sin(ang)], axis=1
-    )
-    weight = np.full(bins, 2.0)
-    weight[0] = 1.0
-    if n_fft % 2 == 0:
-        weight[-1] = 1.0
-    synth_re = (weight[:, None] * np.cos(ang.T)) / n_fft * window[None, :]
-    synth_im = (-weight[:, None] * np.sin(ang.T)) / n_fft * window[None, :]
-    synthesis = np.concatenate([synth_re, synth_im], axis=0)
-    return (
-        mx.array(analysis.astype(np.float32)),
-        mx.array(synthesis.astype(np.float32)),
-        window.astype(np.float32),
-    )
-
-
-@functools.lru_cache(maxsize=16)
-def _istft_envelope(n_frames: int, n_fft: int, hop: int) -> mx.array:
-    """1 / (sum of squared windows) over the trimmed istft output (length hop * (n_frames - 1))."""
-    _, _, window = _stft_mats(n_fft)
-    per = n_fft // hop
-    env = np.zeros((n_frames + per - 1, hop), dtype=np.float32)
-    w2 = (window * window).reshape(per, hop)
-    for j in range(per):
-        env[j : j + n_frames] += w2[j]
-    env = env.reshape(-1)[n_fft // 2 : n_fft // 2 + hop * (n_frames - 1)]
-    return mx.array(np.float32(1.0) / env)
-
-
-def _frames_from_blocks(blocks: mx.array, per: int, n_frames: int) -> mx.array:
-    """Frames of `per` consecutive hop-blocks: (B, n_frames + per - 1, hop) -> (B, n_frames, per * hop)."""
-    return mx.concatenate([blocks[:, j : j + n_frames] for j in range(per)], axis=-1)
 
 
 class HiFTGenerator(nn.Module):
@@ -477,37 +291,14 @@ class HiFTGenerator(nn.Module):
         return (b, t * self.upsample_scale, self.config.nb_harmonics + 1)
 
     def _stft(self, s: mx.array) -> mx.array:
-        """torch.stft(s, n_fft, hop, window=hann, center=True, reflect) as (B, frames, [Re | Im])."""
-        n_fft, hop = self.n_fft, self.hop
-        analysis, _, _ = _stft_mats(n_fft)
-        length = s.shape[1]
-        if length % hop:
-            raise ValueError(f"source length {length} is not a multiple of hop {hop}")
-        half = n_fft // 2
-        padded = mx.concatenate(
-            [s[:, 1 : half + 1][:, ::-1], s, s[:, -half - 1 : -1][:, ::-1]], axis=1
-        )
-        n_frames = length // hop + 1
-        per = n_fft // hop
-        blocks = padded.reshape(s.shape[0], n_frames + per - 1, hop)
-        return _frames_from_blocks(blocks, per, n_frames) @ analysis
+        """Official `_stft` (torch.stft, center=True, reflect, Hann) as (B, frames, [Re | Im])."""
+        return stft(s, self.n_fft, self.hop)
 
     def _istft(self, magnitude: mx.array, phase: mx.array) -> mx.array:
-        """torch.istft of magnitude * e^(i phase), (B, frames, bins) each -> (B, hop * (frames - 1))."""
-        n_fft, hop = self.n_fft, self.hop
-        _, synthesis, _ = _stft_mats(n_fft)
+        """Official `_istft` of magnitude * e^(i phase), (B, frames, bins) each -> (B, hop * (frames - 1))."""
         magnitude = mx.minimum(magnitude, ISTFT_MAX_MAGNITUDE)
         spec = mx.concatenate([magnitude * mx.cos(phase), magnitude * mx.sin(phase)], axis=-1)
-        frames = spec @ synthesis  # (B, F, n_fft), windowed
-        b, n_frames, _ = frames.shape
-        per = n_fft // hop
-        frames = frames.reshape(b, n_frames, per, hop)
-        out = None
-        for j in range(per):
-            part = mx.pad(frames[:, :, j], [(0, 0), (j, per - 1 - j), (0, 0)])
-            out = part if out is None else out + part
-        out = out.reshape(b, -1)[:, n_fft // 2 : n_fft // 2 + hop * (n_frames - 1)]
-        return out * _istft_envelope(n_frames, n_fft, hop)
+        return istft(spec, self.n_fft, self.hop)
 
     def decode(self, speech_feat: mx.array, source: mx.array) -> mx.array:
         """Waveform (B, L) from mel (B, in_channels, T) and excitation (B, 1, L), official `decode`."""

@@ -48,8 +48,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from cosyvoice2 import branches, ops
+from cosyvoice2 import branches, hift_source, ops
 from cosyvoice2 import hift as hift_module
+from cosyvoice2 import stft as stft_module
 from cosyvoice2.config import HiFTConfig
 from cosyvoice2.frontend import features
 from cosyvoice2.hift import HiFTGenerator
@@ -249,7 +250,7 @@ def _taps_one_sample_off(original):
 
 def f0_upsampling_bug():
     """The sample-rate phase interpolated one sample off (the taps of sample j + 1 at sample j)."""
-    return wrapped(hift_module, "_linear_upsample_taps", _taps_one_sample_off)
+    return wrapped(hift_source, "_linear_upsample_taps", _taps_one_sample_off)
 
 
 def _harmonics_from_zero(original):
@@ -262,7 +263,7 @@ def _harmonics_from_zero(original):
 
 def harmonic_bug():
     """SineGen2's harmonics numbered 0..8 instead of 1..9 (`arange(0, dim)`)."""
-    return wrapped(hift_module.SineGen2, "phase", _harmonics_from_zero)
+    return wrapped(hift_source.SineGen2, "phase", _harmonics_from_zero)
 
 
 def f0_padding_bug(ours):
@@ -481,7 +482,7 @@ def test_stft_matches_torch(tiny_official, tiny_random_model):
         "HiFT STFT",
         lambda: _max_err(ours._stft(mx.array(s)), want),
         STFT_TOL,
-        wrapped(hift_module, "_stft_mats", _symmetric_analysis_window),
+        wrapped(stft_module, "_stft_mats", _symmetric_analysis_window),
         "symmetric Hann analysis window",
     )
 
@@ -514,7 +515,7 @@ def test_istft_matches_torch(tiny_official, tiny_random_model):
 
 def test_window_is_scipy_periodic_hann():
     signal = pytest.importorskip("scipy.signal")
-    from cosyvoice2.hift import _stft_mats
+    from cosyvoice2.stft import _stft_mats
 
     window = _stft_mats(16)[2]
     np.testing.assert_array_equal(

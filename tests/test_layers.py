@@ -37,6 +37,8 @@ LAYERS: dict[str, int] = {
     "speakers": 1,
     "decoding": 1,
     "bistream": 1,
+    "hift_source": 1,
+    "stft": 1,
     "streaming": 2,
     "options": 2,
     "engine": 3,
