@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONVERTER_ONLY = (
     "cosyvoice2.convert",
     "cosyvoice2.checkpoint",
+    "cosyvoice2.torch_pickle",
     "cosyvoice2.onnx_weights",
     "cosyvoice2.official_yaml",
 )
