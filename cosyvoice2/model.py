@@ -125,7 +125,7 @@ class CosyVoice2:
         chosen here, once (`cosyvoice2.backend.choose`: the fastest route available,
         or `route`: `extension`, `plain` or `composed`). `llm_kernels="auto"` runs the
         speech LM's decoder layers (and its bf16 or 8-bit projections) on the optional
-        CPU kernels when the backend has them (`cosyvoice2.fastlinear`;
+        CPU kernels when the backend has them (`cosyvoice2.kernel_layers`;
         `COSYVOICE2_KERNELS=0` disables them); `"off"` keeps MLX's own ops.
         `meta["llm_kernels"]` records what is used, `meta["backend"]` the route.
         """
@@ -137,9 +137,9 @@ class CosyVoice2:
         llm, precision = model_dir.load_llm(path, meta, config, llm_dtype, llm_bits, group_size)
         kernels = "off"
         if llm_kernels == "auto":
-            from cosyvoice2 import fastlinear
+            from cosyvoice2 import kernel_layers
 
-            if fastlinear.use_kernels(llm, on):
+            if kernel_layers.use_kernels(llm, on):
                 kernels = on.describe()
         flow = model_dir.load_flow(path, config)
         hift = model_dir.load_hift(path, config)

@@ -26,7 +26,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from cosyvoice2 import backend, fastlinear
+from cosyvoice2 import backend, kernel_layers
 from cosyvoice2.checkpoint import load_torch_checkpoint
 from cosyvoice2.config import config_from_official_dir
 from cosyvoice2.llm import Qwen2LM, cast, quantize
@@ -51,7 +51,7 @@ def build(config, weights, precision: str, kernels: bool) -> tuple[Qwen2LM, int]
         cast(model, "bfloat16")
     elif precision.endswith("bit"):
         quantize(model, bits=int(precision[:-3]), group_size=64)
-    swapped = fastlinear.use_kernels(model) if kernels else 0
+    swapped = kernel_layers.use_kernels(model) if kernels else 0
     mx.eval(model.parameters())
     return model, swapped
 

@@ -9,7 +9,7 @@
   resblock threads (`cosyvoice2.branches` off).
 
 A route is a backend (`cosyvoice2.backend.choose(route=...)`) made active for the
-block. The speech LM picks its layers when it is swapped (`fastlinear.use_kernels`,
+block. The speech LM picks its layers when it is swapped (`kernel_layers.use_kernels`,
 for the active backend), so a test that builds our LLM inside `on_route` gets that
 route's layers; layers already swapped compute with MLX's ops on a route without
 the extension.

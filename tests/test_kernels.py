@@ -1,4 +1,4 @@
-"""The optional CPU kernels (`cosyvoice2_kernels`, built from `kernels/`) and `cosyvoice2.fastlinear`.
+"""The optional CPU kernels (`cosyvoice2_kernels`, built from `kernels/`) and `cosyvoice2.kernel_layers`.
 
 Kernel tests skip when the extension is not built or `COSYVOICE2_KERNELS=0`; CI
 builds it (`kernels/build.sh`) and runs the suite both ways. The tests of the
@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from cosyvoice2 import backend, fastlinear
+from cosyvoice2 import backend, kernel_layers
 from cosyvoice2.llm import Qwen2LM, cast, quantize, weights_of
 from tests.test_llm import BACKBONE_SCALE, TINY, NoStopGreedy, inputs, random_tiny
 
@@ -540,7 +540,7 @@ def test_rope_split_matches_mlx(b, L, hq, hkv, d, dims, offset) -> None:
     rng = np.random.default_rng(d + L)
     qkv = _rand(rng, b, L, (hq + 2 * hkv) * d)
     base, scale = 1e6, 1.0 if offset else 0.5
-    inv = fastlinear._rope_inv_freq(dims, base)
+    inv = kernel_layers._rope_inv_freq(dims, base)
     q, k, v = K.rope_split(qkv, inv, hq, hkv, dims, scale, offset)
     rq, rk, rv = _heads(qkv, hq, hkv)
     rope = {"traditional": False, "base": base, "scale": scale, "offset": offset}
@@ -579,7 +579,7 @@ def test_swiglu_matches_mlx() -> None:
 @needs_kernels
 def test_decode_ops_inside_compile() -> None:
     rng = np.random.default_rng(8)
-    w, inv = _rand(rng, 48), fastlinear._rope_inv_freq(16, 1e4)
+    w, inv = _rand(rng, 48), kernel_layers._rope_inv_freq(16, 1e4)
 
     def layer(x, kc, vc):
         (n,) = K.rms_norm(x, w, 1e-6)
@@ -592,7 +592,7 @@ def test_decode_ops_inside_compile() -> None:
     assert rel_err(mx.compile(layer)(x, kc, vc), layer(x, kc, vc)) <= 1e-6
 
 
-# ------------------------------------------------------------ fastlinear swapping
+# ------------------------------------------------------------ kernel_layers swapping
 
 
 def tiny_precision(base: Qwen2LM, precision: str) -> Qwen2LM:
@@ -611,13 +611,13 @@ def tiny_precision(base: Qwen2LM, precision: str) -> Qwen2LM:
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "8bit", "4bit"])
 def test_use_kernels_swaps_layers(precision: str) -> None:
     model = tiny_precision(random_tiny(0), precision)
-    n = fastlinear.use_kernels(model)
+    n = kernel_layers.use_kernels(model)
     layers = TINY.qwen.num_hidden_layers
     # the decoder layers, the final norm and llm_decoder (float32 outside bf16)
     assert n == layers + 2
-    assert all(isinstance(layer, fastlinear.KernelBlock) for layer in model.llm.layers)
-    assert isinstance(model.llm.norm, fastlinear.KernelRMSNorm)
-    assert isinstance(model.llm_decoder, fastlinear.KernelLinear)
+    assert all(isinstance(layer, kernel_layers.KernelBlock) for layer in model.llm.layers)
+    assert isinstance(model.llm.norm, kernel_layers.KernelRMSNorm)
+    assert isinstance(model.llm_decoder, kernel_layers.KernelLinear)
     keys = dict(tree_flatten(model.parameters()))
     q = TINY.qwen
     qkv_rows = q.hidden_size + 2 * q.num_key_value_heads * (q.hidden_size // q.num_attention_heads)
@@ -640,7 +640,7 @@ def test_use_kernels_swaps_layers(precision: str) -> None:
 def test_float16_models_are_left_alone() -> None:
     model = tiny_precision(random_tiny(0), "fp32")
     cast(model, "float16")
-    assert fastlinear.use_kernels(model) == 0
+    assert kernel_layers.use_kernels(model) == 0
     assert isinstance(model.llm.layers[0].self_attn.q_proj, nn.Linear)
 
 
@@ -718,7 +718,7 @@ REFERENCE = {"fp32": "fp32", "bf16": "bf16-in-fp32", "8bit": "8bit", "4bit": "4b
 def test_llm_with_and_without_kernels(tiny_base: Qwen2LM, precision: str, capsys) -> None:
     """Kernels against MLX's own model at the same precision: logits, 120 greedy tokens."""
     model = tiny_precision(tiny_base, precision)
-    assert fastlinear.use_kernels(model) > 0
+    assert kernel_layers.use_kernels(model) > 0
     reference = tiny_precision(tiny_base, REFERENCE[precision])
     with_k, without = teacher_forced_logits(model), teacher_forced_logits(reference)
     tokens_k, tokens = greedy_tokens(model), greedy_tokens(reference)
@@ -738,7 +738,7 @@ def test_swapped_model_on_mlx_ops(precision: str) -> None:
     """A swapped model on a backend without the kernels (as on a GPU) computes the same logits."""
     base = scaled_tiny()
     model = tiny_precision(base, precision)
-    fastlinear.use_kernels(model)
+    kernel_layers.use_kernels(model)
     reference = teacher_forced_logits(tiny_precision(base, REFERENCE[precision]), 20)
     with backend.active(backend.choose("composed")):
         err = logits_rel(teacher_forced_logits(model, 20), reference)
@@ -756,7 +756,7 @@ def test_bf16_kernels_closer_to_fp32_than_mlx_bf16(capsys) -> None:
     fp32 = teacher_forced_logits(base, 20)
     mlx_bf16 = teacher_forced_logits(tiny_precision(base, "bf16"), 20)
     kernel = tiny_precision(base, "bf16")
-    fastlinear.use_kernels(kernel)
+    kernel_layers.use_kernels(kernel)
     k_bf16 = teacher_forced_logits(kernel, 20)
     d_mlx, d_k = logits_rel(mlx_bf16, fp32), logits_rel(k_bf16, fp32)
     with capsys.disabled():
@@ -777,7 +777,7 @@ def test_absent_extension_changes_nothing(monkeypatch) -> None:
     chosen = backend.choose()
     assert chosen.extension is None and chosen.describe() == "off" and chosen.route == "plain"
     model = tiny_precision(random_tiny(0), "bf16")
-    assert fastlinear.use_kernels(model, chosen) == 0
+    assert kernel_layers.use_kernels(model, chosen) == 0
     assert isinstance(model.llm.layers[0].self_attn.q_proj, nn.Linear)
     assert len(greedy_tokens(model)) == 120
 
@@ -788,7 +788,7 @@ def test_environment_switch_disables(monkeypatch) -> None:
     chosen = backend.choose()
     assert chosen.extension is None
     model = tiny_precision(random_tiny(0), "8bit")
-    assert fastlinear.use_kernels(model, chosen) == 0
+    assert kernel_layers.use_kernels(model, chosen) == 0
     assert isinstance(model.llm.layers[0].mlp.gate_proj, nn.QuantizedLinear)
 
 
@@ -796,7 +796,7 @@ def test_environment_switch_disables(monkeypatch) -> None:
 def test_swapped_layers_fall_back_without_the_module(monkeypatch) -> None:
     """Where the kernels cannot run (a backend without them), swapped layers use MLX's ops."""
     model = tiny_precision(random_tiny(0), "8bit")
-    fastlinear.use_kernels(model)
+    kernel_layers.use_kernels(model)
     want = teacher_forced_logits(model, 3)
     with backend.active(backend.choose("plain")):
         assert logits_rel(teacher_forced_logits(model, 3), want) <= TOL
@@ -817,11 +817,11 @@ def test_load_selects_kernels_by_precision(mlx_tiny_dir: Path) -> None:
         layer = auto.llm.llm.layers[0]
         if K is None:
             assert auto.meta["llm_kernels"] == "off" and not isinstance(
-                layer, fastlinear.KernelBlock
+                layer, kernel_layers.KernelBlock
             )
         else:
             assert auto.meta["llm_kernels"] == auto.backend.describe() != "off"
-            assert isinstance(layer, fastlinear.KernelBlock)
+            assert isinstance(layer, kernel_layers.KernelBlock)
     with pytest.raises(ValueError, match="llm_kernels"):
         CosyVoice2.load(mlx_tiny_dir, llm_kernels="on")
 
@@ -846,7 +846,7 @@ def test_full_size_llm_with_and_without_kernels(precision: str, capsys) -> None:
     reference = teacher_forced_logits(tiny_precision(base, REFERENCE[precision]), 20)
     model = tiny_precision(base, precision)
     del base
-    assert fastlinear.use_kernels(model) > 0
+    assert kernel_layers.use_kernels(model) > 0
     err = logits_rel(teacher_forced_logits(model, 20), reference)
     with capsys.disabled():
         print(f"\n[kernels] full size {precision}: logits rel err {err:.2e}")

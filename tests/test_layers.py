@@ -33,7 +33,7 @@ LAYERS: dict[str, int] = {
     "settings": 0,
     "backend": 0,
     "row_kernels": 0,
-    **dict.fromkeys(["fastlinear", "branches", "flow", "hift", "llm", "frontend"], 1),
+    **dict.fromkeys(["kernel_layers", "branches", "flow", "hift", "llm", "frontend"], 1),
     "speakers": 1,
     "decoding": 1,
     "bistream": 1,

@@ -62,7 +62,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from cosyvoice2 import fastlinear
+from cosyvoice2 import kernel_layers
 from cosyvoice2.config import config_from_official_dir
 from cosyvoice2.llm import Qwen2LM
 from cosyvoice2_testing.legacy import LegacyDecoder
@@ -125,9 +125,9 @@ def load_reference(model_dir: Path) -> tuple[Any, str]:
 
 def build_ours(config, weights: dict[str, mx.array]) -> Qwen2LM:
     """Our model from sanitized weights, with the kernel layers where the current route has them
-    (`fastlinear.use_kernels`, as `CosyVoice2.load` does)."""
+    (`kernel_layers.use_kernels`, as `CosyVoice2.load` does)."""
     model = Qwen2LM.from_weights(config, dict(weights))
-    fastlinear.use_kernels(model)
+    kernel_layers.use_kernels(model)
     return model
 
 
@@ -407,7 +407,7 @@ def logits_error(pair: Pair, model: Qwen2LM) -> float:
 def _attention_modules(model: Qwen2LM) -> list:
     """Per layer: the `KernelBlock` (extension route) or mlx-lm's qwen2 `Attention`."""
     return [
-        layer if isinstance(layer, fastlinear.KernelBlock) else layer.self_attn
+        layer if isinstance(layer, kernel_layers.KernelBlock) else layer.self_attn
         for layer in model.llm.layers
     ]
 
@@ -426,8 +426,8 @@ def rope_theta_bug(model: Qwen2LM) -> contextlib.AbstractContextManager:
     mlx-lm's `RoPE.base`."""
     bugs = []
     for m in _attention_modules(model):
-        if isinstance(m, fastlinear.KernelBlock):
-            bad = fastlinear._rope_inv_freq(m.rope_dims, m.rope_base * 1.01)
+        if isinstance(m, kernel_layers.KernelBlock):
+            bad = kernel_layers._rope_inv_freq(m.rope_dims, m.rope_base * 1.01)
             bugs += [patched(m, "inv_freq", bad), patched(m, "rope_base", m.rope_base * 1.01)]
         else:
             bugs.append(patched(m.rope, "base", m.rope.base * 1.01))
@@ -451,15 +451,15 @@ def gqa_mapping_bug(model: Qwen2LM) -> contextlib.AbstractContextManager:
 
     first = _attention_modules(model)[0]
     idx = mx.array([h % first.n_kv_heads for h in range(first.n_heads)])
-    kernel_layers = isinstance(first, fastlinear.KernelBlock)
-    if kernel_layers and fastlinear._active() is not None:
+    swapped = isinstance(first, kernel_layers.KernelBlock)
+    if swapped and kernel_layers._active() is not None:
         return wrapped(
-            fastlinear._active(),
+            kernel_layers._active(),
             "attention",
             lambda f: lambda q, k, v, scale, causal: f(q, k[:, idx], v[:, idx], scale, causal),
         )
     return wrapped(
-        fastlinear if kernel_layers else qwen2,
+        kernel_layers if swapped else qwen2,
         "scaled_dot_product_attention",
         lambda f: lambda q, k, v, *a, **kw: f(q, k[:, idx], v[:, idx], *a, **kw),
     )
@@ -523,8 +523,8 @@ def test_reference_logits_depend_on_the_backbone(tiny: Pair) -> None:
 
 def test_logits_prefill_and_110_cached_steps(tiny: Pair, route: str) -> None:
     ours = build_ours(tiny.config, tiny.weights)
-    kernel_layers = isinstance(ours.llm.layers[0], fastlinear.KernelBlock)
-    assert kernel_layers == (route == "extension"), f"{route}: wrong layers for the route"
+    swapped = isinstance(ours.llm.layers[0], kernel_layers.KernelBlock)
+    assert swapped == (route == "extension"), f"{route}: wrong layers for the route"
     ref = tiny.reference_logits(LOGITS_SEED, LOGITS_STEPS)
     prefill, steps = relative_errors(our_logits(ours, *logits_case(LOGITS_SEED, LOGITS_STEPS)), ref)
     print(f"\n[llm {route}] logits max abs diff / spread: prefill {prefill:.2e}, steps {steps:.2e}")

@@ -32,7 +32,7 @@ MLX's CPU path builds `mx.fast.rms_norm`, `mx.fast.rope` and
 
 All are lazy MLX operations on the CPU stream in float32, usable inside
 `mx.compile`; they have no gradient and no GPU implementation (callers use MLX's
-own ops there, see `cosyvoice2.fastlinear`).
+own ops there, see `cosyvoice2.kernel_layers`).
 
 Why: on the CPU, MLX computes bf16 and quantized matrix-vector products on slow
 paths and fp32 reads twice the bytes of bf16; decoding is bound by reading the
