@@ -4,8 +4,8 @@ Three routes, from fastest to most portable:
 
 - `extension`: the CPU with the optional compiled `cosyvoice2_kernels` (panel GEMMs
   over weights packed once, the flow's transformer block and attention as single
-  nodes, the speech LM's fused decoder layers), plus the numba row kernels for what
-  the extension does not cover (the flow encoder's softmax and SiLU);
+  nodes, the speech LM's fused decoder layers); what it does not cover (the flow
+  encoder's softmax and SiLU) runs on MLX's ops, as fast there as on numba;
 - `plain`: the CPU without the extension: MLX's ops, with the numba row kernels
   (`cosyvoice2.row_kernels`) for the transcendental element-wise work that MLX's CPU
   backend evaluates one scalar call at a time;
@@ -31,7 +31,7 @@ import contextvars
 import dataclasses
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from types import ModuleType
 
 import mlx.core as mx
@@ -123,7 +123,8 @@ def choose(route: str | None = None) -> Backend:
     extension = load_extension() if route in (None, "extension") else None
     if route == "extension" and extension is None:
         raise ValueError("route 'extension': cosyvoice2_kernels is not built or is disabled")
-    rows = load_row_kernels()
+    # numba only where it pays: without the extension (docs/PERFORMANCE.md)
+    rows = load_row_kernels() if extension is None else None
     if route == "plain" and rows is None:
         raise ValueError("route 'plain': numba is missing or COSYVOICE2_FLOW_KERNELS=0")
     threads = settings.flag("COSYVOICE2_FLOW_BRANCH_THREADS") and _cpus() >= 2
@@ -159,16 +160,21 @@ def active(backend: Backend) -> Iterator[Backend]:
         _ACTIVE.reset(token)
 
 
-def iterate(backend: Backend, items: Iterator) -> Iterator:
+def iterate(backend: Backend, items: Generator) -> Generator:
     """Yield from the generator `items`, running each of its steps on `backend`.
 
     The backend is active only while the generator runs, never in its caller
     between items (a `with active(...)` around a `yield` would leak it there).
+    Closing this generator closes `items`, on `backend` too.
     """
-    while True:
+    try:
+        while True:
+            with active(backend):
+                try:
+                    item = next(items)
+                except StopIteration as stop:
+                    return stop.value
+            yield item
+    finally:
         with active(backend):
-            try:
-                item = next(items)
-            except StopIteration as stop:
-                return stop.value
-        yield item
+            items.close()

@@ -18,8 +18,9 @@ GELU's absolute error is within 1.5e-6 of the exact one, softmax rows within
 
 The kernels take numpy views of evaluated MLX arrays and write into a separate
 output buffer; `cosyvoice2.flow.ops` uses them where the backend has them
-(`cosyvoice2.backend`: the CPU without `COSYVOICE2_FLOW_KERNELS=0`) and MLX's ops
-otherwise (Metal, or no numba).
+(`cosyvoice2.backend`: the CPU without the compiled extension, which does this work
+itself, and without `COSYVOICE2_FLOW_KERNELS=0`) and MLX's ops otherwise (Metal, or
+no numba).
 They are serial `nogil` functions over a range of rows: `run_rows` splits the
 rows over a small thread pool. (numba's `parallel=True` compiled more slowly,
 and its single-thread code was slower.) numba comes with librosa, a dependency of

@@ -41,7 +41,7 @@ class Switch:
 # Read through this module: the backend switches when a backend is chosen (at load), the others at call time.
 _READ_HERE = (
     Switch("COSYVOICE2_KERNELS", "flag", "1", "flag", "`0` makes the package behave as if the C++ extension were not installed (it is not even imported): the speech LM is not swapped, the flow uses MLX's ops", "`cosyvoice2.backend` (`load_extension`, when a backend is chosen at load)"),
-    Switch("COSYVOICE2_FLOW_KERNELS", "flag", "1", "flag", "`0` keeps the flow's element-wise ops in MLX instead of the numba row kernels", "`cosyvoice2.backend` (`load_row_kernels`, when a backend is chosen at load)"),
+    Switch("COSYVOICE2_FLOW_KERNELS", "flag", "1", "flag", "`0` keeps the flow's element-wise ops in MLX instead of the numba row kernels (which only the CPU route without the extension uses)", "`cosyvoice2.backend` (`load_row_kernels`, when a backend is chosen at load)"),
     Switch("COSYVOICE2_FLOW_BRANCH_THREADS", "flag", "1", "flag", "`0` runs the estimator's two CFG branches as one batched call instead of two threads (CPU with >= 2 cores only)", "`cosyvoice2.backend` (`choose`, at load)"),
     Switch("COSYVOICE2_FLOW_THREADS", "integer", "", "integer >= 1", "threads of the numba flow kernels; unset: the CPUs this process may run on", "`cosyvoice2.row_kernels` (`num_threads`)"),
     Switch("COSYVOICE2_STREAM_LLM_THREAD", "flag", "0", "flag", "`1` runs the speech LM in its own thread while streaming (CPU with >= 2 cores, branch threads on); off by default since it competes with the flow's branch threads", "`cosyvoice2.streaming` (`overlap_enabled`)"),

@@ -1,6 +1,6 @@
 """The compute routes our model can take, for running one parity test on each.
 
-- `extension`: the CPU with the optional `cosyvoice2_kernels` extension (the default
+- `extension`: the CPU with the optional `cosyvoice2_kernels` extension, no numba (the default
   where it is built). Skips, as a kernel test, where the extension is not built.
 - `plain`: the CPU without the extension: MLX's ops plus the numba row kernels,
   what a CPU without a compiler runs.

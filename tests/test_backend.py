@@ -24,6 +24,7 @@ def test_routes_are_what_they_say() -> None:
     assert plain.conv_matmuls
     if backend.load_extension() is not None:
         assert backend.choose().route == backend.choose("extension").route == "extension"
+        assert backend.choose("extension").row_kernels is None  # numba only without it
     with pytest.raises(ValueError, match="unknown route 'fast'"):
         backend.choose("fast")
 
@@ -97,3 +98,20 @@ def test_the_model_holds_its_backend(mlx_tiny_dir: Path, monkeypatch: pytest.Mon
         model.speech_tokens(np.zeros(16000, dtype=np.float32))
     assert seen == ["composed"]
     assert model.backend is not backend.current()
+
+
+def test_closing_early_closes_the_generator_on_its_backend() -> None:
+    composed = backend.choose("composed")
+    closed = []
+
+    def steps():
+        try:
+            yield 1
+            yield 2
+        finally:
+            closed.append(backend.current().route)
+
+    items = backend.iterate(composed, steps())
+    assert next(items) == 1
+    items.close()
+    assert closed == ["composed"]

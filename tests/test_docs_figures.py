@@ -1,7 +1,7 @@
 """Every speed or memory figure in the documents names a results file kept in the repository.
 
-A quoted figure is only as good as the run behind it, so `README.md`, `bench/README.md`
-and `kernels/README.md` may quote one only beside the name of a results file kept in the
+A quoted figure is only as good as the run behind it, so `README.md`, `bench/README.md`,
+`kernels/README.md` and `docs/*.md` may quote one only beside the name of a results file kept in the
 repository (`bench/runs/<run id>.json`, or a baseline `bench/baselines/<kind>.json`),
 which `python -m bench show FILE` prints. Docstrings and comments say what and why and
 quote no measured speed at all.
@@ -41,7 +41,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ("README.md", "bench/README.md", "kernels/README.md")
+DOCS = (
+    "README.md",
+    "bench/README.md",
+    "kernels/README.md",
+    "docs/ARCHITECTURE.md",
+    "docs/PERFORMANCE.md",
+)
 KEPT_DIRS = ("bench/runs", "bench/baselines")
 KEPT_FILE = re.compile(r"bench/(?:runs|baselines)/[A-Za-z0-9_.\-]+\.json")
 

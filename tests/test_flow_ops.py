@@ -113,11 +113,14 @@ def test_euler_times_cover_the_cosine_schedule(n: int) -> None:
 
 @pytest.fixture
 def kernels_or_skip():
+    """The flow ops module on the plain route (the numba row kernels, no extension)."""
     from cosyvoice2.flow import ops
 
-    if not ops.use_cpu_kernels():
-        pytest.skip("numba kernels unavailable (no numba, or not the CPU device)")
-    return ops
+    if backend.load_row_kernels() is None:
+        pytest.skip("numba kernels unavailable (no numba, or COSYVOICE2_FLOW_KERNELS=0)")
+    with backend.active(backend.choose("plain")):
+        assert ops.use_cpu_kernels()
+        yield ops
 
 
 def _mlx_route(monkeypatch, fn, *args, **kwargs):
@@ -139,8 +142,8 @@ def fast_route(request, monkeypatch):
     from cosyvoice2.flow import ops
 
     if request.param == "numba":
-        if not ops.use_cpu_kernels():
-            pytest.skip("numba kernels unavailable (no numba, or not the CPU device)")
+        if backend.load_row_kernels() is None:
+            pytest.skip("numba kernels unavailable (no numba, or COSYVOICE2_FLOW_KERNELS=0)")
         with backend.active(backend.choose("plain")):
             yield ops
         return

@@ -13,8 +13,9 @@ Modules (each ports the official file of the same name, names kept so the
 - `ops.py`: convolution, mask and activation helpers (CPU kernels or MLX ops);
 - `cache.py`: the O(n) streaming state (`ChunkCache`, `FlowState`) and `flow_step`;
 - the numba row kernels for softmax, GELU, SiLU, Mish and LayerNorm are
-  `cosyvoice2.row_kernels` (the optional `cosyvoice2_kernels` extension supersedes
-  them in the estimator when built); which run is `cosyvoice2.backend`'s choice.
+  `cosyvoice2.row_kernels`, used on the CPU without the optional `cosyvoice2_kernels`
+  extension (with it, the extension's operations and MLX's); which run is
+  `cosyvoice2.backend`'s choice.
 
 Layout is channels-last throughout (`(B, T, C)`); `inference` returns `(1, T, 80)`.
 

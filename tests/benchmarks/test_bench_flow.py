@@ -52,10 +52,11 @@ def test_bench_estimator_step_tiny(benchmark, streaming: bool) -> None:
 def test_bench_softmax(benchmark, monkeypatch, route: str) -> None:
     s = _rand(5, 2, 8, 400, 400)
     ref = mx.softmax(s, axis=-1)
-    if route == "mlx":
-        monkeypatch.setattr(backend, "_DEFAULT", backend.choose("composed"))
-    elif not ops.use_cpu_kernels():
-        pytest.skip("numba kernels unavailable on this device")
+    if route == "kernel" and backend.load_row_kernels() is None:
+        pytest.skip("numba kernels unavailable (no numba, or COSYVOICE2_FLOW_KERNELS=0)")
+    monkeypatch.setattr(
+        backend, "_DEFAULT", backend.choose("plain" if route == "kernel" else "composed")
+    )
 
     def run() -> mx.array:
         p = ops.softmax(s)
@@ -70,10 +71,11 @@ def test_bench_softmax(benchmark, monkeypatch, route: str) -> None:
 def test_bench_gelu(benchmark, monkeypatch, route: str) -> None:
     x = _rand(6, 2, 400, 1024) * 3.0
     ref = x * 0.5 * (1.0 + mx.erf(x / np.sqrt(2.0)))
-    if route == "mlx":
-        monkeypatch.setattr(backend, "_DEFAULT", backend.choose("composed"))
-    elif not ops.use_cpu_kernels():
-        pytest.skip("numba kernels unavailable on this device")
+    if route == "kernel" and backend.load_row_kernels() is None:
+        pytest.skip("numba kernels unavailable (no numba, or COSYVOICE2_FLOW_KERNELS=0)")
+    monkeypatch.setattr(
+        backend, "_DEFAULT", backend.choose("plain" if route == "kernel" else "composed")
+    )
 
     def run() -> mx.array:
         y = ops.gelu(x)
