@@ -142,3 +142,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
             import json
 
             Path(path).write_text(json.dumps([r.as_dict() for r in power.RECORDS], indent=1) + "\n")
+
+    from tests import bad_inputs
+
+    if bad_inputs.RECORDS:
+        terminalreporter.section("bad inputs tried")
+        terminalreporter.write_line(bad_inputs.table())
+        path = os.environ.get("COSYVOICE2_BAD_INPUT_REPORT")
+        if path:
+            Path(path).write_text(bad_inputs.table())
