@@ -72,6 +72,17 @@ def _one_line(message: str, what: str) -> str:
     return message
 
 
+def _mentions(text: str, match: str | None, what: str) -> None:
+    if match is not None:
+        assert match.lower() in text.lower(), f"{what}: {text!r} does not mention {match!r}"
+
+
+def _record(rec: Tried, watch: Path | None) -> Tried:
+    RECORDS.append(rec)
+    assert not rec.files_changed, f"{rec.what}: files under {watch} changed"
+    return rec
+
+
 def refused(
     area: str,
     what: str,
@@ -89,12 +100,8 @@ def refused(
         raise AssertionError(f"{what}: {type(e).__name__} instead of a CosyVoiceError: {e}") from e
     else:
         raise AssertionError(f"{what}: accepted, expected a clean error")
-    if match is not None:
-        assert match.lower() in message.lower(), f"{what}: {message!r} does not mention {match!r}"
-    rec = Tried(area, what, message, None, _changed(before, watch), None)
-    RECORDS.append(rec)
-    assert not rec.files_changed, f"{what}: files under {watch} changed"
-    return rec
+    _mentions(message, match, what)
+    return _record(Tried(area, what, message, None, _changed(before, watch), None), watch)
 
 
 def _run_child(argv: list[str], env: dict[str, str] | None, stdin: bytes | None, timeout: float):
@@ -163,12 +170,8 @@ def cli_refused(
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines, f"{what}: no error message on stderr"
     message = _one_line(lines[-1], what)
-    if match is not None:
-        assert match.lower() in err.lower(), f"{what}: {err!r} does not mention {match!r}"
-    rec = Tried(area, what, message, code, _changed(before, watch), peak)
-    RECORDS.append(rec)
-    assert not rec.files_changed, f"{what}: files under {watch} changed"
-    return rec
+    _mentions(err, match, what)
+    return _record(Tried(area, what, message, code, _changed(before, watch), peak), watch)
 
 
 def bounded(
@@ -198,11 +201,8 @@ def bounded(
     assert "ACCEPTED" not in out, f"{what}: accepted, expected a clean error"
     assert rc == 3, f"{what}: exit code {rc} (killed or crashed?):\n{out}\n{err}"
     message = _one_line(out.split("REFUSED: ", 1)[1], what)
-    if match is not None:
-        assert match.lower() in message.lower(), f"{what}: {message!r} does not mention {match!r}"
-    rec = Tried(area, what, message, rc, _changed(before, watch), peak)
-    RECORDS.append(rec)
-    assert not rec.files_changed, f"{what}: files under {watch} changed"
+    _mentions(message, match, what)
+    rec = _record(Tried(area, what, message, rc, _changed(before, watch), peak), watch)
     assert peak is not None and peak <= limit_mb, f"{what}: peak {peak} MB > {limit_mb} MB"
     return rec
 
