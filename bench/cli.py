@@ -6,7 +6,7 @@ python -m bench run --reference mlx-audio-plus  # plus the mlx-audio-plus peer (
 python -m bench run --full                # every axis
 python -m bench run --steps 1,10 --llm fp32,8bit --stream off,on
 python -m bench run --sweep my.toml
-python -m bench run --model DIR           # real converted weights
+python -m bench run --model DIR           # weights on disk (labelled from the dir's record)
 python -m bench run --resume              # continue the last interrupted run
 python -m bench run --keep ...            # also keep the results file in bench/runs/
 python -m bench compare RUN BASELINE      # exit 1 on regressions
@@ -119,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     g = r.add_argument_group("weights and work")
     g.add_argument(
-        "--model", metavar="DIR", help="real weights: a converted MLX dir or an official dir"
+        "--model",
+        metavar="DIR",
+        help="weights on disk: a converted MLX dir or an official dir (its own record labels"
+        " them synthetic, real or unknown)",
     )
     g.add_argument(
         "--size",

@@ -19,9 +19,20 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from bench.cases import Case, Work
+
+WEIGHTS_LABELS = ("synthetic", "real", "unknown")
+"""The weights labels a result can carry: read from the weights' own record, never assumed."""
+
+
+def official_dir_label(path: str | Path) -> str:
+    """The weights label of an official model dir, from its own record: `synthetic` when it
+    holds `synthetic.json` (written by `cosyvoice2_testing.synthetic`), else `unknown` (the
+    released files carry no record that they are the release)."""
+    return "synthetic" if (Path(path) / "synthetic.json").exists() else "unknown"
 
 
 @dataclass
@@ -66,7 +77,8 @@ class Prepared:
     """What `prepare` resolved: where the weights are and how to label them."""
 
     weights: dict[str, Any]
-    """At least `label` (`synthetic` or `real`); also `path`, `size`, `seed` where known."""
+    """At least `label` (one of `WEIGHTS_LABELS`, from the weights' own record); also `path`,
+    `size`, `seed` where known."""
     options: dict[str, Any] = field(default_factory=dict)
     """Passed back to `load` (e.g. converted model dirs per precision). `python`, if set, is
     the interpreter the target's case workers run with (a target with its own virtualenv)."""

@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cases import Case, Work
-from bench.interface import CallTimings, Prepared
+from bench.interface import CallTimings, Prepared, official_dir_label
 from bench.targets import bench_cache
 from bench.timing import CallClock
 
@@ -461,8 +461,7 @@ class PeerTarget:
             path = model
         if path is not None:
             official = Path(path).resolve()
-            label = "synthetic" if (official / "synthetic.json").exists() else "real"
-            weights: dict[str, Any] = {"label": label, "path": str(official)}
+            weights: dict[str, Any] = {"label": official_dir_label(official), "path": str(official)}
             tag = "dir-" + hashlib.sha256(str(official).encode()).hexdigest()[:12]
         else:
             from cosyvoice2_testing.synthetic import GENERATOR_VERSION, cached_official_dir

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cases import Case, Work
-from bench.interface import CallTimings, Prepared
+from bench.interface import CallTimings, Prepared, official_dir_label
 from bench.timing import CallClock
 
 TORCH_THREADS = int(os.environ.get("BENCH_TORCH_THREADS", "2"))
@@ -283,8 +283,7 @@ class OfficialTarget:
             path = model
         if path is not None:
             path = Path(path)
-            label = "synthetic" if (path / "synthetic.json").exists() else "real"
-            weights: dict[str, Any] = {"label": label, "path": str(path)}
+            weights: dict[str, Any] = {"label": official_dir_label(path), "path": str(path)}
         elif model is not None:
             raise ValueError(
                 f"{model} is not an official model dir (no llm.pt): the official reference"

@@ -5,7 +5,7 @@ Layout (`SCHEMA` = "cosyvoice2-mlx-bench/1"; `validate` checks it):
     schema, run_id, status ("running" | "interrupted" | "complete"), created, updated, command
     machine   {kind, os, os_release, platform, arch, cpu, cores, memory_gb, hostname}
     versions  {python, mlx, mlx_lm, numpy, cosyvoice2_mlx, git_commit, git_dirty}
-    weights   {label: "synthetic" | "real", ...}   the main target's weights
+    weights   {label: "synthetic" | "real" | "unknown", ...}   the main target's weights
     targets   {name: {weights, versions, env}}     per implementation that ran
     settings  {repeats, warmup, prompt_seconds, seed, fixed_length, isolate, ...}
     plan      [case settings, in run order]
@@ -31,6 +31,7 @@ from typing import Any
 
 from bench import SCHEMA
 from bench.figures import FIGURES
+from bench.interface import WEIGHTS_LABELS
 
 STATUSES = ("running", "interrupted", "complete")
 CASE_STATUSES = ("ok", "error", "unsupported")
@@ -129,8 +130,8 @@ def validate(doc: Any) -> list[str]:
     weights = _need(doc, "weights", dict, "document", p)
     if weights is not None:
         label = _need(weights, "label", str, "weights", p)
-        if label is not None and label not in ("synthetic", "real"):
-            p.append(f"weights.label: {label!r} not in ('synthetic', 'real')")
+        if label is not None and label not in WEIGHTS_LABELS:
+            p.append(f"weights.label: {label!r} not in {WEIGHTS_LABELS}")
     _need(doc, "targets", dict, "document", p)
     settings = _need(doc, "settings", dict, "document", p)
     if settings is not None:

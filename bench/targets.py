@@ -38,7 +38,7 @@ from typing import Any
 
 from bench.cases import Case, Work
 from bench.fixed_length import FixedLengthSampler, take_exact
-from bench.interface import CallTimings, Prepared
+from bench.interface import WEIGHTS_LABELS, CallTimings, Prepared, official_dir_label
 from bench.timing import CallClock
 
 # LLM precision names of the bench -> `cosyvoice2.convert.convert` / `cosyvoice2.load` arguments.
@@ -75,8 +75,10 @@ def converted_dir(official_dir: Path, precision: str, tag: str) -> Path:
 
 
 def _weights_label(mlx_dir: Path) -> str:
+    """The `weights` an MLX dir's config records (see `cosyvoice2.convert`), else `unknown`."""
     meta = json.loads((mlx_dir / "config.json").read_text(encoding="utf-8"))
-    return "synthetic" if meta.get("weights") == "synthetic" else "real"
+    label = meta.get("weights") if isinstance(meta, dict) else None
+    return label if label in WEIGHTS_LABELS else "unknown"
 
 
 def _dir_precision(mlx_dir: Path) -> str:
@@ -112,8 +114,7 @@ class CosyVoice2Target:
                 raise ValueError(f"{model}: neither an MLX model dir nor an official model dir")
             official = model
             tag = "dir-" + hashlib.sha256(str(model).encode()).hexdigest()[:12]
-            label = "synthetic" if (model / "synthetic.json").exists() else "real"
-            weights = {"label": label, "path": str(model)}
+            weights = {"label": official_dir_label(model), "path": str(model)}
         else:
             from cosyvoice2_testing.synthetic import GENERATOR_VERSION, cached_official_dir
 

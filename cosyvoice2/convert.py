@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten
 
 from cosyvoice2.config import ModelConfig, config_from_official_dir
 from cosyvoice2.errors import CosyVoiceError
-from cosyvoice2.files import staged_dir
+from cosyvoice2.files import recover_dir, staged_dir
 from cosyvoice2.model_dir import (
     CONFIG_FILE,
     FORMAT_VERSION,
@@ -184,6 +184,7 @@ def convert(
     if llm_bits not in (None, 4, 8):
         raise ConversionError(f"llm bits must be 4 or 8, got {llm_bits!r}")
     _check_official_dir(src)
+    recover_dir(dst)  # a run killed mid-swap: its old dir counts as existing
     if dst.exists() and not overwrite:
         raise ConversionError(f"{dst}: already exists (pass overwrite=True / --overwrite)")
     try:
@@ -205,9 +206,9 @@ def convert(
             if (src / "CosyVoice-BlankEN" / name).is_file():
                 shutil.copy2(src / "CosyVoice-BlankEN" / name, tmp / TOKENIZER_DIR / name)
         speakers = _convert_speakers(src, tmp)
-        label = "real"
-        if (src / "synthetic.json").is_file():
-            label = json.loads((src / "synthetic.json").read_text()).get("weights", "synthetic")
+        # The weights' own record: `synthetic.json` marks a synthetic official dir; the released
+        # files carry no record that they are the release, so anything else is "unknown".
+        label = "synthetic" if (src / "synthetic.json").is_file() else "unknown"
         meta = {
             "model_type": MODEL_TYPE,
             "format_version": FORMAT_VERSION,

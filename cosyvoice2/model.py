@@ -152,8 +152,10 @@ class CosyVoice2:
 
     @property
     def weights_label(self) -> str:
-        """`synthetic` or `real`: synthetic weights are labelled in every result."""
-        return self.meta.get("weights", "real")
+        """`synthetic`, `real` or `unknown`: the `weights` the model dir's config records (the
+        converter writes it), `unknown` when it records none or another value. Never assumed."""
+        label = self.meta.get("weights")
+        return label if label in ("synthetic", "real", "unknown") else "unknown"
 
     # ------------------------------------------------------------------ frontend
 

@@ -30,16 +30,165 @@ convolution then has a bias it did not have in PyTorch.
 Constants that feed no parameter-consuming op (shapes, rotary tables, masks)
 are left out, except initializers whose names were kept from the module
 (`encoders.positional_embedding`), which are returned under those names.
+
+The file is untrusted. It is read as bytes (at most `MAX_ONNX_BYTES`, checked
+against its size before reading) and parsed as a protobuf here, so nothing
+else is ever opened: a tensor whose data lives in an external file is refused,
+never followed. Before any tensor becomes an array, its declared size (dims x
+element size) is checked against the data the file really holds for it, so a
+forged shape cannot make the reader allocate more than the file's size. Every
+refusal is an `OnnxFileError` (a `CheckpointError`) of one line naming the file
+and the tensor.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cosyvoice2.errors import CheckpointError
+
 _GENERATED_PREFIX = "onnx::"
+
+MAX_ONNX_BYTES = 1 << 30
+"""The largest ONNX file read (1 GiB): the released `speech_tokenizer_v2.onnx` is about 500 MB,
+`campplus.onnx` about 28 MB; the whole file is held in memory while it is parsed."""
+
+_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+# TensorProto.DataType -> (name, bytes per element in raw_data, the typed field used without
+# raw_data, values of that field per element); the types numpy_helper turns into arrays.
+_DTYPES: dict[int, tuple[str, int, str, int]] = {
+    1: ("float32", 4, "float_data", 1),
+    2: ("uint8", 1, "int32_data", 1),
+    3: ("int8", 1, "int32_data", 1),
+    4: ("uint16", 2, "int32_data", 1),
+    5: ("int16", 2, "int32_data", 1),
+    6: ("int32", 4, "int32_data", 1),
+    7: ("int64", 8, "int64_data", 1),
+    9: ("bool", 1, "int32_data", 1),
+    10: ("float16", 2, "int32_data", 1),
+    11: ("float64", 8, "double_data", 1),
+    12: ("uint32", 4, "uint64_data", 1),
+    13: ("uint64", 8, "uint64_data", 1),
+    14: ("complex64", 8, "float_data", 2),
+    15: ("complex128", 16, "double_data", 2),
+    16: ("bfloat16", 2, "int32_data", 1),
+}
+
+
+class OnnxFileError(CheckpointError, ValueError):
+    """An ONNX file or graph that cannot be read safely: unparsable, truncated, too large, with
+    external data, or with a tensor whose declared size does not match its data. Also a
+    `ValueError`, which this reader raised for bad files before it had its own error."""
+
+
+class OnnxFileMissing(CheckpointError, FileNotFoundError):
+    """The ONNX file does not exist (also a `FileNotFoundError`)."""
+
+
+def _short(name: str, limit: int = 120) -> str:
+    """A tensor name for a one-line message: repr (no raw newlines), cut to `limit` characters."""
+    text = repr(name)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _external_location(tensor: Any) -> str | None:
+    """Where a tensor says its data lives outside the file, or None when it is in the file."""
+    if tensor.data_location != _EXTERNAL and not len(tensor.external_data):
+        return None
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            return entry.value
+    return "?"
+
+
+def _refuse_external(graph: Any, source: str) -> None:
+    """Refuse a graph (and its subgraphs) holding any tensor whose data is stored outside the file."""
+
+    def check(tensor: Any, what: str) -> None:
+        location = _external_location(tensor)
+        if location is not None:
+            raise OnnxFileError(
+                f"{source}: {what} {_short(tensor.name)} keeps its data in an external file"
+                f" ({_short(location)}); external data is refused, never read"
+            )
+
+    for tensor in graph.initializer:
+        check(tensor, "initializer")
+    for sparse in graph.sparse_initializer:
+        check(sparse.values, "sparse initializer")
+        check(sparse.indices, "sparse initializer")
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                check(attr.t, f"tensor of node {_short(node.name)}")
+            for tensor in attr.tensors:
+                check(tensor, f"tensor of node {_short(node.name)}")
+            if attr.HasField("sparse_tensor"):
+                check(attr.sparse_tensor.values, f"tensor of node {_short(node.name)}")
+            if attr.HasField("g"):
+                _refuse_external(attr.g, source)
+            for sub in attr.graphs:
+                _refuse_external(sub, source)
+
+
+def _check_names(graph: Any, source: str) -> None:
+    """Refuse a graph whose names are not text: protobuf hands a string field holding invalid
+    UTF-8 back as bytes, which the name rules below cannot read."""
+    for tensor in graph.initializer:
+        if not isinstance(tensor.name, str):
+            raise OnnxFileError(f"{source}: initializer name {_short(tensor.name)} is not UTF-8")
+    for node in graph.node:
+        names = [node.name, node.op_type, *node.input, *node.output]
+        names += [a.name for a in node.attribute]
+        names += [a.t.name for a in node.attribute if a.HasField("t")]
+        bad = next((n for n in names if not isinstance(n, str)), None)
+        if bad is not None:
+            raise OnnxFileError(
+                f"{source}: node {_short(node.name)} has a name that is not UTF-8 ({_short(bad)})"
+            )
+
+
+def _check_tensor(tensor: Any, what: str, source: str) -> None:
+    """Refuse a tensor whose declared size (dims x element size) is not the data it holds.
+
+    Checked before `numpy_helper.to_array` sees it, so an array is only ever made from
+    data that is really in the file, at its real size.
+    """
+    name = _short(tensor.name)
+    location = _external_location(tensor)
+    if location is not None:
+        raise OnnxFileError(
+            f"{source}: {what} {name} keeps its data in an external file ({_short(location)});"
+            " external data is refused, never read"
+        )
+    if tensor.HasField("segment"):
+        raise OnnxFileError(f"{source}: {what} {name} is stored in segments, which are not read")
+    spec = _DTYPES.get(tensor.data_type)
+    if spec is None:
+        raise OnnxFileError(f"{source}: {what} {name} has unsupported data type {tensor.data_type}")
+    dtype, itemsize, field, per = spec
+    dims = list(tensor.dims)
+    shown = f"{dims[:8]}{'...' if len(dims) > 8 else ''}"
+    if any(d < 0 for d in dims):
+        raise OnnxFileError(f"{source}: {what} {name} has negative dims {shown}")
+    if math.prod(max(d, 1) for d in dims) * itemsize > MAX_ONNX_BYTES:  # e.g. (0, 2**62)
+        raise OnnxFileError(
+            f"{source}: {what} {name} declares dims {shown}, beyond any ONNX file this reads"
+        )
+    count = math.prod(dims)  # Python ints: no overflow, however large the dims
+    if tensor.HasField("raw_data"):
+        want, have, unit = count * itemsize, len(tensor.raw_data), "bytes"
+    else:
+        want, have, unit = count * per, len(getattr(tensor, field)), f"{field} values"
+    if want != have:
+        raise OnnxFileError(
+            f"{source}: {what} {name} declares dims {shown} of {dtype} ({want} {unit})"
+            f" but holds {have}: truncated or corrupt"
+        )
 
 
 def module_path(node_name: str) -> str:
@@ -56,17 +205,22 @@ def module_path(node_name: str) -> str:
 class _Constants:
     """Every constant tensor of a graph by value name: initializers, `Constant` outputs, `Identity` aliases."""
 
-    def __init__(self, graph: Any) -> None:
+    def __init__(self, graph: Any, source: str) -> None:
         from onnx import numpy_helper
 
+        _check_names(graph, source)
+        _refuse_external(graph, source)
         self._to_array = numpy_helper.to_array
         self.initializers = {t.name: t for t in graph.initializer}
+        for tensor in graph.initializer:
+            _check_tensor(tensor, "initializer", source)
         self._constant_nodes: dict[str, Any] = {}
         self._aliases: dict[str, str] = {}
         for node in graph.node:
             if node.op_type == "Constant" and node.output:
                 for attr in node.attribute:
                     if attr.name == "value":
+                        _check_tensor(attr.t, f"value of Constant {_short(node.name)}", source)
                         self._constant_nodes[node.output[0]] = attr.t
             elif node.op_type == "Identity" and node.input and node.output:
                 self._aliases[node.output[0]] = node.input[0]
@@ -99,16 +253,21 @@ def _put(
     if key in out:
         if out[key].shape == value.shape and np.array_equal(out[key], value):
             return
-        raise ValueError(
-            f"ONNX parameter {key} is given twice with different values (nodes {origin[key]} and {node})"
+        raise OnnxFileError(
+            f"ONNX parameter {key} is given twice with different values"
+            f" (nodes {_short(origin[key])} and {_short(node)})"
         )
     out[key] = value
     origin[key] = node
 
 
-def weights_from_graph(graph: Any) -> dict[str, np.ndarray]:
-    """Module-path-named parameters of an ONNX `GraphProto` (see the module docstring for the rules)."""
-    consts = _Constants(graph)
+def weights_from_graph(graph: Any, source: str = "ONNX graph") -> dict[str, np.ndarray]:
+    """Module-path-named parameters of an ONNX `GraphProto` (see the module docstring for the rules).
+
+    Every tensor read is checked first (`OnnxFileError` otherwise); `source` names the graph
+    in the messages.
+    """
+    consts = _Constants(graph, source)
     out: dict[str, np.ndarray] = {}
     origin: dict[str, str] = {}
     used: set[str] = set()
@@ -178,17 +337,40 @@ def weights_from_graph(graph: Any) -> dict[str, np.ndarray]:
     return dict(sorted(out.items()))
 
 
-def read_onnx_weights(path: str | Path) -> dict[str, np.ndarray]:
-    """Load an ONNX file (protobuf only, no runtime) and return its parameters by module path."""
-    import onnx
+def read_onnx_weights(path: str | Path, max_bytes: int = MAX_ONNX_BYTES) -> dict[str, np.ndarray]:
+    """Load an ONNX file (protobuf only, no runtime) and return its parameters by module path.
+
+    The file is read whole, if it is at most `max_bytes` long, and parsed here: no other file
+    is opened (external data is refused). Bad files raise `OnnxFileError` (missing:
+    `OnnxFileMissing`), each a one-line `CheckpointError` naming the file.
+    """
+    from onnx import ModelProto
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"ONNX file not found: {path}")
+        raise OnnxFileMissing(f"ONNX file not found: {path}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise OnnxFileError(
+            f"cannot read ONNX file {path}: {size} bytes, over the {max_bytes}-byte limit"
+        )
+    with path.open("rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew since it was measured
+        raise OnnxFileError(f"cannot read ONNX file {path}: over the {max_bytes}-byte limit")
+    if not data:
+        raise OnnxFileError(f"cannot read ONNX file {path}: the file is empty")
+    model = ModelProto()
     try:
-        model = onnx.load(str(path))
-    except Exception as e:
-        raise ValueError(
-            f"cannot read ONNX file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        model.ParseFromString(data)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, or a nesting limit
+        first = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OnnxFileError(
+            f"cannot read ONNX file {path}: not a valid ONNX protobuf ({_short(first, 200)})"
         ) from None
-    return weights_from_graph(model.graph)
+    del data
+    if not model.HasField("graph") or not len(model.opset_import):
+        raise OnnxFileError(
+            f"cannot read ONNX file {path}: no graph or no opset (truncated, or not an ONNX model)"
+        )
+    return weights_from_graph(model.graph, source=str(path))

@@ -42,7 +42,6 @@ def _add_synth_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--precision", help="LLM precision of the model (e.g. fp32, bf16, 8bit, 4bit)")
     ap.add_argument("--steps", type=int, default=10, help="flow-matching steps (n_timesteps)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--weights", choices=("real", "synthetic"), help="override the weights label")
     ap.add_argument("--overwrite", action="store_true", help="discard a cached synthesis")
 
 
@@ -69,9 +68,7 @@ def _make_synth(args: argparse.Namespace):
         return CopySynthesizer()
     if args.model_dir is None:
         raise SystemExit("--model-dir is required with --tts cosyvoice2")
-    return CosyVoice2Synthesizer(
-        args.model_dir, args.precision, args.steps, args.seed, weights=args.weights
-    )
+    return CosyVoice2Synthesizer(args.model_dir, args.precision, args.steps, args.seed)
 
 
 def _tag(settings: dict[str, Any]) -> str:
@@ -126,7 +123,7 @@ def _score(args: argparse.Namespace, ts: TestSet, run) -> dict[str, Any]:
         "sim": encoder.describe() if encoder is not None else None,
     }
     doc = build_results(
-        rows, ts.describe(), run.settings, models, run.settings.get("weights", "real")
+        rows, ts.describe(), run.settings, models, run.settings.get("weights", "unknown")
     )
     paths = write_results(doc, run.out_dir)
     s = doc["summary"]

@@ -72,22 +72,27 @@ def utterance_seed(seed: int, utt_id: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(utt_id.encode("utf-8"))) % (2**31)
 
 
-def weights_label(model_dir: Path) -> str:
-    """`synthetic` or `real`, from the model dir's `synthetic.json` or `config.json` label.
+WEIGHTS_LABELS = ("synthetic", "real", "unknown")
 
-    Synthetic dirs made by `cosyvoice2_testing.synthetic` (and dirs converted from them)
-    carry `{"weights": "synthetic"}`; released weights carry no label.
+
+def weights_label(model_dir: Path) -> str:
+    """`synthetic`, `real` or `unknown`, from the model dir's own record, never assumed.
+
+    An official dir made by `cosyvoice2_testing.synthetic` holds `synthetic.json`; an MLX
+    dir records `weights` in its `config.json` (the converter writes `synthetic` or
+    `unknown`). No record, or a value other than these three, is `unknown`.
     """
-    for name in ("synthetic.json", "config.json"):
-        p = Path(model_dir) / name
-        if p.is_file():
-            try:
-                label = json.loads(p.read_text(encoding="utf-8")).get("weights")
-            except (json.JSONDecodeError, AttributeError):
-                label = None
-            if isinstance(label, str):
-                return label
-    return "real"
+    if (Path(model_dir) / "synthetic.json").is_file():
+        return "synthetic"
+    p = Path(model_dir) / "config.json"
+    if p.is_file():
+        try:
+            label = json.loads(p.read_text(encoding="utf-8")).get("weights")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            label = None
+        if label in WEIGHTS_LABELS:
+            return label
+    return "unknown"
 
 
 def precision_kwargs(precision: str | None) -> dict[str, Any]:
@@ -125,14 +130,13 @@ class CosyVoice2Synthesizer:
         precision: str | None = None,
         n_timesteps: int = 10,
         seed: int = 0,
-        weights: str | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.precision = precision
         self._load_kwargs = precision_kwargs(precision)
         self.n_timesteps = n_timesteps
         self.seed = seed
-        self.weights = weights or weights_label(self.model_dir)
+        self.weights = weights_label(self.model_dir)  # the dir's own record: no override
         self._model: Any = None
 
     def _load(self) -> Any:

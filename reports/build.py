@@ -5,7 +5,9 @@ precision), the quality/speed trade-off (error rate against the bench's RTF for 
 same settings), and the distribution of per-utterance error rates per run. Then a
 table of every run, a comparison with the paper's figures for runs on real weights, the
 bench cases read, and every failed utterance. Runs on synthetic weights are labelled in
-every table, legend and title: their numbers test the harness, not the model.
+every table, legend and title: their numbers test the harness, not the model. Runs whose
+weights label is `unknown` (the model dir records neither synthetic nor real) are
+labelled as such too, kept apart from real-weight runs and not compared with the paper.
 
 Plots are written with matplotlib's Agg backend at a fixed size (`FIGSIZE` at `DPI`).
 """
@@ -17,7 +19,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from reports.formats import BenchRun, EvalRun, join_rtf
+from reports.formats import WEIGHTS_MARKS, BenchRun, EvalRun, join_rtf
 from reports.paper import PAPER, PAPER_SIM_ENCODER
 
 FIGSIZE = (8.0, 4.5)  # inches
@@ -58,23 +60,40 @@ def _fmt(x: float | None, digits: int = 2, scale: float = 1.0) -> str:
     return "n/a" if x is None else f"{x * scale:.{digits}f}"
 
 
+def _weights_group(w: str) -> str:
+    """`synthetic`, `unknown`, or "" (real weights, or none): groups are reported apart."""
+    return w if w in WEIGHTS_MARKS else ""
+
+
 def _weights_tag(w: str) -> str:
-    return " (synthetic weights)" if w == "synthetic" else ""
+    return {"synthetic": " (synthetic weights)", "unknown": " (unknown weights)"}.get(w, "")
+
+
+def _cell_mark(w: str) -> str:
+    """The mark beside a weights label in a table cell."""
+    return {"synthetic": " **(synthetic)**", "unknown": " **(not recorded as real)**"}.get(w, "")
+
+
+def _line_style(w: str) -> str:
+    return {"synthetic": "--", "unknown": ":"}.get(w, "-")
 
 
 def _series_name(precision: str | None, weights: str) -> str:
-    return f"{precision or 'default'}{' [synthetic]' if weights == 'synthetic' else ''}"
+    return f"{precision or 'default'}{WEIGHTS_MARKS.get(weights, '')}"
 
 
 def _title(set_name: str, runs: list[EvalRun], what: str) -> str:
-    synthetic = any(r.weights == "synthetic" for r in runs)
-    note = "\nSYNTHETIC WEIGHTS: a harness check, not the model's quality" if synthetic else ""
+    note = ""
+    if any(r.weights == "synthetic" for r in runs):
+        note += "\nSYNTHETIC WEIGHTS: a harness check, not the model's quality"
+    if any(r.weights == "unknown" for r in runs):
+        note += "\nUNKNOWN WEIGHTS: not recorded as the real model"
     return f"{set_name}: {what}{note}"
 
 
 def _file_stem(set_name: str, runs: list[EvalRun]) -> str:
-    synthetic = any(r.weights == "synthetic" for r in runs)
-    return _slug(set_name) + ("_synthetic" if synthetic else "")
+    groups = {_weights_group(r.weights) for r in runs}
+    return _slug(set_name) + "".join(f"_{g}" for g in ("synthetic", "unknown") if g in groups)
 
 
 def plot_quality_vs_steps(set_name: str, runs: list[EvalRun], out: Path) -> Path | None:
@@ -91,7 +110,7 @@ def plot_quality_vs_steps(set_name: str, runs: list[EvalRun], out: Path) -> Path
     for (_, prec, weights), rs in sorted(series.items()):
         rs = sorted(rs, key=lambda r: r.n_timesteps)
         steps = [r.n_timesteps for r in rs]
-        style = "--" if weights == "synthetic" else "-"
+        style = _line_style(weights)
         name = _series_name(prec, weights)
         ax_w.plot(steps, [100 * r.mean_error_rate for r in rs], style, marker="o", label=name)
         sims = [(r.n_timesteps, r.sim_mean) for r in rs if r.sim_mean is not None]
@@ -133,7 +152,7 @@ def plot_tradeoff(
         ax.plot(
             [p[0] for p in pts],
             [p[1] for p in pts],
-            "--" if weights == "synthetic" else "-",
+            _line_style(weights),
             marker="o",
             label=_series_name(prec, weights),
         )
@@ -166,7 +185,7 @@ def plot_distribution(set_name: str, runs: list[EvalRun], out: Path) -> Path | N
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
     data = [[100 * x for x in r.rates] for r in runs]
-    labels = [r.label.replace(" [synthetic]", "\n[synthetic]") for r in runs]
+    labels = [r.label.replace(" [", "\n[") for r in runs]
     ax.boxplot(data, showmeans=True, meanprops={"marker": "D", "markersize": 5})
     ax.set_xticks(
         range(1, len(runs) + 1), labels, fontsize="x-small", rotation=20 if len(runs) > 4 else 0
@@ -192,7 +211,7 @@ def _runs_table(runs: list[EvalRun], benches: list[BenchRun]) -> list[str]:
     for r in runs:
         rtf = join_rtf(r, benches)
         lines.append(
-            f"| {r.set_name} | {r.weights}{' **(synthetic)**' if r.weights == 'synthetic' else ''} "
+            f"| {r.set_name} | {r.weights}{_cell_mark(r.weights)} "
             f"| {r.tts} | {r.precision or 'default'} | {r.n_timesteps if r.n_timesteps is not None else ''} "
             f"| {r.seed if r.seed is not None else ''} | {r.asr} | {r.metric} "
             f"| {_fmt(r.mean_error_rate, 2, 100)} | {_fmt(r.corpus_error_rate, 2, 100)} "
@@ -245,7 +264,7 @@ def _bench_table(benches: list[BenchRun]) -> list[str]:
         for c in b.cases:
             s, f = c.settings, c.figures
             lines.append(
-                f"| {b.source.name} | {c.weights}{' **(synthetic)**' if c.weights == 'synthetic' else ''} "
+                f"| {b.source.name} | {c.weights}{_cell_mark(c.weights)} "
                 f"| {b.machine} | {s.get('target', '')} | {s.get('llm', '')} | {s.get('dtype', '')} "
                 f"| {s.get('steps', '')} | {s.get('text', '')} | {s.get('stream', '')} "
                 f"| {_fmt(f.get('rtf'))} | {_fmt(f.get('first_chunk_s'))} | {_fmt(f.get('rss_peak_mb'), 0)} |"
@@ -263,10 +282,10 @@ def build_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = sorted(eval_runs, key=_sort_key)
-    # one section (and set of plots) per test set, real and synthetic weights apart
-    by_set: dict[tuple[str, bool], list[EvalRun]] = defaultdict(list)
+    # one section (and set of plots) per test set, real, synthetic and unknown weights apart
+    by_set: dict[tuple[str, str], list[EvalRun]] = defaultdict(list)
     for r in runs:
-        by_set[(r.set_name, r.weights == "synthetic")].append(r)
+        by_set[(r.set_name, _weights_group(r.weights))].append(r)
 
     md = [f"# {title}", ""]
     md.append(
@@ -280,6 +299,16 @@ def build_report(
             "> **Synthetic weights.** Some results below come from synthetic (random) weights: "
             "they check the harness end to end; their error rates and SIM say nothing about "
             "the model's quality. They are marked *(synthetic)* everywhere.",
+            "",
+        ]
+    if any(r.weights == "unknown" for r in runs) or any(
+        b.weights == "unknown" or any(c.weights == "unknown" for c in b.cases) for b in benches
+    ):
+        md += [
+            "> **Unknown weights.** Some results below come from model dirs that record no "
+            "weights label (neither synthetic weights nor the released model): they are marked "
+            "*(not recorded as real)*, kept apart from real-weight runs and not compared with "
+            "the paper.",
             "",
         ]
     encoders = sorted({r.sim_encoder or "none" for r in runs})
@@ -296,8 +325,8 @@ def build_report(
         *_paper_table(runs),
         "",
     ]
-    for (set_name, synthetic_group), rs in by_set.items():
-        md += [f"## Set `{set_name}`{_weights_tag('synthetic') if synthetic_group else ''}", ""]
+    for (set_name, group), rs in by_set.items():
+        md += [f"## Set `{set_name}`{_weights_tag(group)}", ""]
         for what, path in (
             (
                 "Error rate and SIM against diffusion steps",

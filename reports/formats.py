@@ -3,7 +3,7 @@
 **Eval results** (`eval.results_io`, `format` = "cosyvoice2-mlx eval results", version 1):
 
     test_set.name                 set name ("en", "zh", "hardcase" for Seed-TTS-eval's folders)
-    weights                       "real" | "synthetic" | "none"
+    weights                       "real" | "synthetic" | "unknown" | "none" (missing: "unknown")
     settings.precision            LLM precision of the model (e.g. "fp32", "8bit"); null = default
     settings.n_timesteps          flow-matching steps
     settings.seed, settings.tts   recorded, shown
@@ -16,7 +16,7 @@
 
 **Bench results** (`bench.results`, `schema` = "cosyvoice2-mlx-bench/1"): only these fields:
 
-    weights.label                 "real" | "synthetic"
+    weights.label                 "real" | "synthetic" | "unknown" (missing: "unknown")
     machine.kind, machine.cpu     shown in the report
     versions.git_commit, run_id, created
     cases[].status                only "ok" cases are read
@@ -47,6 +47,8 @@ BENCH_FIGURES = ("rtf", "first_chunk_s", "rss_peak_mb", "mlx_peak_mb")
 JOIN_TARGET = "cosyvoice2"
 JOIN_TEXT = "short"
 JOIN_AXES = {"dtype": "fp32", "kernels": "auto"}
+WEIGHTS_MARKS = {"synthetic": " [synthetic]", "unknown": " [unknown weights]"}
+"""The mark a run's label carries for weights that are not recorded as the real ones."""
 
 # Seed-TTS-eval set names -> the paper's names.
 SET_ALIASES = {
@@ -90,7 +92,7 @@ class EvalRun:
 
     @property
     def label(self) -> str:
-        tag = " [synthetic]" if self.weights == "synthetic" else ""
+        tag = WEIGHTS_MARKS.get(self.weights, "")
         if self.tts and not self.tts.startswith("cosyvoice2"):
             return f"{self.tts}{tag}"
         prec = self.precision or "default"
@@ -130,7 +132,7 @@ def read_eval(path: str | Path) -> EvalRun:
     return EvalRun(
         source=path,
         set_name=doc["test_set"]["name"],
-        weights=doc.get("weights", "real"),
+        weights=doc.get("weights", "unknown"),
         precision=st.get("precision"),
         n_timesteps=st.get("n_timesteps"),
         seed=st.get("seed"),
@@ -157,7 +159,7 @@ def read_bench(path: str | Path) -> BenchRun:
     schema = doc.get("schema", "")
     if not isinstance(schema, str) or not schema.startswith(BENCH_SCHEMA_PREFIX):
         raise ValueError(f"{path}: not a bench results file (schema {schema!r})")
-    weights = (doc.get("weights") or {}).get("label", "real")
+    weights = (doc.get("weights") or {}).get("label", "unknown")
     machine = doc.get("machine") or {}
     cases = []
     for c in doc.get("cases", []):

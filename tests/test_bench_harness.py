@@ -122,7 +122,7 @@ def test_validate_reports_broken_documents(toy_run: Path) -> None:
     assert any("min <= median <= max" in p for p in validate(broken))
 
     broken = copy.deepcopy(doc)
-    broken["weights"]["label"] = "unknown"
+    broken["weights"]["label"] = "made-up"
     assert any("weights.label" in p for p in validate(broken))
 
     broken = copy.deepcopy(doc)

@@ -105,7 +105,7 @@ def test_failed_synthesis_is_listed(asterisk_meta: Path, tmp_path: Path) -> None
     assert (s["n_total"], s["n_scored"], s["n_failed"]) == (2, 0, 2)
     assert s["mean_error_rate"] is None
     assert all("cosyvoice2.load is not available" in why for why in s["failures"].values())
-    assert doc["settings"]["n_timesteps"] == 10 and doc["weights"] == "real"
+    assert doc["settings"]["n_timesteps"] == 10 and doc["weights"] == "unknown"
 
 
 def test_cosyvoice2_on_synthetic_weights(

@@ -209,7 +209,7 @@ def test_precision_names() -> None:
 
 
 def test_weights_label_and_seed(tmp_path: Path) -> None:
-    assert weights_label(tmp_path) == "real"
+    assert weights_label(tmp_path) == "unknown"
     (tmp_path / "config.json").write_text(json.dumps({"weights": "synthetic", "x": 1}))
     assert weights_label(tmp_path) == "synthetic"
     assert utterance_seed(0, "a") == utterance_seed(0, "a") != utterance_seed(1, "a")
