@@ -19,3 +19,8 @@ class InputError(CosyVoiceError):
 class CheckpointError(CosyVoiceError):
     """A model file that cannot be read safely: corrupt, truncated, of an unknown format, or
     naming code (a pickle global) that is not on the tensor-rebuild allowlist."""
+
+
+class SpeakerStoreError(CosyVoiceError):
+    """A saved-speaker store (`speakers/` of a model dir) that cannot be used safely: a corrupt
+    or hand-edited `index.json`, a corrupt speaker file, or one that is not where its id says."""
