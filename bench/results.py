@@ -73,15 +73,20 @@ def _json_default(obj: Any) -> Any:
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    """Read a results file and check it; raises `ValueError` listing what is wrong."""
+    """Read a results file and check it; raises `ValueError` (one line) saying what is wrong."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
     problems = validate(doc)
     if problems:
-        raise ValueError(f"{path}: not a valid bench results file:\n  " + "\n  ".join(problems))
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise ValueError(
+            f"{path}: not a valid bench results file: " + "; ".join(problems[:5]) + more
+        )
     return doc
 
 
