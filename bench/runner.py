@@ -186,7 +186,7 @@ def measure_case(
         "settings": case.to_dict(),
         "work": work.to_dict(),
         "status": "ok",
-        "weights": prepared.weights.get("label", "synthetic"),
+        "weights": prepared.weights.get("label", "unknown"),
         "figures": figures,
         "calls": calls,
         "env": {
@@ -410,7 +410,7 @@ def new_run(
         "command": command or sys.argv,
         "machine": machine,
         "versions": versions(),
-        "weights": {"label": "synthetic"},
+        "weights": {"label": "unknown"},  # until the main target's weights are prepared
         "targets": {},
         "settings": opts.to_dict(),
         "plan": [{"id": c.id, **c.to_dict()} for c in plan],
@@ -443,11 +443,17 @@ def run_sweep(
     doc["status"] = "running"
 
     def save() -> None:
+        # atomic (temporary file, then rename): a run killed at any moment, even with
+        # SIGKILL, leaves the previous complete document, which `--resume` continues
         doc["updated"] = now()
         order = {c.id: i for i, c in enumerate(plan)}
         doc["cases"].sort(key=lambda r: order.get(r["id"], len(order)))
         write_json_atomic(path, doc)
 
+    # the temporary files of a save cut short by a killed run
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    save()  # the file exists (status running) before the first worker starts
     bar = None
     if progress:
         from tqdm import tqdm

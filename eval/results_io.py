@@ -4,11 +4,11 @@ One run writes, in its output folder:
 
 - `results.json`: everything: `format`/`format_version`, `date` (UTC), `git` (commit and
   whether the tree was dirty), `versions`, `machine`, `test_set`, `weights` (`real`,
-  `synthetic` or `none`), `settings` (TTS model and settings: precision, n_timesteps,
-  seed), `models` (`tts`, `asr`, `sim` descriptions, the SIM encoder always named),
-  `summary` (see `eval.metrics.Summary`, plus `metric` and `sim_encoder`),
-  `by_language` (the same per language when the set mixes languages) and `utterances`
-  (the rows of `eval.score.UtteranceResult`);
+  `synthetic`, `unknown` or `none`, from the model dir's own record), `settings` (TTS
+  model and settings: precision, n_timesteps, seed), `models` (`tts`, `asr`, `sim`
+  descriptions, the SIM encoder always named), `summary` (see `eval.metrics.Summary`,
+  plus `metric` and `sim_encoder`), `by_language` (the same per language when the set
+  mixes languages) and `utterances` (the rows of `eval.score.UtteranceResult`);
 - `utterances.csv`: the rows (id, lang, metric, target text, hypothesis, error rate,
   counts, SIM, duration, errors);
 - `summary.csv`: one row: set, weights, settings, encoders, and the summary figures.
@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import io
 import json
+import os
 import platform
 import subprocess
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -157,8 +160,46 @@ _SUMMARY_FIELDS = (
 )
 
 
+def _csv_text(fields: list[str], rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: row.get(k) for k in fields})
+    return buf.getvalue()
+
+
+def _staged_file(path: Path, text: str) -> Path:
+    """`text` written to a temporary file beside `path` (to be renamed onto it)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are ordinary files
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def _remove_stale_temps(out_dir: Path, names: list[str]) -> None:
+    """Temporary files of a write that was killed before its rename (`.NAME.*.tmp`)."""
+    for name in names:
+        for p in out_dir.glob(f".{name}.*.tmp"):
+            p.unlink(missing_ok=True)
+
+
 def write_results(doc: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write `results.json`, `utterances.csv` and `summary.csv` into `out_dir`."""
+    """Write `results.json`, `utterances.csv` and `summary.csv` into `out_dir`.
+
+    Each file is written whole to a temporary file and renamed onto its name, so a
+    reader (or a run killed at any moment) sees each file old or new, never part of
+    one. `results.json` is renamed last: when it is new, the CSVs are new too.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -166,14 +207,8 @@ def write_results(doc: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
         "utterances_csv": out_dir / "utterances.csv",
         "summary_csv": out_dir / "summary.csv",
     }
-    paths["json"].write_text(
-        json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8"
-    )
-    with open(paths["utterances_csv"], "w", encoding="utf-8", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=_ROW_FIELDS)
-        w.writeheader()
-        for row in doc["utterances"]:
-            w.writerow({k: row.get(k) for k in _ROW_FIELDS})
+    _remove_stale_temps(out_dir, [p.name for p in paths.values()])
+    json_text = json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     s, st = doc["summary"], doc["settings"]
     flat = {
         "test_set": doc["test_set"].get("name"),
@@ -188,10 +223,20 @@ def write_results(doc: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
         "date": doc["date"],
         **{k: s.get(k) for k in _SUMMARY_FIELDS if k in s},
     }
-    with open(paths["summary_csv"], "w", encoding="utf-8", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(_SUMMARY_FIELDS))
-        w.writeheader()
-        w.writerow({k: flat.get(k) for k in _SUMMARY_FIELDS})
+    texts = {
+        "utterances_csv": _csv_text(_ROW_FIELDS, doc["utterances"]),
+        "summary_csv": _csv_text(list(_SUMMARY_FIELDS), [flat]),
+        "json": json_text,
+    }
+    staged: dict[str, Path] = {}
+    try:
+        for key, text in texts.items():
+            staged[key] = _staged_file(paths[key], text)
+        for key in texts:  # the CSVs first, results.json last
+            os.replace(staged.pop(key), paths[key])
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
     return paths
 
 
