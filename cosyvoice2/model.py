@@ -30,6 +30,7 @@ from cosyvoice2 import backend, model_dir
 from cosyvoice2.config import ModelConfig
 from cosyvoice2.engine import Engine, Prompt, source_noise_key
 from cosyvoice2.errors import InputError
+from cosyvoice2.files import recover_dir
 from cosyvoice2.model_dir import ModelDirError as ModelDirError  # raised by `load`
 from cosyvoice2.options import OptionError, SynthesisOptions
 from cosyvoice2.speakers import Speaker
@@ -133,6 +134,7 @@ class CosyVoice2:
             raise ValueError(f"llm_kernels must be 'auto' or 'off', got {llm_kernels!r}")
         on = backend.choose(route)
         path = Path(path)
+        recover_dir(path)  # a dir a killed `convert` left mid-swap comes back whole
         meta, config = model_dir.read_config(path)
         llm, precision = model_dir.load_llm(path, meta, config, llm_dtype, llm_bits, group_size)
         kernels = "off"

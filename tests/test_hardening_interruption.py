@@ -509,3 +509,17 @@ def test_eval_killed_at_any_moment_keeps_whole_results(eval_set: Path, tmp_path:
             assert state == new, f"killed before step {k}"
     assert k >= 7, "expected three CSV rows and three renames"
     assert state == new and _result_leftovers(out) == []
+
+
+def test_load_recovers_a_model_dir_lost_mid_swap(mlx_tiny_dir: Path, tmp_path: Path) -> None:
+    """A `convert` killed between the two renames of its swap leaves only the backup;
+    loading the model puts it back first."""
+    from cosyvoice2.files import backup_path
+    from cosyvoice2.model import CosyVoice2
+
+    dst = tmp_path / "model"
+    shutil.copytree(mlx_tiny_dir, backup_path(dst))
+    assert not dst.exists()
+    model = CosyVoice2.load(dst)
+    assert dst.is_dir() and not backup_path(dst).exists()
+    assert model.path == dst
