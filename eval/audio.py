@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -39,4 +40,13 @@ def save_audio(path: str | Path, wav: np.ndarray, sample_rate: int) -> None:
     wav = np.asarray(wav, dtype=np.float32)
     if wav.ndim != 1:
         raise ValueError(f"expected mono audio (1-D), got shape {wav.shape}")
-    sf.write(str(path), np.clip(wav, -1.0, 1.0), int(sample_rate), subtype="PCM_16")
+    # written beside `path` and renamed: a killed run never leaves a partial wav
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        sf.write(
+            str(tmp), np.clip(wav, -1.0, 1.0), int(sample_rate), subtype="PCM_16", format="WAV"
+        )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
