@@ -1,9 +1,11 @@
 """The `cosyvoice2` command: convert, synth, speakers.
 
-Every error a user can cause (bad files, bad text, bad audio, unwritable output)
-ends in one line on stderr naming the problem and exit code 2, with no traceback
-and no partial output file: audio is written to a temporary file beside the
-target and renamed into place only when complete.
+Every error a user can cause (bad files, bad text, bad audio, bad option values,
+unwritable output) ends in one line on stderr naming the problem and exit code 2,
+with no traceback and no partial output file: audio is written to a temporary
+file beside the target and renamed into place only when complete. What can be
+checked without the model (option values, command-line text, the output path)
+is checked before the model is loaded.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ import numpy as np
 from cosyvoice2.errors import CosyVoiceError, InputError
 
 EXIT_USAGE = 2
+# A text file larger than this is refused before it is read (the text frontend takes
+# at most 20,000 characters, at most 80 kB of UTF-8).
+MAX_TEXT_FILE_BYTES = 4 * 2**20
+# The command-line flag of each synthesis option the command sets.
+OPTION_FLAGS = {"n_timesteps": "--steps", "seed": "--seed", "speed": "--speed"}
 
 
 def _writable_target(out: Path) -> None:
@@ -31,57 +38,131 @@ def _writable_target(out: Path) -> None:
         raise InputError(f"output folder is not writable: {parent}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class AudioWriter:
-    """Write float32 audio to `out` atomically, appending chunks as they come (for `--stream`)."""
+    """Write float32 audio to `out` atomically, appending chunks as they come (for `--stream`).
+
+    The chunks go to a temporary file beside `out`; `commit` renames it into place,
+    `abort` removes it, so `out` is either the whole result or left as it was. A
+    failed write (a full disk) is an `InputError` naming `out`.
+    """
 
     def __init__(self, out: Path, sample_rate: int):
         import soundfile as sf
 
         _writable_target(out)
         self.out = out
+        self.file = None
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".wav", dir=out.parent or ".")
         os.close(fd)
         self.tmp = Path(tmp)
-        self.file = sf.SoundFile(
-            str(self.tmp), "w", samplerate=sample_rate, channels=1, subtype="PCM_16"
-        )
+        try:
+            os.chmod(self.tmp, 0o666 & ~_umask())  # as a plainly created file (mkstemp: 0600)
+            self.file = sf.SoundFile(
+                str(self.tmp), "w", samplerate=sample_rate, channels=1, subtype="PCM_16"
+            )
+        except BaseException as e:
+            self.tmp.unlink(missing_ok=True)
+            if isinstance(e, Exception):
+                raise InputError(f"cannot write {out}: {_first_line(e)}") from None
+            raise
         self.samples = 0
 
     def write(self, audio: np.ndarray) -> None:
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-        self.file.write(audio)
-        self.file.flush()
+        try:
+            self.file.write(audio)
+            self.file.flush()
+        except Exception as e:  # soundfile's LibsndfileError (a RuntimeError), OSError
+            raise InputError(f"cannot write {self.out}: {_first_line(e)}") from None
         self.samples += audio.shape[0]
 
     def commit(self) -> None:
-        self.file.close()
-        os.replace(self.tmp, self.out)
+        try:
+            self.file.close()
+            os.replace(self.tmp, self.out)
+        except OSError as e:
+            raise InputError(f"cannot write {self.out}: {_first_line(e)}") from None
 
     def abort(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            if self.file is not None and not self.file.closed:
+                self.file.close()
+        except Exception:  # noqa: BLE001 - the file is discarded anyway
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _check_utf8(value: str | None, flag: str) -> None:
+    """Refuse an argument holding bytes that are not UTF-8 (Python passes them on as
+    lone surrogates, which no text encoder accepts)."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(
+            f"{flag} is not valid UTF-8 text (undecodable byte at character {e.start})"
+        ) from None
+
+
+def _read_text_file(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_TEXT_FILE_BYTES + 1)
+    except OSError as e:
+        reason = e.strerror or _first_line(e)
+        raise InputError(f"cannot read text file {path}: {reason}") from None
+    if len(data) > MAX_TEXT_FILE_BYTES:
+        raise InputError(f"text file {path} is too large: over {MAX_TEXT_FILE_BYTES // 2**20} MiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"text file {path} is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from None
+
+
+def _synth_options(args: argparse.Namespace) -> dict:
+    """The synthesis options of the command line, checked (an error names the flag)."""
+    from cosyvoice2.options import OptionError, SynthesisOptions
+
+    options = {"n_timesteps": args.steps, "seed": args.seed, "speed": args.speed}
+    try:
+        SynthesisOptions.of(**options)
+    except OptionError as e:
+        flag = OPTION_FLAGS.get(e.option)
+        raise InputError(f"{flag}: {e}" if flag else str(e)) from None
+    return options
 
 
 def _synth(args: argparse.Namespace) -> int:
     import cosyvoice2
 
+    for flag in ("text", "prompt_text", "speaker", "instruct"):
+        _check_utf8(getattr(args, flag), "--" + flag.replace("_", "-"))
+    if args.text is not None and args.text_file is not None:
+        raise InputError("give --text or --text-file, not both")
     text = args.text
     if args.text_file is not None:
-        try:
-            text = Path(args.text_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"cannot read text file {args.text_file}: {e}") from None
+        text = _read_text_file(args.text_file)
     if text is None:
         raise InputError("give --text or --text-file")
+    options = {**_synth_options(args), "stream": args.stream}
     _writable_target(args.out)
     model = cosyvoice2.load(args.model)
     model.frontend.check_text(text)
-    options = {
-        "n_timesteps": args.steps,
-        "seed": args.seed,
-        "stream": args.stream,
-        "speed": args.speed,
-    }
     segments = model.frontend.normalize_tts_text(text)
     bar = None
     if len(segments) > 1 and not args.quiet:
@@ -124,6 +205,8 @@ def _synth(args: argparse.Namespace) -> int:
 def _speakers(args: argparse.Namespace) -> int:
     import cosyvoice2
 
+    _check_utf8(args.id, "--id")
+    _check_utf8(args.prompt_text, "--prompt-text")
     model = cosyvoice2.load(args.model)
     if args.action == "add":
         model.add_zero_shot_spk(args.prompt_text, args.prompt_wav, args.id)
@@ -163,9 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--instruct", help="an instruction (instruct2 mode), e.g. 'Speak slowly.<|endofprompt|>'"
     )
     s.add_argument("--out", type=Path, required=True, help="output wav (24 kHz)")
-    s.add_argument("--steps", type=int, default=10, help="flow-matching steps (default 10)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--speed", type=float, default=1.0)
+    s.add_argument("--steps", type=int, default=10, help="flow-matching steps, 1-1000 (default 10)")
+    s.add_argument("--seed", type=int, default=0, help="random seed, 0 to 2**62 (default 0)")
+    s.add_argument("--speed", type=float, default=1.0, help="tempo, 0.25-4 (default 1)")
     s.add_argument(
         "--stream", action="store_true", help="synthesise in chunks, writing each as it comes"
     )
@@ -189,12 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"speakers {args.action} needs --id")
     if args.command == "speakers" and args.action == "add" and args.prompt_wav is None:
         parser.error("speakers add needs --prompt-wav")
-    if args.command == "synth" and args.steps < 1:
-        parser.error("--steps must be at least 1")
     try:
         return args.func(args)
     except CosyVoiceError as e:
-        print(f"cosyvoice2: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split("\n"))  # one line, whatever the message holds
+        print(f"cosyvoice2: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("cosyvoice2: interrupted", file=sys.stderr)

@@ -16,12 +16,21 @@ holds:
     speakers/                     saved speakers
 
 Every problem with a dir is a `ModelDirError` whose one-line message names the
-file and what is wrong with it.
+file and what is wrong with it. The files are read as untrusted data: `config.json`
+and the safetensors headers have size caps checked before they are read, every
+setting is checked for its type and against a cap before any part is built (a
+layer count of a billion would otherwise build a billion layers), and every tensor
+a safetensors header declares must lie inside the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import numbers
+import re
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +60,23 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 SPEAKERS_DIR = "speakers"
 LLM_DTYPES = ("float32", "bfloat16", "float16")
 FLOAT32 = {"dtype": "float32"}  # the `llm_precision` record of a dir that has none
+QUANT_BITS = (2, 3, 4, 5, 6, 8)  # mlx's affine quantisation
+QUANT_GROUP_SIZES = (32, 64, 128)
+
+# Caps on what the files may declare, checked before anything is read or built.
+MAX_CONFIG_BYTES = 16 * 2**20  # config.json (a few kB in practice)
+MAX_SAFETENSORS_HEADER_BYTES = 100 * 2**20  # the JSON header of a weights file
+MAX_COUNT = 4096  # a count setting: layers, blocks, heads, harmonics, FSQ levels
+MAX_SIZE = 2**20  # any other integer setting: widths, vocabularies, rates, kernel sizes
+MAX_ITEMS = 64  # the items of a list setting
+MAX_TEXT = 256  # the characters of a string setting
+_COUNT_SETTING = re.compile(r"^(num|n|nb|fsq)_|_(blocks|layers|heads)$")
+_MAY_BE_NEGATIVE = frozenset({"num_decoding_left_chunks"})  # -1: all left chunks
+# safetensors dtypes and their sizes in bytes
+SAFETENSORS_DTYPES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2,
+    "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+}  # fmt: skip
 
 
 class ModelDirError(CosyVoiceError):
@@ -83,10 +109,17 @@ def read_config(path: Path) -> tuple[dict[str, Any], ModelConfig]:
     cfg_path = path / CONFIG_FILE
     if not cfg_path.is_file():
         raise ModelDirError(f"{path}: no {CONFIG_FILE} (not an MLX model dir; convert it first)")
+    size = cfg_path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ModelDirError(
+            f"{cfg_path}: {size} bytes, more than a config file may hold ({MAX_CONFIG_BYTES})"
+        )
     try:
         meta = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelDirError(f"{cfg_path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ModelDirError(f"{cfg_path}: not valid JSON (nested too deeply)") from None
     if not isinstance(meta, dict):
         raise ModelDirError(f"{cfg_path}: not a JSON object")
     if meta.get("model_type") != MODEL_TYPE:
@@ -109,31 +142,184 @@ def read_config(path: Path) -> tuple[dict[str, Any], ModelConfig]:
         config = ModelConfig.from_dict(meta)
     except (TypeError, ValueError) as e:
         raise ModelDirError(f"{cfg_path}: {e}") from None
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        try:
+            if dataclasses.is_dataclass(value):
+                check_settings(value, f.name)
+            else:
+                _check_value(value, typing.get_type_hints(ModelConfig)[f.name], f.name)
+        except ValueError as e:
+            if dataclasses.is_dataclass(value):
+                raise _bad_settings(path, f.name, e) from None
+            raise ModelDirError(f"{cfg_path}: {e}") from None
+    try:
+        _check_precision(meta.get("llm_precision", FLOAT32))
+    except ValueError as e:
+        raise _bad_settings(path, "llm", e) from None
     return meta, config
 
 
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_value(value: object, hint: Any, where: str) -> None:
+    """`value` is of type `hint` (int, float, bool, str, a tuple of them or a settings
+    dataclass) and within the caps; a ValueError naming `where` otherwise."""
+    name = re.sub(r"(\[\d+\])+$", "", where).rsplit(".", 1)[-1]
+    if dataclasses.is_dataclass(hint):
+        if not dataclasses.is_dataclass(value):
+            raise ValueError(f"`{where}` must be an object, got {_show(value)}")
+        check_settings(value, where)
+    elif typing.get_origin(hint) is tuple:
+        if not isinstance(value, (tuple, list)) or len(value) > MAX_ITEMS:
+            raise ValueError(
+                f"`{where}` must be a list of at most {MAX_ITEMS} items, got {_show(value)}"
+            )
+        args = typing.get_args(hint)
+        items = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(items) != len(value):
+            raise ValueError(f"`{where}` must have {len(items)} items, got {_show(value)}")
+        for i, (item, item_hint) in enumerate(zip(value, items)):
+            _check_value(item, item_hint, f"{where}[{i}]")
+    elif hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"`{where}` must be true or false, got {_show(value)}")
+    elif hint is int:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise ValueError(f"`{where}` must be an integer, got {_show(value)}")
+        low = -1 if name in _MAY_BE_NEGATIVE else 0
+        high = MAX_COUNT if _COUNT_SETTING.search(name) else MAX_SIZE
+        if not low <= value <= high:
+            raise ValueError(f"`{where}` is {_show(value)}, outside {low}..{high}")
+    elif hint is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value):
+            raise ValueError(f"`{where}` must be a finite number, got {_show(value)}")
+    elif hint is str:
+        if not isinstance(value, str) or len(value) > MAX_TEXT:
+            raise ValueError(
+                f"`{where}` must be a string of at most {MAX_TEXT} characters, got {_show(value)}"
+            )
+
+
+def check_settings(settings: Any, where: str) -> None:
+    """Check every field of a settings dataclass (`ModelConfig`'s sections,
+    `CAMPPlusConfig`, `SpeechTokenizerConfig`) for its type and caps; a ValueError
+    naming the first bad field (`where.field`) otherwise."""
+    hints = typing.get_type_hints(type(settings))
+    for f in dataclasses.fields(settings):
+        _check_value(getattr(settings, f.name), hints[f.name], f"{where}.{f.name}")
+
+
+def _check_precision(record: dict[str, Any]) -> None:
+    """The `llm_precision` record: a known dtype and, when quantised, mlx's bits and group size."""
+    dtype = record.get("dtype", "float32")
+    if dtype not in LLM_DTYPES:
+        raise ValueError(
+            f"`llm_precision.dtype` must be one of {', '.join(LLM_DTYPES)}, got {_show(dtype)}"
+        )
+    q = record.get("quantization")
+    if not q:
+        return
+    if not isinstance(q, dict):
+        raise ValueError(f"`llm_precision.quantization` must be an object, got {_show(q)}")
+    for key, allowed in (("bits", QUANT_BITS), ("group_size", QUANT_GROUP_SIZES)):
+        value = q.get(key)
+        if isinstance(value, bool) or value not in allowed:
+            raise ValueError(
+                f"`llm_precision.quantization.{key}` must be one of "
+                f"{', '.join(map(str, allowed))}, got {_show(value)}"
+            )
+
+
+def check_safetensors(file: Path) -> None:
+    """Check a safetensors file's header before it is read: a declared header length
+    within the file and `MAX_SAFETENSORS_HEADER_BYTES`, a JSON object, and for every
+    tensor a known dtype, a shape and a byte range that matches the shape and lies
+    inside the file. A ValueError says what is wrong."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{size} bytes, too short for a safetensors file")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise ValueError(f"the header declares {n} bytes, the file has {size} (truncated?)")
+        if n > MAX_SAFETENSORS_HEADER_BYTES:
+            raise ValueError(
+                f"the header declares {n} bytes, more than {MAX_SAFETENSORS_HEADER_BYTES}"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ValueError("the header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    data_size = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise ValueError(f"tensor {_show(name)}: not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        itemsize = SAFETENSORS_DTYPES.get(dtype) if isinstance(dtype, str) else None
+        if itemsize is None:
+            raise ValueError(f"tensor {_show(name)}: unknown dtype {_show(dtype)}")
+        ints = isinstance(shape, list) and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        )
+        if not ints:
+            raise ValueError(f"tensor {_show(name)}: bad shape {_show(shape)}")
+        ok = (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        )
+        if not ok or not 0 <= offsets[0] <= offsets[1] <= data_size:
+            raise ValueError(
+                f"tensor {_show(name)}: data {_show(offsets)} not inside the file's "
+                f"{data_size} data bytes (truncated?)"
+            )
+        if offsets[1] - offsets[0] != math.prod(shape) * itemsize:
+            raise ValueError(
+                f"tensor {_show(name)}: {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype}"
+            )
+
+
 def read_weights(path: Path, component: str) -> dict[str, mx.array]:
-    """The weights of a component, as stored."""
+    """The weights of a component, as stored, after `check_safetensors`."""
     file = path / weights_file(component)
     try:
+        check_safetensors(file)
         return mx.load(str(file))
     except Exception as e:  # truncated or corrupt safetensors
-        raise ModelDirError(f"{file}: cannot read ({e})") from None
+        raise ModelDirError(f"{file}: cannot read ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _mismatch(path: Path, component: str, e: Exception) -> ModelDirError:
-    return ModelDirError(f"{path / weights_file(component)}: does not match {CONFIG_FILE} ({e})")
+    return ModelDirError(
+        f"{path / weights_file(component)}: does not match {CONFIG_FILE} ({_first_line(e)})"
+    )
 
 
 def _bad_settings(path: Path, component: str, e: Exception) -> ModelDirError:
-    return ModelDirError(f"{path / CONFIG_FILE}: bad {component} settings ({e!s})")
+    return ModelDirError(f"{path / CONFIG_FILE}: bad {component} settings ({_first_line(e)})")
 
 
 def _component(path: Path, component: str, build: Callable[[], nn.Module]) -> Any:
     """Build a component from its settings and load its weights into it, strictly."""
     try:
         model = build()
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError, ArithmeticError) as e:
         raise _bad_settings(path, component, e) from None
     try:
         model.load_weights(list(read_weights(path, component).items()), strict=True)
@@ -163,7 +349,7 @@ def load_llm(
         llm = Qwen2LM.from_weights(config.llm, weights, quantization=record.get("quantization"))
     except ValueError as e:  # mlx's strict load: missing, unexpected or misshapen weights
         raise _mismatch(path, "llm", e) from None
-    except (TypeError, KeyError) as e:  # a setting of the wrong type, a partial quantisation record
+    except (TypeError, KeyError, ArithmeticError) as e:  # a setting the checks let through
         raise _bad_settings(path, "llm", e) from None
     if dtype is not None:
         cast(llm, dtype)
@@ -181,9 +367,16 @@ def load_hift(path: Path, config: ModelConfig) -> HiFTGenerator:
     return _component(path, "hift", lambda: HiFTGenerator(config.hift))
 
 
+def _checked(settings: Any, where: str) -> Any:
+    check_settings(settings, where)
+    return settings
+
+
 def load_campplus(path: Path, meta: dict[str, Any]) -> CAMPPlus:
     return _component(
-        path, "campplus", lambda: CAMPPlus(CAMPPlusConfig.from_dict(meta["campplus"]))
+        path,
+        "campplus",
+        lambda: CAMPPlus(_checked(CAMPPlusConfig.from_dict(meta["campplus"]), "campplus")),
     )
 
 
@@ -191,7 +384,9 @@ def load_speech_tokenizer(path: Path, meta: dict[str, Any]) -> SpeechTokenizerV2
     return _component(
         path,
         "speech_tokenizer",
-        lambda: SpeechTokenizerV2(SpeechTokenizerConfig.from_dict(meta["speech_tokenizer"])),
+        lambda: SpeechTokenizerV2(
+            _checked(SpeechTokenizerConfig.from_dict(meta["speech_tokenizer"]), "speech_tokenizer")
+        ),
     )
 
 
@@ -199,8 +394,12 @@ def load_text_frontend(path: Path, backend: str = "auto") -> TextFrontend:
     """The text frontend over the dir's Qwen2 tokenizer (`backend` as `TextFrontend`)."""
     try:
         tokenizer = QwenTokenizer.from_dir(path / TOKENIZER_DIR)
-    except (OSError, ValueError) as e:
-        raise ModelDirError(f"{path / TOKENIZER_DIR}: cannot load the tokenizer ({e})") from None
+    except (OSError, ValueError, CosyVoiceError) as e:
+        # the inner message names the file: shorten its path to the name inside the folder
+        reason = _first_line(e).replace(f"{path / TOKENIZER_DIR}/", "")
+        raise ModelDirError(
+            f"{path / TOKENIZER_DIR}: cannot load the tokenizer ({reason})"
+        ) from None
     return TextFrontend(tokenizer, backend=backend)
 
 

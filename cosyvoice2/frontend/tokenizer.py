@@ -14,6 +14,11 @@ The official code (`cosyvoice/tokenizer/tokenizer.py`, `get_qwen_tokenizer`) loa
   `<|im_end|>` in the released dir), then `SPECIAL_TOKENS` in the official order, all
   `special=True, normalized=False, lstrip=rstrip=False`, so they are never split and
   `skip_special_tokens` drops them when decoding.
+
+The files are read as untrusted data: each is size-capped before it is read, and a
+file that is not UTF-8, not JSON of the expected shape, or that `tokenizers` refuses
+is a `TokenizerFileError` (a `CheckpointError`, and a `ValueError` as before) naming
+the file; text that cannot be encoded (lone surrogates) is an `InputError`.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ from __future__ import annotations
 import json
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers import processors as tk_processors
+
+from cosyvoice2.errors import CheckpointError, InputError
 
 # The pre-tokenisation regex of Qwen2 (transformers' `Qwen2Converter` / `PRETOKENIZE_REGEX`).
 QWEN2_PRETOKENIZE_REGEX = (
@@ -59,6 +67,42 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 
 ENDOFPROMPT = "<|endofprompt|>"
 TOKENIZER_DIRNAME = "CosyVoice-BlankEN"
+# A tokenizer file larger than this is refused before it is read (Qwen2's
+# tokenizer.json is about 11 MB, vocab.json 3 MB, merges.txt 2 MB).
+MAX_TOKENIZER_FILE_BYTES = 64 * 2**20
+MAX_TOKEN_ID = 2**31 - 1
+
+
+class TokenizerFileError(CheckpointError, ValueError):
+    """A tokenizer file that cannot be used: too large, not UTF-8, not JSON of the
+    expected shape, or refused by `tokenizers`."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of a tokenizer file, after its size check."""
+    size = path.stat().st_size
+    if size > MAX_TOKENIZER_FILE_BYTES:
+        raise TokenizerFileError(
+            f"{path}: {size} bytes, more than a tokenizer file may hold ({MAX_TOKENIZER_FILE_BYTES})"
+        )
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerFileError(f"{path}: not UTF-8 (byte at offset {e.start})") from None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise TokenizerFileError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise TokenizerFileError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
 def _special(content: str) -> AddedToken:
@@ -76,15 +120,18 @@ def read_merges(path: str | Path) -> list[tuple[str, str]]:
     passes its keys, in first-insertion order, to the converter).
     """
     merges: dict[tuple[str, str], None] = {}
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            line = line.strip()
-            if (i == 0 and line.startswith("#version:")) or not line:
-                continue
-            parts = line.split()
-            if len(parts) != 2:
-                raise ValueError(f"{path}: line {i + 1} is not a merge of two symbols: {line!r}")
-            merges.setdefault((parts[0], parts[1]), None)
+    text = _read_text(Path(path)).replace("\r\n", "\n").replace("\r", "\n")  # as open() reads
+    for i, line in enumerate(text.split("\n")):
+        line = line.strip()
+        if (i == 0 and line.startswith("#version:")) or not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            shown = line if len(line) <= 40 else line[:37] + "..."
+            raise TokenizerFileError(
+                f"{path}: line {i + 1} is not a merge of two symbols: {shown!r}"
+            )
+        merges.setdefault((parts[0], parts[1]), None)
     return list(merges)
 
 
@@ -93,9 +140,15 @@ def _configured_added_tokens(token_dir: Path) -> list[tuple[int, AddedToken]]:
     cfg_path = token_dir / "tokenizer_config.json"
     if not cfg_path.is_file():
         return []
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg = _read_json(cfg_path)
+    decoder = cfg.get("added_tokens_decoder") if isinstance(cfg, dict) else None
+    if not isinstance(cfg, dict) or not isinstance(decoder, (dict, type(None))):
+        raise TokenizerFileError(f"{cfg_path}: not a tokenizer config (added_tokens_decoder)")
     out = []
-    for idx, spec in (cfg.get("added_tokens_decoder") or {}).items():
+    for idx, spec in (decoder or {}).items():
+        ok = isinstance(spec, dict) and isinstance(spec.get("content"), str)
+        if not ok or not (idx.isascii() and idx.isdigit()) or int(idx) > MAX_TOKEN_ID:
+            raise TokenizerFileError(f"{cfg_path}: bad added token {idx!r}")
         out.append(
             (
                 int(idx),
@@ -164,13 +217,32 @@ class QwenTokenizer:
             token_dir = token_dir / TOKENIZER_DIRNAME
         tj = token_dir / "tokenizer.json"
         if tj.is_file():
-            return cls(Tokenizer.from_file(str(tj)), skip_special_tokens)
+            text = _read_text(tj)
+            try:
+                tokenizer = Tokenizer.from_str(text)
+            except Exception as e:  # tokenizers raises a plain Exception
+                raise TokenizerFileError(
+                    f"{tj}: not a tokenizers file ({_first_line(e)})"
+                ) from None
+            return cls(tokenizer, skip_special_tokens)
         vocab_path, merges_path = token_dir / "vocab.json", token_dir / "merges.txt"
         for p in (vocab_path, merges_path):
             if not p.is_file():
                 raise FileNotFoundError(f"tokenizer file missing: {p}")
-        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-        tok = build_qwen2_tokenizer(vocab, read_merges(merges_path))
+        vocab = _read_json(vocab_path)
+        ok = isinstance(vocab, dict) and all(
+            isinstance(k, str) and type(v) is int and 0 <= v <= MAX_TOKEN_ID
+            for k, v in vocab.items()
+        )
+        if not ok:
+            raise TokenizerFileError(f"{vocab_path}: not a map of tokens to ids")
+        merges = read_merges(merges_path)
+        try:
+            tok = build_qwen2_tokenizer(vocab, merges)
+        except Exception as e:  # tokenizers raises a plain Exception (a merge of unknown tokens)
+            raise TokenizerFileError(
+                f"{token_dir}: vocab.json and merges.txt do not make a BPE model ({_first_line(e)})"
+            ) from None
         for want_id, added in _configured_added_tokens(token_dir):
             if added.special:
                 tok.add_special_tokens([added])
@@ -178,7 +250,7 @@ class QwenTokenizer:
                 tok.add_tokens([added])
             got = tok.token_to_id(added.content)
             if got != want_id:
-                raise ValueError(
+                raise TokenizerFileError(
                     f"{token_dir}/tokenizer_config.json: added token {added.content!r} should have "
                     f"id {want_id} but gets {got} (vocab.json has {len(vocab)} entries)"
                 )
@@ -193,8 +265,22 @@ class QwenTokenizer:
         return path
 
     def encode(self, text: str, **kwargs: object) -> list[int]:
-        """Token ids of `text`. Extra keyword arguments (the official `allowed_special`) are ignored."""
-        return self.tokenizer.encode(text, add_special_tokens=True).ids
+        """Token ids of `text`. Extra keyword arguments (the official `allowed_special`) are ignored.
+
+        Text holding lone surrogates (bytes that were not UTF-8, decoded with Python's
+        `surrogateescape`) is an `InputError`: no tokenizer can encode it."""
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=True).ids
+        except (TypeError, ValueError):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise InputError(
+                        f"text is not valid Unicode: a lone surrogate at character {e.start} "
+                        "(bytes that were not UTF-8?)"
+                    ) from None
+            raise
 
     def decode(self, tokens: list[int], skip_special_tokens: bool | None = None) -> str:
         """Text of `tokens`; special tokens are dropped when `skip_special_tokens` (default: the instance's)."""
