@@ -197,7 +197,9 @@ def _synth(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    label = "" if model.weights_label == "real" else f", {model.weights_label} weights: not speech"
+    label = {"real": "", "synthetic": ", synthetic weights: not speech"}.get(
+        model.weights_label, f", {model.weights_label} weights: not recorded as the real model"
+    )
     print(f"wrote {args.out} ({writer.samples / model.sample_rate:.2f} s{label})", file=sys.stderr)
     return 0
 
