@@ -1,8 +1,9 @@
 """Every speed or memory figure in the documents names a results file kept in the repository.
 
 A quoted figure is only as good as the run behind it, so `README.md`, `bench/README.md`,
-`kernels/README.md` and `docs/*.md` may quote one only beside the name of a results file kept in the
-repository (`bench/runs/<run id>.json`, or a baseline `bench/baselines/<kind>.json`),
+`kernels/README.md`, `docs/ARCHITECTURE.md` and `docs/PERFORMANCE.md` may quote one only
+beside the name of a results file kept in the repository (`bench/runs/<run id>.json`,
+or a baseline `bench/baselines/<kind>.json`),
 which `python -m bench show FILE` prints. Docstrings and comments say what and why and
 quote no measured speed at all.
 
