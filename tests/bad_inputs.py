@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -207,8 +208,12 @@ def bounded(
     return rec
 
 
+_TMP = re.compile(r"/\S*?/pytest-of-[^/]+/pytest-\d+/[^/\s]+")
+
+
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """A table cell: pipes escaped, pytest's temporary directories as `TMP`."""
+    return _TMP.sub("TMP", text).replace("|", "\\|").replace("\n", " ")
 
 
 def table() -> str:
@@ -235,3 +240,14 @@ def summary() -> str:
     return (
         f"{n} bad inputs tried, {n} clean errors, 0 tracebacks, {changed} with files changed{top}."
     )
+
+
+MARKER = "<!-- the table below is written by the test session -->"
+
+
+def write_report(path: Path) -> None:
+    """Write the table to `path`, after its `MARKER` line when it has one (a kept document
+    keeps its introduction), else as the whole file."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    head = text[: text.index(MARKER) + len(MARKER)] + "\n\n" if MARKER in text else ""
+    path.write_text(head + table(), encoding="utf-8")

@@ -150,4 +150,4 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         terminalreporter.write_line(bad_inputs.table())
         path = os.environ.get("COSYVOICE2_BAD_INPUT_REPORT")
         if path:
-            Path(path).write_text(bad_inputs.table())
+            bad_inputs.write_report(Path(path))

@@ -80,3 +80,16 @@ def test_bounded_measures_the_child_and_fails_above_the_limit() -> None:
         bad_inputs.bounded("t", "crash", "raise ValueError('x')", limit_mb=2000)
     with pytest.raises(AssertionError, match="accepted"):
         bad_inputs.bounded("t", "ok", "pass", limit_mb=2000)
+
+
+def test_the_report_keeps_the_documents_introduction(tmp_path: Path) -> None:
+    bad_inputs.refused("t", "kept", _raise(InputError("bad")))
+    doc = tmp_path / "bad-inputs.md"
+    doc.write_text(f"# Intro\n\n{bad_inputs.MARKER}\n\nold table\n")
+    bad_inputs.write_report(doc)
+    text = doc.read_text()
+    assert text.startswith("# Intro\n") and "old table" not in text
+    assert "| t | kept | bad | raised | no | - |" in text
+    assert text.rstrip().endswith(
+        "1 bad inputs tried, 1 clean errors, 0 tracebacks, 0 with files changed."
+    )
