@@ -80,6 +80,20 @@ def mlx_tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_mlx_tiny_dir(tmp_path_factory.mktemp("mlx-tiny") / "tiny")
 
 
+@pytest.fixture(scope="session")
+def prompt_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2 s voiced prompt at 22.05 kHz (an odd rate on purpose) with a harmonic signal."""
+    import numpy as np
+    import soundfile as sf
+
+    path = tmp_path_factory.mktemp("prompt") / "prompt.wav"
+    sr = 22050
+    t = np.arange(int(2.0 * sr)) / sr
+    x = 0.3 * np.sin(2 * np.pi * 140 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    sf.write(path, x.astype(np.float32), sr)
+    return path
+
+
 # ------------------------------------------------------------------ routes and power
 
 from tests.routes import KERNELS_SKIP, route  # noqa: E402,F401  (the `route` fixture)

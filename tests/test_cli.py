@@ -18,17 +18,6 @@ from cosyvoice2.cli import main
 PROMPT_TEXT = "This is a short prompt for the voice test."
 
 
-@pytest.fixture(scope="module")
-def prompt_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2 s voiced prompt at 22.05 kHz (an odd rate on purpose) with a harmonic signal."""
-    path = tmp_path_factory.mktemp("prompt") / "prompt.wav"
-    sr = 22050
-    t = np.arange(int(2.0 * sr)) / sr
-    x = 0.3 * np.sin(2 * np.pi * 140 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
-    sf.write(path, x.astype(np.float32), sr)
-    return path
-
-
 def run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     code = main([str(a) for a in args])
     return code, capsys.readouterr().err

@@ -60,15 +60,9 @@ import os, shutil, sys
 from pathlib import Path
 
 dst, k = Path(sys.argv[1]), int(sys.argv[2])
-seen = [0]
+from tests.kill_steps import before_step
 
-def step(fn):
-    def inner(*a, **kw):
-        seen[0] += 1
-        if seen[0] == k:
-            os._exit(137)
-        return fn(*a, **kw)
-    return inner
+step, seen = before_step(k)
 
 from cosyvoice2 import files
 with files.staged_dir(dst) as tmp:

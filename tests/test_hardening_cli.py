@@ -34,17 +34,6 @@ BOMB_LIMIT_MB = 1500
 
 
 @pytest.fixture(scope="module")
-def prompt_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2 s voiced prompt at 22.05 kHz."""
-    path = tmp_path_factory.mktemp("prompt") / "prompt.wav"
-    sr = 22050
-    t = np.arange(int(2.0 * sr)) / sr
-    x = 0.3 * np.sin(2 * np.pi * 140 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
-    sf.write(path, x.astype(np.float32), sr)
-    return path
-
-
-@pytest.fixture(scope="module")
 def model(mlx_tiny_dir: Path) -> cosyvoice2.CosyVoice2:
     return cosyvoice2.load(mlx_tiny_dir)
 

@@ -47,15 +47,9 @@ _STEP_KILLER = """
 import atexit, csv, os, runpy, shutil, sys
 
 k, module, args = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
-seen = [0]
+from tests.kill_steps import before_step
 
-def step(fn):
-    def inner(*a, **kw):
-        seen[0] += 1
-        if seen[0] == k:
-            os._exit(137)
-        return fn(*a, **kw)
-    return inner
+step, seen = before_step(k)
 
 kinds = os.environ.get("STEP_KINDS", "rename,rmtree").split(",")
 if "rename" in kinds:
@@ -423,15 +417,9 @@ from pathlib import Path
 from eval.results_io import write_results
 
 out, doc, k = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text()), int(sys.argv[3])
-seen = [0]
+from tests.kill_steps import before_step
 
-def step(fn):
-    def inner(*a, **kw):
-        seen[0] += 1
-        if seen[0] == k:
-            os._exit(137)
-        return fn(*a, **kw)
-    return inner
+step, seen = before_step(k)
 
 os.replace = step(os.replace)
 csv.DictWriter.writerow = step(csv.DictWriter.writerow)
