@@ -94,6 +94,26 @@ def prompt_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+ASTERISK_CLIPS = ("agent-alreadyon", "auth-incorrect")
+
+
+@pytest.fixture
+def asterisk_meta(tmp_path: Path) -> Path:
+    """Two Asterisk prompts (real speech with transcripts) as an eval test set `meta.lst`."""
+    from eval.realspeech import english_transcripts, voice_dir
+
+    try:
+        d = voice_dir("en_US_f_Allison")
+        texts = english_transcripts()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    root = tmp_path / "set"
+    root.mkdir()
+    lines = [f"{c}|{texts[c]}|{d / (c + '.wav')}|{texts[c]}" for c in ASTERISK_CLIPS]
+    (root / "meta.lst").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root / "meta.lst"
+
+
 # ------------------------------------------------------------------ routes and power
 
 from tests.routes import KERNELS_SKIP, route  # noqa: E402,F401  (the `route` fixture)

