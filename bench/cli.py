@@ -153,11 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="run cases in this process (debugging; cold and RSS figures are then not per case)",
     )
     g.add_argument(
-        "--no-openblas", action="store_true", help="do not preload OpenBLAS for MLX (Linux)"
+        "--blas",
+        default="auto",
+        help="BLAS for MLX workers on Linux: auto (the system's OpenBLAS, else the"
+        " scipy-openblas32 wheel's), system, scipy-openblas32, off (MLX's bundled"
+        " reference BLAS) or a library path (default auto)",
     )
     g.add_argument("--device", choices=["cpu", "gpu"], help="MLX device (default: MLX's default)")
     g.add_argument(
         "--case-timeout", type=float, default=None, help="seconds before a case is abandoned"
+    g.add_argument("--no-openblas", action="store_true", help="the same as --blas off")
     )
     g = r.add_argument_group("output")
     g.add_argument("--out", default=str(RESULTS), help=f"results directory (default {RESULTS})")
@@ -329,7 +334,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             seed=_pick(args.seed, file_opts.pop("seed", None), 0),
             fixed_length=fixed_length,
             isolate=not args.in_process,
-            openblas=not args.no_openblas,
+            blas="off" if args.no_openblas else args.blas,
             case_timeout=args.case_timeout,
             device=args.device,
             target_options={"size": args.size, **({"model": args.model} if args.model else {})},

@@ -17,7 +17,6 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 
 
 def cpu_model() -> str:
@@ -147,6 +146,13 @@ def versions() -> dict:
 def openblas_preloaded() -> bool:
     """Whether this process runs with an OpenBLAS preloaded (MLX on Linux: much faster fp32 matmul)."""
     return "openblas" in os.environ.get("LD_PRELOAD", "")
+
+
+def preloaded_blas(env: dict[str, str] | None = None) -> str:
+    """The BLAS library in `LD_PRELOAD` (of `env`, default this process's), or `bundled`
+    (MLX's own reference BLAS on Linux; MLX's platform choice elsewhere)."""
+    preload = (os.environ if env is None else env).get("LD_PRELOAD", "")
+    return next((p for p in preload.split(":") if "blas" in p.lower()), "bundled")
 
 
 def peak_rss_mb() -> float:

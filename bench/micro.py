@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.machine import OPENBLAS, ROOT
+from bench.machine import ROOT
 
 BENCH_DIR = ROOT / "tests" / "benchmarks"
 
@@ -35,9 +35,12 @@ def run_micro(
     if not bench_dir.is_dir() or not any(bench_dir.glob("test_*.py")):
         return {"path": None, "returncode": 0, "note": f"no micro-benchmarks in {bench_dir}"}
     env = dict(os.environ)
-    if sys.platform.startswith("linux") and os.path.exists(OPENBLAS):
-        if "openblas" not in env.get("LD_PRELOAD", ""):
-            env["LD_PRELOAD"] = ":".join(x for x in (OPENBLAS, env.get("LD_PRELOAD")) if x)
+    if sys.platform.startswith("linux") and "blas" not in env.get("LD_PRELOAD", "").lower():
+        from cosyvoice2 import blas
+
+        found, _, _ = blas.find()  # the same BLAS as the bench's MLX workers
+        if found is not None:
+            env["LD_PRELOAD"] = ":".join(x for x in (str(found), env.get("LD_PRELOAD")) if x)
     cmd = [
         sys.executable,
         "-m",

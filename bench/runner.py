@@ -33,7 +33,13 @@ from bench import SCHEMA
 from bench.cases import Case, Work
 from bench.figures import aggregate, call_figures, summarize
 from bench.interface import BenchTarget, CallTimings, Prepared, get_target
-from bench.machine import OPENBLAS, machine_info, openblas_preloaded, peak_rss_mb, versions
+from bench.machine import (
+    machine_info,
+    openblas_preloaded,
+    peak_rss_mb,
+    preloaded_blas,
+    versions,
+)
 from bench.results import now, write_json_atomic
 
 INTERRUPTED = 130  # exit status of an interrupted sweep (as a shell reports Ctrl-C)
@@ -49,7 +55,9 @@ class RunOptions:
     seed: int = 0
     fixed_length: bool = True
     isolate: bool = True
-    openblas: bool = True
+    blas: str = "auto"
+    """BLAS for MLX workers on Linux (`cosyvoice2.blas`): `auto`, `system`, `scipy-openblas32`,
+    `off` (MLX's bundled reference BLAS) or a library path; given to them in `LD_PRELOAD`."""
     case_timeout: float | None = None
     device: str | None = None
     """MLX device for MLX targets (`cpu` or `gpu`); `None`: MLX's default (Metal on Apple silicon)."""
@@ -191,6 +199,7 @@ def measure_case(
         "calls": calls,
         "env": {
             "openblas_preloaded": openblas_preloaded(),
+            "blas": preloaded_blas(),
             **({"mlx_device": device} if device else {}),
             "loadavg_start": load_start,
             "loadavg_end": _loadavg(),
@@ -216,18 +225,30 @@ BACKEND_SWITCHES = (
 
 
 def worker_env(
-    target: BenchTarget, openblas: bool = True, device: str | None = None
+    target: BenchTarget, blas: str = "auto", device: str | None = None
 ) -> dict[str, str]:
-    """The environment of a worker process for this target."""
+    """The environment of a worker process for this target.
+
+    MLX on Linux: the wheel's bundled BLAS is a much slower fp32 matmul than OpenBLAS.
+    Every MLX worker (ours and the peer's) gets the same library in `LD_PRELOAD`, the one
+    `cosyvoice2.blas.find(blas)` picks; `off` gives none. Other workers (torch) get none."""
     env = dict(os.environ)
     changes = target.env()
-    # MLX on Linux: the wheel's bundled BLAS is a much slower fp32 matmul than OpenBLAS.
     is_mlx = getattr(target, "backend", "mlx") == "mlx"
-    if is_mlx and openblas and sys.platform.startswith("linux"):
-        if os.path.exists(OPENBLAS) and "openblas" not in env.get("LD_PRELOAD", ""):
-            env["LD_PRELOAD"] = ":".join(x for x in (OPENBLAS, env.get("LD_PRELOAD")) if x)
-    elif not openblas and "openblas" in env.get("LD_PRELOAD", ""):
-        env.pop("LD_PRELOAD")
+    preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p]
+    if sys.platform.startswith("linux") and (blas == "off" or not is_mlx):
+        preload = [p for p in preload if "blas" not in p.lower()]
+        env["COSYVOICE2_BLAS"] = "off"
+    elif sys.platform.startswith("linux") and not any("blas" in p.lower() for p in preload):
+        from cosyvoice2 import blas as blas_lib
+
+        found, _, _ = blas_lib.find(blas)
+        if found is not None:
+            preload.insert(0, str(found))
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload)
+    else:
+        env.pop("LD_PRELOAD", None)
     for k, v in changes.items():
         if v is None:
             env.pop(k, None)
@@ -321,7 +342,7 @@ def prepare_target(
 ) -> tuple[BenchTarget, Prepared, dict[str, str]]:
     """Prepare a target's weights (in a worker process when isolating)."""
     target = get_target(name)
-    env = worker_env(target, opts.openblas, opts.device)
+    env = worker_env(target, opts.blas, opts.device)
     if opts.isolate:
         spec = {
             "target": name,
@@ -469,7 +490,10 @@ def run_sweep(
             doc["targets"][name] = {
                 "weights": prep.weights,
                 "versions": prep.versions,
-                "env": {"openblas_preloaded": "openblas" in env.get("LD_PRELOAD", "")},
+                "env": {
+                    "openblas_preloaded": "openblas" in env.get("LD_PRELOAD", ""),
+                    "blas": preloaded_blas(env),
+                },
             }
             if name == plan[0].target:
                 doc["weights"] = prep.weights

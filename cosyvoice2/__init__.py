@@ -6,6 +6,10 @@ README for the commands and the layout.
 
 __version__ = "0.1.0"
 
+from cosyvoice2 import blas as _blas  # noqa: E402 - before anything loads MLX
+
+_blas.setup()
+
 
 def load(path, **kwargs):
     """Load an MLX model dir written by `cosyvoice2 convert` (see `cosyvoice2.model.CosyVoice2.load`)."""

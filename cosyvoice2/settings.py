@@ -45,7 +45,8 @@ _READ_HERE = (
     Switch("COSYVOICE2_FLOW_BRANCH_THREADS", "flag", "1", "flag", "`0` runs the estimator's two CFG branches as one batched call instead of two threads (CPU with >= 2 cores only)", "`cosyvoice2.backend` (`choose`, at load)"),
     Switch("COSYVOICE2_FLOW_THREADS", "integer", "", "integer >= 1", "threads of the numba flow kernels; unset: the CPUs this process may run on", "`cosyvoice2.row_kernels` (`num_threads`)"),
     Switch("COSYVOICE2_STREAM_LLM_THREAD", "flag", "0", "flag", "`1` runs the speech LM in its own thread while streaming (CPU with >= 2 cores, branch threads on); off by default since it competes with the flow's branch threads", "`cosyvoice2.streaming` (`overlap_enabled`)"),
-    Switch("COSYVOICE2_CACHE", "path", "~/.cache/cosyvoice2-mlx", "directory", "where synthetic official models, ONNX exports and converted Whisper models are cached", "`cosyvoice2_testing.synthetic`, `cosyvoice2_testing.onnx_exports`, `eval/whisper_convert.py`"),
+    Switch("COSYVOICE2_BLAS", "text", "auto", "`auto`, `system`, `scipy-openblas32`, `off`, a library path", "which BLAS MLX's CPU matmul binds to on Linux, loaded before MLX: `auto` takes an OpenBLAS in `LD_PRELOAD`, else the system's, else the scipy-openblas32 wheel's through a shim compiled once; `off` keeps MLX's bundled reference BLAS", "`cosyvoice2.blas` (`setup`, when the package is imported)"),
+    Switch("COSYVOICE2_CACHE", "path", "~/.cache/cosyvoice2-mlx", "directory", "where synthetic official models, ONNX exports, converted Whisper models and the scipy-openblas32 shim are cached", "`cosyvoice2_testing.synthetic`, `cosyvoice2_testing.onnx_exports`, `eval/whisper_convert.py`, `cosyvoice2.blas`"),
 )  # fmt: skip
 
 # Read by the C++ extension itself (listed for the docs table).
@@ -111,6 +112,12 @@ def integer(name: str) -> int | None:
         return int(value)
     except ValueError:
         raise ValueError(f"{name}={value!r}: expected an integer") from None
+
+
+def text(name: str) -> str | None:
+    """The text switch `name`, read now; None when unset or empty."""
+    _switch(name, "text")
+    return _raw(name)
 
 
 def path(name: str) -> Path:

@@ -41,8 +41,10 @@ def transcribe_ct2(
 def transcribe_in_subprocess(
     model_dir: str | Path, wavs: Sequence[str | Path], lang: str = "en"
 ) -> subprocess.Popen:
-    """Start `transcribe_ct2` in a child process without LD_PRELOAD; read JSON from its stdout."""
+    """Start `transcribe_ct2` in a child process without an OpenBLAS (neither `LD_PRELOAD` nor
+    `cosyvoice2.blas`'s); read JSON from its stdout."""
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env["COSYVOICE2_BLAS"] = "off"
     env.setdefault("OMP_NUM_THREADS", "1")
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

@@ -133,7 +133,7 @@ def test_case_workers_run_with_the_targets_interpreter(tmp_path: Path) -> None:
     case = Case(target="toy", steps=1)
     work = Work.for_case(case, prompt_seconds=1.0)
     opts = RunOptions(repeats=1, warmup=0)
-    env = worker_env(target, openblas=False)
+    env = worker_env(target, blas="off")
     record = execute_case(target, prepared, env, case, work, opts)
     assert record["status"] == "ok", record.get("error")
     assert record["env"]["isolated"] is True and record["env"]["python"] == str(wrapper)

@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     ),
     "onnx_weights": 0,
     "settings": 0,
+    "blas": 0,
     "backend": 0,
     "row_kernels": 0,
     **dict.fromkeys(["kernel_layers", "branches", "flow", "hift", "llm", "frontend"], 1),
