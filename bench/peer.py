@@ -76,8 +76,11 @@ MLX_LM_RANGE = ">=0.18,<0.30"
 """mlx-audio-plus 0.1.8's own requirement on mlx-lm."""
 TRANSFORMERS_RANGE = ">=4.49,<5"
 """mlx-audio-plus 0.1.8's own requirement on transformers (mlx-lm imports it)."""
-EXTRA_REQUIREMENTS = ("numpy", "safetensors", "huggingface_hub", "scipy", "soundfile", "einops")
-"""Imported by its CosyVoice2 package (the converter its `__init__` imports, the codec package)."""
+EXTRA_REQUIREMENTS = ("numpy", "safetensors<0.8", "huggingface_hub", "scipy", "soundfile", "einops")
+"""Imported by its CosyVoice2 package (the converter its `__init__` imports, the codec package).
+safetensors below 0.8: 0.8.0's numpy writer saves a transposed (non-contiguous) array's memory
+in its original order under the new shape, which scrambles every transposed convolution the
+converter writes; 0.7 writes `tobytes()`, the array's logical order."""
 CONVERTER = "mlx_audio.tts.models.cosyvoice2.scripts.convert"
 VENV_READY = "bench-venv.json"
 CONVERTED_READY = "bench-peer.json"
@@ -478,7 +481,8 @@ class PeerTarget:
             }
             tag = f"synthetic-{size}-seed0-g{GENERATOR_VERSION}"
         python = ensure_venv()
-        dst = convert(python, official, bench_cache() / f"{NAME}-{VERSION}-{tag}-fp32")
+        spec = hashlib.sha256(json.dumps(requirements()).encode()).hexdigest()[:8]
+        dst = convert(python, official, bench_cache() / f"{NAME}-{VERSION}-{tag}-fp32-{spec}")
         record = json.loads((dst / CONVERTED_READY).read_text(encoding="utf-8"))
         weights["converted"] = str(dst)
         weights["adapted"] = record["sections_added"] or record["qwen2"] is not None
