@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from bench.cases import (
     AXES,
@@ -120,10 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = r.add_argument_group("weights and work")
     g.add_argument(
         "--model",
-        metavar="DIR",
+        metavar="DIR|ID",
         help="weights on disk: a converted MLX dir or an official dir (its own record labels"
-        " them synthetic, real or unknown)",
+        " them synthetic, real or unknown), or a Hugging Face hub id of either (downloaded,"
+        " and converted once if official, before the workers start)",
     )
+    g.add_argument("--revision", help="branch, tag or commit of a hub id --model (default main)")
     g.add_argument(
         "--size",
         default="full",
@@ -159,10 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
         " scipy-openblas32 wheel's), system, scipy-openblas32, off (MLX's bundled"
         " reference BLAS) or a library path (default auto)",
     )
+    g.add_argument("--no-openblas", action="store_true", help="the same as --blas off")
     g.add_argument("--device", choices=["cpu", "gpu"], help="MLX device (default: MLX's default)")
     g.add_argument(
         "--case-timeout", type=float, default=None, help="seconds before a case is abandoned"
-    g.add_argument("--no-openblas", action="store_true", help="the same as --blas off")
     )
     g = r.add_argument_group("output")
     g.add_argument("--out", default=str(RESULTS), help=f"results directory (default {RESULTS})")
@@ -337,7 +340,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             blas="off" if args.no_openblas else args.blas,
             case_timeout=args.case_timeout,
             device=args.device,
-            target_options={"size": args.size, **({"model": args.model} if args.model else {})},
+            target_options={"size": args.size, **_model_options(args.model, args.revision)},
         )
         if file_opts:
             print(f"sweep file: ignoring unknown run options {sorted(file_opts)}", file=sys.stderr)
@@ -390,6 +393,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         status = status or cmp_status
     return status
+
+
+def _model_options(model: str | None, revision: str | None) -> dict[str, Any]:
+    """The target options of `--model`: a local dir as given; a hub id resolved here, once,
+    before any worker starts (the workers get the local dir), with the id, revision and
+    commit recorded beside it (and an official repo's snapshot for the official reference)."""
+    if model is None:
+        if revision is not None:
+            raise SystemExit("--revision needs --model ID")
+        return {}
+    if revision is None and Path(model).exists():
+        return {"model": model}  # a local dir: the harness imports nothing of the package
+    from cosyvoice2.errors import CosyVoiceError
+    from cosyvoice2.hub import locate
+
+    try:
+        where = locate(model, revision)
+    except CosyVoiceError as e:
+        raise SystemExit(f"--model: {e}") from None
+    if where.repo_id is None:
+        return {"model": model}  # a missing local dir: the target says so, as before
+    out: dict[str, Any] = {"model": str(where.path), "model_hub": where.record()}
+    if where.source is not None:
+        out["official_model"] = str(where.source)
+    return out
 
 
 def _pick(*values):

@@ -224,7 +224,10 @@ def convert(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("official_dir", type=Path, help="the official CosyVoice2-0.5B dir")
+    p.add_argument(
+        "official_dir",
+        help="the official CosyVoice2-0.5B dir, or its Hugging Face hub id (OWNER/NAME)",
+    )
     p.add_argument("mlx_dir", type=Path, help="where to write the MLX model dir")
     p.add_argument(
         "--llm-bits", type=int, choices=(4, 8), default=None, help="quantise the speech LM"
@@ -236,11 +239,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype", choices=LLM_DTYPES, default="float32", help="speech LM float precision"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing MLX dir")
+    p.add_argument(
+        "--revision", help="branch, tag or commit of a hub id given as the source (default main)"
+    )
+    p.add_argument(
+        "--upload-repo",
+        metavar="ID",
+        help="then upload the MLX dir, with a model card (README.md), to this hub repo"
+        " (created if missing; token from HF_TOKEN or `huggingface-cli login`)",
+    )
+    p.add_argument("--private", action="store_true", help="create the upload repo private")
+    p.add_argument("--commit-message", help="the upload's commit message")
 
 
 def main(args: argparse.Namespace) -> int:
+    from cosyvoice2 import hub
+
+    src, base_model = args.official_dir, None
+    upload_repo = getattr(args, "upload_repo", None)
+    if upload_repo is not None and not hub.is_repo_id(upload_repo):
+        raise ConversionError(f"--upload-repo must be a hub id OWNER/NAME, got {upload_repo!r}")
+    revision = getattr(args, "revision", None)
+    repo_id = hub.hub_id(src)
+    if repo_id is not None:  # only the files the converter reads are downloaded
+        src, base_model = hub.download_official(repo_id, revision).path, repo_id
+    elif revision is not None:
+        raise ConversionError(f"{src}: a local dir has no revision ({revision!r} is for hub ids)")
     out = convert(
-        args.official_dir,
+        src,
         args.mlx_dir,
         llm_dtype=args.dtype,
         llm_bits=args.llm_bits,
@@ -248,4 +274,8 @@ def main(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(f"wrote {out}", file=sys.stderr)
+    if upload_repo is not None:
+        hub.write_model_card(out, base_model, upload_repo)
+        url = hub.upload(out, upload_repo, private=args.private, commit_message=args.commit_message)
+        print(f"uploaded {out} to {upload_repo}: {url}", file=sys.stderr)
     return 0

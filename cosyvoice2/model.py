@@ -118,8 +118,14 @@ class CosyVoice2:
         text_backend: str = "auto",
         llm_kernels: str = "auto",
         route: str | None = None,
+        revision: str | None = None,
     ) -> CosyVoice2:
         """Load an MLX model dir written by `cosyvoice2 convert` (format: `cosyvoice2.model_dir`).
+
+        `path` may also be a Hugging Face hub id (`owner/name`, at `revision`): an MLX
+        model dir repo is downloaded, an official CosyVoice2 repo downloaded and
+        converted once, both into the hub cache (`cosyvoice2.hub.resolve`). A local
+        path is used as is and never imports huggingface_hub.
 
         `llm_dtype`/`llm_bits` change the speech LM's precision at load time (from a
         float dir); the dir's own setting is used otherwise. The compute backend is
@@ -132,8 +138,10 @@ class CosyVoice2:
         """
         if llm_kernels not in ("auto", "off"):
             raise ValueError(f"llm_kernels must be 'auto' or 'off', got {llm_kernels!r}")
+        from cosyvoice2.hub import resolve
+
+        path = resolve(path, revision)
         on = backend.choose(route)
-        path = Path(path)
         recover_dir(path)  # a dir a killed `convert` left mid-swap comes back whole
         meta, config = model_dir.read_config(path)
         llm, precision = model_dir.load_llm(path, meta, config, llm_dtype, llm_bits, group_size)

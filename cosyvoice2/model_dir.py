@@ -15,6 +15,11 @@ holds:
     tokenizer/                    Qwen2 BPE files
     speakers/                     saved speakers
 
+`CosyVoice2.load` also reads the dirs of mlx-audio-plus 0.1.x (mlx-community's
+CosyVoice2-0.5B-4bit/-8bit/-fp16...): `read_config` tells them by their config.json
+and `model.safetensors`, and every loader below reads them through
+`cosyvoice2.mlx_audio_plus` (`docs/mlx-community-weights.md` says what they lack).
+
 Every problem with a dir is a `ModelDirError` whose one-line message names the
 file and what is wrong with it. The files are read as untrusted data: `config.json`
 and the safetensors headers have size caps checked before they are read, every
@@ -122,6 +127,10 @@ def read_config(path: Path) -> tuple[dict[str, Any], ModelConfig]:
         raise ModelDirError(f"{cfg_path}: not valid JSON (nested too deeply)") from None
     if not isinstance(meta, dict):
         raise ModelDirError(f"{cfg_path}: not a JSON object")
+    from cosyvoice2 import mlx_audio_plus
+
+    if mlx_audio_plus.is_layout(path, meta) and not (path / weights_file("llm")).is_file():
+        return _read_mlx_audio_plus(path, meta)
     if meta.get("model_type") != MODEL_TYPE:
         raise ModelDirError(
             f"{cfg_path}: model_type is {meta.get('model_type')!r}, not {MODEL_TYPE!r}"
@@ -142,6 +151,17 @@ def read_config(path: Path) -> tuple[dict[str, Any], ModelConfig]:
         config = ModelConfig.from_dict(meta)
     except (TypeError, ValueError) as e:
         raise ModelDirError(f"{cfg_path}: {e}") from None
+    _check_config(path, config)
+    try:
+        _check_precision(meta.get("llm_precision", FLOAT32))
+    except ValueError as e:
+        raise _bad_settings(path, "llm", e) from None
+    return meta, config
+
+
+def _check_config(path: Path, config: ModelConfig) -> None:
+    """Every setting of `config` of its type and within the caps, before anything is built."""
+    cfg_path = path / CONFIG_FILE
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         try:
@@ -153,10 +173,58 @@ def read_config(path: Path) -> tuple[dict[str, Any], ModelConfig]:
             if dataclasses.is_dataclass(value):
                 raise _bad_settings(path, f.name, e) from None
             raise ModelDirError(f"{cfg_path}: {e}") from None
+
+
+def _is_mlx_audio_plus(path: Path) -> bool:
+    """A dir `read_config` read as mlx-audio-plus's (one `model.safetensors`, none of ours)."""
+    from cosyvoice2 import mlx_audio_plus
+
+    return (path / mlx_audio_plus.WEIGHTS_FILE).is_file() and not (
+        path / weights_file("llm")
+    ).is_file()
+
+
+def _read_mlx_audio_plus(path: Path, theirs: dict[str, Any]) -> tuple[dict[str, Any], ModelConfig]:
+    """`read_config` of an mlx-audio-plus dir: its config.json translated (strictly) to ours,
+    and its `model.safetensors` header checked: every tensor inside the file, under a known
+    component, of the dtype config.json says."""
+    from cosyvoice2 import mlx_audio_plus as layout
+
+    cfg_path = path / CONFIG_FILE
     try:
-        _check_precision(meta.get("llm_precision", FLOAT32))
-    except ValueError as e:
-        raise _bad_settings(path, "llm", e) from None
+        cfg, record = layout.translate(theirs)
+        config = ModelConfig.from_dict(cfg)
+    except (TypeError, ValueError) as e:
+        raise ModelDirError(
+            f"{cfg_path}: not an mlx-audio-plus config ({_first_line(e)})"
+        ) from None
+    _check_config(path, config)
+    file = path / layout.WEIGHTS_FILE
+    try:
+        header = check_safetensors(file)
+        names = [k for k in header if k != "__metadata__"]
+        layout.check_names(names)
+    except (OSError, ValueError) as e:
+        raise ModelDirError(f"{file}: cannot read ({_first_line(e)})") from None
+    want = layout.STORED_DTYPE[theirs.get("dtype", "float16")]
+    for name in names:
+        dtype = header[name]["dtype"]
+        quantised = record.get("quantization") and dtype == "U32" and name.endswith(".weight")
+        if dtype != want and not quantised and not name.startswith("campplus."):
+            raise ModelDirError(
+                f"{file}: tensor {name[:60]!r} is {dtype}, config.json's dtype says {want}"
+            )
+    meta = {
+        "model_type": MODEL_TYPE,
+        "layout": layout.LAYOUT,
+        "weights": "unknown",
+        **config.to_dict(),
+        "llm_precision": record,
+        "mlx_audio_plus": {
+            "dtype": theirs.get("dtype", "float16"),
+            "campplus": any(n.startswith("campplus.") for n in names),
+        },
+    }
     return meta, config
 
 
@@ -235,11 +303,11 @@ def _check_precision(record: dict[str, Any]) -> None:
             )
 
 
-def check_safetensors(file: Path) -> None:
+def check_safetensors(file: Path) -> dict[str, Any]:
     """Check a safetensors file's header before it is read: a declared header length
     within the file and `MAX_SAFETENSORS_HEADER_BYTES`, a JSON object, and for every
     tensor a known dtype, a shape and a byte range that matches the shape and lies
-    inside the file. A ValueError says what is wrong."""
+    inside the file. A ValueError says what is wrong; the header is returned."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -288,16 +356,31 @@ def check_safetensors(file: Path) -> None:
             raise ValueError(
                 f"tensor {_show(name)}: {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype}"
             )
+    return header
 
 
 def read_weights(path: Path, component: str) -> dict[str, mx.array]:
-    """The weights of a component, as stored, after `check_safetensors`."""
-    file = path / weights_file(component)
+    """The weights of a component, as stored (under our names), after `check_safetensors`."""
+    file = _file_of(path, component)
     try:
         check_safetensors(file)
-        return mx.load(str(file))
+        weights = mx.load(str(file))
     except Exception as e:  # truncated or corrupt safetensors
         raise ModelDirError(f"{file}: cannot read ({_first_line(e)})") from None
+    if file.name == weights_file(component):
+        return weights
+    from cosyvoice2 import mlx_audio_plus
+
+    return mlx_audio_plus.component_weights(weights, component)
+
+
+def _file_of(path: Path, component: str) -> Path:
+    """The file that holds a component's weights (mlx-audio-plus: one file for all)."""
+    if _is_mlx_audio_plus(path):
+        from cosyvoice2 import mlx_audio_plus
+
+        return path / mlx_audio_plus.WEIGHTS_FILE
+    return path / weights_file(component)
 
 
 def _first_line(e: BaseException) -> str:
@@ -307,7 +390,7 @@ def _first_line(e: BaseException) -> str:
 
 def _mismatch(path: Path, component: str, e: Exception) -> ModelDirError:
     return ModelDirError(
-        f"{path / weights_file(component)}: does not match {CONFIG_FILE} ({_first_line(e)})"
+        f"{_file_of(path, component)}: does not match {CONFIG_FILE} ({_first_line(e)})"
     )
 
 
@@ -325,6 +408,8 @@ def _component(path: Path, component: str, build: Callable[[], nn.Module]) -> An
         model.load_weights(list(read_weights(path, component).items()), strict=True)
     except ValueError as e:
         raise _mismatch(path, component, e) from None
+    if _is_mlx_audio_plus(path):  # stored in the one dtype of the whole file
+        model.set_dtype(mx.float32)
     return model
 
 
@@ -345,6 +430,13 @@ def load_llm(
     if (dtype is not None or bits is not None) and record.get("quantization"):
         raise ModelDirError(f"{path}: the speech LM is already quantised; convert a float dir")
     weights = read_weights(path, "llm")
+    if meta.get("layout") is not None:
+        from cosyvoice2 import mlx_audio_plus
+
+        try:
+            mlx_audio_plus.check_quantised(weights, record)
+        except ValueError as e:
+            raise _mismatch(path, "llm", e) from None
     try:
         llm = Qwen2LM.from_weights(config.llm, weights, quantization=record.get("quantization"))
     except ValueError as e:  # mlx's strict load: missing, unexpected or misshapen weights
@@ -372,7 +464,26 @@ def _checked(settings: Any, where: str) -> Any:
     return settings
 
 
+def _missing(path: Path, part: str, why: str) -> nn.Module:
+    from cosyvoice2 import mlx_audio_plus
+
+    return mlx_audio_plus.Missing(
+        ModelDirError(
+            f"{path}: no {part} ({why}); a prompt wav needs it: use saved speakers, or a dir"
+            " converted from the official files by `cosyvoice2 convert`"
+        )
+    )
+
+
 def load_campplus(path: Path, meta: dict[str, Any]) -> CAMPPlus:
+    if meta.get("layout") is not None:
+        has = meta.get("mlx_audio_plus", {}).get("campplus")
+        why = (
+            "its campplus.* tensors are not CosyVoice2's CAM++ layout"
+            if has
+            else "none in model.safetensors"
+        )
+        return _missing(path, "CAM++ speaker encoder", f"mlx-audio-plus dir, {why}")
     return _component(
         path,
         "campplus",
@@ -381,6 +492,8 @@ def load_campplus(path: Path, meta: dict[str, Any]) -> CAMPPlus:
 
 
 def load_speech_tokenizer(path: Path, meta: dict[str, Any]) -> SpeechTokenizerV2:
+    if meta.get("layout") is not None:
+        return _missing(path, "speech tokenizer", "mlx-audio-plus dirs have none")
     return _component(
         path,
         "speech_tokenizer",
@@ -392,14 +505,13 @@ def load_speech_tokenizer(path: Path, meta: dict[str, Any]) -> SpeechTokenizerV2
 
 def load_text_frontend(path: Path, backend: str = "auto") -> TextFrontend:
     """The text frontend over the dir's Qwen2 tokenizer (`backend` as `TextFrontend`)."""
+    token_dir = path if _is_mlx_audio_plus(path) else path / TOKENIZER_DIR
     try:
-        tokenizer = QwenTokenizer.from_dir(path / TOKENIZER_DIR)
+        tokenizer = QwenTokenizer.from_dir(token_dir)
     except (OSError, ValueError, CosyVoiceError) as e:
         # the inner message names the file: shorten its path to the name inside the folder
-        reason = _first_line(e).replace(f"{path / TOKENIZER_DIR}/", "")
-        raise ModelDirError(
-            f"{path / TOKENIZER_DIR}: cannot load the tokenizer ({reason})"
-        ) from None
+        reason = _first_line(e).replace(f"{token_dir}/", "")
+        raise ModelDirError(f"{token_dir}: cannot load the tokenizer ({reason})") from None
     return TextFrontend(tokenizer, backend=backend)
 
 

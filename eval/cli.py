@@ -38,7 +38,11 @@ def _add_set_args(ap: argparse.ArgumentParser) -> None:
 
 def _add_synth_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tts", choices=("cosyvoice2", "copy"), default="cosyvoice2")
-    ap.add_argument("--model-dir", type=Path, help="MLX model dir (for --tts cosyvoice2)")
+    ap.add_argument(
+        "--model-dir",
+        help="MLX model dir, or a Hugging Face hub id of one or of an official repo"
+        " (for --tts cosyvoice2)",
+    )
     ap.add_argument("--precision", help="LLM precision of the model (e.g. fp32, bf16, 8bit, 4bit)")
     ap.add_argument("--steps", type=int, default=10, help="flow-matching steps (n_timesteps)")
     ap.add_argument("--seed", type=int, default=0)
@@ -68,7 +72,20 @@ def _make_synth(args: argparse.Namespace):
         return CopySynthesizer()
     if args.model_dir is None:
         raise SystemExit("--model-dir is required with --tts cosyvoice2")
-    return CosyVoice2Synthesizer(args.model_dir, args.precision, args.steps, args.seed)
+    return CosyVoice2Synthesizer(_model_dir(args.model_dir), args.precision, args.steps, args.seed)
+
+
+def _model_dir(model: str) -> Path:
+    """`--model-dir` as a local dir: a hub id is downloaded (and converted once) here."""
+    if Path(model).exists():
+        return Path(model)  # the package is not even imported (see tests/test_eval_cli.py)
+    from cosyvoice2.errors import CosyVoiceError
+    from cosyvoice2.hub import resolve
+
+    try:
+        return resolve(model)
+    except CosyVoiceError as e:
+        raise SystemExit(f"--model-dir: {e}") from None
 
 
 def _tag(settings: dict[str, Any]) -> str:

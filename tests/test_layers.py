@@ -44,8 +44,11 @@ LAYERS: dict[str, int] = {
     "options": 2,
     "engine": 3,
     "model_dir": 4,
+    "mlx_audio_plus": 4,
+    "convert": 4,
+    "hub": 4,
     "model": 5,
-    **dict.fromkeys(["__init__", "cli", "convert", "__main__"], 6),
+    **dict.fromkeys(["__init__", "cli", "__main__"], 6),
 }
 
 
