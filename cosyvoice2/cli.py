@@ -287,3 +287,19 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+    v = sub.add_parser("serve", help="OpenAI-compatible speech server (needs the [serve] extra)")
+    v.set_defaults(func=_serve, serve_parser=v)
+    _serve_arguments(v)
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from cosyvoice2 import server
+
+    server.add_arguments(parser)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cosyvoice2 import server
+
+    return server.main(args)
+
+

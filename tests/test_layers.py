@@ -49,6 +49,7 @@ LAYERS: dict[str, int] = {
     "hub": 4,
     "model": 5,
     **dict.fromkeys(["__init__", "cli", "__main__"], 6),
+    **dict.fromkeys(["server", "server_core"], 6),
 }
 
 
