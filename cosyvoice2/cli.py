@@ -99,6 +99,72 @@ class AudioWriter:
             self.tmp.unlink(missing_ok=True)
 
 
+class StdoutWavWriter:
+    """Write 16-bit WAV to standard output (`--out -`), for a pipe.
+
+    Whole-utterance output is held until the end and written as one WAV whose header
+    gives its length. With `--stream` each chunk is written as it comes, after a header
+    whose lengths are the largest a WAV can state (0xFFFFFFFF, the convention for a
+    stream of unknown length, which sox, ffmpeg and libsndfile read to the end of the
+    data). Nothing is written when the synthesis fails before its first chunk.
+    """
+
+    def __init__(self, sample_rate: int, streamed: bool):
+        self.sample_rate = sample_rate
+        self.streamed = streamed
+        self.held: list[np.ndarray] = []
+        self.samples = 0
+        self.started = False
+        self.stdout = sys.stdout.buffer
+
+    def _header(self, data_bytes: int) -> bytes:
+        import struct
+
+        riff = 0xFFFFFFFF if data_bytes == 0xFFFFFFFF else 36 + data_bytes
+        return (
+            b"RIFF" + struct.pack("<I", riff) + b"WAVEfmt "
+            + struct.pack("<IHHIIHH", 16, 1, 1, self.sample_rate, self.sample_rate * 2, 2, 16)
+            + b"data" + struct.pack("<I", data_bytes)
+        )  # fmt: skip
+
+    @staticmethod
+    def _pcm16(audio: np.ndarray) -> bytes:
+        # as libsndfile writes PCM_16 (the file output): float32 scaled by 32768, floored, clipped
+        pcm = np.floor(audio.astype(np.float32) * np.float32(32768.0))
+        return np.clip(pcm, -32768, 32767).astype("<i2").tobytes()
+
+    def _put(self, data: bytes) -> None:
+        try:
+            self.stdout.write(data)
+            self.stdout.flush()
+        except BrokenPipeError:
+            raise InputError("standard output was closed (broken pipe)") from None
+        except OSError as e:
+            raise InputError(f"cannot write standard output: {_first_line(e)}") from None
+
+    def write(self, audio: np.ndarray) -> None:
+        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        self.samples += audio.shape[0]
+        if not self.streamed:
+            self.held.append(audio)
+            return
+        if not self.started:
+            self._put(self._header(0xFFFFFFFF))
+            self.started = True
+        self._put(self._pcm16(audio))
+
+    def commit(self) -> None:
+        if self.streamed:
+            if not self.started:
+                self._put(self._header(0xFFFFFFFF))
+            return
+        pcm = self._pcm16(np.concatenate(self.held) if self.held else np.zeros(0, np.float32))
+        self._put(self._header(len(pcm)) + pcm)
+
+    def abort(self) -> None:
+        self.held = []
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -147,11 +213,40 @@ def _synth_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _synth(args: argparse.Namespace) -> int:
+def _stream_options(args: argparse.Namespace) -> dict:
+    """`schedule` from the stream settings (`--first-hop`, `--token-hop`), which need `--stream`."""
+    given = {"first_hop_len": args.first_hop, "token_hop_len": args.token_hop}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return {}
+    if not args.stream:
+        raise InputError("--first-hop and --token-hop need --stream")
+    for name, flag in (("first_hop_len", "--first-hop"), ("token_hop_len", "--token-hop")):
+        if name in given and not 1 <= given[name] <= 1000:
+            raise InputError(f"{flag} must be 1 to 1000 speech tokens, got {given[name]}")
+    from cosyvoice2.streaming import StreamSchedule
+
+    return {"schedule": StreamSchedule(**given)}
+
+
+def _load_model(args: argparse.Namespace):
+    """The model `--model` names (a dir or a hub id), at the precision the flags ask for."""
     import cosyvoice2
 
-    for flag in ("text", "prompt_text", "speaker", "instruct"):
-        _check_utf8(getattr(args, flag), "--" + flag.replace("_", "-"))
+    _check_utf8(args.model, "--model")
+    kwargs = {}
+    if getattr(args, "revision", None) is not None:
+        kwargs["revision"] = args.revision
+    if getattr(args, "llm_dtype", None) is not None:
+        kwargs["llm_dtype"] = args.llm_dtype
+    if getattr(args, "llm_bits", None) is not None:
+        kwargs["llm_bits"] = args.llm_bits
+    if getattr(args, "route", None) is not None:
+        kwargs["route"] = args.route
+    return cosyvoice2.load(args.model, **kwargs)
+
+
+def _text_of(args: argparse.Namespace) -> str:
     if args.text is not None and args.text_file is not None:
         raise InputError("give --text or --text-file, not both")
     text = args.text
@@ -159,34 +254,115 @@ def _synth(args: argparse.Namespace) -> int:
         text = _read_text_file(args.text_file)
     if text is None:
         raise InputError("give --text or --text-file")
-    options = {**_synth_options(args), "stream": args.stream}
-    _writable_target(args.out)
-    model = cosyvoice2.load(args.model)
-    model.frontend.check_text(text)
-    segments = model.frontend.normalize_tts_text(text)
-    bar = None
-    if len(segments) > 1 and not args.quiet:
-        from tqdm import tqdm
+    return text
 
-        bar = tqdm(total=len(segments), unit="segment", file=sys.stderr)
-        options["progress"] = lambda i, n, s: bar.update(1) if i else None
+
+def _transcribe_prompt(args: argparse.Namespace) -> str:
+    """The prompt's transcript by the eval's Whisper (`--stt-model`), said on stderr."""
+    try:
+        from eval.asr import MLXWhisper
+    except ImportError as e:
+        raise InputError(
+            f"--stt-model needs the eval extra (pip install 'cosyvoice2-mlx[eval]'): {e}"
+        ) from None
+    from cosyvoice2.frontend.audio import load_wav
+
+    audio = load_wav(args.prompt_wav, 16000)
+    text = MLXWhisper(args.stt_model)(audio, args.stt_lang).strip()
+    if not text:
+        raise InputError(f"{args.stt_model} heard no words in {args.prompt_wav}")
+    if not args.quiet:
+        print(f"cosyvoice2: prompt transcript ({args.stt_model}): {text}", file=sys.stderr)
+    return text
+
+
+def _synth(args: argparse.Namespace) -> int:
+    for flag in ("text", "prompt_text", "speaker", "instruct"):
+        _check_utf8(getattr(args, flag), "--" + flag.replace("_", "-"))
+    text = _text_of(args)
+    options = {**_synth_options(args), **_stream_options(args), "stream": args.stream}
+    if args.prompt_text and args.stt_model:
+        raise InputError("give --prompt-text or --stt-model, not both")
+    if args.speaker is not None and args.prompt_wav is not None and args.instruct is None:
+        raise InputError("give --speaker or --prompt-wav, not both")
+    target = _output(args.out)
+    model = _load_model(args)
+    model.frontend.check_text(text)
     if args.instruct is not None:
-        it = model.inference_instruct2(
-            text, args.instruct, args.prompt_wav, args.speaker or "", **options
+        make = lambda **o: model.inference_instruct2(  # noqa: E731
+            text, args.instruct, args.prompt_wav, args.speaker or "", **o
         )
-    elif args.speaker is not None:
-        it = model.inference_zero_shot(text, "", None, args.speaker, **options)
-    elif args.prompt_wav is not None and args.prompt_text:
-        it = model.inference_zero_shot(text, args.prompt_text, args.prompt_wav, **options)
+    elif args.speaker is not None and args.prompt_wav is None:
+        make = lambda **o: model.inference_zero_shot(text, "", None, args.speaker, **o)  # noqa: E731
     elif args.prompt_wav is not None:
-        it = model.inference_cross_lingual(text, args.prompt_wav, **options)
+        prompt_text = args.prompt_text
+        if not prompt_text and args.stt_model:
+            prompt_text = _transcribe_prompt(args)
+        if prompt_text:
+            make = lambda **o: model.inference_zero_shot(text, prompt_text, args.prompt_wav, **o)  # noqa: E731
+        else:
+            print(
+                "cosyvoice2: notice: no --prompt-text: cross-lingual mode (the prompt's voice, not its"
+                " words, guides the speech); give --prompt-text or --stt-model for zero-shot",
+                file=sys.stderr,
+            )
+            make = lambda **o: model.inference_cross_lingual(text, args.prompt_wav, **o)  # noqa: E731
     else:
         raise InputError(
             "give --prompt-wav (with --prompt-text for zero-shot), --speaker or --instruct"
         )
-    writer = AudioWriter(args.out, model.sample_rate)
+    return _render(args, model, make, options, target, segments=text)
+
+
+def _sft(args: argparse.Namespace) -> int:
+    for flag in ("text", "speaker"):
+        _check_utf8(getattr(args, flag), "--" + flag)
+    text = _text_of(args)
+    options = {**_synth_options(args), **_stream_options(args), "stream": args.stream}
+    target = _output(args.out)
+    model = _load_model(args)
+    model.frontend.check_text(text)
+    make = lambda **o: model.inference_sft(text, args.speaker, **o)  # noqa: E731
+    return _render(args, model, make, options, target, segments=text)
+
+
+def _vc(args: argparse.Namespace) -> int:
+    options = {**_synth_options(args), **_stream_options(args), "stream": args.stream}
+    target = _output(args.out)
+    model = _load_model(args)
+    make = lambda **o: model.inference_vc(args.source_wav, args.prompt_wav, **o)  # noqa: E731
+    return _render(args, model, make, options, target, segments=None)
+
+
+def _output(out: Path) -> Path | None:
+    """`out` checked for writing before the model loads; None for `-` (stdout)."""
+    if str(out) == "-":
+        if sys.stdout.isatty():
+            raise InputError(
+                "--out -: standard output is a terminal; redirect it to a file or pipe"
+            )
+        return None
+    _writable_target(out)
+    return out
+
+
+def _render(args, model, make, options: dict, target: Path | None, segments: str | None) -> int:
+    """Run the mode (`make(**options)`), writing its chunks to `target` (or stdout) as they come."""
+    bar = None
+    if segments is not None:
+        n = len(model.frontend.normalize_tts_text(segments))
+        if n > 1 and not args.quiet:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n, unit="segment", file=sys.stderr)
+            options["progress"] = lambda i, n, s: bar.update(1) if i else None
+    writer = (
+        AudioWriter(target, model.sample_rate)
+        if target is not None
+        else StdoutWavWriter(model.sample_rate, streamed=args.stream)
+    )
     try:
-        for out in it:
+        for out in make(**options):
             writer.write(np.asarray(out["tts_speech"]))
         writer.commit()
         if bar is not None:
@@ -200,16 +376,15 @@ def _synth(args: argparse.Namespace) -> int:
     label = {"real": "", "synthetic": ", synthetic weights: not speech"}.get(
         model.weights_label, f", {model.weights_label} weights: not recorded as the real model"
     )
-    print(f"wrote {args.out} ({writer.samples / model.sample_rate:.2f} s{label})", file=sys.stderr)
+    where = args.out if target is not None else "standard output"
+    print(f"wrote {where} ({writer.samples / model.sample_rate:.2f} s{label})", file=sys.stderr)
     return 0
 
 
 def _speakers(args: argparse.Namespace) -> int:
-    import cosyvoice2
-
     _check_utf8(args.id, "--id")
     _check_utf8(args.prompt_text, "--prompt-text")
-    model = cosyvoice2.load(args.model)
+    model = _load_model(args)
     if args.action == "add":
         model.add_zero_shot_spk(args.prompt_text, args.prompt_wav, args.id)
         print(f"added speaker {args.id!r}", file=sys.stderr)
@@ -220,6 +395,52 @@ def _speakers(args: argparse.Namespace) -> int:
         model.speakers.remove(args.id)
         print(f"removed speaker {args.id!r}", file=sys.stderr)
     return 0
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", required=True, help="MLX model dir, or a Hugging Face id (downloaded, cached)"
+    )
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) of a hub id")
+    p.add_argument(
+        "--llm-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="speech LM precision at load (default: the dir's)",
+    )
+    p.add_argument(
+        "--llm-bits", type=int, choices=(4, 8), help="quantise the speech LM at load (4 or 8 bits)"
+    )
+    p.add_argument(
+        "--route",
+        choices=("extension", "plain", "composed"),
+        help="compute backend (default: the fastest available)",
+    )
+
+
+def _text_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", help="text to speak")
+    p.add_argument("--text-file", type=Path, help="read the text from a UTF-8 file")
+
+
+def _synthesis_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out", type=Path, required=True, help="output wav (24 kHz); '-' for standard output"
+    )
+    p.add_argument("--steps", type=int, default=10, help="flow-matching steps, 1-1000 (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="random seed, 0 to 2**62 (default 0)")
+    p.add_argument("--speed", type=float, default=1.0, help="tempo, 0.25-4 (default 1)")
+    p.add_argument(
+        "--stream", action="store_true", help="synthesise in chunks, writing each as it comes"
+    )
+    p.add_argument(
+        "--first-hop",
+        type=int,
+        help="speech tokens in the first streamed chunk (default: the official schedule's)",
+    )
+    p.add_argument(
+        "--token-hop", type=int, help="speech tokens per later streamed chunk (default 25)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar or notices")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,38 +454,87 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_arguments(c)
     c.set_defaults(func=convert.main)
 
-    s = sub.add_parser("synth", help="synthesise speech to a wav file")
-    s.add_argument("--model", type=Path, required=True, help="MLX model dir")
-    s.add_argument("--text", help="text to speak")
-    s.add_argument("--text-file", type=Path, help="read the text from a UTF-8 file")
+    s = sub.add_parser(
+        "synth", help="speech from text: zero-shot, cross-lingual, instruct or a saved speaker"
+    )
+    _model_arguments(s)
+    _text_arguments(s)
     s.add_argument(
-        "--prompt-wav", type=Path, help="voice prompt (any rate and channel count, 0.5-30 s)"
+        "--prompt-wav",
+        "--ref-audio",
+        "--ref_audio",
+        type=Path,
+        dest="prompt_wav",
+        help="voice prompt (any rate and channel count, 0.5-30 s)",
     )
     s.add_argument(
-        "--prompt-text", help="transcript of the prompt (zero-shot); omit for cross-lingual"
+        "--prompt-text",
+        "--ref-text",
+        "--ref_text",
+        dest="prompt_text",
+        help="transcript of the prompt (zero-shot); without it (and --stt-model): cross-lingual",
     )
+    s.add_argument(
+        "--stt-model",
+        help="transcribe the prompt with this Whisper (the eval's names: offline:tiny.en,"
+        " a local mlx-whisper dir or hub id) when no --prompt-text is given",
+    )
+    s.add_argument("--stt-lang", default="en", choices=("en", "zh"), help="the prompt's language")
     s.add_argument("--speaker", help="a saved speaker id instead of a prompt")
     s.add_argument(
         "--instruct", help="an instruction (instruct2 mode), e.g. 'Speak slowly.<|endofprompt|>'"
     )
-    s.add_argument("--out", type=Path, required=True, help="output wav (24 kHz)")
-    s.add_argument("--steps", type=int, default=10, help="flow-matching steps, 1-1000 (default 10)")
-    s.add_argument("--seed", type=int, default=0, help="random seed, 0 to 2**62 (default 0)")
-    s.add_argument("--speed", type=float, default=1.0, help="tempo, 0.25-4 (default 1)")
-    s.add_argument(
-        "--stream", action="store_true", help="synthesise in chunks, writing each as it comes"
-    )
-    s.add_argument("--quiet", action="store_true")
+    _synthesis_arguments(s)
     s.set_defaults(func=_synth)
+
+    f = sub.add_parser("sft", help="speech from text in a saved speaker's voice (SFT mode)")
+    _model_arguments(f)
+    _text_arguments(f)
+    f.add_argument("--speaker", required=True, help="a saved speaker id")
+    _synthesis_arguments(f)
+    f.set_defaults(func=_sft)
+
+    c = sub.add_parser("vc", help="voice conversion: the source speech in the prompt's voice")
+    _model_arguments(c)
+    c.add_argument(
+        "--source-wav", type=Path, required=True, help="speech to convert (at most 30 s)"
+    )
+    c.add_argument(
+        "--prompt-wav",
+        "--ref-audio",
+        "--ref_audio",
+        type=Path,
+        dest="prompt_wav",
+        required=True,
+        help="the target voice (0.5-30 s)",
+    )
+    _synthesis_arguments(c)
+    c.set_defaults(func=_vc)
 
     k = sub.add_parser("speakers", help="saved speakers of a model dir")
     k.add_argument("action", choices=("add", "list", "remove"))
-    k.add_argument("--model", type=Path, required=True)
+    _model_arguments(k)
     k.add_argument("--id", help="speaker id (add, remove)")
     k.add_argument("--prompt-wav", type=Path, help="voice prompt (add)")
     k.add_argument("--prompt-text", default="", help="its transcript (add)")
     k.set_defaults(func=_speakers)
+
+    v = sub.add_parser("serve", help="OpenAI-compatible speech server (needs the [serve] extra)")
+    v.set_defaults(func=_serve, serve_parser=v)
+    _serve_arguments(v)
     return p
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from cosyvoice2 import server
+
+    server.add_arguments(parser)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cosyvoice2 import server
+
+    return server.main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,19 +557,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-    v = sub.add_parser("serve", help="OpenAI-compatible speech server (needs the [serve] extra)")
-    v.set_defaults(func=_serve, serve_parser=v)
-    _serve_arguments(v)
-def _serve_arguments(parser: argparse.ArgumentParser) -> None:
-    from cosyvoice2 import server
-
-    server.add_arguments(parser)
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from cosyvoice2 import server
-
-    return server.main(args)
-
-
