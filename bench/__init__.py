@@ -8,4 +8,6 @@ peer in its own virtualenv (`bench.peer`) and a toy MLX workload used to test th
 harness itself (`bench.toy`).
 """
 
+import cosyvoice2 as _cosyvoice2  # noqa: F401, E402 - binds MLX to a fast BLAS before anything loads MLX (cosyvoice2.blas)
+
 SCHEMA = "cosyvoice2-mlx-bench/1"

@@ -10,7 +10,8 @@ its allowed range; numpy; transformers (mlx-lm imports it); torch, safetensors,
 huggingface_hub, scipy, soundfile (its `cosyvoice2` package `__init__` imports its
 converter, which imports these); einops (its `codec` package imports it). Case workers run
 with that venv's python (`Prepared.options["python"]`) and the repository on
-`PYTHONPATH` for `bench`; nothing of `cosyvoice2` is imported there. Preparation runs in
+`PYTHONPATH` for `bench`; nothing of `cosyvoice2` is imported there but its BLAS choice
+(`cosyvoice2.blas`, standard library only: it finds the library the harness preloads). Preparation runs in
 the harness's interpreter (it needs `cosyvoice2_testing.synthetic` and torch).
 
 Weights: the same synthetic official-format weights as the other targets

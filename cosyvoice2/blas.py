@@ -17,7 +17,10 @@ it looks (`COSYVOICE2_BLAS`):
   `scipy-openblas32` wheel (a dependency on Linux x86-64). That wheel prefixes its
   symbols (`scipy_cblas_sgemm`), so a three-function shim that exports the plain
   names is compiled once with the system's C compiler into the cache
-  (`$COSYVOICE2_CACHE/blas/`); without a compiler this candidate is skipped.
+  (`$COSYVOICE2_CACHE/blas/`); without a compiler this candidate is skipped. The shim
+  also sets that OpenBLAS to one thread per caller (unless `OPENBLAS_NUM_THREADS` is
+  set): its thread server serialises GEMMs called from several threads at once, which
+  the flow's two CFG-branch threads do (`docs/PERFORMANCE.md` has the measurement).
 - `system` or `scipy-openblas32`: that candidate only; a path: that library.
 - `off`: leave MLX's bundled BLAS (the bench's slow-BLAS runs, and child processes
   that run torch or CTranslate2, which a process-wide OpenBLAS slows down).
@@ -51,7 +54,9 @@ SYSTEM_PATHS = (
 SYMBOLS = ("cblas_sgemm", "cblas_dgemm", "cblas_cgemm")  # what libmlx.so imports from BLAS
 SHIM_SOURCE = """\
 /* cosyvoice2-mlx: the CBLAS GEMMs MLX imports, forwarded to scipy-openblas32's prefixed names. */
+#include <stdlib.h>
 #define ARGS int o, int ta, int tb, int m, int n, int k
+void scipy_openblas_set_num_threads(int);
 void scipy_cblas_sgemm(ARGS, float al, const float *a, int lda, const float *b, int ldb,
                        float be, float *c, int ldc);
 void scipy_cblas_dgemm(ARGS, double al, const double *a, int lda, const double *b, int ldb,
@@ -64,6 +69,12 @@ void cblas_dgemm(ARGS, double al, const double *a, int lda, const double *b, int
                  double *c, int ldc) { scipy_cblas_dgemm(o, ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc); }
 void cblas_cgemm(ARGS, const void *al, const void *a, int lda, const void *b, int ldb,
                  const void *be, void *c, int ldc) { scipy_cblas_cgemm(o, ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc); }
+/* One OpenBLAS thread per caller unless OPENBLAS_NUM_THREADS says otherwise: this build's
+   thread server serialises GEMMs that several threads call at once (the flow runs its two
+   CFG branches in two threads), so its own threads cost more than they give. */
+__attribute__((constructor)) static void one_thread_per_caller(void) {
+  if (getenv("OPENBLAS_NUM_THREADS") == NULL) scipy_openblas_set_num_threads(1);
+}
 """
 NOTICE = (
     "cosyvoice2: MLX is using its bundled reference BLAS, a much slower fp32 matrix product"

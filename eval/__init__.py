@@ -7,3 +7,5 @@ Modules: `datasets` (test-set readers), `synth` (cached, resumable synthesis of 
 recorded prompts), `whisper_reference` (faster-whisper transcripts), `cli` (`python -m eval`).
 The heavy dependencies (mlx-whisper, jiwer, Resemblyzer, torch) are imported lazily.
 """
+
+import cosyvoice2 as _cosyvoice2  # noqa: F401, E402 - binds MLX to a fast BLAS before mlx-whisper loads MLX (cosyvoice2.blas)
