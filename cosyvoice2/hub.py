@@ -287,20 +287,34 @@ def _first_line(e: BaseException) -> str:
     return lines[0][:200] if lines else type(e).__name__
 
 
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions of an unreachable hub, whichever HTTP library huggingface_hub uses:
+    requests' (huggingface_hub 0.x; OSErrors) or httpx's transport errors (1.x and later)."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    errors: list[type[BaseException]] = [OSError, OfflineModeIsEnabled]
+    try:
+        import httpx
+
+        errors.append(httpx.TransportError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def _from_hub(repo_id: str, revision: str) -> Resolved:
-    import requests
     from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HfHubHTTPError
 
     if constants.HF_HUB_OFFLINE:
         return _from_cache(repo_id, revision, "HF_HUB_OFFLINE is set")
     try:
         info = HfApi().model_info(repo_id, revision=revision)
-    except (requests.ConnectionError, requests.Timeout, OfflineModeIsEnabled) as e:
+    except HfHubHTTPError as e:  # an answer from the hub (first: under 0.x it is an OSError)
+        raise _hub_error(repo_id, revision, e) from None
+    except _network_errors() as e:
         why = f"the hub ({constants.ENDPOINT}) cannot be reached: {type(e).__name__}"
         return _from_cache(repo_id, revision, why)
-    except HfHubHTTPError as e:
-        raise _hub_error(repo_id, revision, e) from None
     commit = info.sha
     if not isinstance(commit, str) or not _COMMIT.match(commit):
         raise HubError(f"{repo_id}: the hub named no commit for revision {revision!r}")
@@ -318,7 +332,6 @@ def _from_hub(repo_id: str, revision: str) -> Resolved:
 
 
 def _download(repo_id: str, revision: str, allow: list[str] | None, offline: bool = False) -> Path:
-    import requests
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -328,9 +341,9 @@ def _download(repo_id: str, revision: str, allow: list[str] | None, offline: boo
                 repo_id, revision=revision, allow_patterns=allow, local_files_only=offline
             )
         )
-    except (HfHubHTTPError, LocalEntryNotFoundError, requests.RequestException) as e:
+    except (HfHubHTTPError, LocalEntryNotFoundError) as e:
         raise _hub_error(repo_id, revision, e) from None
-    except OSError as e:
+    except _network_errors() as e:  # a connection lost mid-download; a full disk
         raise HubError(f"{repo_id}: download failed ({type(e).__name__}: {e})") from None
 
 
@@ -399,7 +412,7 @@ def download_official(repo_id: str, revision: str | None = None) -> Resolved:
             info = HfApi().model_info(repo_id, revision=revision)
         except HfHubHTTPError as e:
             raise _hub_error(repo_id, revision, e) from None
-        except OSError as e:  # requests' connection errors are OSErrors
+        except _network_errors() as e:
             raise HubError(f"{repo_id}: the hub cannot be reached ({type(e).__name__})") from None
         if _kind(repo_id, [s.rfilename for s in info.siblings or []]) != "official":
             raise HubError(f"{repo_id}: an MLX model dir already, not an official repo to convert")
