@@ -289,16 +289,18 @@ def _first_line(e: BaseException) -> str:
 
 def _network_errors() -> tuple[type[BaseException], ...]:
     """The exceptions of an unreachable hub, whichever HTTP library huggingface_hub uses:
-    requests' (huggingface_hub 0.x; OSErrors) or httpx's transport errors (1.x and later)."""
+    requests' (huggingface_hub 0.x; OSErrors), httpx's transport errors (1.x) or httpx2's
+    (2.x)."""
+    import importlib
+
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     errors: list[type[BaseException]] = [OSError, OfflineModeIsEnabled]
-    try:
-        import httpx
-
-        errors.append(httpx.TransportError)
-    except ImportError:
-        pass
+    for name in ("httpx", "httpx2"):
+        try:
+            errors.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            pass
     return tuple(errors)
 
 

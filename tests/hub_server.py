@@ -1,4 +1,5 @@
-"""A local stand-in for the Hugging Face hub's HTTP API, for tests/test_hub.py.
+"""A local stand-in for the Hugging Face hub's HTTP API, for tests/test_hub.py and
+tests/test_hub_mlx.py, and the helpers both use to run the real client against it.
 
 It speaks the subset of the hub's API that huggingface_hub's `snapshot_download`,
 `hf_hub_download`, `model_info`/`repo_info`, `list_repo_files`, `create_repo` and
@@ -7,9 +8,9 @@ It speaks the subset of the hub's API that huggingface_hub's `snapshot_download`
     GET  /api/models/OWNER/NAME[/revision/REV]       repo info: sha, siblings
     GET  /api/models/OWNER/NAME/tree/REV[/PATH]      file listing (one page)
     HEAD|GET /OWNER/NAME/resolve/REV/PATH            a file: X-Repo-Commit, ETag, size;
-                                                     LFS files answer 302 to /lfs/OID with
+                                                     LFS files answer 302 to CDN/lfs/OID with
                                                      X-Linked-Etag and X-Linked-Size
-    GET  /lfs/OID                                    LFS content
+    GET  CDN/lfs/OID                                 LFS content
     POST /api/repos/create                           a new repo (409 if it exists)
     POST /api/validate-yaml                          a README's front matter
     POST /api/models/OWNER/NAME/preupload/REV        regular or LFS, per file
@@ -17,12 +18,20 @@ It speaks the subset of the hub's API that huggingface_hub's `snapshot_download`
     PUT  /lfs-upload/OID                             LFS content (checked against OID)
     POST /api/models/OWNER/NAME/commit/REV           an NDJSON commit
 
+LFS content is served by a second server on another port (`CDN`), another origin as the
+hub's CDN is: huggingface_hub 1.x and later follow a redirect to the hub's own origin
+when they ask for a file's metadata (and then miss `X-Repo-Commit`), not one to another.
+
 Creating a repo under `readonly/` is refused (403), as for a namespace without write
 rights. Errors carry the hub's `X-Error-Code` (RepoNotFound, RevisionNotFound, EntryNotFound,
 GatedRepo), which huggingface_hub turns into its typed errors. Every request is
 logged (`Hub.log`) so tests can count downloads. Repos are held in memory as
 commits of `{path: bytes | Path}` (a `Path` is read when served), with branches and
 tags as refs; commit ids are made up (40 hex digits).
+
+huggingface_hub reads its environment (`HF_ENDPOINT`, `HF_HOME`, `HF_HUB_OFFLINE`) when
+imported, so the tests run every client call in a fresh subprocess (`client`) with the
+environment `hf_env` makes.
 """
 
 from __future__ import annotations
@@ -30,6 +39,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,6 +49,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+ROOT = Path(__file__).resolve().parents[1]
 LFS_SUFFIXES = (".safetensors", ".pt", ".onnx", ".bin", ".npz")
 
 
@@ -116,6 +129,7 @@ def _is_lfs(path: str) -> bool:
 
 class Handler(BaseHTTPRequestHandler):
     hub: Hub  # set on the subclass that `serve` makes
+    cdn: str = ""  # the LFS server's URL, likewise (empty: this server's own)
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
@@ -276,7 +290,7 @@ class Handler(BaseHTTPRequestHandler):
                 "X-Linked-Etag": f'"{sha256}"',
                 "X-Linked-Size": str(size),
                 "ETag": f'"{blob}"',
-                "Location": f"{self.base}/lfs/{sha256}",
+                "Location": f"{self.cdn or self.base}/lfs/{sha256}",
             }
             return self._reply(302, b"", headers)
         headers = {"X-Repo-Commit": sha, "ETag": f'"{blob}"', "Content-Length": str(size)}
@@ -391,6 +405,8 @@ class Server:
     hub: Hub
     httpd: ThreadingHTTPServer
     thread: threading.Thread
+    cdn: ThreadingHTTPServer | None = None
+    cdn_thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -398,17 +414,97 @@ class Server:
         return f"http://{host}:{port}"
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=10)
+        for httpd, thread in ((self.httpd, self.thread), (self.cdn, self.cdn_thread)):
+            if httpd is not None and thread is not None:
+                httpd.shutdown()
+                httpd.server_close()
+                thread.join(timeout=10)
 
 
-def serve(hub: Hub | None = None) -> Server:
-    """Start a server for `hub` on 127.0.0.1 (a free port) in a daemon thread."""
-    hub = hub or Hub()
-    handler = type("BoundHandler", (Handler,), {"hub": hub})
+def _start(handler: type[Handler]) -> tuple[ThreadingHTTPServer, threading.Thread]:
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    return Server(hub, httpd, thread)
+    return httpd, thread
+
+
+def serve(hub: Hub | None = None) -> Server:
+    """Start a server for `hub` on 127.0.0.1 (a free port), and its LFS server (another
+    free port), each in a daemon thread."""
+    hub = hub or Hub()
+    cdn, cdn_thread = _start(type("CdnHandler", (Handler,), {"hub": hub}))
+    host, port = cdn.server_address[:2]
+    handler = type("BoundHandler", (Handler,), {"hub": hub, "cdn": f"http://{host}:{port}"})
+    httpd, thread = _start(handler)
+    return Server(hub, httpd, thread, cdn, cdn_thread)
+
+
+# ------------------------------------------------------------------ the client side
+
+
+def hf_env(server: Server, hf_home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a client of `server` with its cache in `hf_home` (no token, no
+    Xet, no telemetry), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(
+        HF_ENDPOINT=server.url,
+        HF_HOME=str(hf_home),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_XET="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_HUB_ETAG_TIMEOUT="5",
+        HF_HUB_DOWNLOAD_TIMEOUT="10",
+        PYTHONPATH=str(ROOT),
+    )
+    env.update(extra)
+    env.pop("HF_TOKEN", None)
+    return env
+
+
+# Resolves each (id, revision) of argv[1] (JSON) and prints one JSON line per id: the
+# record, or the error's class and message; whether the converter ran is also printed.
+RESOLVE = """
+import json, sys
+from cosyvoice2.errors import CosyVoiceError
+from cosyvoice2.hub import locate
+out = []
+for model, revision in json.loads(sys.argv[1]):
+    try:
+        out.append(locate(model, revision).record())
+    except CosyVoiceError as e:
+        out.append({"error": type(e).__name__, "message": str(e)})
+print(json.dumps({"results": out, "converted": "cosyvoice2.convert" in sys.modules}))
+"""
+
+
+def client(code: str, env: dict[str, str], *args: str) -> dict:
+    """Run `code` in a fresh interpreter (this one's) with `env`; its last stdout line as JSON."""
+    run = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def resolve_all(env: dict[str, str], *models: str | tuple[str, str | None]) -> dict:
+    """`RESOLVE` of each model (an id, or an (id, revision) pair) in one client."""
+    pairs = [(m, None) if isinstance(m, str) else m for m in models]
+    return client(RESOLVE, env, json.dumps(pairs))
+
+
+def synth(path: Path | str) -> Any:
+    """A short cross-lingual utterance of the model at `path` (fixed seed), as a numpy array."""
+    import numpy as np
+
+    import cosyvoice2
+
+    model = cosyvoice2.load(path)
+    prompt = (0.1 * np.sin(np.arange(32000) * 0.08)).astype(np.float32)
+    out = list(model.inference_cross_lingual("Hello.", (prompt, 16000), n_timesteps=2, seed=1))
+    return np.concatenate([np.array(o["tts_speech"]) for o in out], axis=1)

@@ -12,7 +12,6 @@ module (`official`), and the tests after it reuse that cache.
 from __future__ import annotations
 
 import ast
-import json
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.hub_server import Hub, Server, serve
+from tests.hub_server import Hub, Server, client, hf_env, resolve_all, serve, synth
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = "FunAudioLLM/CosyVoice2-tiny"
@@ -50,57 +49,6 @@ def server(tiny_official_dir: Path, mlx_tiny_dir: Path) -> Iterator[Server]:
     s.close()
 
 
-def hf_env(server: Server, hf_home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(
-        HF_ENDPOINT=server.url,
-        HF_HOME=str(hf_home),
-        HF_HUB_DISABLE_TELEMETRY="1",
-        HF_HUB_DISABLE_XET="1",
-        HF_HUB_DISABLE_PROGRESS_BARS="1",
-        HF_HUB_ETAG_TIMEOUT="5",
-        HF_HUB_DOWNLOAD_TIMEOUT="10",
-        PYTHONPATH=str(ROOT),
-    )
-    env.update(extra)
-    env.pop("HF_TOKEN", None)
-    return env
-
-
-# Resolves each (id, revision) of argv[1] (JSON) and prints one JSON line per id: the
-# record, or the error's class and message; whether the converter ran is also printed.
-RESOLVE = """
-import json, sys
-from cosyvoice2.errors import CosyVoiceError
-from cosyvoice2.hub import locate
-out = []
-for model, revision in json.loads(sys.argv[1]):
-    try:
-        out.append(locate(model, revision).record())
-    except CosyVoiceError as e:
-        out.append({"error": type(e).__name__, "message": str(e)})
-print(json.dumps({"results": out, "converted": "cosyvoice2.convert" in sys.modules}))
-"""
-
-
-def client(code: str, env: dict[str, str], *args: str) -> dict:
-    run = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
-
-
-def resolve_all(env: dict[str, str], *models: str | tuple[str, str | None]) -> dict:
-    pairs = [(m, None) if isinstance(m, str) else m for m in models]
-    return client(RESOLVE, env, json.dumps(pairs))
-
-
 @pytest.fixture(scope="module")
 def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("hf-home")
@@ -112,15 +60,6 @@ def official(server: Server, hf_home: Path) -> dict:
     before = len(server.hub.log)
     out = resolve_all(hf_env(server, hf_home), OFFICIAL)
     return {"record": out["results"][0], "log": server.hub.log[before:], "out": out}
-
-
-def synth(path: Path | str) -> np.ndarray:
-    import cosyvoice2
-
-    model = cosyvoice2.load(path)
-    prompt = (0.1 * np.sin(np.arange(32000) * 0.08)).astype(np.float32)
-    out = list(model.inference_cross_lingual("Hello.", (prompt, 16000), n_timesteps=2, seed=1))
-    return np.concatenate([np.array(o["tts_speech"]) for o in out], axis=1)
 
 
 def test_official_repo_is_downloaded_and_converted_on_first_use(
