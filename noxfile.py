@@ -65,6 +65,7 @@ TORCH_FREE = [
     "tests/test_cli_commands.py",
     "tests/test_blas.py",
     "tests/test_server.py",
+    "tests/test_hub_mlx.py",
     "tests/test_settings.py",
     "tests/test_runtime_isolation.py",
 ]

@@ -34,8 +34,8 @@ OURS = {
 # under that name: the C++ extension (kernels/), UniSpeech's speaker model (eval, opt-in).
 NOT_FROM_AN_INDEX = {"cosyvoice2_kernels", "models"}
 # Optional, guarded by an ImportError fallback where imported: Chinese script conversion
-# (eval), and httpx, huggingface_hub's HTTP library from its 1.0 on (cosyvoice2.hub).
-GUARDED = {"zhconv", "httpx"}
+# (eval), and httpx/httpx2, huggingface_hub's HTTP library from its 1.0 on (cosyvoice2.hub).
+GUARDED = {"zhconv", "httpx", "httpx2"}
 
 
 def _name(requirement: str) -> str:
