@@ -30,7 +30,7 @@ nox.options.error_on_missing_interpreters = False
 ROOT = Path(__file__).parent
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 PYTHON = "3.11"  # torch 2.13.0 (the parity reference) lies on local disk for this version
-PYTHONS = ["3.10", "3.12", "3.13"]  # the rest of pyproject's range, tested torch-free
+PYTHONS = ["3.12", "3.13"]  # the rest of pyproject's range, tested torch-free
 
 # The official CosyVoice2 code (parity reference): installed without its declared
 # dependencies (they pull a CUDA torch, torchaudio and training stacks); these are
@@ -73,13 +73,16 @@ TORCH_FREE = [
 
 def _pyenv_versions() -> None:
     """Under pyenv, make its shims find every installed CPython of `PYTHONS` (they answer
-    only for the selected versions otherwise); the selected version stays first."""
-    if "PYENV_VERSION" in os.environ or not shutil.which("pyenv"):
+    only for the selected versions otherwise; a shim that runs nox sets `PYENV_VERSION`
+    to the one it ran); the selected versions stay first."""
+    if not shutil.which("pyenv"):
         return
     run = lambda *a: subprocess.run(["pyenv", *a], capture_output=True, text=True).stdout  # noqa: E731
-    current = run("version-name").strip().split(":")
+    current = [
+        v for v in os.environ.get("PYENV_VERSION", run("version-name")).strip().split(":") if v
+    ]
     wanted = [v for v in run("versions", "--bare").split() if v.rsplit(".", 1)[0] in PYTHONS]
-    if current and current != [""]:
+    if current:
         os.environ["PYENV_VERSION"] = ":".join(dict.fromkeys([*current, *wanted]))
 
 

@@ -289,7 +289,7 @@ def build_report(
 
     md = [f"# {title}", ""]
     md.append(
-        f"Built {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')} from "
+        f"Built {_dt.datetime.now(_dt.UTC).isoformat(timespec='seconds')} from "
         f"{len(runs)} eval run(s) and {len(benches)} bench file(s)."
     )
     md.append("")
