@@ -15,6 +15,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The files of an official CosyVoice2 model dir that the converter reads (the release and
+# fine-tunes saved like it); `cosyvoice2.convert` checks them, `cosyvoice2.hub` downloads them.
+OFFICIAL_FILES = (
+    "cosyvoice2.yaml",
+    "llm.pt",
+    "flow.pt",
+    "hift.pt",
+    "campplus.onnx",
+    "speech_tokenizer_v2.onnx",
+    "CosyVoice-BlankEN/vocab.json",
+    "CosyVoice-BlankEN/merges.txt",
+    "CosyVoice-BlankEN/config.json",
+)
+
 
 def _build(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Construct dataclass `cls` from a dict, recursing into nested dataclasses, ignoring

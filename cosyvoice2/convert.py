@@ -27,7 +27,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from cosyvoice2.config import ModelConfig, config_from_official_dir
+from cosyvoice2.config import OFFICIAL_FILES, ModelConfig, config_from_official_dir
 from cosyvoice2.errors import CosyVoiceError
 from cosyvoice2.files import recover_dir, staged_dir
 from cosyvoice2.model_dir import (
@@ -39,18 +39,6 @@ from cosyvoice2.model_dir import (
     TOKENIZER_FILES,
     speaker_store,
     weights_file,
-)
-
-OFFICIAL_FILES = (
-    "cosyvoice2.yaml",
-    "llm.pt",
-    "flow.pt",
-    "hift.pt",
-    "campplus.onnx",
-    "speech_tokenizer_v2.onnx",
-    "CosyVoice-BlankEN/vocab.json",
-    "CosyVoice-BlankEN/merges.txt",
-    "CosyVoice-BlankEN/config.json",
 )
 
 

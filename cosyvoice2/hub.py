@@ -43,6 +43,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cosyvoice2.config import OFFICIAL_FILES
 from cosyvoice2.errors import CosyVoiceError
 from cosyvoice2.files import backup_path
 
@@ -51,19 +52,8 @@ try:
 except ImportError:  # not POSIX: conversions of one repo are not serialised
     fcntl = None  # type: ignore[assignment]
 
-# The official layout (what `cosyvoice2.convert` reads, `convert.OFFICIAL_FILES` plus the
-# optional files it looks at): the only files downloaded from an official repo.
-OFFICIAL_FILES = (
-    "cosyvoice2.yaml",
-    "llm.pt",
-    "flow.pt",
-    "hift.pt",
-    "campplus.onnx",
-    "speech_tokenizer_v2.onnx",
-    "CosyVoice-BlankEN/vocab.json",
-    "CosyVoice-BlankEN/merges.txt",
-    "CosyVoice-BlankEN/config.json",
-)
+# The official layout (what `cosyvoice2.convert` reads: `OFFICIAL_FILES` plus the optional
+# files it looks at): the only files downloaded from an official repo.
 OFFICIAL_OPTIONAL = ("CosyVoice-BlankEN/tokenizer_config.json", "spk2info.pt", "synthetic.json")
 OFFICIAL_MARKERS = ("cosyvoice2.yaml", "llm.pt", "flow.pt", "hift.pt")
 CONFIG_FILE = "config.json"  # `cosyvoice2.model_dir.CONFIG_FILE`, without importing the model

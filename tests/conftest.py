@@ -94,6 +94,12 @@ def prompt_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty hub cache (`HF_HOME`) for one test module (the hub tests)."""
+    return tmp_path_factory.mktemp("hf-home")
+
+
 ASTERISK_CLIPS = ("agent-alreadyon", "auth-incorrect")
 
 

@@ -508,3 +508,10 @@ def synth(path: Path | str) -> Any:
     prompt = (0.1 * np.sin(np.arange(32000) * 0.08)).astype(np.float32)
     out = list(model.inference_cross_lingual("Hello.", (prompt, 16000), n_timesteps=2, seed=1))
     return np.concatenate([np.array(o["tts_speech"]) for o in out], axis=1)
+
+
+def resolved_once(server: Server, hf_home: Path, repo: str) -> dict:
+    """`repo` resolved once into `hf_home`: its record, the server's log of it, the output."""
+    before = len(server.hub.log)
+    out = resolve_all(hf_env(server, hf_home), repo)
+    return {"record": out["results"][0], "log": server.hub.log[before:], "out": out}

@@ -21,7 +21,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.hub_server import Hub, Server, client, hf_env, resolve_all, serve, synth
+from tests.hub_server import (
+    Hub,
+    Server,
+    client,
+    hf_env,
+    resolve_all,
+    resolved_once,
+    serve,
+    synth,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = "FunAudioLLM/CosyVoice2-tiny"
@@ -50,16 +59,9 @@ def server(tiny_official_dir: Path, mlx_tiny_dir: Path) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
-def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("hf-home")
-
-
-@pytest.fixture(scope="module")
 def official(server: Server, hf_home: Path) -> dict:
     """The official repo resolved once (downloaded, converted); the server log before it."""
-    before = len(server.hub.log)
-    out = resolve_all(hf_env(server, hf_home), OFFICIAL)
-    return {"record": out["results"][0], "log": server.hub.log[before:], "out": out}
+    return resolved_once(server, hf_home, OFFICIAL)
 
 
 def test_official_repo_is_downloaded_and_converted_on_first_use(
@@ -255,11 +257,12 @@ def test_a_local_dir_never_touches_huggingface_hub(
 
 
 def test_the_file_names_are_the_model_dirs_and_the_converters() -> None:
-    """`hub` keeps its own copies (it imports neither module until it needs the model)."""
+    """`hub` keeps its own copy of the config file's name (it imports `model_dir` only when
+    it needs the model); the official file list is one (`config.OFFICIAL_FILES`)."""
     from cosyvoice2 import convert, hub, model_dir
 
     assert hub.CONFIG_FILE == model_dir.CONFIG_FILE
-    assert hub.OFFICIAL_FILES == convert.OFFICIAL_FILES
+    assert hub.OFFICIAL_FILES is convert.OFFICIAL_FILES
 
 
 def test_the_card_states_the_tests_tolerances() -> None:

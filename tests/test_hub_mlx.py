@@ -17,7 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.hub_server import Hub, Server, client, hf_env, resolve_all, serve, synth
+from tests.hub_server import (
+    Hub,
+    Server,
+    client,
+    hf_env,
+    resolve_all,
+    resolved_once,
+    serve,
+    synth,
+)
 
 MLX = "mlx-community/cosyvoice2-tiny-mlx"
 UPLOADED = "me/cosyvoice2-tiny-mlx"
@@ -33,16 +42,9 @@ def server(mlx_tiny_dir: Path) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
-def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("hf-home")
-
-
-@pytest.fixture(scope="module")
 def first(server: Server, hf_home: Path) -> dict:
     """The MLX repo resolved once into `hf_home` (downloaded); the server log of it."""
-    before = len(server.hub.log)
-    out = resolve_all(hf_env(server, hf_home), MLX)
-    return {"record": out["results"][0], "log": server.hub.log[before:], "out": out}
+    return resolved_once(server, hf_home, MLX)
 
 
 def closed_port_url() -> str:
