@@ -80,6 +80,10 @@ SPEED = ("sub-second time", "rate", "speed ratio", "RTF", "time taken")
 SOURCE_SETTINGS = {
     "25 ms frames every 10 ms": "the fbank / Whisper feature frame length and shift",
     "20 ms for times": "bench/compare.py's noise floor, a setting of the comparison",
+    "per 10 ms frame": "bench/fidelity.py's F0 frame shift",
+    "Each 40 ms frame": "bench/fidelity.py's F0 frame length",
+    "within +-2 ms": "bench/fidelity.py's click window around a join",
+    "over the 20 ms around": "bench/fidelity.py's local-variation window",
 }
 """Exact phrases that match a pattern in source files but state a setting, not a measurement."""
 
