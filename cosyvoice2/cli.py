@@ -26,6 +26,8 @@ EXIT_USAGE = 2
 MAX_TEXT_FILE_BYTES = 4 * 2**20
 # The command-line flag of each synthesis option the command sets.
 OPTION_FLAGS = {"n_timesteps": "--steps", "seed": "--seed", "speed": "--speed"}
+# The command-line flag of each load argument whose value `cosyvoice2.load` checks.
+LOAD_FLAGS = {"flow_bits": "--flow-bits", "inference_cfg_rate": "--inference-cfg-rate"}
 
 
 def _writable_target(out: Path) -> None:
@@ -243,7 +245,17 @@ def _load_model(args: argparse.Namespace):
         kwargs["llm_bits"] = args.llm_bits
     if getattr(args, "route", None) is not None:
         kwargs["route"] = args.route
-    return cosyvoice2.load(args.model, **kwargs)
+    if getattr(args, "flow_bits", None) is not None:
+        kwargs["flow_bits"] = args.flow_bits
+    if getattr(args, "inference_cfg_rate", None) is not None:
+        kwargs["inference_cfg_rate"] = args.inference_cfg_rate
+    from cosyvoice2.options import OptionError
+
+    try:
+        return cosyvoice2.load(args.model, **kwargs)
+    except OptionError as e:  # checked before the model is read
+        flag = LOAD_FLAGS.get(e.option)
+        raise InputError(f"{flag}: {e}" if flag else str(e)) from None
 
 
 def _text_of(args: argparse.Namespace) -> str:
@@ -441,6 +453,17 @@ def _synthesis_arguments(p: argparse.ArgumentParser) -> None:
         "--token-hop", type=int, help="speech tokens per later streamed chunk (default 25)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar or notices")
+    p.add_argument(
+        "--flow-bits",
+        type=int,
+        choices=(4, 8),
+        help="quantise the flow's linear layers at load (4 or 8 bits)",
+    )
+    p.add_argument(
+        "--inference-cfg-rate",
+        type=float,
+        help="the flow's classifier-free guidance rate, >= 0 (default: the model's, 0.7)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

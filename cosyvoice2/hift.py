@@ -63,6 +63,7 @@ files, `bench/README.md`):
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -71,7 +72,7 @@ import numpy as np
 from cosyvoice2 import branches
 from cosyvoice2.config import HiFTConfig
 from cosyvoice2.hift_source import ELU, ConvRNNF0Predictor, SineGen2, SourceModuleHnNSF2
-from cosyvoice2.ops import Conv1d, ConvTranspose1d, Derived
+from cosyvoice2.ops import Conv1d, ConvTranspose1d, Derived, set_dtype_evaluated
 from cosyvoice2.stft import istft, stft
 
 __all__ = [
@@ -171,6 +172,9 @@ class ResBlock(nn.Module):
 
 class HiFTGenerator(nn.Module):
     """HiFTNet generator (neural source filter + iSTFTNet) at 24 kHz, as CosyVoice2 configures it."""
+
+    def set_dtype(self, dtype: mx.Dtype, predicate: Any = None) -> None:
+        set_dtype_evaluated(self, dtype, predicate)
 
     def __init__(self, config: HiFTConfig):
         super().__init__()

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
+import numbers
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from cosyvoice2.config import ModelConfig
 from cosyvoice2.engine import Engine, Prompt, source_noise_key
 from cosyvoice2.errors import InputError
 from cosyvoice2.files import recover_dir
+from cosyvoice2.flow.quantize import check_flow_quantization, flow_precision, quantize_flow
 from cosyvoice2.model_dir import ModelDirError as ModelDirError  # raised by `load`
 from cosyvoice2.options import OptionError, SynthesisOptions
 from cosyvoice2.speakers import Speaker
@@ -119,6 +122,9 @@ class CosyVoice2:
         llm_kernels: str = "auto",
         route: str | None = None,
         revision: str | None = None,
+        flow_bits: int | None = None,
+        flow_group_size: int = 64,
+        inference_cfg_rate: float | None = None,
     ) -> CosyVoice2:
         """Load an MLX model dir written by `cosyvoice2 convert` (format: `cosyvoice2.model_dir`).
 
@@ -135,9 +141,19 @@ class CosyVoice2:
         CPU kernels when the backend has them (`cosyvoice2.kernel_layers`;
         `COSYVOICE2_KERNELS=0` disables them); `"off"` keeps MLX's own ops.
         `meta["llm_kernels"]` records what is used, `meta["backend"]` the route.
+
+        `flow_bits` (8 or 4) quantises the flow's `nn.Linear` layers (encoder and CFM
+        estimator) with MLX's `nn.quantize` at `flow_group_size` (32, 64 or 128) once its
+        weights are loaded (`cosyvoice2.flow.quantize`): a layer whose input dimension
+        is not a multiple of `flow_group_size` stays float; embeddings, convolutions and
+        HiFT stay float. `inference_cfg_rate` (a finite float >= 0) replaces the CFM's
+        classifier-free guidance rate (the config's, 0.7 in the released model) for this
+        model. `meta["flow_precision"]` records what load applied (`flow_precision`
+        describes the flow as it is now), `meta["inference_cfg_rate"]` the rate in use.
         """
         if llm_kernels not in ("auto", "off"):
             raise ValueError(f"llm_kernels must be 'auto' or 'off', got {llm_kernels!r}")
+        _check_flow_options(flow_bits, flow_group_size, inference_cfg_rate)
         from cosyvoice2.hub import resolve
 
         path = resolve(path, revision)
@@ -152,13 +168,36 @@ class CosyVoice2:
             if kernel_layers.use_kernels(llm, on):
                 kernels = on.describe()
         flow = model_dir.load_flow(path, config)
+        if inference_cfg_rate is not None:
+            flow.decoder.config = dataclasses.replace(
+                flow.decoder.config, inference_cfg_rate=float(inference_cfg_rate)
+            )
+        flow_record = None
+        if flow_bits is not None:
+            flow_record = quantize_flow(flow, flow_bits, flow_group_size)
         hift = model_dir.load_hift(path, config)
         campplus = model_dir.load_campplus(path, meta)
         speech_tokenizer = model_dir.load_speech_tokenizer(path, meta)
         mx.eval([m.parameters() for m in (flow, hift, campplus, speech_tokenizer)])
         frontend = model_dir.load_text_frontend(path, text_backend)
-        meta = {**meta, "llm_precision": precision, "llm_kernels": kernels, "backend": on.route}
+        meta = {
+            **meta,
+            "llm_precision": precision,
+            "llm_kernels": kernels,
+            "backend": on.route,
+            "flow_precision": {**flow_precision(flow), "quantization": flow_record},
+            "inference_cfg_rate": flow.decoder.config.inference_cfg_rate,
+        }
         return cls(config, llm, flow, hift, campplus, speech_tokenizer, frontend, path, meta, on)
+
+    @property
+    def flow_precision(self) -> dict[str, Any]:
+        """The flow's precision now (`cosyvoice2.flow.quantize.flow_precision`: dtype, bits,
+        group size, quantised and float linear layers) and its CFG rate, for a caller to print."""
+        return {
+            **flow_precision(self.flow),
+            "inference_cfg_rate": self.flow.decoder.config.inference_cfg_rate,
+        }
 
     @property
     def weights_label(self) -> str:
@@ -635,6 +674,26 @@ def _at_most(tokens: Iterator[int], n: int) -> Iterator[int]:
         close = getattr(tokens, "close", None)
         if close is not None:
             close()
+
+
+def _check_flow_options(bits: Any, group_size: Any, cfg_rate: Any) -> None:
+    """`flow_bits`, `flow_group_size` and `inference_cfg_rate` of `load`, before anything is
+    read: an `OptionError` naming the argument."""
+    if bits is not None:
+        try:
+            check_flow_quantization(bits, group_size)
+        except InputError as e:
+            raise OptionError(str(e), str(e).split(" ", 1)[0]) from None
+    if cfg_rate is not None and (
+        isinstance(cfg_rate, bool)
+        or not isinstance(cfg_rate, numbers.Real)
+        or not math.isfinite(cfg_rate)
+        or cfg_rate < 0
+    ):
+        raise OptionError(
+            f"inference_cfg_rate must be a finite number >= 0, got {cfg_rate!r}",
+            "inference_cfg_rate",
+        )
 
 
 def load(path: str | Path, **kwargs: Any) -> CosyVoice2:

@@ -297,6 +297,17 @@ def conv_transpose1d(
     return y if bias is None else y + bias
 
 
+def set_dtype_evaluated(module: nn.Module, dtype: mx.Dtype, predicate: Any = None) -> None:
+    """`nn.Module.set_dtype`, then the cast parameters evaluated on this thread: a module whose
+    work runs in worker threads (`cosyvoice2.branches`) cannot evaluate arrays left pending
+    on the stream of the thread that cast them."""
+    if predicate is None:
+        nn.Module.set_dtype(module, dtype)
+    else:
+        nn.Module.set_dtype(module, dtype, predicate)
+    mx.eval(module.parameters())
+
+
 class Derived:
     """A value derived from a parameter array, kept until the parameter is replaced.
 

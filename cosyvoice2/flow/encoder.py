@@ -282,17 +282,26 @@ class UpsampleConformerEncoder(nn.Module):
         context = self.embed(context) if context is not None and context.shape[1] > 0 else None
         chunk = cfg.static_chunk_size if streaming else 0
         xs = self.pre_lookahead_layer(xs, context, cache)
-        pos_emb = rel_position_table(start + xs.shape[1], xs.shape[2])
+        pos_emb = _table(start + xs.shape[1], xs)
         for layer in self.encoders:
             xs = layer(xs, pos_emb, chunk, cache)
         up = None if cache is None else cache.scaled(s)  # the same state, counted in frames
         xs = self.up_layer(xs, up)
         xs = self.up_embed(xs)
-        pos_emb = rel_position_table(start * s + xs.shape[1], xs.shape[2])
+        pos_emb = _table(start * s + xs.shape[1], xs)
         chunk = cfg.static_chunk_size * s if streaming else 0
         for layer in self.up_encoders:
             xs = layer(xs, pos_emb, chunk, up)
         return self.after_norm(xs)
+
+
+def _table(size: int, xs: mx.array) -> mx.array:
+    """`rel_position_table` for `size` positions in the features' dtype: a bfloat16 or
+    float16 flow attends in that dtype (MLX's fused attention takes its mask, the
+    position term, only in the output's dtype), as the official module's table buffer
+    is cast with the model."""
+    table = rel_position_table(size, xs.shape[2])
+    return table if xs.dtype == table.dtype else table.astype(xs.dtype)
 
 
 def _causal_conv(x: mx.array, conv: nn.Conv1d, cache: Any) -> mx.array:

@@ -32,10 +32,13 @@ layout too), and the returned mel is `(1, T, 80)`; the official returns
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from cosyvoice2.config import FlowConfig
+from cosyvoice2.ops import set_dtype_evaluated
 from cosyvoice2.flow.decoder import ConvTranspose1d
 from cosyvoice2.flow.encoder import UpsampleConformerEncoder
 from cosyvoice2.flow.flow_matching import CausalConditionalCFM
@@ -58,6 +61,9 @@ class CausalMaskedDiffWithXvec(nn.Module):
         self.encoder = UpsampleConformerEncoder(config.encoder, config.pre_lookahead_len)
         self.encoder_proj = nn.Linear(config.encoder.output_size, config.output_size)
         self.decoder = CausalConditionalCFM(config.decoder)
+
+    def set_dtype(self, dtype: mx.Dtype, predicate: Any = None) -> None:
+        set_dtype_evaluated(self, dtype, predicate)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Official `flow.pt` state dict (torch layouts) -> this model's parameters.

@@ -98,12 +98,24 @@ def linear(layer: nn.Module, x: mx.array, bias: bool = True) -> mx.array:
 
     float32 weights on the CPU run the panel GEMM (`cpu_extension`), the weight packed
     on first use and kept on the layer (again when the weight changes); otherwise MLX.
+    An `nn.QuantizedLinear` (`cosyvoice2.flow.quantize`) runs MLX's quantised matmul.
     """
     w = layer.weight
     k = cpu_extension() if w.dtype == mx.float32 and _is_pointwise(layer) else None
     if k is None:
         if bias:
             return layer(x)
+        if isinstance(layer, nn.QuantizedLinear):
+            return mx.quantized_matmul(
+                x,
+                w,
+                layer.scales,
+                layer.get("biases"),
+                transpose=True,
+                group_size=layer.group_size,
+                bits=layer.bits,
+                mode=layer.mode,
+            )
         return x @ w.reshape(w.shape[0], -1).T
     return panel_linear(k, x, packed(k, layer), w.shape[0], layer.get("bias") if bias else None)
 

@@ -1,0 +1,99 @@
+"""Weight-only 8- or 4-bit quantisation of the flow's linear layers, and a record of the flow's precision.
+
+The flow's `nn.Linear` layers (the encoder's attention and feed-forward projections,
+the estimator's attention, feed-forward and time-embedding projections, the speaker
+and encoder projections) are replaced by MLX's `nn.QuantizedLinear` through MLX's own
+`nn.quantize` (affine quantisation: a scale and a bias per `group_size` weights of a
+row). A layer whose input dimension is not a multiple of `group_size` stays float, as
+MLX's quantised matmul needs whole groups. Embeddings and convolutions (including the
+estimator's 1x1 convolutions) stay float: the convolutions carry most of the
+estimator's weights at kernel 3, and quantising them would need a quantised
+convolution MLX does not have.
+
+Every compute route runs a quantised layer through MLX's quantised matmul: the
+flow's fast paths (`cosyvoice2.flow.ops.linear`, the fused q/k/v projection and the
+whole-block kernel of `cosyvoice2.flow.transformer`) serve float `nn.Linear` layers
+only and fall back to the layer itself otherwise; nothing dequantises the model.
+What quantisation buys is memory (the linears' weights at a quarter or an eighth
+of float32): MLX's quantised matmul on the CPU is slower than its float matmul and
+than the extension's panel GEMM, which a quantised layer no longer takes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from cosyvoice2.errors import InputError
+
+__all__ = [
+    "FLOW_BITS",
+    "FLOW_GROUP_SIZES",
+    "check_flow_quantization",
+    "flow_precision",
+    "quantize_flow",
+]
+
+FLOW_BITS = (8, 4)
+FLOW_GROUP_SIZES = (32, 64, 128)  # MLX's affine quantisation
+
+
+def _quantizable(module: nn.Module, group_size: int) -> bool:
+    return type(module) is nn.Linear and module.weight.shape[-1] % group_size == 0
+
+
+def check_flow_quantization(bits: Any, group_size: Any) -> None:
+    """A one-line `InputError` naming the argument when `bits`/`group_size` are not MLX's."""
+    if isinstance(bits, bool) or bits not in FLOW_BITS:
+        raise InputError(f"flow_bits must be one of 8, 4 or None, got {bits!r}")
+    if isinstance(group_size, bool) or group_size not in FLOW_GROUP_SIZES:
+        raise InputError(
+            f"flow_group_size must be one of {', '.join(map(str, FLOW_GROUP_SIZES))}, "
+            f"got {group_size!r}"
+        )
+
+
+def quantize_flow(flow: nn.Module, bits: int, group_size: int = 64) -> dict[str, Any]:
+    """Quantise the flow's `nn.Linear` layers in place (see module doc); returns the record
+    `{"bits", "group_size", "quantized_linears", "float_linears"}`.
+
+    Run after the weights are loaded and after any dtype cast: the scales and biases
+    take the weights' dtype. A layer whose input dimension is not a multiple of
+    `group_size` stays float (counted in `float_linears`).
+    """
+    check_flow_quantization(bits, group_size)
+    nn.quantize(
+        flow,
+        group_size=group_size,
+        bits=bits,
+        class_predicate=lambda _path, m: _quantizable(m, group_size),
+    )
+    mx.eval(flow.parameters())
+    record = flow_precision(flow)
+    return {
+        "bits": bits,
+        "group_size": group_size,
+        "quantized_linears": record["quantized_linears"],
+        "float_linears": record["float_linears"],
+    }
+
+
+def flow_precision(flow: nn.Module) -> dict[str, Any]:
+    """What the flow runs at now: `dtype` (of its float weights), `bits` and `group_size`
+    of its quantised linears (None when there are none), and how many linears are
+    quantised and how many float."""
+    quantized = [m for _, m in flow.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    floats = sum(1 for _, m in flow.named_modules() if type(m) is nn.Linear)
+    dtype = flow.input_embedding.weight.dtype
+    q = quantized[0] if quantized else None
+    return {
+        "dtype": {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}.get(
+            dtype, str(dtype)
+        ),
+        "bits": None if q is None else q.bits,
+        "group_size": None if q is None else q.group_size,
+        "quantized_linears": len(quantized),
+        "float_linears": floats,
+    }
