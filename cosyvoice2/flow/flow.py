@@ -38,10 +38,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from cosyvoice2.config import FlowConfig
-from cosyvoice2.ops import set_dtype_evaluated
 from cosyvoice2.flow.decoder import ConvTranspose1d
 from cosyvoice2.flow.encoder import UpsampleConformerEncoder
 from cosyvoice2.flow.flow_matching import CausalConditionalCFM
+from cosyvoice2.ops import set_dtype_evaluated
 
 
 def l2_normalize(x: mx.array, eps: float = 1e-12) -> mx.array:
