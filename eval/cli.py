@@ -12,6 +12,8 @@ Examples:
     python -m eval run --set seedtts_testset/en/meta.lst --model-dir models/cv2-mlx \\
         --precision 8bit --steps 10 --asr mlx-community/whisper-large-v3-mlx
     python -m eval run --set my_set.csv --tts copy --asr offline:tiny.en --limit 20
+    python -m eval run --set my_set.csv --model-dir models/cv2-mlx --dtype bf16 \\
+        --flow-bits 8 --inference-cfg-rate 0.5
 
 Outputs go to `eval/results/<set>/<tag>/` unless `--out` is given: `manifest.json` and
 `wavs/` (synthesis), `results.json`, `utterances.csv`, `summary.csv` (scores).
@@ -20,6 +22,7 @@ Outputs go to `eval/results/<set>/<tag>/` unless `--out` is given: `manifest.jso
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,7 +49,29 @@ def _add_synth_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--precision", help="LLM precision of the model (e.g. fp32, bf16, 8bit, 4bit)")
     ap.add_argument("--steps", type=int, default=10, help="flow-matching steps (n_timesteps)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--dtype", choices=("fp32", "bf16", "fp16"), help="flow/HiFT dtype (default: the dir's own)"
+    )
+    ap.add_argument(
+        "--flow-bits", type=int, choices=(8, 4), help="quantise the flow's linear layers"
+    )
+    ap.add_argument(
+        "--inference-cfg-rate",
+        type=_cfg_rate,
+        metavar="X",
+        help="the flow's classifier-free guidance rate (default: the model's)",
+    )
     ap.add_argument("--overwrite", action="store_true", help="discard a cached synthesis")
+
+
+def _cfg_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
 
 
 def _add_score_args(ap: argparse.ArgumentParser) -> None:
@@ -72,7 +97,15 @@ def _make_synth(args: argparse.Namespace):
         return CopySynthesizer()
     if args.model_dir is None:
         raise SystemExit("--model-dir is required with --tts cosyvoice2")
-    return CosyVoice2Synthesizer(_model_dir(args.model_dir), args.precision, args.steps, args.seed)
+    return CosyVoice2Synthesizer(
+        _model_dir(args.model_dir),
+        args.precision,
+        args.steps,
+        args.seed,
+        dtype=args.dtype,
+        flow_bits=args.flow_bits,
+        inference_cfg_rate=args.inference_cfg_rate,
+    )
 
 
 def _model_dir(model: str) -> Path:
@@ -89,12 +122,9 @@ def _model_dir(model: str) -> Path:
 
 
 def _tag(settings: dict[str, Any]) -> str:
-    if settings.get("tts") == "copy-prompt":
-        return "copy-prompt"
-    prec = settings.get("precision") or "default"
-    return (
-        f"{Path(settings['model_dir']).name}-{prec}-n{settings['n_timesteps']}-s{settings['seed']}"
-    )
+    from eval.synth import settings_tag
+
+    return settings_tag(settings)
 
 
 def _synth(args: argparse.Namespace, ts: TestSet):

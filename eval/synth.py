@@ -21,6 +21,7 @@ or `overwrite=True`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -111,6 +112,54 @@ def precision_kwargs(precision: str | None) -> dict[str, Any]:
     raise ValueError(f"unknown precision {precision!r}; use fp32, bf16, fp16 or <n>bit")
 
 
+FLOW_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""Flow/HiFT dtype names of the bench (`bench.cases.DTYPES`) -> MLX dtype names."""
+FLOW_BITS = (8, 4)
+"""Bit widths the flow's linear layers may be quantised to (`cosyvoice2.load(flow_bits=...)`)."""
+
+
+def check_synthesis_settings(
+    dtype: str | None = None,
+    flow_bits: int | None = None,
+    inference_cfg_rate: float | None = None,
+) -> None:
+    """Raise ValueError (one line) for a flow/HiFT dtype, flow bit width or CFG rate out of range."""
+    if dtype is not None and dtype not in FLOW_DTYPES:
+        raise ValueError(f"unknown flow/HiFT dtype {dtype!r}; use one of {tuple(FLOW_DTYPES)}")
+    if flow_bits is not None and (
+        isinstance(flow_bits, bool) or not isinstance(flow_bits, int) or flow_bits not in FLOW_BITS
+    ):
+        raise ValueError(f"flow_bits must be one of {FLOW_BITS}, got {flow_bits!r}")
+    if inference_cfg_rate is not None and (
+        isinstance(inference_cfg_rate, bool)
+        or not isinstance(inference_cfg_rate, int | float)
+        or not math.isfinite(inference_cfg_rate)
+        or inference_cfg_rate < 0
+    ):
+        raise ValueError(
+            f"inference_cfg_rate must be a finite number >= 0, got {inference_cfg_rate!r}"
+        )
+
+
+def settings_tag(settings: dict[str, Any]) -> str:
+    """The folder name of a synthesis: `<model>-<precision>-n<steps>-s<seed>`, then
+    `-flow<dtype>`, `-fb<bits>` and `-cfg<rate>` only for the settings that are set (so the
+    names of runs without them stay as they were); `copy-prompt` for the copy synthesizer."""
+    if settings.get("tts") == "copy-prompt":
+        return "copy-prompt"
+    prec = settings.get("precision") or "default"
+    tag = (
+        f"{Path(settings['model_dir']).name}-{prec}-n{settings['n_timesteps']}-s{settings['seed']}"
+    )
+    if settings.get("dtype") is not None:
+        tag += f"-flow{settings['dtype']}"
+    if settings.get("flow_bits") is not None:
+        tag += f"-fb{settings['flow_bits']}"
+    if settings.get("inference_cfg_rate") is not None:
+        tag += f"-cfg{settings['inference_cfg_rate']:g}"
+    return tag
+
+
 class CosyVoice2Synthesizer:
     """Adapter to this package's model: `cosyvoice2.load(model_dir, ...)` then `generate`.
 
@@ -120,6 +169,13 @@ class CosyVoice2Synthesizer:
     `n_timesteps` (flow-matching diffusion steps) and the run `seed` (each utterance
     gets `utterance_seed(seed, id)`, passed as `seed=`). Zero-shot mode: the prompt wav
     with its transcript (cross-lingual when the transcript is empty).
+
+    The bench's other axes, each None by default (the model's own), and then neither
+    passed on nor recorded in `describe()`, so the settings of older runs are unchanged:
+    `dtype` (flow and HiFT cast with `set_dtype` after loading, as the bench does: fp32,
+    bf16, fp16), `flow_bits` (the flow's linear layers quantised, 8 or 4) and
+    `inference_cfg_rate` (the flow's classifier-free guidance rate); the last two are
+    `cosyvoice2.load` keyword arguments.
     """
 
     takes_seed = True  # synthesize_set passes the per-utterance seed
@@ -130,12 +186,24 @@ class CosyVoice2Synthesizer:
         precision: str | None = None,
         n_timesteps: int = 10,
         seed: int = 0,
+        dtype: str | None = None,
+        flow_bits: int | None = None,
+        inference_cfg_rate: float | None = None,
     ) -> None:
+        check_synthesis_settings(dtype, flow_bits, inference_cfg_rate)
         self.model_dir = Path(model_dir)
         self.precision = precision
         self._load_kwargs = precision_kwargs(precision)
+        if flow_bits is not None:
+            self._load_kwargs["flow_bits"] = flow_bits
+        if inference_cfg_rate is not None:
+            inference_cfg_rate = float(inference_cfg_rate)
+            self._load_kwargs["inference_cfg_rate"] = inference_cfg_rate
         self.n_timesteps = n_timesteps
         self.seed = seed
+        self.dtype = dtype
+        self.flow_bits = flow_bits
+        self.inference_cfg_rate = inference_cfg_rate
         self.weights = weights_label(self.model_dir)  # the dir's own record: no override
         self._model: Any = None
 
@@ -152,7 +220,23 @@ class CosyVoice2Synthesizer:
                     "model API is not there, so only other synthesizers (e.g. --tts copy) "
                     "can be evaluated"
                 )
-            self._model = load(str(self.model_dir), **self._load_kwargs)
+            try:
+                model = load(str(self.model_dir), **self._load_kwargs)
+            except TypeError as e:
+                new = [k for k in ("flow_bits", "inference_cfg_rate") if k in self._load_kwargs]
+                missing = [k for k in new if repr(k) in str(e)]
+                if missing:
+                    raise RuntimeError(
+                        f"this cosyvoice2.load does not take {missing[0]}= ({e})"
+                    ) from e
+                raise
+            if self.dtype is not None:
+                import mlx.core as mx
+
+                dt = getattr(mx, FLOW_DTYPES[self.dtype])
+                model.flow.set_dtype(dt)
+                model.hift.set_dtype(dt)
+            self._model = model
         return self._model
 
     def __call__(
@@ -169,7 +253,7 @@ class CosyVoice2Synthesizer:
         return np.asarray(wav, dtype=np.float32).reshape(-1), int(model.sample_rate)
 
     def describe(self) -> dict[str, Any]:
-        return {
+        out = {
             "tts": "cosyvoice2-mlx",
             "model_dir": str(self.model_dir.resolve()),
             "weights": self.weights,
@@ -177,6 +261,13 @@ class CosyVoice2Synthesizer:
             "n_timesteps": self.n_timesteps,
             "seed": self.seed,
         }
+        if self.dtype is not None:
+            out["dtype"] = self.dtype
+        if self.flow_bits is not None:
+            out["flow_bits"] = self.flow_bits
+        if self.inference_cfg_rate is not None:
+            out["inference_cfg_rate"] = self.inference_cfg_rate
+        return out
 
 
 @dataclass
