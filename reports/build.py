@@ -9,14 +9,24 @@ every table, legend and title: their numbers test the harness, not the model. Ru
 weights label is `unknown` (the model dir records neither synthetic nor real) are
 labelled as such too, kept apart from real-weight runs and not compared with the paper.
 
+With `bench_sections=True` the bench part of `reports.bench_plots` follows (speed,
+latency, memory and fidelity against the settings, recommendations, history); a report
+from bench results alone leaves out the eval sections.
+
 Plots are written with matplotlib's Agg backend at a fixed size (`FIGSIZE` at `DPI`).
+The report is drawn into a temporary folder beside `out_dir` and moved into place only
+when every file is written, so a failed build leaves no partial report.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import re
+import shutil
+import tempfile
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 from reports.formats import WEIGHTS_MARKS, BenchRun, EvalRun, join_rtf
@@ -272,15 +282,53 @@ def _bench_table(benches: list[BenchRun]) -> list[str]:
     return lines
 
 
+def _publish(stage: Path, out: Path) -> None:
+    """Move the finished files of `stage` into `out` (a rename when `out` is new)."""
+    if not out.exists():
+        stage.rename(out)
+        return
+    for f in sorted(stage.iterdir()):
+        os.replace(f, out / f.name)
+    stage.rmdir()
+
+
 def build_report(
     eval_runs: list[EvalRun],
     benches: list[BenchRun],
     out_dir: str | Path,
     title: str = "cosyvoice2-mlx quality report",
+    *,
+    bench_sections: bool = False,
+    history: Sequence[BenchRun] = (),
 ) -> Path:
-    """Write `report.md` and its PNG plots into `out_dir`; returns the markdown path."""
+    """Write `report.md` and its PNG plots into `out_dir`; returns the markdown path.
+
+    `bench_sections` adds the bench plots and recommendations (`reports.bench_plots`),
+    with `history` the stored runs for the history plot.
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes it private; the report is not
+    try:
+        _write_report(eval_runs, benches, stage, title, bench_sections, history)
+        _publish(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out / "report.md"
+
+
+def _write_report(
+    eval_runs: list[EvalRun],
+    benches: list[BenchRun],
+    out: Path,
+    title: str,
+    bench_sections: bool,
+    history: Sequence[BenchRun],
+) -> None:
     runs = sorted(eval_runs, key=_sort_key)
     # one section (and set of plots) per test set, real, synthetic and unknown weights apart
     by_set: dict[tuple[str, str], list[EvalRun]] = defaultdict(list)
@@ -293,6 +341,14 @@ def build_report(
         f"{len(runs)} eval run(s) and {len(benches)} bench file(s)."
     )
     md.append("")
+    if bench_sections and not runs:  # a bench report: the eval sections have nothing to show
+        from reports.bench_plots import bench_sections as _bench_md
+
+        md += _bench_md(benches, history, out, FIGSIZE, DPI)
+        md += ["## Sources", ""]
+        md += [f"- bench: `{b.source}` (run {b.run_id}, commit {b.git_commit})" for b in benches]
+        (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+        return
     synthetic = sorted({r.set_name for r in runs if r.weights == "synthetic"})
     if synthetic or any(b.weights == "synthetic" for b in benches):
         md += [
@@ -347,6 +403,10 @@ def build_report(
             else:
                 md += [f"### {what}", "", f"![{what}]({path.name})", ""]
     md += ["## Bench cases", "", *_bench_table(benches), ""]
+    if bench_sections:
+        from reports.bench_plots import bench_sections as _bench_md
+
+        md += _bench_md(benches, history, out, FIGSIZE, DPI)
     failures = [(r, uid, why) for r in runs for uid, why in r.failures.items()]
     md += ["## Failed utterances", ""]
     if failures:
@@ -357,6 +417,4 @@ def build_report(
     md += ["", "## Sources", ""]
     md += [f"- eval: `{r.source}` (commit {r.git_commit}, {r.date})" for r in runs]
     md += [f"- bench: `{b.source}` (run {b.run_id}, commit {b.git_commit})" for b in benches]
-    path = out / "report.md"
-    path.write_text("\n".join(md) + "\n", encoding="utf-8")
-    return path
+    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")

@@ -18,10 +18,16 @@
 
     weights.label                 "real" | "synthetic" | "unknown" (missing: "unknown")
     machine.kind, machine.cpu     shown in the report
-    versions.git_commit, run_id, created
-    cases[].status                only "ok" cases are read
-    cases[].settings              {target, llm, dtype, steps, text, stream}
-    cases[].figures.<name>.median for rtf, first_chunk_s, rss_peak_mb, mlx_peak_mb
+    versions.git_commit (or versions.commit), run_id, created, settings.repeats
+    cases[].id, cases[].status    only "ok" cases are read
+    cases[].settings              {target, llm, dtype, steps, text, stream, kernels,
+                                  first_hop, saved, final, flow_bits, cfg}; older runs
+                                  lack flow_bits and cfg: read as null
+    cases[].figures.<name>        median, min, max of the names in `BENCH_FIGURES`
+    cases[].fidelity.reference    the id of the case a fidelity figure is measured against
+
+A results file is read only up to `MAX_RESULTS_BYTES`; a file that is not a JSON object
+of this shape raises ValueError with a one-line message.
 
 Joining (quality against speed): an eval run matches the bench cases of target
 `cosyvoice2`, not streaming, with `llm` equal to the eval `precision`, `steps` equal to
@@ -43,10 +49,30 @@ from typing import Any
 EVAL_FORMAT = "cosyvoice2-mlx eval results"
 EVAL_FORMAT_VERSION = 1
 BENCH_SCHEMA_PREFIX = "cosyvoice2-mlx-bench/"
-BENCH_FIGURES = ("rtf", "first_chunk_s", "rss_peak_mb", "mlx_peak_mb")
+BENCH_FIGURES = (
+    "rtf",
+    "first_chunk_s",
+    "cold_first_chunk_s",
+    "playback_gap_max_s",
+    "rss_peak_mb",
+    "mlx_peak_mb",
+    "token_agreement_greedy",
+    "token_agreement_sampled",
+    "log_mel_distance",
+    "mrstft_distance",
+    "f0_rmse_cents",
+    "voicing_disagreement",
+    "click_max",
+    "wer",
+    "cer",
+    "sim",
+)
+NEW_SETTINGS = ("flow_bits", "cfg")
+"""Settings that older runs lack: read as null (None)."""
+MAX_RESULTS_BYTES = 64 * 1024 * 1024
 JOIN_TARGET = "cosyvoice2"
 JOIN_TEXT = "short"
-JOIN_AXES = {"dtype": "fp32", "kernels": "auto"}
+JOIN_AXES = {"dtype": "fp32", "kernels": "auto", "flow_bits": None, "cfg": None}
 WEIGHTS_MARKS = {"synthetic": " [synthetic]", "unknown": " [unknown weights]"}
 """The mark a run's label carries for weights that are not recorded as the real ones."""
 
@@ -103,8 +129,11 @@ class EvalRun:
 @dataclass(frozen=True)
 class BenchCase:
     settings: dict[str, Any]
-    figures: dict[str, float]
+    figures: dict[str, float]  # name -> median
     weights: str
+    id: str = ""
+    spread: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (min, max)
+    reference: str | None = None  # fidelity.reference: the case the distances are against
 
 
 @dataclass(frozen=True)
@@ -115,6 +144,8 @@ class BenchRun:
     git_commit: str | None
     run_id: str | None
     cases: tuple[BenchCase, ...] = field(default_factory=tuple)
+    created: str | None = None
+    repeats: int | None = None
 
 
 def read_eval(path: str | Path) -> EvalRun:
@@ -152,38 +183,85 @@ def read_eval(path: str | Path) -> EvalRun:
     )
 
 
+def _number(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x)
+
+
+def _obj(x: Any, where: str) -> dict:
+    if x is None:
+        return {}
+    if not isinstance(x, dict):
+        raise ValueError(f"{where}: expected an object")
+    return x
+
+
+def _text(x: Any) -> str | None:
+    return x if isinstance(x, str) else None
+
+
 def read_bench(path: str | Path) -> BenchRun:
     """Read a bench results JSON (only the fields listed in this module's docstring)."""
     path = Path(path)
-    doc = json.loads(path.read_text(encoding="utf-8"))
+    if path.stat().st_size > MAX_RESULTS_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_RESULTS_BYTES} bytes")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSON and UTF-8 errors
+        raise ValueError(f"{path}: not JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: not a bench results file (not a JSON object)")
     schema = doc.get("schema", "")
     if not isinstance(schema, str) or not schema.startswith(BENCH_SCHEMA_PREFIX):
         raise ValueError(f"{path}: not a bench results file (schema {schema!r})")
-    weights = (doc.get("weights") or {}).get("label", "unknown")
-    machine = doc.get("machine") or {}
+    weights = _text(_obj(doc.get("weights"), f"{path}: weights").get("label")) or "unknown"
+    machine = _obj(doc.get("machine"), f"{path}: machine")
+    versions = _obj(doc.get("versions"), f"{path}: versions")
+    run_settings = _obj(doc.get("settings"), f"{path}: settings")
+    raw_cases = doc.get("cases", [])
+    if not isinstance(raw_cases, list):
+        raise ValueError(f"{path}: cases: expected a list")
     cases = []
-    for c in doc.get("cases", []):
+    for i, c in enumerate(raw_cases):
+        c = _obj(c, f"{path}: cases[{i}]")
         if c.get("status") != "ok":
             continue
-        figs = {
-            name: float(f["median"])
-            for name, f in (c.get("figures") or {}).items()
-            if name in BENCH_FIGURES and isinstance(f, dict) and f.get("median") is not None
-        }
+        figs, spread = {}, {}
+        for name, f in _obj(c.get("figures"), f"{path}: cases[{i}].figures").items():
+            if name not in BENCH_FIGURES or not isinstance(f, dict):
+                continue
+            med = _number(f.get("median"))
+            if med is None:
+                continue
+            figs[name] = med
+            lo, hi = _number(f.get("min")), _number(f.get("max"))
+            spread[name] = (med if lo is None else lo, med if hi is None else hi)
+        settings = dict(_obj(c.get("settings"), f"{path}: cases[{i}].settings"))
+        for key in NEW_SETTINGS:
+            settings.setdefault(key, None)
+        fidelity = c.get("fidelity")
         cases.append(
             BenchCase(
-                settings=dict(c.get("settings", {})),
+                settings=settings,
                 figures=figs,
-                weights=c.get("weights", weights),
+                weights=_text(c.get("weights")) or weights,
+                id=_text(c.get("id")) or "",
+                spread=spread,
+                reference=_text(fidelity.get("reference")) if isinstance(fidelity, dict) else None,
             )
         )
+    commit = versions.get("git_commit", versions.get("commit"))
+    repeats = run_settings.get("repeats")
     return BenchRun(
         source=path,
         weights=weights,
         machine=f"{machine.get('kind', '?')} ({machine.get('cpu', '?')})",
-        git_commit=(doc.get("versions") or {}).get("git_commit"),
-        run_id=doc.get("run_id"),
+        git_commit=_text(commit),
+        run_id=_text(doc.get("run_id")),
         cases=tuple(cases),
+        created=_text(doc.get("created")),
+        repeats=repeats if isinstance(repeats, int) and not isinstance(repeats, bool) else None,
     )
 
 
