@@ -24,6 +24,20 @@ from cosyvoice2.files import staged_dir
 
 GENERATOR_VERSION = 2
 SIZES = ("tiny", "full")
+PROFILES = ("default", "sensitive")
+"""`default`: the official modules' own initialisation. `sensitive`: the same weights with the
+speech LM's output layer and the backbone's residual-branch projections scaled
+(`SENSITIVE_SCALES`), so that its token distribution is peaked and depends on the backbone."""
+
+SENSITIVE_SCALES = {"llm_decoder.": 6.0, "o_proj.weight": 4.0, "down_proj.weight": 4.0}
+"""Scales of the `sensitive` profile, by key suffix or prefix of `llm.pt`. With the default
+initialisation the full-size LM's logits are nearly uniform (entropy 8.6 of at most 8.8 nats;
+top-p 0.8 keeps about 4000 of 6561 tokens) and half of them come from the input embedding
+alone, so any perturbation of the backbone flips tokens at random and its real effect is
+hidden. Scaling `llm_decoder` by 6 gives logits with a standard deviation of about 3.5
+(about 50 tokens in the top-p nucleus, top-1 probability about 0.24), and scaling the
+attention and MLP output projections by 4 makes the backbone's layers, not the embedding,
+decide the output. Used for the bench's fidelity figures (precision drift of the LM)."""
 
 # Qwen2-0.5B (CosyVoice-BlankEN/config.json of the released model) and the tiny stand-in.
 _QWEN_FULL = {
@@ -284,20 +298,34 @@ def legacy_weight_norm_keys(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def sensitive_llm_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The `sensitive` profile of an `llm.pt` state dict (`SENSITIVE_SCALES` applied)."""
+    out = {}
+    for k, v in state.items():
+        for part, scale in SENSITIVE_SCALES.items():
+            if k.startswith(part) or k.endswith(part):
+                v = v * scale
+        out[k] = v
+    return out
+
+
 def make_official_dir(
     out_dir: str | Path,
     size: str = "tiny",
     seed: int = 0,
     weight_norm_style: str = "legacy",
     onnx: bool = True,
+    profile: str = "default",
 ) -> Path:
     """Write a synthetic official model dir at `out_dir` (atomically: a temp dir renamed at the end).
 
     `weight_norm_style` picks the key style of `hift.pt`: `legacy` (`weight_g`/`weight_v`)
-    or `parametrizations` (what current torch writes).
+    or `parametrizations` (what current torch writes). `profile` is one of `PROFILES`.
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
     if weight_norm_style not in ("legacy", "parametrizations"):
         raise ValueError(f"unknown weight_norm_style {weight_norm_style!r}")
     import torch
@@ -314,6 +342,8 @@ def make_official_dir(
             state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
             if part == "hift" and weight_norm_style == "legacy":
                 state = legacy_weight_norm_keys(state)
+            if part == "llm" and profile == "sensitive":
+                state = sensitive_llm_state(state)
             torch.save(state, tmp / f"{part}.pt")
             del module, state
         if onnx:
@@ -326,6 +356,7 @@ def make_official_dir(
             "seed": seed,
             "weight_norm_style": weight_norm_style,
             "generator_version": GENERATOR_VERSION,
+            **({"profile": profile} if profile != "default" else {}),
         }
         (tmp / "synthetic.json").write_text(json.dumps(label, indent=2), encoding="utf-8")
     return out_dir
@@ -337,13 +368,18 @@ def cache_root() -> Path:
 
 
 def cached_official_dir(
-    size: str = "tiny", seed: int = 0, weight_norm_style: str = "legacy", onnx: bool = True
+    size: str = "tiny",
+    seed: int = 0,
+    weight_norm_style: str = "legacy",
+    onnx: bool = True,
+    profile: str = "default",
 ) -> Path:
-    """A synthetic official dir for (size, seed), generated on first use and cached.
+    """A synthetic official dir for (size, seed, profile), generated on first use and cached.
 
     `onnx=False` leaves out the two ONNX files (faster, for tests of the `.pt` parts only).
     """
-    name = f"official-{size}-seed{seed}-{weight_norm_style}{'' if onnx else '-pt'}-v{GENERATOR_VERSION}"
+    prof = "" if profile == "default" else f"-{profile}"
+    name = f"official-{size}-seed{seed}{prof}-{weight_norm_style}{'' if onnx else '-pt'}-v{GENERATOR_VERSION}"
     path = cache_root() / "synthetic" / name
     if (path / "synthetic.json").exists():
         return path
@@ -354,6 +390,11 @@ def cached_official_dir(
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be generating the same dir
         if not (path / "synthetic.json").exists():
             make_official_dir(
-                path, size=size, seed=seed, weight_norm_style=weight_norm_style, onnx=onnx
+                path,
+                size=size,
+                seed=seed,
+                weight_norm_style=weight_norm_style,
+                onnx=onnx,
+                profile=profile,
             )
     return path
