@@ -193,13 +193,14 @@ def tests_full(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """The main job: RTF, first-chunk latency and memory sweep (default: synthetic full-size weights)."""
+    """The main job: RTF, first-chunk latency, memory and fidelity sweep (default: synthetic
+    full-size weights), ending with the report (the eval extra: `--quality` on real weights)."""
     # The parity stack (torch, the official code) is needed to generate the synthetic
     # official model dir and for `--reference official`; not for `--model X` alone.
     args = session.posargs
     own_model = any(a == "--model" or a.startswith("--model=") for a in args)
     official = any("official" in a for a in args)
-    _install(session, "test,report", parity=not own_model or official, kernels=True)
+    _install(session, "test,report,eval", parity=not own_model or official, kernels=True)
     args = [a for a in session.posargs if a != "--reinstall"]
     session.run("python", "-m", "bench", "run", *args, env=_mlx_env(session))
 

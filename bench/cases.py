@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,12 @@ HEADLINE = {
     "first_hop": None,
     "saved": False,
     "final": "full",
+    "flow_bits": None,
+    "cfg": None,
 }
 AXES = tuple(HEADLINE)
+FLOW_BITS: tuple[int, ...] = (8, 4)
+"""The flow's linear layers quantised with MLX's own quantisation (`cosyvoice2.load(flow_bits=)`)."""
 FINALS = ("full", "chunked")
 LOW_LATENCY_FIRST_HOP = 10
 """First hop (tokens) of the default sweep's low-latency streaming case: 0.24 s of audio in the
@@ -95,8 +100,25 @@ class Case:
     """Streaming: the last chunk as the official code renders it (`full`: a whole flow pass
     with full attention) or chunk-masked from the flow cache (`chunked`: O(n) in all;
     `StreamSchedule(final_full_attention=False)`)."""
+    flow_bits: int | None = None
+    """The flow's linear layers quantised to 8 or 4 bits (`None`: float, the case's `dtype`)."""
+    cfg: float | None = None
+    """Classifier-free guidance strength of the flow (`inference_cfg_rate`; `None`: the
+    model's own, 0.7)."""
 
     def __post_init__(self) -> None:
+        if self.flow_bits is not None and (
+            isinstance(self.flow_bits, bool) or self.flow_bits not in FLOW_BITS
+        ):
+            raise ValueError(
+                f"flow_bits must be one of {FLOW_BITS} or none, got {self.flow_bits!r}"
+            )
+        if self.cfg is not None:
+            if isinstance(self.cfg, bool) or not isinstance(self.cfg, (int, float)):
+                raise ValueError(f"cfg must be a number or none, got {self.cfg!r}")
+            if not math.isfinite(self.cfg) or self.cfg < 0:
+                raise ValueError(f"cfg must be a finite number >= 0, got {self.cfg!r}")
+            object.__setattr__(self, "cfg", float(self.cfg))
         if not isinstance(self.saved, bool):
             raise ValueError(f"saved must be true or false, got {self.saved!r}")
         if self.final not in FINALS:
@@ -140,12 +162,16 @@ class Case:
             out += "/saved=on"
         if self.final != "full":
             out += f"/final={self.final}"
+        if self.flow_bits is not None:
+            out += f"/flow_bits={self.flow_bits}"
+        if self.cfg is not None:
+            out += f"/cfg={self.cfg:g}"
         return out
 
     @property
-    def load_key(self) -> tuple[str, str, str, str]:
+    def load_key(self) -> tuple[Any, ...]:
         """Cases with the same load key can share one loaded model."""
-        return (self.target, self.llm, self.dtype, self.kernels)
+        return (self.target, self.llm, self.dtype, self.kernels, self.flow_bits, self.cfg)
 
     def without_target(self) -> tuple:
         """The settings that identify the same work across implementations (for side-by-side ratios)."""
@@ -177,6 +203,12 @@ def _coerce(data: dict[str, Any]) -> dict[str, Any]:
     if "first_hop" in out and isinstance(out["first_hop"], str):
         v = out["first_hop"].strip().lower()
         out["first_hop"] = None if v in ("official", "none", "") else int(v)
+    if "flow_bits" in out and isinstance(out["flow_bits"], str):
+        v = out["flow_bits"].strip().lower().removesuffix("bit")
+        out["flow_bits"] = None if v in ("none", "off", "float", "") else int(v)
+    if "cfg" in out and isinstance(out["cfg"], str):
+        v = out["cfg"].strip().lower()
+        out["cfg"] = None if v in ("none", "default", "") else float(v)
     return out
 
 
@@ -262,6 +294,21 @@ class Work:
             "embedding": rng.standard_normal((1, 192)).astype(np.float32),
         }
 
+    def prompt_wav(self, sample_rate: int = 24000) -> Any:
+        """A seeded prompt recording of `prompt_seconds` (float32, mono) for the cold call's
+        prompt processing: a voiced harmonic sound with a wandering pitch plus a little noise.
+        Prompt processing costs the same for any audio of that length."""
+        import numpy as np
+
+        rng = np.random.default_rng(self.seed + 1)
+        n = round(self.prompt_seconds * sample_rate)
+        t = np.arange(n) / sample_rate
+        f0 = 140.0 + 30.0 * np.sin(2 * np.pi * 0.7 * t)
+        phase = 2 * np.pi * np.cumsum(f0) / sample_rate
+        wav = sum(np.sin(k * phase) / k for k in range(1, 9)) * 0.15
+        wav = wav + 0.01 * rng.standard_normal(n)
+        return wav.astype(np.float32)
+
 
 @dataclass
 class Sweep:
@@ -295,20 +342,32 @@ def dedupe(cases: list[Case]) -> list[Case]:
     return out
 
 
-def default_cases(target: str = "cosyvoice2") -> list[Case]:
-    """The default sweep, kept short enough to run often with full-size weights on a 2-core CPU.
+DEFAULT_SWEEP_REPEATS = 1
+"""Timed calls per case of the default sweep (after the cold call): one, so that the sweep
+ends within about 15 minutes on a 2-core CPU; a single call's figure carries the machine's
+run-to-run noise (stated in the report)."""
 
-    The headline (fp32, 10 steps, 5 s of speech) non-streaming and streaming (the
-    official schedule; a first chunk of `LOW_LATENCY_FIRST_HOP` tokens; the same with a
-    saved speaker and the chunk-masked final chunk, the fastest streaming setup), then
-    fewer diffusion steps. The quantised LLM precisions are left to `--llm` and
-    `--full`: without the optional kernels they are slow paths on MLX-CPU, which alone
-    would make the default sweep long.
+
+def default_cases(target: str = "cosyvoice2") -> list[Case]:
+    """The default sweep: what a user chooses from, kept to about 15 minutes with full-size
+    weights on a 2-core CPU (one timed call per case, `DEFAULT_SWEEP_REPEATS`).
+
+    The reference setting first (fp32, 10 steps, 5 s of speech, no streaming: every other
+    case's fidelity is measured against its output), then fewer diffusion steps (5, 3, 1),
+    the 8- and 4-bit speech LM, the bf16 flow and HiFT, and streaming on the official
+    schedule and in its fastest setup (a first chunk of `LOW_LATENCY_FIRST_HOP` tokens, a
+    saved speaker, the chunk-masked last chunk). The flow quantised to 8 or 4 bits is left
+    to `--flow-bits`: MLX's quantised matmul is a slow path on the CPU.
     """
     return [
         Case(target=target),
+        Case(target=target, steps=5),
+        Case(target=target, steps=3),
+        Case(target=target, steps=1),
+        Case(target=target, llm="8bit"),
+        Case(target=target, llm="4bit"),
+        Case(target=target, dtype="bf16"),
         Case(target=target, stream=True),
-        Case(target=target, stream=True, first_hop=LOW_LATENCY_FIRST_HOP),
         Case(
             target=target,
             stream=True,
@@ -316,8 +375,6 @@ def default_cases(target: str = "cosyvoice2") -> list[Case]:
             saved=True,
             final="chunked",
         ),
-        Case(target=target, steps=3),
-        Case(target=target, steps=1),
     ]
 
 
@@ -354,7 +411,7 @@ def reference_cases(cases: list[Case], target: str = "official") -> list[Case]:
     out = [Case(target=target, **{**HEADLINE, "stream": s}) for s in (False, True)]
     out = [c for c in out if any(x.stream == c.stream for x in cases)] or out[:1]
     for c in cases:
-        if c.llm == "fp32" and c.dtype == "fp32":
+        if c.llm == "fp32" and c.dtype == "fp32" and c.flow_bits is None and c.cfg is None:
             # references have one schedule and no kernels: a twin uses the defaults
             out.append(
                 dataclasses.replace(

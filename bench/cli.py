@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import signal
 import sys
@@ -27,6 +28,7 @@ from typing import Any
 
 from bench.cases import (
     AXES,
+    DEFAULT_SWEEP_REPEATS,
     DTYPES,
     FINALS,
     KERNELS,
@@ -44,7 +46,7 @@ from bench.cases import (
     quick_cases,
     reference_cases,
 )
-from bench.figures import DEFAULT_TOLERANCE
+from bench.figures import DEFAULT_TOLERANCE, summarize
 from bench.machine import machine_kind
 from bench.results import (
     BASELINES,
@@ -58,6 +60,15 @@ from bench.results import (
 )
 from bench.runner import INTERRUPTED, RunOptions, new_run, run_sweep
 
+REPORT = RESULTS / "report"
+"""Where `run` builds the report of the run it made (with the kept runs as history)."""
+
+
+def quality_mode(label: str, requested: str) -> bool:
+    from bench.quality import quality_mode as mode
+
+    return mode(label, requested)
+
 
 def _csv(values: str) -> list[str]:
     return [v.strip() for v in values.split(",") if v.strip()]
@@ -70,13 +81,20 @@ def _axis(values: str | None, allowed, name: str, convert=str) -> list | None:
     for v in _csv(values):
         x = convert(v)
         if allowed is not None and x not in allowed:
-            raise SystemExit(f"--{name}: {v!r} is not one of {', '.join(map(str, allowed))}")
+            raise ValueError(f"--{name}: {v!r} is not one of {', '.join(map(str, allowed))}")
         out.append(x)
     return out
 
 
 def _hop(value: str) -> int | None:
-    return None if value.lower() in ("official", "none") else int(value)
+    if value.lower() in ("official", "none"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(
+            f"first-hop: expected official or a number of tokens, got {value!r}"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--final",
         help="streaming: last chunk full (official) or chunked (O(n) cache), e.g. full,chunked",
+    )
+    g.add_argument(
+        "--flow-bits",
+        help="the flow's linear layers quantised: none, 8, 4 (comma separated; slow on MLX-CPU)",
+    )
+    g.add_argument(
+        "--cfg", help="classifier-free guidance strength (inference_cfg_rate), e.g. default,0.5,0"
     )
     g.add_argument(
         "--target",
@@ -143,7 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="let the LLM stop on its own (default: fixed number of speech tokens)",
     )
     g = r.add_argument_group("measurement")
-    g.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 3)")
+    g.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"timed calls per case (default {DEFAULT_SWEEP_REPEATS} for the default sweep, else 3)",
+    )
+    g.add_argument(
+        "--no-fidelity",
+        action="store_true",
+        help="do not compare each case's output with the reference setting's (bench/drift.py)",
+    )
+    g.add_argument(
+        "--quality",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the eval harness (WER/CER, SIM) on a small fixed set per setting (bench/quality.py):"
+        " auto runs it on real weights only (default auto)",
+    )
+    g.add_argument("--quality-asr", default="offline:tiny.en", help="ASR model of --quality")
     g.add_argument(
         "--warmup",
         type=int,
@@ -178,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue an interrupted run (default: the latest interrupted one)",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--report",
+        default=str(REPORT),
+        help=f"build the report with plots here when the run ends (default {REPORT}; none: no report)",
+    )
     g.add_argument(
         "--keep",
         action="store_true",
@@ -273,6 +321,8 @@ def plan_from_args(args: argparse.Namespace) -> tuple[list[Case], dict]:
         "first_hop": _axis(args.first_hop, None, "first-hop", _hop),
         "saved": _axis(args.saved, None, "saved", parse_bool),
         "final": _axis(args.final, list(FINALS), "final"),
+        "flow_bits": _axis(args.flow_bits, None, "flow-bits", _flow_bits),
+        "cfg": _axis(args.cfg, None, "cfg", _cfg),
     }
     given = {k: v for k, v in axes.items() if v is not None}
     if args.sweep:
@@ -292,6 +342,28 @@ def plan_from_args(args: argparse.Namespace) -> tuple[list[Case], dict]:
     references = _axis(args.reference, REFERENCES, "reference") or []
     cases = cases + [c for ref in references for c in reference_cases(cases, ref)]
     return dedupe(cases), options
+
+
+def _flow_bits(value: str) -> int | None:
+    v = value.strip().lower().removesuffix("bit")
+    if v in ("none", "off", "float"):
+        return None
+    if v not in ("8", "4"):
+        raise ValueError(f"flow-bits: expected none, 8 or 4, got {value!r}")
+    return int(v)
+
+
+def _cfg(value: str) -> float | None:
+    v = value.strip().lower()
+    if v in ("default", "none"):
+        return None
+    try:
+        rate = float(v)
+    except ValueError:
+        raise ValueError(f"cfg: expected a number or default, got {value!r}") from None
+    if not math.isfinite(rate) or rate < 0:
+        raise ValueError(f"cfg: expected a finite number >= 0, got {value!r}")
+    return rate
 
 
 def _axes_of(cases: list[Case]) -> dict:
@@ -327,23 +399,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         done = sum(c["status"] in ("ok", "unsupported") for c in doc["cases"])
         print(f"resuming {doc['run_id']}: {done} of {len(doc['plan'])} cases done")
     else:
-        cases, file_opts = plan_from_args(args)
-        file_opts = dict(file_opts)
-        fixed_length = bool(file_opts.pop("fixed_length", True)) and not args.natural_length
-        opts = RunOptions(
-            repeats=_pick(args.repeats, file_opts.pop("repeats", None), 3),
-            warmup=_pick(args.warmup, file_opts.pop("warmup", None), 1),
-            prompt_seconds=_pick(args.prompt_seconds, file_opts.pop("prompt_seconds", None), 3.0),
-            seed=_pick(args.seed, file_opts.pop("seed", None), 0),
-            fixed_length=fixed_length,
-            isolate=not args.in_process,
-            blas="off" if args.no_openblas else args.blas,
-            case_timeout=args.case_timeout,
-            device=args.device,
-            target_options={"size": args.size, **_model_options(args.model, args.revision)},
-        )
-        if file_opts:
-            print(f"sweep file: ignoring unknown run options {sorted(file_opts)}", file=sys.stderr)
+        try:
+            cases, file_opts, opts = _plan_and_options(args)
+        except (ValueError, OSError) as e:
+            print(f"bench run: {e}", file=sys.stderr)
+            return 2
         if args.dry_run:
             for c in cases:
                 print(c.id)
@@ -372,6 +432,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return INTERRUPTED
     from bench.report import describe
 
+    if quality_mode(doc.get("weights", {}).get("label", "unknown"), args.quality):
+        run_quality_step(doc, path, args.quality_asr)
     if args.micro:
         from bench.micro import run_micro
 
@@ -392,7 +454,95 @@ def cmd_run(args: argparse.Namespace) -> int:
             path, args.compare, args.tolerance, {}, True, False, False, None, out_dir
         )
         status = status or cmp_status
+    if args.report.lower() != "none":
+        report = build_bench_report(path, Path(args.report))
+        if report is not None:
+            print(f"\nreport with plots: {report}")
     return status
+
+
+def _plan_and_options(args: argparse.Namespace) -> tuple[list[Case], dict, RunOptions]:
+    """The cases and run options of a new `run` (ValueError on a bad value)."""
+    cases, file_opts = plan_from_args(args)
+    file_opts = dict(file_opts)
+    fixed_length = bool(file_opts.pop("fixed_length", True)) and not args.natural_length
+    default_sweep = not (args.sweep or args.full or args.quick or _given_axes(args))
+    opts = RunOptions(
+        repeats=_pick(
+            args.repeats,
+            file_opts.pop("repeats", None),
+            DEFAULT_SWEEP_REPEATS if default_sweep else 3,
+        ),
+        warmup=_pick(args.warmup, file_opts.pop("warmup", None), 1),
+        prompt_seconds=_pick(args.prompt_seconds, file_opts.pop("prompt_seconds", None), 3.0),
+        seed=_pick(args.seed, file_opts.pop("seed", None), 0),
+        fixed_length=fixed_length,
+        isolate=not args.in_process,
+        blas="off" if args.no_openblas else args.blas,
+        case_timeout=args.case_timeout,
+        device=args.device,
+        target_options={"size": args.size, **_model_options(args.model, args.revision)},
+        fidelity=not args.no_fidelity,
+    )
+    if file_opts:
+        print(f"sweep file: ignoring unknown run options {sorted(file_opts)}", file=sys.stderr)
+    return cases, file_opts, opts
+
+
+def _given_axes(args: argparse.Namespace) -> bool:
+    names = ("llm", "dtype", "steps", "text", "stream", "kernels", "first_hop", "saved", "final")
+    return any(getattr(args, n) is not None for n in (*names, "flow_bits", "cfg"))
+
+
+def run_quality_step(doc: dict[str, Any], path: Path, asr: str) -> None:
+    """The eval harness on the quality set per setting (`bench.quality`), into the run's cases."""
+    from bench.quality import QualityError, run_quality
+
+    model = doc["settings"]["target_options"].get("model") or doc["weights"].get("path")
+    records = [c for c in doc["cases"] if c.get("status") == "ok"]
+    print(f"quality: the eval harness per setting ({asr}) ...")
+    try:
+        found = run_quality(
+            str(model),
+            records,
+            path.parent / f"{path.stem}.quality",
+            asr=asr,
+            seed=doc["settings"]["seed"],
+            progress=lambda line: print(f"  {line}", file=sys.stderr),
+        )
+    except QualityError as e:
+        print(f"quality: not measured: {e}", file=sys.stderr)
+        return
+    for rec in records:
+        q = found.get(rec["id"])
+        if q is None:
+            continue
+        rec["quality"] = q
+        for name in ("wer", "cer", "sim"):
+            if isinstance(q.get(name), (int, float)):
+                rec["figures"][name] = summarize([float(q[name])])
+    write_json_atomic(path, doc)
+
+
+def build_bench_report(path: Path, out: Path) -> Path | None:
+    """`python -m reports build --bench PATH --out OUT` with the kept runs as history; a report
+    that cannot be built (matplotlib missing, a bad file) is a message, not a failed run."""
+    try:
+        from reports.cli import main as reports_main
+    except ImportError as e:
+        print(f"no report: {e} (install the report extra)", file=sys.stderr)
+        return None
+    history = [str(p) for p in (RUNS, BASELINES) if p.is_dir()]
+    argv = ["build", "--bench", str(path), "--out", str(out), "--sections", "bench"]
+    argv += ["--history", *history] if history else []
+    try:
+        rc = reports_main(argv)
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 2
+    if rc != 0:
+        print(f"no report: reports build exited {rc}", file=sys.stderr)
+        return None
+    return out / "report.md"
 
 
 def _model_options(model: str | None, revision: str | None) -> dict[str, Any]:

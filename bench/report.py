@@ -14,7 +14,7 @@ import dataclasses
 from typing import Any
 
 from bench.cases import REFERENCES, Case
-from bench.figures import FIGURES, SUMMARY
+from bench.figures import FIDELITY, FIGURES, SUMMARY
 
 # Stage figures compared side by side, with how to turn each into a time (lower is faster).
 STAGES: list[tuple[str, str]] = [
@@ -71,6 +71,23 @@ def summary_table(doc: dict[str, Any], markdown: bool = False) -> str:
             continue
         rows.append([c["id"]] + [_fmt(_median(c, n)) for n in present])
     return _table(head, rows, markdown)
+
+
+def fidelity_table(doc: dict[str, Any], markdown: bool = False) -> str:
+    """Each case's fidelity figures (distance from the reference setting), with what they
+    mean on these weights; empty when the run recorded none."""
+    present = [n for n in FIDELITY if any(n in c.get("figures", {}) for c in doc["cases"])]
+    if not present:
+        return ""
+    head = ["case"] + [f"{n} ({FIGURES[n].unit})" if FIGURES[n].unit else n for n in present]
+    rows = [
+        [c["id"]] + [_fmt(_median(c, n)) for n in present]
+        for c in doc["cases"]
+        if c["status"] == "ok" and any(n in c["figures"] for n in present)
+    ]
+    note = doc.get("fidelity", {}).get("note", "")
+    title = f"fidelity against the reference setting: {note}" if note else "fidelity"
+    return (f"**{title}**\n\n" if markdown else f"{title}\n") + _table(head, rows, markdown)
 
 
 def side_by_side(doc: dict[str, Any], reference: str = "official") -> list[dict[str, Any]]:
@@ -177,9 +194,10 @@ def describe(doc: dict[str, Any], markdown: bool = False) -> str:
     if markdown:
         header = [f"- {h}" for h in header]
     parts = ["\n".join(header), summary_table(doc, markdown)]
-    s = streaming_table(doc, markdown)
-    if s:
-        parts.append(s)
+    for table in (streaming_table, fidelity_table):
+        s = table(doc, markdown)
+        if s:
+            parts.append(s)
     for reference in REFERENCES:
         s = side_by_side_table(doc, markdown, reference)
         if s:

@@ -31,6 +31,8 @@ from typing import Any
 
 from bench import SCHEMA
 from bench.cases import Case, Work
+from bench.drift import NOTES as FIDELITY_NOTES
+from bench.drift import REFERENCE_SETTINGS, is_reference, reference_case, reference_path
 from bench.figures import aggregate, call_figures, summarize
 from bench.interface import BenchTarget, CallTimings, Prepared, get_target
 from bench.machine import (
@@ -64,6 +66,8 @@ class RunOptions:
     target_options: dict[str, Any] = field(default_factory=dict)
     """Passed to each target's `prepare`: `model` (a converted or official model dir),
     `size` (`full` or `tiny` synthetic weights)."""
+    fidelity: bool = True
+    """Compare each case's output with the reference setting's (`bench.drift`)."""
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
@@ -81,6 +85,23 @@ class RunOptions:
 
 
 # --------------------------------------------------------------------------- one case
+
+
+def reference_id(case: Case) -> str:
+    """The id of the reference setting on `case`'s work (`bench.drift`)."""
+    return reference_case(case).id
+
+
+def write_reference(
+    target: BenchTarget, prepared: Prepared, case: Case, work: Work, path: str
+) -> None:
+    """Run the reference setting once (untimed) and write its output to `path`."""
+    handle = target.load(case, prepared)
+    try:
+        target.run(handle, case, work)
+        target.fidelity(handle, case, work, Path(path))
+    finally:
+        target.unload(handle)
 
 
 def _mlx_reset_peak() -> None:
@@ -128,13 +149,18 @@ def measure_case(
     repeats: int,
     warmup: int,
     progress: Callable[[str], None] | None = None,
+    reference: str | None = None,
 ) -> dict[str, Any]:
     """Load, run the cold call and the warm-ups, then the timed repeats; return the case record.
 
     The first call after load is the cold call; it is also the first of `warmup` calls
     that are left out of the medians (with `warmup=0` it is counted as a repeat).
-    Memory: MLX's peak is reset before each call and read after it; the process peak
-    RSS is read at the end (load plus every call).
+    Before it, a target that can (`process_prompt`) times the processing of a new
+    prompt wav: `prompt_s`, and with the cold call's first chunk, the latency of a new
+    speaker (`new_speaker_first_chunk_s`). Memory: MLX's peak is reset before each
+    call and read after it; the process peak RSS is read at the end (load plus every
+    call). `reference`: the reference output's file (`bench.drift`); the last call's
+    output is compared with it (`fidelity`) by a target that can.
     """
     started = now()
     load_start = _loadavg()
@@ -146,7 +172,13 @@ def measure_case(
     if progress is not None:
         progress(f"loaded in {load_s:.2f} s")
     calls: list[dict[str, Any]] = []
+    prompt_s = None
+    fid = None
     try:
+        if hasattr(target, "process_prompt"):
+            prompt_s = target.process_prompt(handle, work)
+            if progress is not None:
+                progress(f"new prompt processed in {prompt_s:.2f} s")
         for i in range(max(warmup, 0) + repeats):
             _mlx_reset_peak()
             cpu0 = time.process_time()
@@ -178,6 +210,8 @@ def measure_case(
                     f"fixed-length mode: asked for {work.speech_tokens} speech tokens,"
                     f" the call produced {timings.speech_tokens}"
                 )
+        if reference is not None and hasattr(target, "fidelity"):
+            fid = target.fidelity(handle, case, work, Path(reference))
     finally:
         rss = peak_rss_mb()
         target.unload(handle)
@@ -189,6 +223,20 @@ def measure_case(
     figures["cold_wall_s"] = summarize([cold["wall_s"]])
     if "first_chunk_s" in cold:
         figures["cold_first_chunk_s"] = summarize([cold["first_chunk_s"]])
+    if prompt_s is not None:
+        figures["prompt_s"] = summarize([prompt_s])
+        if "first_chunk_s" in cold:
+            figures["new_speaker_first_chunk_s"] = summarize([prompt_s + cold["first_chunk_s"]])
+    extra: dict[str, Any] = {}
+    if fid is not None:
+        for name, value in fid["figures"].items():
+            figures[name] = summarize([value])
+        label = prepared.weights.get("label", "unknown")
+        extra["fidelity"] = {
+            "reference": reference_id(case),
+            "note": FIDELITY_NOTES.get(label, FIDELITY_NOTES["unknown"]),
+            **fid["details"],
+        }
     return {
         "id": case.id,
         "settings": case.to_dict(),
@@ -207,6 +255,7 @@ def measure_case(
             **{k: os.environ[k] for k in ("OMP_NUM_THREADS", *BACKEND_SWITCHES) if k in os.environ},
             **prepared.options.get("worker_env", {}),
         },
+        **extra,
         "started": started,
         "finished": now(),
         "duration_s": time.perf_counter() - t_start,
@@ -364,8 +413,10 @@ def execute_case(
     work: Work,
     opts: RunOptions,
     status: Callable[[str], None] | None = None,
+    reference: Path | None = None,
 ) -> dict[str, Any]:
-    """Run one case (in a fresh worker when isolating); errors become `error` records."""
+    """Run one case (in a fresh worker when isolating); errors become `error` records.
+    `reference`: the reference output file to compare the case's output with."""
     reason = target.supports(case)
     if reason is not None:
         return {
@@ -384,6 +435,7 @@ def execute_case(
                 "prepared": dataclasses.asdict(prepared),
                 "repeats": opts.repeats,
                 "warmup": opts.warmup,
+                "reference": None if reference is None else str(reference),
             }
             record = _call_worker("case", spec, env, opts.case_timeout, status, python)
             record["env"]["isolated"] = True
@@ -394,7 +446,15 @@ def execute_case(
                 f"{target.name} runs in its own interpreter ({python}): run it without --in-process"
             )
         else:
-            record = measure_case(target, prepared, case, work, opts.repeats, opts.warmup)
+            record = measure_case(
+                target,
+                prepared,
+                case,
+                work,
+                opts.repeats,
+                opts.warmup,
+                reference=None if reference is None else str(reference),
+            )
             record["env"]["isolated"] = False
         return record
     except KeyboardInterrupt:
@@ -461,6 +521,9 @@ def run_sweep(
     plan = plan_of(doc)
     done = {c["id"] for c in doc["cases"] if c.get("status") in ("ok", "unsupported")}
     todo = [c for c in plan if c.id not in done]
+    # reference settings first: the other cases are compared with their output
+    todo.sort(key=lambda c: not is_reference(c))
+    outputs = path.parent / f"{path.stem}.outputs"
     doc["status"] = "running"
 
     def save() -> None:
@@ -504,7 +567,25 @@ def run_sweep(
             target, prep, env = prepared[case.target]
             work = Work.for_case(case, opts.prompt_seconds, opts.seed, opts.fixed_length)
             status = _bar_status(bar, case.id) if bar is not None else None
-            record = execute_case(target, prep, env, case, work, opts, status)
+            reference = None
+            if opts.fidelity and hasattr(target, "fidelity") and target.supports(case) is None:
+                reference = reference_path(outputs, case, work)
+                if not reference.exists() and not is_reference(case):
+                    if bar is not None:
+                        bar.set_postfix_str(f"reference output for {case.text}")
+                    try:
+                        make_reference(
+                            target, prep, env, reference_case(case), work, opts, reference
+                        )
+                    except WorkerError as e:
+                        reference = None
+                        bar_write(bar, f"no reference output for {case.id}: {_first(str(e))}")
+                doc.setdefault("fidelity", {"reference": dict(REFERENCE_SETTINGS), "note": ""})
+                doc["fidelity"]["reference_streaming"] = "the official schedule"
+                label = doc.get("weights", {}).get("label", "unknown")
+                doc["fidelity"]["weights"] = label
+                doc["fidelity"]["note"] = FIDELITY_NOTES.get(label, FIDELITY_NOTES["unknown"])
+            record = execute_case(target, prep, env, case, work, opts, status, reference)
             doc["cases"] = [c for c in doc["cases"] if c["id"] != case.id] + [record]
             save()
             if bar is not None:
@@ -525,6 +606,42 @@ def run_sweep(
         if bar is not None:
             bar.close()
     return doc
+
+
+def make_reference(
+    target: BenchTarget,
+    prepared: Prepared,
+    env: dict[str, str],
+    case: Case,
+    work: Work,
+    opts: RunOptions,
+    path: Path,
+) -> None:
+    """Write the reference output for `work` (a worker when isolating) before a case needs it."""
+    if opts.isolate:
+        spec = {
+            "target": target.name,
+            "case": case.to_dict(),
+            "work": work.to_dict(),
+            "prepared": dataclasses.asdict(prepared),
+            "reference": str(path),
+        }
+        _call_worker(
+            "reference", spec, env, opts.case_timeout, None, prepared.options.get("python")
+        )
+    else:
+        write_reference(target, prepared, case, work, str(path))
+
+
+def bar_write(bar: Any, line: str) -> None:
+    if bar is not None:
+        bar.write(line)
+    else:
+        print(line, file=sys.stderr)
+
+
+def _first(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
 
 
 def _bar_status(bar: Any, case_id: str) -> Callable[[str], None]:

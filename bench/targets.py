@@ -50,6 +50,9 @@ PRECISIONS: dict[str, dict[str, Any]] = {
     "4bit": {"llm_bits": 4},
 }
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+SYNTHETIC_PROFILE = "sensitive"
+"""The synthetic weights' profile (`cosyvoice2_testing.synthetic.PROFILES`): `sensitive`, so
+that the LLM's precision drift shows in the fidelity figures (`bench.drift`)."""
 
 
 def bench_cache() -> Path:
@@ -119,9 +122,17 @@ class CosyVoice2Target:
             from cosyvoice2_testing.synthetic import GENERATOR_VERSION, cached_official_dir
 
             size = options.get("size", "full")
-            official = cached_official_dir(size, seed=0, onnx=True)
-            tag = f"synthetic-{size}-seed0-g{GENERATOR_VERSION}"
-            weights = {"label": "synthetic", "size": size, "seed": 0, "path": str(official)}
+            profile = options.get("profile", SYNTHETIC_PROFILE)
+            official = cached_official_dir(size, seed=0, onnx=True, profile=profile)
+            prof = "" if profile == "default" else f"-{profile}"
+            tag = f"synthetic-{size}-seed0{prof}-g{GENERATOR_VERSION}"
+            weights = {
+                "label": "synthetic",
+                "size": size,
+                "seed": 0,
+                "profile": profile,
+                "path": str(official),
+            }
         dirs = {p: str(converted_dir(official, p, tag)) for p in precisions}
         return Prepared(weights, {"dirs": dirs, "load_overrides": {}})
 
@@ -137,12 +148,24 @@ class CosyVoice2Target:
             kwargs["llm_kernels"] = case.kernels
         elif case.kernels != "auto":
             raise RuntimeError("this cosyvoice2 has no llm_kernels option")
+        if case.flow_bits is not None or case.cfg is not None:
+            if "flow_bits" not in inspect.signature(cosyvoice2.model.CosyVoice2.load).parameters:
+                raise RuntimeError("this cosyvoice2 has no flow_bits or inference_cfg_rate option")
+        if case.cfg is not None:
+            kwargs["inference_cfg_rate"] = case.cfg
+        if case.dtype == "fp32" and case.flow_bits is not None:
+            kwargs["flow_bits"] = case.flow_bits
         model = cosyvoice2.load(d, **kwargs)
         if case.dtype != "fp32":
             dtype = getattr(mx, DTYPES[case.dtype])
             model.flow.set_dtype(dtype)
             model.hift.set_dtype(dtype)
+            if case.flow_bits is not None:  # quantised after the cast, as load would
+                from cosyvoice2.flow.quantize import quantize_flow
+
+                quantize_flow(model.flow, case.flow_bits, 64)
         mx.eval(model.llm.parameters(), model.flow.parameters(), model.hift.parameters())
+        self.last_output = None
         return model
 
     def unload(self, handle: Any) -> None:
@@ -185,6 +208,14 @@ class CosyVoice2Target:
         llm_options: dict[str, Any] = {}
         if case.saved:  # computed on the first (cold) call, reused by the warm ones
             llm_options["prefix_id"] = options["spk_id"] = "bench-speaker"
+        got: list[int] = []
+        chunks: list[Any] = []
+
+        def kept(tokens: Any) -> Any:
+            for t in tokens:
+                got.append(int(t))
+                yield t
+
         clock.start()
         tokens = model.speech_token_stream(
             x["text"], prompt, seed=work.seed, sampling=sampler, **lengths, **llm_options
@@ -192,7 +223,7 @@ class CosyVoice2Target:
         if work.fixed_length:
             tokens = take_exact(tokens, n)
         for out in model.token2wav_stream(
-            clock.tokens(tokens),
+            clock.tokens(kept(tokens)),
             prompt,
             case.stream,
             1.0,
@@ -204,4 +235,49 @@ class CosyVoice2Target:
             speech = out["tts_speech"]
             mx.eval(speech)
             clock.chunk(speech.shape[-1] / model.sample_rate)
-        return clock.timings(case.stream)
+            chunks.append(speech)
+        timings = clock.timings(case.stream)
+        self.last_output = (got, chunks, model.sample_rate)
+        return timings
+
+    # ------------------------------------------------------------ fidelity (bench.drift)
+
+    def _output(self) -> Any:
+        import mlx.core as mx
+        import numpy as np
+
+        from bench.drift import Output
+
+        tokens, chunks, sr = self.last_output
+        parts = [np.array(c.astype(mx.float32)).reshape(-1) for c in chunks]
+        return Output(tokens, np.concatenate(parts), [p.size for p in parts], sr)
+
+    def fidelity(self, model: Any, case: Case, work: Work, reference: Path) -> dict[str, Any]:
+        """The last call's distance from the reference output (`bench.drift`); the reference
+        case writes that output first when it is missing."""
+        import mlx.core as mx
+
+        from bench import drift
+
+        out = self._output()
+        x = {k: mx.array(v) for k, v in work.inputs().items()}
+        if not reference.exists():
+            if not drift.is_reference(case):
+                raise RuntimeError(f"no reference output at {reference}")
+            drift.write_reference(reference, out, drift.teacher_forced_greedy(model, x, out.tokens))
+        ref, ref_greedy = drift.read_reference(reference)
+        greedy = drift.teacher_forced_greedy(model, x, ref.tokens)
+        return drift.compare(ref, ref_greedy, out, greedy)
+
+    def process_prompt(self, model: Any, work: Work) -> float:
+        """Seconds to turn a new prompt wav of the work's length into the prompt side
+        (`CosyVoice2.prompt_from_wav`: speech tokens, mel, speaker embedding), evaluated."""
+        import time
+
+        import mlx.core as mx
+
+        wav = work.prompt_wav()
+        t0 = time.perf_counter()
+        p = model.prompt_from_wav((wav, 24000))
+        mx.eval(p.embedding, p.llm_speech_token, p.speech_feat)
+        return time.perf_counter() - t0

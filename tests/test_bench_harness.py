@@ -460,9 +460,13 @@ def test_sweep_file_toml_and_json(tmp_path: Path) -> None:
 
 
 def test_plans() -> None:
-    assert Case() in default_cases() and Case(stream=True) in default_cases()
-    assert Case(stream=True, first_hop=10) in default_cases()
-    assert Case(stream=True, first_hop=10, saved=True, final="chunked") in default_cases()
+    default = default_cases()
+    assert default[0] == Case()  # the reference setting first
+    assert Case(stream=True) in default
+    assert Case(stream=True, first_hop=10, saved=True, final="chunked") in default
+    assert {c.steps for c in default} == {1, 3, 5, 10}
+    assert {c.llm for c in default} == {"fp32", "8bit", "4bit"}
+    assert {c.dtype for c in default} == {"fp32", "bf16"}
     full = full_cases()
     # precisions x steps x texts x streaming, flow/HiFT dtypes, no kernels, low-latency hop
     assert len(full) == len({c.id for c in full}) == 5 * 5 * 3 * 2 + 2 * 2 + 5 + 3

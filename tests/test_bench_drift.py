@@ -1,0 +1,207 @@
+"""The bench's fidelity figures (`bench.drift`): each case against the reference setting.
+
+On the tiny MLX model (no torch): the teacher-forced greedy choices reproduce a greedy
+decode token for token (an off-by-one in the alignment fails), the reference case writes
+the reference output and scores zero distance against it, a case with fewer diffusion
+steps scores a positive distance, a sweep without the reference case gets a reference
+job first, and the first-chunk latency counts to the first 0.2 s of audio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import drift
+from bench.cases import Case, Work
+from bench.figures import first_playable_s
+from bench.results import validate
+from bench.runner import RunOptions, measure_case, new_run, run_sweep
+
+# 2 s prompt, 60 speech tokens (2.4 s of audio)
+WORK = Work(2.0, 2.4, 10, 13, 50, 100, 60)
+
+
+def _prepared(mlx_tiny_dir: Path):
+    from bench.interface import Prepared
+
+    return Prepared(
+        {"label": "synthetic"}, {"dirs": {"fp32": str(mlx_tiny_dir)}, "load_overrides": {}}
+    )
+
+
+def test_teacher_forced_greedy_reproduces_a_greedy_decode(mlx_tiny_dir: Path) -> None:
+    import mlx.core as mx
+
+    import cosyvoice2
+    from bench.fixed_length import FixedLengthSampler
+    from cosyvoice2.model import Prompt
+    from cosyvoice2.sampling import GreedySampler
+
+    model = cosyvoice2.load(mlx_tiny_dir)
+    x = {k: mx.array(v) for k, v in WORK.inputs().items()}
+    prompt = Prompt(
+        x["embedding"], x["prompt_text"], x["prompt_speech_token"], x["prompt_speech_token"], None
+    )
+    size = model.config.llm.speech_token_size
+    n = 30
+    ratio = (n + 0.5) / WORK.text_tokens
+    tokens = list(
+        model.speech_token_stream(
+            x["text"],
+            prompt,
+            seed=0,
+            sampling=FixedLengthSampler(GreedySampler(), size),
+            max_token_text_ratio=ratio,
+            min_token_text_ratio=ratio,
+        )
+    )
+    assert len(tokens) == n
+    got = drift.teacher_forced_greedy(model, x, tokens)
+    assert got.tolist() == tokens
+    assert len(set(tokens)) > 3  # not a constant sequence that any alignment would match
+
+
+def test_compare_scores_identical_and_different_outputs() -> None:
+    rng = np.random.default_rng(0)
+    t = np.arange(48000) / 24000
+    audio = (0.3 * np.sin(2 * np.pi * 150 * t) + 0.01 * rng.standard_normal(t.size)).astype(
+        np.float32
+    )
+    ref = drift.Output([1, 2, 3, 4], audio, [audio.size], 24000)
+    greedy = np.array([1, 2, 3, 4])
+    same = drift.compare(ref, greedy, ref, greedy)["figures"]
+    assert same["mrstft_distance"] == 0 and same["log_mel_distance"] == 0
+    assert same["token_agreement_greedy"] == 1 and same["token_agreement_sampled"] == 1
+    noisy = audio + 0.05 * rng.standard_normal(audio.size).astype(np.float32)
+    other = drift.Output([1, 2, 9, 9], noisy, [24000, 24000], 24000)
+    res = drift.compare(ref, greedy, other, np.array([1, 2, 3, 7]))
+    figs, details = res["figures"], res["details"]
+    assert figs["mrstft_distance"] > 0.05 and figs["log_mel_distance"] > 0.01
+    assert figs["token_agreement_sampled"] == 0.5 and figs["token_agreement_greedy"] == 0.75
+    assert details["first_divergence"] == 2
+    assert details["clicks"]["points"] == [0, 24000, 48000]
+
+
+def test_reference_case_then_fewer_steps(mlx_tiny_dir: Path, tmp_path: Path) -> None:
+    from bench.targets import CosyVoice2Target
+
+    target, prepared = CosyVoice2Target(), _prepared(mlx_tiny_dir)
+    ref_case = Case()
+    assert drift.is_reference(ref_case)
+    path = drift.reference_path(tmp_path, ref_case, WORK)
+    rec = measure_case(target, prepared, ref_case, WORK, 1, 1, reference=str(path))
+    assert path.exists()
+    f = {k: v["median"] for k, v in rec["figures"].items()}
+    assert f["mrstft_distance"] == 0 and f["token_agreement_greedy"] == 1
+    assert rec["fidelity"]["reference"] == ref_case.id
+    assert "synthetic" in rec["fidelity"]["note"]
+    fewer = Case(steps=2)
+    rec2 = measure_case(target, prepared, fewer, WORK, 1, 1, reference=str(path))
+    f2 = {k: v["median"] for k, v in rec2["figures"].items()}
+    assert f2["mrstft_distance"] > 0.01 and f2["log_mel_distance"] > 0
+    assert f2["token_agreement_sampled"] == 1  # the same LLM and seed: the same tokens
+    doc = new_run([ref_case, fewer], RunOptions(repeats=1), run_id="d")
+    doc["cases"], doc["status"] = [rec, rec2], "complete"
+    assert validate(doc) == []
+
+
+def test_sweep_without_the_reference_case_runs_a_reference_job(
+    mlx_tiny_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import bench.runner as runner
+
+    prepared = _prepared(mlx_tiny_dir)
+    monkeypatch.setattr(
+        runner,
+        "prepare_target",
+        lambda name, cases, opts: (runner.get_target(name), prepared, {}),
+    )
+    monkeypatch.setattr(runner.Work, "for_case", classmethod(lambda cls, *a, **k: WORK))
+    cases = [Case(steps=2, stream=True)]
+    opts = RunOptions(repeats=1, warmup=1, isolate=False)
+    doc = new_run(cases, opts, run_id="r")
+    doc = run_sweep(doc, tmp_path / "r.json", progress=False)
+    (rec,) = doc["cases"]
+    assert rec["status"] == "ok", rec.get("error")
+    assert list((tmp_path / "r.outputs").glob("reference-*.npz"))
+    f = {k: v["median"] for k, v in rec["figures"].items()}
+    assert f["mrstft_distance"] > 0.01
+    assert len(rec["fidelity"]["clicks"]["points"]) > 2  # start, the joins, end
+    assert doc["fidelity"]["weights"] == "synthetic"
+    assert f["new_speaker_first_chunk_s"] >= f["prompt_s"] > 0
+
+
+def test_no_fidelity_option(mlx_tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import bench.runner as runner
+
+    prepared = _prepared(mlx_tiny_dir)
+    monkeypatch.setattr(
+        runner,
+        "prepare_target",
+        lambda name, cases, opts: (runner.get_target(name), prepared, {}),
+    )
+    monkeypatch.setattr(runner.Work, "for_case", classmethod(lambda cls, *a, **k: WORK))
+    opts = RunOptions(repeats=1, warmup=0, isolate=False, fidelity=False)
+    doc = run_sweep(new_run([Case(steps=1)], opts, run_id="n"), tmp_path / "n.json", False)
+    assert "mrstft_distance" not in doc["cases"][0]["figures"]
+    assert not (tmp_path / "n.outputs").exists()
+
+
+def test_first_playable_counts_to_the_first_fifth_of_a_second() -> None:
+    assert first_playable_s([1.0, 2.0, 3.0], [0.04, 0.04, 0.5]) == 3.0
+    assert first_playable_s([1.0, 2.0, 3.0], [0.1, 0.1, 0.5]) == 2.0
+    assert first_playable_s([1.0, 2.0], [0.24, 0.5]) == 1.0
+    assert first_playable_s([1.0, 2.0], [0.05, 0.05]) == 2.0  # shorter in all: the last chunk
+
+
+def test_flow_bits_and_cfg_axes() -> None:
+    from bench.cases import _coerce, product
+
+    c = Case(flow_bits=8, cfg=0.5)
+    assert c.id.endswith("/flow_bits=8/cfg=0.5")
+    assert Case.from_dict(_coerce({"flow_bits": "4bit", "cfg": "0"})).id.endswith(
+        "/flow_bits=4/cfg=0"
+    )
+    assert Case().id == "cosyvoice2/llm=fp32/dtype=fp32/steps=10/text=short/stream=off"
+    assert not drift.is_reference(c) and drift.reference_case(c) == Case()
+    fast = Case(stream=True, first_hop=10, saved=True, final="chunked")
+    assert drift.reference_case(fast) == Case(stream=True)
+    assert drift.is_reference(Case(stream=True))
+    assert len(product(flow_bits=[None, 8], cfg=[None, 0.0])) == 4
+    for bad in ({"flow_bits": 3}, {"flow_bits": True}, {"cfg": -1.0}, {"cfg": float("nan")}):
+        with pytest.raises(ValueError):
+            Case(**bad)
+    assert dataclasses.replace(c, cfg=None).load_key != c.load_key
+
+
+def test_cli_axes_and_bad_values() -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+
+    def bench(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "bench", "run", "--dry-run", *args],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    r = bench("--flow-bits", "none,8", "--cfg", "default,0.5", "--steps", "1")
+    assert r.returncode == 0, r.stderr
+    ids = [line for line in r.stdout.splitlines() if line.startswith("cosyvoice2/")]
+    assert len(ids) == 4
+    assert "cosyvoice2/llm=fp32/dtype=fp32/steps=1/text=short/stream=off/flow_bits=8/cfg=0.5" in ids
+    r = bench()  # the default sweep: the reference setting first, one timed call per case
+    assert r.stdout.splitlines()[0] == Case().id
+    assert "repeats 1," in r.stdout
+    for bad in (["--flow-bits", "3"], ["--cfg", "-1"], ["--cfg", "x"]):
+        r = bench(*bad)
+        assert r.returncode == 2, (bad, r.returncode, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
