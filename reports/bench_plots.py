@@ -40,6 +40,7 @@ from reports.formats import BenchCase, BenchRun
 from reports.recommend import (
     FIDELITY_BOUND,
     SPEED_FACTOR,
+    TOKEN_AGREEMENT_BOUND,
     WER_MARGIN,
     Point,
     pareto_front,
@@ -343,7 +344,9 @@ def _fidelity_metric(weights: str) -> tuple[str, str]:
 
 def _bound(g: Group, metric: str) -> tuple[float | None, str]:
     if metric != "wer":
-        return FIDELITY_BOUND, f"mrstft_distance <= {FIDELITY_BOUND}"
+        return FIDELITY_BOUND, (
+            f"mrstft_distance <= {FIDELITY_BOUND}, LLM top-1 agreement >= {TOKEN_AGREEMENT_BOUND}"
+        )
     refs = [r.fig("wer") for r in g.rows if _is_reference(r) and r.fig("wer") is not None]
     if not refs:
         return None, f"WER within +{WER_MARGIN} of the reference setting (no reference case)"
@@ -368,7 +371,14 @@ def _scatter(
     fig, ax = _figure(plt, ctx.figsize, ctx.dpi)
     t = tag(g.weights)
     names = [f"cases{t}"]
-    ax.scatter([r.fig(x) for r in rows], [r.fig(y) for r in rows], color="C0", label=names[0])
+    ok = [r for r in rows if _llm_agrees(r)]
+    off = [r for r in rows if not _llm_agrees(r)]
+    ax.scatter([r.fig(x) for r in ok], [r.fig(y) for r in ok], color="C0", label=names[0])
+    if off:
+        name = f"LLM top-1 agreement < {TOKEN_AGREEMENT_BOUND} (not recommended){t}"
+        ax.scatter([r.fig(x) for r in off], [r.fig(y) for r in off], color="0.5", marker="x",
+                   label=name)  # fmt: skip
+        names.append(name)
     for r in rows:
         ax.annotate(
             point_label(r),
@@ -399,7 +409,13 @@ def _scatter(
 
 
 def _points(rows: list[Row], x: str, y: str) -> list[Point]:
-    return [Point(point_label(r), r.fig(x), r.fig(y)) for r in rows]
+    return [Point(point_label(r), r.fig(x), r.fig(y), _llm_agrees(r)) for r in rows]
+
+
+def _llm_agrees(r: Row) -> bool:
+    """The case's LLM agrees with the reference LLM (`TOKEN_AGREEMENT_BOUND`), or has no figure."""
+    a = r.fig("token_agreement_greedy")
+    return a is None or a >= TOKEN_AGREEMENT_BOUND
 
 
 def _rec_words(rec, bound_text: str, x_name: str) -> str:
@@ -436,7 +452,7 @@ def _fidelity(ctx: Ctx, g: Group) -> tuple[list[Path], list[str]]:
         rows.sort(key=lambda r: (point_label(r), r.run.run_id or ""))
         pts = _points(rows, "rtf", metric)
         rec = recommend(pts, bound)
-        front = pareto_front(pts)
+        front = pareto_front([p for p in pts if p.eligible])
         paths.append(
             _scatter(
                 ctx,
@@ -468,13 +484,16 @@ def _fidelity(ctx: Ctx, g: Group) -> tuple[list[Path], list[str]]:
                 ]
         on_front = {p.label for p in front}
         md += _caption(g) + [
-            f"| case | weights | RTF (median) | min-max | {metric} | on Pareto front |",
-            "|---|---|---|---|---|---|",
+            f"| case | weights | RTF (median) | min-max | {metric} | LLM top-1 agreement"
+            " | on Pareto front |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r, p in zip(rows, pts):
+            agree = r.fig("token_agreement_greedy")
+            gate = "" if p.eligible else f" (< {TOKEN_AGREEMENT_BOUND}: not recommended)"
             md.append(
                 f"| {p.label} | {cell(g.weights)} | {_fmt(p.rtf)} | {r.spread('rtf')} "
-                f"| {_fmt(p.distance)} | {'yes' if p.label in on_front else ''} |"
+                f"| {_fmt(p.distance)} | {_fmt(agree)}{gate} | {'yes' if p.label in on_front else ''} |"
             )
         md.append("")
         sims = [r for r in rows if r.fig("sim") is not None]

@@ -9,7 +9,9 @@ better: `mrstft_distance` on synthetic or unknown weights, WER in % on real weig
 - `recommend`: (a) the best fidelity among the cases within `SPEED_FACTOR` times the
   fastest case's real-time factor, and (b) the fastest case whose distance is within a
   bound (`FIDELITY_BOUND` for `mrstft_distance`; the reference setting's WER plus
-  `WER_MARGIN` for real weights, see `wer_bound`).
+  `WER_MARGIN` for real weights, see `wer_bound`). A point can be marked not eligible
+  (a case whose LLM agrees with the reference LLM on fewer than `TOKEN_AGREEMENT_BOUND`
+  of its choices): it is drawn, never recommended.
 
 Ties are broken deterministically: by the other axis, then by label. A case exactly at
 a limit counts as within it (limits are compared with a relative tolerance of `REL_TOL`,
@@ -26,14 +28,20 @@ SPEED_FACTOR = 1.5
 """Recommendation (a) looks at the cases whose real-time factor is at most this many times
 the fastest case's."""
 
-FIDELITY_BOUND = 0.5
+FIDELITY_BOUND = 0.2
 """The largest `mrstft_distance` from the reference setting (fp32 LLM, fp32 flow/HiFT, 10
 steps, default cfg, same inputs and seed) that recommendation (b) accepts on synthetic or
 unknown weights. The distance is the mean over three STFT resolutions of spectral
-convergence plus mean absolute log-magnitude difference; 0.5 allows, for example, a
-quarter relative spectral error together with a quarter of a natural-log unit of
-log-magnitude difference. On synthetic weights it bounds numerical drift from the
-reference setting, not perceived quality."""
+convergence plus mean absolute log-magnitude difference. On the synthetic full-size model
+it separates 5 and 3 diffusion steps (about 0.11 and 0.19) from 1 step (about 0.26); it
+bounds numerical drift from the reference setting, not perceived quality."""
+
+TOKEN_AGREEMENT_BOUND = 0.9
+"""The smallest `token_agreement_greedy` (the LLM's top-1 choices, teacher-forced, equal to
+the reference LLM's) of a case that either recommendation may pick, where the case has
+one. The audio distance alone cannot judge the LLM: on synthetic weights another token
+sequence changes the audio less than fewer diffusion steps do, so a 4-bit LLM that agrees
+on a third of its choices would pass an audio bound."""
 
 REL_TOL = 1e-9
 """Relative tolerance of the limit comparisons (rounding only, not a margin)."""
@@ -50,6 +58,9 @@ class Point:
     label: str
     rtf: float
     distance: float
+    eligible: bool = True
+    """False: the case fails a gate other than the distance (e.g. `TOKEN_AGREEMENT_BOUND`);
+    it stays on the plot, off the Pareto front the report draws, and is never recommended."""
 
 
 @dataclass(frozen=True)
@@ -100,14 +111,16 @@ def recommend(
 ) -> Recommendation:
     """(a) the lowest-distance point with real-time factor <= speed_factor x the fastest's;
     (b) the lowest-real-time-factor point with distance <= bound (None when bound is None).
+    The fastest is taken over every point; only eligible points are recommended.
     """
     pts = _finite(points)
     if not pts:
         return Recommendation(None, None, None, bound)
     fastest = min(pts, key=lambda p: (p.rtf, p.distance, p.label))
     limit = speed_factor * fastest.rtf
+    pts = [p for p in pts if p.eligible]
     near = [p for p in pts if _at_most(p.rtf, limit)]
-    best = min(near, key=lambda p: (p.distance, p.rtf, p.label))
+    best = min(near, key=lambda p: (p.distance, p.rtf, p.label)) if near else None
     within = [] if bound is None else [p for p in pts if _at_most(p.distance, bound)]
     quick = min(within, key=lambda p: (p.rtf, p.distance, p.label)) if within else None
     return Recommendation(fastest, best, quick, bound)

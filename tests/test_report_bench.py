@@ -167,8 +167,18 @@ def sweep_report(tmp_path_factory) -> tuple[Path, str]:
 
 
 EXPECTED = {
-    "rtf_vs_steps.png": ["LLM fp32, flow fp32", "LLM 8bit, flow fp32", "LLM fp32, flow 8-bit"],
-    "memory_vs_steps.png": ["LLM fp32, flow fp32", "LLM 8bit, flow fp32", "LLM fp32, flow 8-bit"],
+    "rtf_vs_steps.png": [
+        "LLM fp32, flow fp32",
+        "LLM 4bit, flow fp32",
+        "LLM 8bit, flow fp32",
+        "LLM fp32, flow 8-bit",
+    ],
+    "memory_vs_steps.png": [
+        "LLM fp32, flow fp32",
+        "LLM 4bit, flow fp32",
+        "LLM 8bit, flow fp32",
+        "LLM fp32, flow 8-bit",
+    ],
     "first_chunk_vs_steps.png": [
         "LLM fp32, flow fp32, warm",
         "LLM fp32, flow fp32, cold",
@@ -177,6 +187,7 @@ EXPECTED = {
     ],
     "fidelity_vs_rtf.png": [
         "cases",
+        "LLM top-1 agreement < 0.9 (not recommended)",
         "Pareto front",
         "best fidelity within 1.5x the fastest",
         "fastest within the fidelity bound",
@@ -216,7 +227,7 @@ def test_markdown_sections_tables_and_recommendations(sweep_report) -> None:
         assert heading in md, heading
     assert "- `fixture-synthetic-sweep` (synthetic **(SYNTHETIC)** weights): 3" in md
     rtf = _table(md, "| setting | weights | steps | RTF (median)")
-    assert len(rtf) == 9
+    assert len(rtf) == 10
     row = next(r for r in rtf if r[0] == "LLM 8bit, flow fp32" and r[2] == "3")
     assert row[1] == "synthetic **(SYNTHETIC)**" and row[3:] == ["1.15", "1.09-1.21", "3"]
     mem = _table(md, "| setting | weights | steps | peak RSS MB (median)")
@@ -240,7 +251,7 @@ def test_markdown_sections_tables_and_recommendations(sweep_report) -> None:
         "3",
     ] in fc
     fid = _table(md, "| case | weights | RTF (median) | min-max | mrstft_distance")
-    front = {r[0] for r in fid if r[5] == "yes"}
+    front = {r[0] for r in fid if r[6] == "yes"}
     assert front == {
         "LLM 8bit, flow fp32, 1 step",
         "LLM fp32, flow fp32, 1 step",
@@ -252,8 +263,9 @@ def test_markdown_sections_tables_and_recommendations(sweep_report) -> None:
     }
     assert (
         "Recommendation (non-streaming): For the lowest real-time factor within the fidelity "
-        "bound (mrstft_distance <= 0.5) use **LLM fp32, flow 8-bit, 3 steps**; for the best "
-        "fidelity within 1.5x the fastest real-time factor use **LLM 8bit, flow fp32, 3 steps**."
+        "bound (mrstft_distance <= 0.2, LLM top-1 agreement >= 0.9) use **LLM 8bit, flow fp32, "
+        "10 steps**; for the best fidelity within 1.5x the fastest real-time factor use **LLM "
+        "8bit, flow fp32, 3 steps**."
     ) in md
     assert (
         "Recommendation (streaming): For the lowest real-time factor within the fidelity bound"
@@ -261,8 +273,9 @@ def test_markdown_sections_tables_and_recommendations(sweep_report) -> None:
     )
     assert (
         "By first chunk (warm): For the lowest first chunk within the fidelity bound "
-        "(mrstft_distance <= 0.5) use **LLM fp32, flow fp32, first_hop 10, 3 steps**; for the "
-        "best fidelity within 1.5x the fastest first chunk use **LLM fp32, flow fp32, 3 steps**."
+        "(mrstft_distance <= 0.2, LLM top-1 agreement >= 0.9) use **LLM fp32, flow fp32, "
+        "first_hop 10, 10 steps**; for the best fidelity within 1.5x the fastest first chunk "
+        "use **LLM fp32, flow fp32, 3 steps**."
     ) in md
     # every table of a synthetic group has the label in its caption
     assert md.splitlines().count(f"*{SYNTHETIC_NOTE}.*") == 6
