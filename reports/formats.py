@@ -53,6 +53,8 @@ BENCH_FIGURES = (
     "rtf",
     "first_chunk_s",
     "cold_first_chunk_s",
+    "new_speaker_first_chunk_s",
+    "prompt_s",
     "playback_gap_max_s",
     "rss_peak_mb",
     "mlx_peak_mb",

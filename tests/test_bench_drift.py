@@ -205,3 +205,39 @@ def test_cli_axes_and_bad_values() -> None:
         r = bench(*bad)
         assert r.returncode == 2, (bad, r.returncode, r.stderr)
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_quality_step_joins_the_eval_figures(tmp_path: Path, monkeypatch) -> None:
+    """`bench run --quality`: each case gets its eval entry and `wer`/`cer`/`sim` figures."""
+    import bench.cli as cli
+    import bench.quality as quality
+
+    seen = {}
+
+    def fake(model, cases, out_dir, asr, seed, progress):
+        seen.update(model=model, ids=[c["id"] for c in cases], asr=asr, out=out_dir)
+        return {
+            cases[0]["id"]: {"wer": 2.5, "cer": 1.0, "sim": 0.61, "n": 5},
+            cases[1]["id"]: {"skipped": "no such setting"},
+        }
+
+    monkeypatch.setattr(quality, "run_quality", fake)
+    a, b = Case(), Case(steps=1)
+    doc = new_run([a, b], RunOptions(repeats=1), run_id="q")
+    doc["weights"] = {"label": "real", "path": "/models/cv2"}
+    doc["cases"] = [
+        {"id": c.id, "status": "ok", "settings": c.to_dict(), "figures": {}} for c in (a, b)
+    ]
+    path = tmp_path / "q.json"
+    cli.run_quality_step(doc, path, "offline:tiny.en")
+    assert seen["model"] == "/models/cv2" and seen["ids"] == [a.id, b.id]
+    assert seen["out"] == tmp_path / "q.quality"
+    first, second = doc["cases"]
+    assert {k: first["figures"][k]["median"] for k in ("wer", "cer", "sim")} == {
+        "wer": 2.5,
+        "cer": 1.0,
+        "sim": 0.61,
+    }
+    assert second["quality"] == {"skipped": "no such setting"} and second["figures"] == {}
+    assert path.exists()
+    assert cli.quality_mode("real", "auto") and not cli.quality_mode("synthetic", "auto")

@@ -183,7 +183,7 @@ EXPECTED = {
         "LLM fp32, flow fp32, warm",
         "LLM fp32, flow fp32, cold",
         "LLM fp32, flow fp32, first_hop 10, warm",
-        "LLM fp32, flow fp32, first_hop 10, cold",
+        "LLM fp32, flow fp32, first_hop 10, new speaker",
     ],
     "fidelity_vs_rtf.png": [
         "cases",
@@ -247,6 +247,7 @@ def test_markdown_sections_tables_and_recommendations(sweep_report) -> None:
         "1.1",
         "1-1.2",
         "2.9",
+        "3.4",
         "0.35",
         "3",
     ] in fc
