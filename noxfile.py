@@ -215,9 +215,12 @@ def eval(session: nox.Session) -> None:  # noqa: A001 - the session is called ev
 
 @nox.session(python=PYTHON)
 def report(session: nox.Session) -> None:
-    """Markdown report with PNG plots from bench and eval results."""
+    """Markdown report with PNG plots from bench and eval results: the bench's plots and
+    recommendations, and the eval report where there are eval results."""
     _install(session, "report")
     args = [a for a in session.posargs if a != "--reinstall"]
+    if not any(a == "--sections" or a.startswith("--sections=") for a in args):
+        args = ["--sections", "all", *args]
     session.run("python", "-m", "reports", "build", *args)
 
 

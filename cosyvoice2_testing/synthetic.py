@@ -31,13 +31,13 @@ speech LM's output layer and the backbone's residual-branch projections scaled
 
 SENSITIVE_SCALES = {"llm_decoder.": 6.0, "o_proj.weight": 4.0, "down_proj.weight": 4.0}
 """Scales of the `sensitive` profile, by key suffix or prefix of `llm.pt`. With the default
-initialisation the full-size LM's logits are nearly uniform (entropy 8.6 of at most 8.8 nats;
-top-p 0.8 keeps about 4000 of 6561 tokens) and half of them come from the input embedding
-alone, so any perturbation of the backbone flips tokens at random and its real effect is
-hidden. Scaling `llm_decoder` by 6 gives logits with a standard deviation of about 3.5
-(about 50 tokens in the top-p nucleus, top-1 probability about 0.24), and scaling the
-attention and MLP output projections by 4 makes the backbone's layers, not the embedding,
-decide the output. Used for the bench's fidelity figures (precision drift of the LM)."""
+initialisation the full-size LM's logits are nearly uniform (their entropy close to the
+maximum, the top-p nucleus holding thousands of tokens) and about half of them come from the
+input embedding alone, so any perturbation of the backbone flips tokens at random and its
+real effect is hidden. Scaling `llm_decoder` by 6 makes the distribution peaked (a nucleus
+of tens of tokens), and scaling the attention and MLP output projections by 4 makes the
+backbone's layers, not the embedding, decide the output. Used for the bench's fidelity
+figures (precision drift of the LM)."""
 
 # Qwen2-0.5B (CosyVoice-BlankEN/config.json of the released model) and the tiny stand-in.
 _QWEN_FULL = {

@@ -602,6 +602,37 @@ def _history(ctx: Ctx, runs: Sequence[BenchRun]) -> tuple[list[Path], list[str]]
 # ---------------------------------------------------------------------------- sections
 
 
+def call_to_call_noise(history: Sequence[BenchRun]) -> tuple[float, float, int] | None:
+    """The spread of the RTF across the timed calls of one case, `(max - min) / median`, over
+    the stored runs' cases with several calls: (median spread, largest spread, cases); None
+    without any such case."""
+    spreads = []
+    for b in history:
+        if (b.repeats or 0) < 2:
+            continue
+        for c in b.cases:
+            lo_hi, med = c.spread.get("rtf"), c.figures.get("rtf")
+            if lo_hi is not None and med:
+                spreads.append((lo_hi[1] - lo_hi[0]) / med)
+    if not spreads:
+        return None
+    spreads.sort()
+    return spreads[len(spreads) // 2], spreads[-1], len(spreads)
+
+
+def _noise_words(history: Sequence[BenchRun]) -> str:
+    noise = call_to_call_noise(history)
+    head = "Runs with one timed call per case have no spread of their own: "
+    if noise is None:
+        return head + "no stored run with several calls per case measures the noise."
+    med, top, n = noise
+    return (
+        head + f"in the stored runs with several timed calls, a case's RTF spread (max - min over "
+        f"median) is {med * 100:.0f}% in the median and up to {top * 100:.0f}% ({n} cases): "
+        "differences of that size between single-call cases may be noise."
+    )
+
+
 def bench_sections(
     benches: Sequence[BenchRun],
     history: Sequence[BenchRun],
@@ -622,6 +653,8 @@ def bench_sections(
         reps = b.repeats if b.repeats is not None else "not recorded"
         md.append(f"- `{b.run_id or b.source.name}` ({cell(b.weights)} weights): {reps}")
     md.append("")
+    if any(b.repeats == 1 for b in benches):
+        md += [_noise_words(history), ""]
     if any(b.weights == "synthetic" or any(c.weights == "synthetic" for c in b.cases)
            for b in benches):  # fmt: skip
         md += [f"> **{SYNTHETIC_NOTE}.** Fidelity figures of synthetic runs measure how far a "

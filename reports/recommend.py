@@ -33,8 +33,8 @@ FIDELITY_BOUND = 0.2
 steps, default cfg, same inputs and seed) that recommendation (b) accepts on synthetic or
 unknown weights. The distance is the mean over three STFT resolutions of spectral
 convergence plus mean absolute log-magnitude difference. On the synthetic full-size model
-it separates 5 and 3 diffusion steps (about 0.11 and 0.19) from 1 step (about 0.26); it
-bounds numerical drift from the reference setting, not perceived quality."""
+(the default sweep, `bench/runs/default-a.json`) it admits 5 and 3 diffusion steps and
+not 1; it bounds numerical drift from the reference setting, not perceived quality."""
 
 TOKEN_AGREEMENT_BOUND = 0.9
 """The smallest `token_agreement_greedy` (the LLM's top-1 choices, teacher-forced, equal to

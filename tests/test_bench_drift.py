@@ -241,3 +241,22 @@ def test_quality_step_joins_the_eval_figures(tmp_path: Path, monkeypatch) -> Non
     assert second["quality"] == {"skipped": "no such setting"} and second["figures"] == {}
     assert path.exists()
     assert cli.quality_mode("real", "auto") and not cli.quality_mode("synthetic", "auto")
+
+
+def test_sensitive_profile_scales_the_output_layer_and_residual_projections() -> None:
+    from cosyvoice2_testing.synthetic import PROFILES, sensitive_llm_state
+
+    one = np.ones(2, dtype=np.float32)
+    keys = {
+        "llm_decoder.weight": 6.0,
+        "llm_decoder.bias": 6.0,
+        "llm.model.model.layers.0.self_attn.o_proj.weight": 4.0,
+        "llm.model.model.layers.3.mlp.down_proj.weight": 4.0,
+        "llm.model.model.layers.0.self_attn.q_proj.weight": 1.0,
+        "llm.model.model.layers.0.mlp.up_proj.weight": 1.0,
+        "speech_embedding.weight": 1.0,
+        "llm.model.model.embed_tokens.weight": 1.0,
+    }
+    out = sensitive_llm_state({k: one for k in keys})
+    assert {k: float(v[0]) for k, v in out.items()} == keys
+    assert PROFILES == ("default", "sensitive")

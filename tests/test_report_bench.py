@@ -393,3 +393,23 @@ def test_existing_out_folder_gets_the_new_files(tmp_path: Path) -> None:
     assert (out / "keep.txt").is_file() and (out / "rtf_vs_steps.png").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
     shutil.rmtree(out)
+
+
+def test_call_to_call_noise_from_stored_runs() -> None:
+    from reports.bench_plots import call_to_call_noise
+    from reports.formats import BenchCase, BenchRun
+
+    def run(repeats, *cases):
+        cs = tuple(
+            BenchCase({}, {"rtf": med}, "synthetic", id=f"c{i}", spread={"rtf": (lo, hi)})
+            for i, (lo, med, hi) in enumerate(cases)
+        )
+        return BenchRun(Path("x.json"), "synthetic", "m", "a", "r", cs, repeats=repeats)
+
+    assert call_to_call_noise([]) is None
+    assert call_to_call_noise([run(1, (3.0, 4.0, 5.0))]) is None  # one call: no spread
+    med, top, n = call_to_call_noise(
+        [run(3, (3.9, 4.0, 4.1), (1.8, 2.0, 2.2)), run(2, (0.9, 1.0, 1.5))]
+    )
+    assert n == 3
+    assert med == pytest.approx(0.2) and top == pytest.approx(0.6)
