@@ -68,6 +68,7 @@ def test_reference_plan_adds_peer_twins() -> None:
     assert ids == [
         Case(target=PEER).id,
         Case(target=PEER, stream=True).id,  # planned, recorded as unsupported when run
+        Case(target=PEER, steps=5).id,
         Case(target=PEER, steps=3).id,
         Case(target=PEER, steps=1).id,
     ]
