@@ -74,9 +74,10 @@ def summary_table(doc: dict[str, Any], markdown: bool = False) -> str:
 
 
 def fidelity_table(doc: dict[str, Any], markdown: bool = False) -> str:
-    """Each case's fidelity figures (distance from the reference setting), with what they
-    mean on these weights; empty when the run recorded none."""
-    present = [n for n in FIDELITY if any(n in c.get("figures", {}) for c in doc["cases"])]
+    """Each case's fidelity figures (distance from the reference setting) and, where `--quality`
+    ran, its WER/CER/SIM, with what they mean on these weights; empty when the run has none."""
+    names = (*FIDELITY, "wer", "cer", "sim")
+    present = [n for n in names if any(n in c.get("figures", {}) for c in doc["cases"])]
     if not present:
         return ""
     head = ["case"] + [f"{n} ({FIGURES[n].unit})" if FIGURES[n].unit else n for n in present]
