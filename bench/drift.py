@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from bench import fidelity
-from bench.cases import Case, Work
+from bench.cases import HEADLINE, Case, Work
 
 NOTES = {
     "synthetic": (
@@ -47,18 +47,9 @@ NOTES = {
     "real": "distance from the reference setting's output on real weights",
     "unknown": "distance from the reference setting's output (weights of unknown origin)",
 }
-REFERENCE_SETTINGS = {
-    "llm": "fp32",
-    "dtype": "fp32",
-    "steps": 10,
-    "kernels": "auto",
-    "first_hop": None,
-    "saved": False,
-    "final": "full",
-    "flow_bits": None,
-    "cfg": None,
-}
-"""The reference setting; the text length (the work) and streaming are the case's own."""
+REFERENCE_SETTINGS = {k: v for k, v in HEADLINE.items() if k not in ("text", "stream")}
+"""The reference setting: the headline settings (fp32, 10 steps, the official defaults); the
+text length (the work) and streaming are the case's own."""
 FORMAT = 1
 
 

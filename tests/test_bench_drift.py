@@ -109,9 +109,9 @@ def test_reference_case_then_fewer_steps(mlx_tiny_dir: Path, tmp_path: Path) -> 
     assert validate(doc) == []
 
 
-def test_sweep_without_the_reference_case_runs_a_reference_job(
-    mlx_tiny_dir: Path, tmp_path: Path, monkeypatch
-) -> None:
+@pytest.fixture
+def tiny_sweep(mlx_tiny_dir: Path, monkeypatch) -> None:
+    """`run_sweep` on the tiny MLX dir with `WORK` for every case, in process."""
     import bench.runner as runner
 
     prepared = _prepared(mlx_tiny_dir)
@@ -121,6 +121,11 @@ def test_sweep_without_the_reference_case_runs_a_reference_job(
         lambda name, cases, opts: (runner.get_target(name), prepared, {}),
     )
     monkeypatch.setattr(runner.Work, "for_case", classmethod(lambda cls, *a, **k: WORK))
+
+
+def test_sweep_without_the_reference_case_runs_a_reference_job(
+    tiny_sweep: None, tmp_path: Path
+) -> None:
     cases = [Case(steps=2, stream=True)]
     opts = RunOptions(repeats=1, warmup=1, isolate=False)
     doc = new_run(cases, opts, run_id="r")
@@ -135,16 +140,7 @@ def test_sweep_without_the_reference_case_runs_a_reference_job(
     assert f["new_speaker_first_chunk_s"] >= f["prompt_s"] > 0
 
 
-def test_no_fidelity_option(mlx_tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    import bench.runner as runner
-
-    prepared = _prepared(mlx_tiny_dir)
-    monkeypatch.setattr(
-        runner,
-        "prepare_target",
-        lambda name, cases, opts: (runner.get_target(name), prepared, {}),
-    )
-    monkeypatch.setattr(runner.Work, "for_case", classmethod(lambda cls, *a, **k: WORK))
+def test_no_fidelity_option(tiny_sweep: None, tmp_path: Path) -> None:
     opts = RunOptions(repeats=1, warmup=0, isolate=False, fidelity=False)
     doc = run_sweep(new_run([Case(steps=1)], opts, run_id="n"), tmp_path / "n.json", False)
     assert "mrstft_distance" not in doc["cases"][0]["figures"]
