@@ -177,7 +177,7 @@ def measure_case(
     try:
         if hasattr(target, "process_prompt"):
             prompt_s = target.process_prompt(handle, work)
-            if progress is not None:
+            if progress is not None and prompt_s is not None:
                 progress(f"new prompt processed in {prompt_s:.2f} s")
         for i in range(max(warmup, 0) + repeats):
             _mlx_reset_peak()

@@ -269,12 +269,19 @@ class CosyVoice2Target:
         greedy = drift.teacher_forced_greedy(model, x, ref.tokens)
         return drift.compare(ref, ref_greedy, out, greedy)
 
-    def process_prompt(self, model: Any, work: Work) -> float:
+    def process_prompt(self, model: Any, work: Work) -> float | None:
         """Seconds to turn a new prompt wav of the work's length into the prompt side
-        (`CosyVoice2.prompt_from_wav`: speech tokens, mel, speaker embedding), evaluated."""
+        (`CosyVoice2.prompt_from_wav`: speech tokens, mel, speaker embedding), evaluated;
+        None for a model dir without a speech tokenizer or CAM++ (mlx-audio-plus layouts
+        serve saved speakers only)."""
         import time
 
         import mlx.core as mx
+
+        from cosyvoice2.mlx_audio_plus import Missing
+
+        if isinstance(model.speech_tokenizer, Missing) or isinstance(model.campplus, Missing):
+            return None
 
         wav = work.prompt_wav()
         t0 = time.perf_counter()

@@ -256,3 +256,19 @@ def test_sensitive_profile_scales_the_output_layer_and_residual_projections() ->
     out = sensitive_llm_state({k: one for k in keys})
     assert {k: float(v[0]) for k, v in out.items()} == keys
     assert PROFILES == ("default", "sensitive")
+
+
+def test_no_prompt_processing_for_a_dir_without_speech_tokenizer() -> None:
+    """mlx-audio-plus dirs have no speech tokenizer or CAM++: no `prompt_s`, not a failed case."""
+    from types import SimpleNamespace
+
+    from bench.targets import CosyVoice2Target
+    from cosyvoice2.mlx_audio_plus import Missing
+
+    def boom(*a, **k):
+        raise AssertionError("prompt_from_wav must not be called")
+
+    model = SimpleNamespace(
+        speech_tokenizer=Missing(RuntimeError("none")), campplus=object(), prompt_from_wav=boom
+    )
+    assert CosyVoice2Target().process_prompt(model, WORK) is None
