@@ -174,6 +174,7 @@ def measure_case(
     calls: list[dict[str, Any]] = []
     prompt_s = None
     fid = None
+    fid_error = None
     try:
         if hasattr(target, "process_prompt"):
             prompt_s = target.process_prompt(handle, work)
@@ -211,7 +212,12 @@ def measure_case(
                     f" the call produced {timings.speech_tokens}"
                 )
         if reference is not None and hasattr(target, "fidelity"):
-            fid = target.fidelity(handle, case, work, Path(reference))
+            try:
+                fid = target.fidelity(handle, case, work, Path(reference))
+            except Exception as e:  # the timings stand without it
+                fid_error = f"{type(e).__name__}: {e}".splitlines()[0]
+                if progress is not None:
+                    progress(f"no fidelity figures: {fid_error}")
     finally:
         rss = peak_rss_mb()
         target.unload(handle)
@@ -228,6 +234,8 @@ def measure_case(
         if "first_chunk_s" in cold:
             figures["new_speaker_first_chunk_s"] = summarize([prompt_s + cold["first_chunk_s"]])
     extra: dict[str, Any] = {}
+    if fid_error is not None:
+        extra["fidelity"] = {"reference": reference_id(case), "error": fid_error}
     if fid is not None:
         for name, value in fid["figures"].items():
             figures[name] = summarize([value])
@@ -577,7 +585,7 @@ def run_sweep(
                         make_reference(
                             target, prep, env, reference_case(case), work, opts, reference
                         )
-                    except WorkerError as e:
+                    except Exception as e:  # the case is timed without fidelity figures
                         reference = None
                         bar_write(bar, f"no reference output for {case.id}: {_first(str(e))}")
                 doc.setdefault("fidelity", {"reference": dict(REFERENCE_SETTINGS), "note": ""})

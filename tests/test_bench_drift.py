@@ -272,3 +272,19 @@ def test_no_prompt_processing_for_a_dir_without_speech_tokenizer() -> None:
         speech_tokenizer=Missing(RuntimeError("none")), campplus=object(), prompt_from_wav=boom
     )
     assert CosyVoice2Target().process_prompt(model, WORK) is None
+
+
+def test_a_bad_reference_file_costs_the_fidelity_figures_not_the_timings(
+    mlx_tiny_dir: Path, tmp_path: Path
+) -> None:
+    from bench.targets import CosyVoice2Target
+
+    case = Case(steps=1)
+    path = drift.reference_path(tmp_path, case, WORK)
+    path.write_bytes(b"not an npz")
+    rec = measure_case(
+        CosyVoice2Target(), _prepared(mlx_tiny_dir), case, WORK, 1, 0, reference=str(path)
+    )
+    assert rec["status"] == "ok" and "rtf" in rec["figures"]
+    assert "mrstft_distance" not in rec["figures"]
+    assert rec["fidelity"]["reference"] == Case().id and rec["fidelity"]["error"]
