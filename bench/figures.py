@@ -134,8 +134,8 @@ FIGURES: dict[str, Figure] = {
             "prompt_s",
             "s",
             "lower",
-            "processing a new prompt wav (speech tokens, mel, speaker embedding), before the"
-            " cold call",
+            "streaming: processing a new prompt wav (speech tokens, mel, speaker embedding),"
+            " before the cold call",
             tolerance=0.5,
             floor=0.02,
         ),

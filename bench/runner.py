@@ -155,9 +155,10 @@ def measure_case(
 
     The first call after load is the cold call; it is also the first of `warmup` calls
     that are left out of the medians (with `warmup=0` it is counted as a repeat).
-    Before it, a target that can (`process_prompt`) times the processing of a new
-    prompt wav: `prompt_s`, and with the cold call's first chunk, the latency of a new
-    speaker (`new_speaker_first_chunk_s`). Memory: MLX's peak is reset before each
+    Before it, for a streaming case, a target that can (`process_prompt`) times the
+    processing of a new prompt wav: `prompt_s`, and with the cold call's first chunk, the
+    latency of a new speaker (`new_speaker_first_chunk_s`); non-streaming cases leave it
+    out, so that their peak RSS is the synthesis alone, as the official twin's is. Memory: MLX's peak is reset before each
     call and read after it; the process peak RSS is read at the end (load plus every
     call). `reference`: the reference output's file (`bench.drift`); the last call's
     output is compared with it (`fidelity`) by a target that can.
@@ -176,7 +177,7 @@ def measure_case(
     fid = None
     fid_error = None
     try:
-        if hasattr(target, "process_prompt"):
+        if case.stream and hasattr(target, "process_prompt"):
             prompt_s = target.process_prompt(handle, work)
             if progress is not None and prompt_s is not None:
                 progress(f"new prompt processed in {prompt_s:.2f} s")

@@ -97,6 +97,7 @@ def test_reference_case_then_fewer_steps(mlx_tiny_dir: Path, tmp_path: Path) -> 
     assert path.exists()
     f = {k: v["median"] for k, v in rec["figures"].items()}
     assert f["mrstft_distance"] == 0 and f["token_agreement_greedy"] == 1
+    assert "prompt_s" not in f  # non-streaming: the peak RSS is the synthesis alone
     assert rec["fidelity"]["reference"] == ref_case.id
     assert "synthetic" in rec["fidelity"]["note"]
     fewer = Case(steps=2)
