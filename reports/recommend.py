@@ -33,7 +33,7 @@ FIDELITY_BOUND = 0.2
 steps, default cfg, same inputs and seed) that recommendation (b) accepts on synthetic or
 unknown weights. The distance is the mean over three STFT resolutions of spectral
 convergence plus mean absolute log-magnitude difference. On the synthetic full-size model
-(the default sweep, `bench/runs/default-a.json`) it admits 5 and 3 diffusion steps and
+(the default sweep, `bench/runs/default-b.json`) it admits 5 and 3 diffusion steps and
 not 1; it bounds numerical drift from the reference setting, not perceived quality."""
 
 TOKEN_AGREEMENT_BOUND = 0.9
