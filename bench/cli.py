@@ -47,6 +47,7 @@ from bench.cases import (
     reference_cases,
 )
 from bench.figures import DEFAULT_TOLERANCE, summarize
+from bench.quality import quality_mode
 from bench.machine import machine_kind
 from bench.results import (
     BASELINES,
@@ -62,12 +63,6 @@ from bench.runner import INTERRUPTED, RunOptions, new_run, run_sweep
 
 REPORT = RESULTS / "report"
 """Where `run` builds the report of the run it made (with the kept runs as history)."""
-
-
-def quality_mode(label: str, requested: str) -> bool:
-    from bench.quality import quality_mode as mode
-
-    return mode(label, requested)
 
 
 def _csv(values: str) -> list[str]:

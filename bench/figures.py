@@ -282,9 +282,12 @@ def call_figures(t: CallTimings) -> dict[str, float]:
             out[name] = float(value)
     if t.first_chunk_s is not None:
         out["first_audio_s"] = float(t.first_chunk_s)
-        out["first_chunk_s"] = float(t.first_chunk_s)
-    if t.chunk_times_s and t.chunk_audio_s:
-        out["first_chunk_s"] = first_playable_s(t.chunk_times_s, t.chunk_audio_s)
+        # the first 0.2 s of audio where the chunks are known, else the first chunk
+        out["first_chunk_s"] = (
+            first_playable_s(t.chunk_times_s, t.chunk_audio_s)
+            if t.chunk_times_s and t.chunk_audio_s
+            else float(t.first_chunk_s)
+        )
     if t.decode_s is not None and t.decode_s > 0 and t.speech_tokens > 1:
         out["decode_tok_s"] = (t.speech_tokens - 1) / t.decode_s
     if t.audio_s > 0:

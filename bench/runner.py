@@ -569,6 +569,14 @@ def run_sweep(
             }
             if name == plan[0].target:
                 doc["weights"] = prep.weights
+        if opts.fidelity and any(hasattr(prepared[c.target][0], "fidelity") for c in todo):
+            label = doc["weights"].get("label", "unknown")
+            doc["fidelity"] = {
+                "reference": dict(REFERENCE_SETTINGS),
+                "reference_streaming": "the official schedule",
+                "weights": label,
+                "note": FIDELITY_NOTES.get(label, FIDELITY_NOTES["unknown"]),
+            }
         save()
         for case in todo:
             if bar is not None:
@@ -589,11 +597,6 @@ def run_sweep(
                     except Exception as e:  # the case is timed without fidelity figures
                         reference = None
                         bar_write(bar, f"no reference output for {case.id}: {_first(str(e))}")
-                doc.setdefault("fidelity", {"reference": dict(REFERENCE_SETTINGS), "note": ""})
-                doc["fidelity"]["reference_streaming"] = "the official schedule"
-                label = doc.get("weights", {}).get("label", "unknown")
-                doc["fidelity"]["weights"] = label
-                doc["fidelity"]["note"] = FIDELITY_NOTES.get(label, FIDELITY_NOTES["unknown"])
             record = execute_case(target, prep, env, case, work, opts, status, reference)
             doc["cases"] = [c for c in doc["cases"] if c["id"] != case.id] + [record]
             save()
