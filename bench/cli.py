@@ -47,8 +47,8 @@ from bench.cases import (
     reference_cases,
 )
 from bench.figures import DEFAULT_TOLERANCE, summarize
-from bench.quality import quality_mode
 from bench.machine import machine_kind
+from bench.quality import quality_mode
 from bench.results import (
     BASELINES,
     RESULTS,
