@@ -7,8 +7,10 @@ README for the commands and the layout.
 __version__ = "0.1.0"
 
 from cosyvoice2 import blas as _blas  # noqa: E402 - before anything loads MLX
+from cosyvoice2 import malloc as _malloc  # noqa: E402
 
 _blas.setup()
+_malloc.tune()
 
 
 def load(path, **kwargs):

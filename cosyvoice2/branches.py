@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextvars
 import ctypes
 import queue
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -83,15 +84,16 @@ class _Worker:
         threading.Thread(target=self._loop, name=name, daemon=True).start()
 
     def _loop(self) -> None:
-        try:  # numba is optional: without it there is nothing to make serial
-            from cosyvoice2 import row_kernels
-
-            row_kernels.serial_in_this_thread()
-        except ImportError:
-            pass
         _LOCAL.worker = True
+        serial = False
         while True:
             fn, args, fut = self.jobs.get()
+            # The numba kernels, serial in this thread once a backend has loaded them (the
+            # plain route); never imported here: the other routes do not use numba.
+            rows = sys.modules.get("cosyvoice2.row_kernels")
+            if rows is not None and not serial and hasattr(rows, "serial_in_this_thread"):
+                rows.serial_in_this_thread()
+                serial = True
             try:
                 fut.set_result(fn(*args))
             except BaseException as e:  # handed to the caller

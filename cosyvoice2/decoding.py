@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache, trim_prompt_cache
 
 from cosyvoice2.config import LLMConfig
+from cosyvoice2.lm_models import KVCache, trim_prompt_cache
 from cosyvoice2.sampling import RasSampler, Sampler, push_recent
 
 if TYPE_CHECKING:

@@ -174,7 +174,19 @@ class HiFTGenerator(nn.Module):
     """HiFTNet generator (neural source filter + iSTFTNet) at 24 kHz, as CosyVoice2 configures it."""
 
     def set_dtype(self, dtype: mx.Dtype, predicate: Any = None) -> None:
+        for _, m in self.named_modules():  # the tap forms of the old weights go (`pack_weights`)
+            if isinstance(m, Conv1d):
+                m._taps = Derived()
+            elif isinstance(m, ConvTranspose1d):
+                m._blocks = Derived()
         set_dtype_evaluated(self, dtype, predicate)
+
+    def pack_weights(self) -> int:
+        """Make now the tap matrices of the convolution weights that the active backend's
+        calls read (`Conv1d.pack_weights`), each holding its weight: one copy of each, not
+        two (the transposed convolutions, a few MB, keep both). Returns the number of
+        convolutions done. Load calls it."""
+        return sum(m.pack_weights() for _, m in self.named_modules() if isinstance(m, Conv1d))
 
     def __init__(self, config: HiFTConfig):
         super().__init__()

@@ -50,10 +50,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models import qwen2
-from mlx_lm.models.base import scaled_dot_product_attention
 
 from cosyvoice2 import backend
+from cosyvoice2.lm_models import qwen2, scaled_dot_product_attention
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -349,19 +348,26 @@ def use_kernels(model: nn.Module, on: backend.Backend | None = None) -> int:
     if (on or backend.current()).extension is None:
         return 0
     swapped = 0
-    # decoder layers first; then, in the updated tree, the remaining norms and linears
-    for _, parent in model.named_modules():
-        for key, value in list(parent.items()):
-            items = enumerate(value) if isinstance(value, list) else [(None, value)]
-            for i, item in items:
-                specs = _block_specs(item)
-                if specs is None:
-                    continue
-                if i is None:
-                    setattr(parent, key, KernelBlock(item, specs))
-                else:
-                    value[i] = KernelBlock(item, specs)
-                swapped += 1
+    # decoder layers first; then, in the updated tree, the remaining norms and linears.
+    # Each layer is packed and its old weights dropped before the next one is packed (the
+    # walk keeps where the layers are, not the layers), so loading never holds two copies.
+    places = [
+        (parent, key, i)
+        for _, parent in model.named_modules()
+        for key, value in parent.items()
+        for i, item in (enumerate(value) if isinstance(value, list) else [(None, value)])
+        if _block_specs(item) is not None
+    ]
+    for parent, key, i in places:
+        item = parent[key] if i is None else parent[key][i]
+        block = KernelBlock(item, _block_specs(item))
+        if i is None:
+            setattr(parent, key, block)
+        else:
+            parent[key][i] = block
+        del item
+        mx.eval(block.parameters())
+        swapped += 1
     for _, parent in model.named_modules():
         for key, value in list(parent.items()):
             if type(value) is nn.RMSNorm and swapped:  # the norm after kernel layers

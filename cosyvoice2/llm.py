@@ -65,7 +65,9 @@ Where the time goes (full-size shapes; measured times belong in the bench's
 results files, `bench/README.md`):
 
 - Decode reads about 1.45 GB of fp32 weights per token (from the shapes: 24 layers
-  plus `llm_decoder`; the 545 MB text embedding is only read at prefill). A decode
+  plus `llm_decoder`; the 545 MB text embedding is only read at prefill, a few dozen
+  rows, and a model dir loads it as a `cosyvoice2.mapped_embedding.MappedEmbedding`
+  that reads those rows from the file instead of holding the table). A decode
   step took about as long as the bare matrix-vector products over those weights:
   the step is memory-bandwidth bound, and the per-op overhead of mlx-lm's layers,
   the attention over the cache and the sampler are small beside it.
@@ -92,13 +94,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.models import qwen2
-from mlx_lm.models.cache import (
-    KVCache,
-    load_prompt_cache,
-    make_prompt_cache,
-    save_prompt_cache,
-)
 
 from cosyvoice2.bistream import BistreamDecoder
 from cosyvoice2.config import LLMConfig
@@ -110,6 +105,13 @@ from cosyvoice2.decoding import (
     _check_behaviour,
     _length_limit,
     _tokens,
+)
+from cosyvoice2.lm_models import (
+    KVCache,
+    load_prompt_cache,
+    make_prompt_cache,
+    qwen2,
+    save_prompt_cache,
 )
 from cosyvoice2.sampling import Sampler, empty_recent
 
@@ -215,6 +217,7 @@ class Qwen2LM(nn.Module):
         weights: dict[str, mx.array],
         quantization: dict[str, Any] | None = None,
         strict: bool = True,
+        text_embedding: nn.Module | None = None,
     ) -> Qwen2LM:
         """Build and load from (sanitized) weights, as saved by the converter.
 
@@ -222,8 +225,18 @@ class Qwen2LM(nn.Module):
         the modules whose `<path>.scales` are in `weights` are turned into their
         quantised versions before loading: the stored quantised weights are
         loaded as they are. Float weights keep their stored dtype.
+
+        `text_embedding`: a lookup that replaces the text embedding `llm.embed_tokens`
+        (`cosyvoice2.mapped_embedding.MappedEmbedding`: read from the file row by row);
+        `weights` then holds none of its tensors.
         """
         model = cls(config)
+        if text_embedding is not None:
+            want = model.llm.embed_tokens.weight.shape
+            have = (text_embedding.num_embeddings, text_embedding.dims)
+            if tuple(want) != have:
+                raise ValueError(f"text embedding: expected shape {tuple(want)}, found {have}")
+            model.llm.embed_tokens = text_embedding
         if quantization:
             nn.quantize(
                 model,

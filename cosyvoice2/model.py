@@ -91,13 +91,24 @@ class CosyVoice2:
         self.backend = on or backend.current()
         self.llm = llm
         self.engine = Engine(flow, hift)  # tokens -> audio; keeps saved speakers' flow states
-        self.campplus, self.speech_tokenizer = campplus, speech_tokenizer
+        # the prompt side: `model_dir.Deferred` until a new prompt wav needs it
+        self._campplus, self._speech_tokenizer = campplus, speech_tokenizer
         self.frontend = frontend
         self.path = path
         self.meta = meta or {}
         self.sample_rate = config.sample_rate
         self.speakers = model_dir.speaker_store(path) if path is not None else None
         self._prefixes: dict[str, Any] = {}  # saved speakers' LLM prompt prefixes
+
+    @property
+    def campplus(self) -> Any:
+        """The CAM++ speaker encoder, its weights read on first use (`model_dir.Deferred`)."""
+        return model_dir.ready(self._campplus)
+
+    @property
+    def speech_tokenizer(self) -> Any:
+        """The S3 speech tokenizer v2, its weights read on first use (`model_dir.Deferred`)."""
+        return model_dir.ready(self._speech_tokenizer)
 
     @property
     def flow(self) -> Any:
@@ -175,10 +186,15 @@ class CosyVoice2:
         flow_record = None
         if flow_bits is not None:
             flow_record = quantize_flow(flow, flow_bits, flow_group_size)
+        mx.eval(flow.parameters())
+        with backend.active(on):  # the forms this backend's calls read: made once, not copied
+            flow.pack_weights()  # (its weights are lazy views of them now: not evaluated again)
         hift = model_dir.load_hift(path, config)
         campplus = model_dir.load_campplus(path, meta)
         speech_tokenizer = model_dir.load_speech_tokenizer(path, meta)
-        mx.eval([m.parameters() for m in (flow, hift, campplus, speech_tokenizer)])
+        mx.eval(hift.parameters())
+        with backend.active(on):
+            hift.pack_weights()
         frontend = model_dir.load_text_frontend(path, text_backend)
         meta = {
             **meta,

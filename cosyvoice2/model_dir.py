@@ -20,6 +20,11 @@ CosyVoice2-0.5B-4bit/-8bit/-fp16...): `read_config` tells them by their config.j
 and `model.safetensors`, and every loader below reads them through
 `cosyvoice2.mlx_audio_plus` (`docs/mlx-community-weights.md` says what they lack).
 
+What a loaded model holds: the speech LM without its text embedding, which is read from
+`llm.safetensors` row by row (`MappedEmbedding`, where the dir's own precision is used);
+the flow and HiFT; CAM++ and the speech tokenizer built and checked against their files
+but read on first use (`Deferred`: only a new prompt wav needs them).
+
 Every problem with a dir is a `ModelDirError` whose one-line message names the
 file and what is wrong with it. The files are read as untrusted data: `config.json`
 and the safetensors headers have size caps checked before they are read, every
@@ -35,6 +40,7 @@ import json
 import math
 import numbers
 import re
+import threading
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +48,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from cosyvoice2.config import ModelConfig
 from cosyvoice2.errors import CosyVoiceError
@@ -398,12 +405,31 @@ def _bad_settings(path: Path, component: str, e: Exception) -> ModelDirError:
     return ModelDirError(f"{path / CONFIG_FILE}: bad {component} settings ({_first_line(e)})")
 
 
-def _component(path: Path, component: str, build: Callable[[], nn.Module]) -> Any:
-    """Build a component from its settings and load its weights into it, strictly."""
+def _component(
+    path: Path, component: str, build: Callable[[], nn.Module], deferred: bool = False
+) -> Any:
+    """Build a component from its settings and load its weights into it, strictly.
+
+    `deferred`: check the weights file's header against the built module (every name and
+    shape, as the strict load would) and return a `Deferred` that reads the weights on
+    first use: a dir that cannot serve the component still fails here, and a call that
+    never needs it never holds its weights.
+    """
     try:
         model = build()
     except (TypeError, ValueError, KeyError, ArithmeticError) as e:
         raise _bad_settings(path, component, e) from None
+    if deferred:
+        file = _file_of(path, component)
+        try:
+            header = check_safetensors(file)
+        except Exception as e:
+            raise ModelDirError(f"{file}: cannot read ({_first_line(e)})") from None
+        try:
+            _check_declared(model, header)
+        except ValueError as e:
+            raise _mismatch(path, component, e) from None
+        return Deferred(path, component, model)
     try:
         model.load_weights(list(read_weights(path, component).items()), strict=True)
     except ValueError as e:
@@ -411,6 +437,52 @@ def _component(path: Path, component: str, build: Callable[[], nn.Module]) -> An
     if _is_mlx_audio_plus(path):  # stored in the one dtype of the whole file
         model.set_dtype(mx.float32)
     return model
+
+
+def _check_declared(model: nn.Module, header: dict[str, Any]) -> None:
+    """The tensors a safetensors header declares are the module's parameters, shape for shape."""
+    want = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    have = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    missing = sorted(set(want) - set(have))
+    if missing:
+        raise ValueError(f"missing parameters: {', '.join(missing[:5])}")
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise ValueError(f"parameters not in the model: {', '.join(extra[:5])}")
+    for k in sorted(want):
+        if want[k] != have[k]:
+            raise ValueError(f"expected shape {want[k]} but the file has {have[k]} for {k}")
+
+
+class Deferred:
+    """A component built and checked at load whose weights are read on first use (`get`).
+
+    The prompt side (CAM++, the speech tokenizer: about a sixth of the model's bytes) is
+    needed only to turn a new prompt wav into a speaker; a call with a saved or prepared
+    speaker never reads it. `get` is thread-safe and loads once.
+    """
+
+    def __init__(self, path: Path, component: str, module: nn.Module):
+        self.path, self.component, self.module = path, component, module
+        self.loaded = False
+        self._lock = threading.Lock()
+
+    def get(self) -> nn.Module:
+        with self._lock:
+            if not self.loaded:
+                weights = read_weights(self.path, self.component)
+                try:
+                    self.module.load_weights(list(weights.items()), strict=True)
+                except ValueError as e:  # the file changed since load
+                    raise _mismatch(self.path, self.component, e) from None
+                mx.eval(self.module.parameters())
+                self.loaded = True
+        return self.module
+
+
+def ready(component: Any) -> Any:
+    """A component itself, its weights read first if it is `Deferred`."""
+    return component.get() if isinstance(component, Deferred) else component
 
 
 # ---------------------------------------------------------------------- components
@@ -437,8 +509,14 @@ def load_llm(
             mlx_audio_plus.check_quantised(weights, record)
         except ValueError as e:
             raise _mismatch(path, "llm", e) from None
+    quantization = record.get("quantization")
+    text_embedding = None
+    if dtype is None and bits is None and meta.get("layout") is None:
+        text_embedding = _mapped_text_embedding(path, weights, quantization)
     try:
-        llm = Qwen2LM.from_weights(config.llm, weights, quantization=record.get("quantization"))
+        llm = Qwen2LM.from_weights(
+            config.llm, weights, quantization=quantization, text_embedding=text_embedding
+        )
     except ValueError as e:  # mlx's strict load: missing, unexpected or misshapen weights
         raise _mismatch(path, "llm", e) from None
     except (TypeError, KeyError, ArithmeticError) as e:  # a setting the checks let through
@@ -449,6 +527,34 @@ def load_llm(
     if bits is not None:
         record = {**record, "quantization": quantize(llm, bits=bits, group_size=group_size)}
     return llm, record
+
+
+def _mapped_text_embedding(
+    path: Path, weights: dict[str, mx.array], quantization: dict[str, Any] | None
+) -> nn.Module | None:
+    """The text embedding as a `MappedEmbedding` of `llm.safetensors`, its tensors taken out
+    of `weights` (which `mx.load` has not read: they are never read whole). None where the
+    stored table is not one it can map (then it loads with the rest)."""
+    from cosyvoice2.mapped_embedding import MappedEmbedding
+
+    prefix = "llm.embed_tokens"
+    file = _file_of(path, "llm")
+    header = check_safetensors(file)  # read_weights checked it: the header again, small
+    names = [f"{prefix}.{n}" for n in ("weight", "scales", "biases")]
+    quantised = names[1] in header
+    try:
+        table = MappedEmbedding(
+            file,
+            header,
+            prefix,
+            quantization["group_size"] if quantised and quantization else None,
+            quantization["bits"] if quantised and quantization else None,
+        )
+    except (KeyError, ValueError):
+        return None
+    for n in names:
+        weights.pop(n, None)
+    return table
 
 
 def load_flow(path: Path, config: ModelConfig) -> CausalMaskedDiffWithXvec:
@@ -488,6 +594,7 @@ def load_campplus(path: Path, meta: dict[str, Any]) -> CAMPPlus:
         path,
         "campplus",
         lambda: CAMPPlus(_checked(CAMPPlusConfig.from_dict(meta["campplus"]), "campplus")),
+        deferred=True,
     )
 
 
@@ -500,6 +607,7 @@ def load_speech_tokenizer(path: Path, meta: dict[str, Any]) -> SpeechTokenizerV2
         lambda: SpeechTokenizerV2(
             _checked(SpeechTokenizerConfig.from_dict(meta["speech_tokenizer"]), "speech_tokenizer")
         ),
+        deferred=True,
     )
 
 

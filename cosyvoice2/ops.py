@@ -358,6 +358,22 @@ class Conv1d(nn.Module):
         self.dilation = dilation
         self._taps = Derived()
 
+    def pack_weights(self) -> bool:
+        """Make the tap matrices now, where calls use them (stride 1, the fast route), as one
+        buffer that also holds the weight: the taps are its slices and `weight` a transposed
+        view of it, so the module keeps one copy of the weight, not two (every array here
+        is evaluated: any thread may read them)."""
+        if self.stride != 1 or not fast_paths_enabled():
+            return False
+        taps = mx.contiguous(self.weight.transpose(1, 2, 0))  # (K, C_in, C_out)
+        weight = taps.transpose(2, 0, 1)  # (C_out, K, C_in): the same values, a view
+        mx.eval(taps, weight)
+        self.weight = weight
+        views = [taps[j : j + 1].squeeze(0) for j in range(taps.shape[0])]  # (`taps[j]` copies)
+        self._taps.source, self._taps.value = weight, views
+        mx.eval(self._taps.value)
+        return True
+
     def __call__(self, x: mx.array) -> mx.array:
         taps = None
         if self.stride == 1 and fast_paths_enabled():

@@ -46,6 +46,7 @@ _READ_HERE = (
     Switch("COSYVOICE2_FLOW_THREADS", "integer", "", "integer >= 1", "threads of the numba flow kernels; unset: the CPUs this process may run on", "`cosyvoice2.row_kernels` (`num_threads`)"),
     Switch("COSYVOICE2_STREAM_LLM_THREAD", "flag", "0", "flag", "`1` runs the speech LM in its own thread while streaming (CPU with >= 2 cores, branch threads on); off by default since it competes with the flow's branch threads", "`cosyvoice2.streaming` (`overlap_enabled`)"),
     Switch("COSYVOICE2_BLAS", "text", "auto", "`auto`, `system`, `scipy-openblas32`, `off`, a library path", "which BLAS MLX's CPU matmul binds to on Linux, loaded before MLX: `auto` takes an OpenBLAS in `LD_PRELOAD`, else the system's, else the scipy-openblas32 wheel's through a shim compiled once; `off` keeps MLX's bundled reference BLAS", "`cosyvoice2.blas` (`setup`, when the package is imported)"),
+    Switch("COSYVOICE2_MALLOC_TUNE", "flag", "1", "flag", "`0` leaves glibc's allocator as it is; by default blocks of 1 MB and more are mapped and handed back to the system when freed (a fixed `M_MMAP_THRESHOLD`), which keeps a process's resident memory near what it uses", "`cosyvoice2.malloc` (`tune`, when the package is imported)"),
     Switch("COSYVOICE2_CACHE", "path", "~/.cache/cosyvoice2-mlx", "directory", "where synthetic official models, ONNX exports, converted Whisper models and the scipy-openblas32 shim are cached", "`cosyvoice2_testing.synthetic`, `cosyvoice2_testing.onnx_exports`, `eval/whisper_convert.py`, `cosyvoice2.blas`"),
 )  # fmt: skip
 

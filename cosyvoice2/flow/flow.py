@@ -32,16 +32,40 @@ layout too), and the returned mel is `(1, T, 80)`; the official returns
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from cosyvoice2.config import FlowConfig
-from cosyvoice2.flow.decoder import ConvTranspose1d
+from cosyvoice2.flow.decoder import (
+    CausalConditionalDecoder,
+    CausalResnetBlock1D,
+    ConvTranspose1d,
+)
 from cosyvoice2.flow.encoder import UpsampleConformerEncoder
 from cosyvoice2.flow.flow_matching import CausalConditionalCFM
+from cosyvoice2.flow.ops import cpu_extension, held_weight, packed
+from cosyvoice2.flow.transformer import Attention, BasicTransformerBlock
 from cosyvoice2.ops import set_dtype_evaluated
+
+
+def _float_linear(layer: nn.Module) -> bool:
+    return type(layer) is nn.Linear and layer.weight.dtype == mx.float32
+
+
+def forget_packed(module: nn.Module) -> None:
+    """Drop the packed forms of `module`'s weights (`packed`, `Attention.fused_weight`),
+    before its weights change form (a cast, a quantisation): a later call packs again what
+    it needs, and nothing keeps the old forms alive."""
+    for _, m in module.named_modules():
+        for name in list(getattr(m, "_released", None) or {}):
+            held_weight(m, name)  # a weight its form held: rebuilt here (this thread's arrays)
+        if getattr(m, "_panel_cache", None) is not None:
+            m._panel_cache = None
+        if isinstance(m, Attention):
+            m._fused = None
 
 
 def l2_normalize(x: mx.array, eps: float = 1e-12) -> mx.array:
@@ -63,7 +87,46 @@ class CausalMaskedDiffWithXvec(nn.Module):
         self.decoder = CausalConditionalCFM(config.decoder)
 
     def set_dtype(self, dtype: mx.Dtype, predicate: Any = None) -> None:
+        forget_packed(self)
         set_dtype_evaluated(self, dtype, predicate)
+
+    def pack_weights(self) -> int:
+        """Make now the forms of the weights that the active backend's calls read (each
+        transformer block's fused q/k/v; with the CPU extension also the panels of its
+        output and feed-forward projections and of the decoder's pointwise convolutions),
+        and let them hold the weights: one copy of each weight, not the weight and its
+        form (`Attention.fused_weight`, `packed`: `release`). Returns the number of layers
+        done: 0 off the main thread (the weights would become lazy arrays of the stream of
+        the thread that made them). Load calls it; a cast or quantisation drops the forms
+        (`forget_packed`), and a call makes again what it needs.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return 0
+        kernels = cpu_extension()
+        n = 0
+        for _, m in self.named_modules():
+            if isinstance(m, BasicTransformerBlock):
+                attn, ff = m.attn1, m.ff
+                qkv = (attn.to_q, attn.to_k, attn.to_v)
+                if all(type(x) is nn.Linear for x in qkv):
+                    fp32 = attn.to_q.weight.dtype == mx.float32
+                    attn.fused_weight(kernels if fp32 else None, release=True)
+                    n += 1
+                layers = [attn.to_out[0], ff.net[0].proj, ff.net[2]]
+            elif isinstance(m, CausalResnetBlock1D):
+                layers = [m.res_conv]
+            elif isinstance(m, CausalConditionalDecoder):
+                layers = [m.final_proj]
+            else:
+                continue
+            for layer in layers:
+                pointwise = _float_linear(layer) or (
+                    type(layer) is nn.Conv1d and layer.weight.dtype == mx.float32
+                )
+                if kernels is not None and pointwise:
+                    packed(kernels, layer, release=True)
+                    n += 1
+        return n
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Official `flow.pt` state dict (torch layouts) -> this model's parameters.

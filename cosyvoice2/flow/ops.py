@@ -35,6 +35,9 @@ live in `cosyvoice2/ops.py`; this module keeps what only the flow needs.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -72,6 +75,33 @@ def panel_linear(kernels, x: mx.array, panels: mx.array, n: int, bias: mx.array 
     return kernels.linear_panels(x, panels, n, bias, parallel=all_cores())
 
 
+def let_form_hold(layer: nn.Module, name: str, rebuild: Callable[[], mx.array]) -> mx.array:
+    """Let a derived form hold the parameter `layer.<name>`: the parameter becomes the lazy
+    array `rebuild()` (an exact re-layout of evaluated arrays, costing no memory unless it
+    is evaluated), and `held_weight` rebuilds it where a thread other than this one needs
+    its values (a lazy array belongs to the MLX stream of the thread that built it)."""
+    lazy = rebuild()
+    setattr(layer, name, lazy)
+    released = getattr(layer, "_released", None) or {}
+    released[name] = (lazy, rebuild, threading.get_ident())
+    layer._released = released
+    return lazy
+
+
+def held_weight(layer: nn.Module, name: str = "weight") -> mx.array:
+    """`layer.<name>` as an array this thread can evaluate: a released parameter (`let_form_hold`)
+    read on another thread is rebuilt and evaluated here, and kept (a copy, from then on)."""
+    w = getattr(layer, name)
+    released = getattr(layer, "_released", None)
+    entry = released.get(name) if released else None
+    if entry is not None and entry[0] is w and entry[2] != threading.get_ident():
+        w = entry[1]()
+        mx.eval(w)
+        setattr(layer, name, w)
+        released.pop(name, None)  # (the other branch thread may have done it too)
+    return w
+
+
 class _Packed:
     """A layer's weight packed for the panel GEMM, with the array it was packed from."""
 
@@ -103,6 +133,7 @@ def linear(layer: nn.Module, x: mx.array, bias: bool = True) -> mx.array:
     w = layer.weight
     k = cpu_extension() if w.dtype == mx.float32 and _is_pointwise(layer) else None
     if k is None:
+        w = held_weight(layer)
         if bias:
             return layer(x)
         if isinstance(layer, nn.QuantizedLinear):
@@ -120,17 +151,35 @@ def linear(layer: nn.Module, x: mx.array, bias: bool = True) -> mx.array:
     return panel_linear(k, x, packed(k, layer), w.shape[0], layer.get("bias") if bias else None)
 
 
-def packed(kernels, layer: nn.Module) -> mx.array:
+def packed(kernels, layer: nn.Module, release: bool = False) -> mx.array:
     """`kernels.pack_panels` of a pointwise layer's weight, packed on first use and kept on
-    the layer (again when the weight changes)."""
+    the layer (again when the weight changes).
+
+    `release` (`CausalMaskedDiffWithXvec.pack_weights`, at load): the panels then hold the
+    weight, and `layer.weight` becomes `unpack_panels` of them, a lazy array that costs no
+    memory unless something evaluates it (saving the weights, a cast: it gives them back
+    exactly), so the model keeps one copy of the weight, not two. Only on the thread that
+    will evaluate it: a lazy array belongs to the MLX stream of the thread that built it.
+    """
     w = layer.weight
     cache = getattr(layer, "_panel_cache", None)
     if cache is None or cache.source is not w:
+        w = held_weight(layer)
         panels = kernels.pack_panels(w.reshape(w.shape[0], -1))
         mx.eval(panels)  # shared by threads (`cosyvoice2.branches`): never lazy
+        if release:
+            shape = w.shape
+            w = let_form_hold(layer, "weight", lambda: unpack_panels(panels, shape))
         cache = _Packed(w, panels)
         layer._panel_cache = cache
     return cache.panels
+
+
+def unpack_panels(panels: mx.array, shape: tuple[int, ...]) -> mx.array:
+    """The weight of `shape` (rows first) that `pack_panels` packed into `panels`, as a lazy
+    array (row n is lane `n % 16` of panel `n // 16`): an exact re-layout."""
+    p, k, width = panels.shape
+    return panels.transpose(0, 2, 1).reshape(p * width, k)[: shape[0]].reshape(shape)
 
 
 def chunk_mask(size: int, chunk_size: int) -> mx.array:

@@ -64,6 +64,9 @@ def quantize_flow(flow: nn.Module, bits: int, group_size: int = 64) -> dict[str,
     `group_size` stays float (counted in `float_linears`).
     """
     check_flow_quantization(bits, group_size)
+    from cosyvoice2.flow.flow import forget_packed
+
+    forget_packed(flow)
     nn.quantize(
         flow,
         group_size=group_size,

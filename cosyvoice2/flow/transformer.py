@@ -18,6 +18,7 @@ numba row kernels for the softmax and the GELU where the backend has them.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import mlx.core as mx
@@ -30,11 +31,14 @@ from cosyvoice2.flow.ops import (
     chunk_mask,
     cpu_extension,
     gelu,
+    held_weight,
     layer_norm,
+    let_form_hold,
     linear,
     packed,
     panel_linear,
     softmax,
+    unpack_panels,
     use_cpu_kernels,
 )
 
@@ -73,19 +77,44 @@ class Attention(nn.Module):
         fused = self.fused_weight(k)
         return panel_linear(k, x, fused, 3 * h * d) if k is not None else x @ fused
 
-    def fused_weight(self, kernels) -> mx.array:
+    def fused_weight(self, kernels, release: bool = False) -> mx.array:
         """The q/k/v weights stacked (q scaled): `kernels.pack_panels` of it, or (kernels None)
-        its transpose for MLX's matmul. Cached until the weights change."""
-        ws = (self.to_q.weight, self.to_k.weight, self.to_v.weight)
+        its transpose for MLX's matmul. Cached until the weights change.
+
+        `release` (as `packed`'s): the fused weight then holds the three, each a lazy slice
+        of it (q scaled back where the scale is a power of two, so exactly), so the model
+        keeps one copy of these weights, not two.
+        """
+        layers = (self.to_q, self.to_k, self.to_v)
+        ws = tuple(m.weight for m in layers)
         cached = self._fused
         if (
             cached is None
             or cached[0] != (kernels is not None)
             or any(a is not c for a, c in zip(ws, cached[1]))
         ):
-            stacked = mx.concatenate([ws[0] * self.dim_head**-0.5, ws[1], ws[2]], axis=0)
+            ws = tuple(held_weight(m) for m in layers)
+            scale = self.dim_head**-0.5
+            stacked = mx.concatenate([ws[0] * scale, ws[1], ws[2]], axis=0)
             fused = kernels.pack_panels(stacked) if kernels is not None else stacked.T
             mx.eval(fused)  # shared by threads (`cosyvoice2.branches`): never lazy
+            if release:
+                shape, inner = stacked.shape, ws[0].shape[0]
+
+                def part(i: int, factor: float = 1.0):
+                    def rebuild() -> mx.array:
+                        full = unpack_panels(fused, shape) if kernels is not None else fused.T
+                        w = full[i * inner : (i + 1) * inner]
+                        return w * factor if factor != 1.0 else w
+
+                    return rebuild
+
+                # a power of two and an exponent range without underflow: q * scale / scale is q
+                if math.frexp(scale)[0] == 0.5 and ws[0].dtype in (mx.float32, mx.bfloat16):
+                    let_form_hold(self.to_q, "weight", part(0, 1 / scale))
+                let_form_hold(self.to_k, "weight", part(1))
+                let_form_hold(self.to_v, "weight", part(2))
+                ws = tuple(m.weight for m in layers)
             cached = self._fused = (kernels is not None, ws, fused)
         return cached[2]
 
