@@ -159,8 +159,8 @@ def measure_case(
     processing of a new prompt wav: `prompt_s`, and with the cold call's first chunk, the
     latency of a new speaker (`new_speaker_first_chunk_s`); non-streaming cases leave it
     out, so that their peak RSS is the synthesis alone, as the official twin's is. Memory: MLX's peak is reset before each
-    call and read after it; the process peak RSS is read at the end (load plus every
-    call). `reference`: the reference output's file (`bench.drift`); the last call's
+    call and read after it; the process peak RSS is read after the last call (load plus
+    every call, not the fidelity comparison after them). `reference`: the reference output's file (`bench.drift`); the last call's
     output is compared with it (`fidelity`) by a target that can.
     """
     started = now()
@@ -212,6 +212,7 @@ def measure_case(
                     f"fixed-length mode: asked for {work.speech_tokens} speech tokens,"
                     f" the call produced {timings.speech_tokens}"
                 )
+        rss = peak_rss_mb()  # the calls' work, before the fidelity figures' own
         if reference is not None and hasattr(target, "fidelity"):
             try:
                 fid = target.fidelity(handle, case, work, Path(reference))
@@ -220,7 +221,6 @@ def measure_case(
                 if progress is not None:
                     progress(f"no fidelity figures: {fid_error}")
     finally:
-        rss = peak_rss_mb()
         target.unload(handle)
     warm = [c["figures"] for c in calls if not c["warmup"]]
     figures = aggregate(warm)
