@@ -19,7 +19,12 @@ import importlib
 import importlib.util
 import sys
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what `_module` imports below, for readers and static checks
+    import mlx_lm.models.base
+    import mlx_lm.models.cache
+    import mlx_lm.models.qwen2  # noqa: F401
 
 
 def _deferred_package(name: str) -> None:
