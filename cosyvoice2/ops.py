@@ -334,8 +334,9 @@ class Conv1d(nn.Module):
     """`torch.nn.Conv1d` on channels-last input, parameters `weight` (C_out, K, C_in) and `bias`.
 
     On the fast (CPU) route it keeps the per-tap matrices of `weight` (built on
-    first use, rebuilt if `weight` is replaced, e.g. by `load_weights`): one more
-    copy of the weights in memory, no per-call weight copies.
+    first use, rebuilt if `weight` is replaced, e.g. by `load_weights`): no per-call
+    weight copies. Made by `pack_weights` (load does), they hold the weight itself, a
+    view of them; made on first use, they are one more copy of it.
     """
 
     def __init__(
