@@ -153,10 +153,13 @@ class CosyVoice2Target:
                 raise RuntimeError("this cosyvoice2 has no flow_bits or inference_cfg_rate option")
         if case.cfg is not None:
             kwargs["inference_cfg_rate"] = case.cfg
-        if case.dtype == "fp32" and case.flow_bits is not None:
+        loads_dtype = "flow_dtype" in inspect.signature(cosyvoice2.model.CosyVoice2.load).parameters
+        if case.dtype != "fp32" and loads_dtype:  # cast as read, quantised after, as load does
+            kwargs["flow_dtype"] = DTYPES[case.dtype]
+        if (case.dtype == "fp32" or loads_dtype) and case.flow_bits is not None:
             kwargs["flow_bits"] = case.flow_bits
         model = cosyvoice2.load(d, **kwargs)
-        if case.dtype != "fp32":
+        if case.dtype != "fp32" and not loads_dtype:  # older commits: cast after load
             dtype = getattr(mx, DTYPES[case.dtype])
             model.flow.set_dtype(dtype)
             model.hift.set_dtype(dtype)

@@ -27,7 +27,11 @@ MAX_TEXT_FILE_BYTES = 4 * 2**20
 # The command-line flag of each synthesis option the command sets.
 OPTION_FLAGS = {"n_timesteps": "--steps", "seed": "--seed", "speed": "--speed"}
 # The command-line flag of each load argument whose value `cosyvoice2.load` checks.
-LOAD_FLAGS = {"flow_bits": "--flow-bits", "inference_cfg_rate": "--inference-cfg-rate"}
+LOAD_FLAGS = {
+    "flow_bits": "--flow-bits",
+    "inference_cfg_rate": "--inference-cfg-rate",
+    "flow_dtype": "--flow-dtype",
+}
 
 
 def _writable_target(out: Path) -> None:
@@ -249,6 +253,8 @@ def _load_model(args: argparse.Namespace):
         kwargs["flow_bits"] = args.flow_bits
     if getattr(args, "inference_cfg_rate", None) is not None:
         kwargs["inference_cfg_rate"] = args.inference_cfg_rate
+    if getattr(args, "flow_dtype", None) is not None:
+        kwargs["flow_dtype"] = args.flow_dtype
     from cosyvoice2.options import OptionError
 
     try:
@@ -463,6 +469,11 @@ def _synthesis_arguments(p: argparse.ArgumentParser) -> None:
         "--inference-cfg-rate",
         type=float,
         help="the flow's classifier-free guidance rate, >= 0 (default: the model's, 0.7)",
+    )
+    p.add_argument(
+        "--flow-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="hold the flow and HiFT in this dtype, cast as they are read (default float32)",
     )
 
 

@@ -136,6 +136,7 @@ class CosyVoice2:
         flow_bits: int | None = None,
         flow_group_size: int = 64,
         inference_cfg_rate: float | None = None,
+        flow_dtype: str | None = None,
     ) -> CosyVoice2:
         """Load an MLX model dir written by `cosyvoice2 convert` (format: `cosyvoice2.model_dir`).
 
@@ -159,12 +160,19 @@ class CosyVoice2:
         is not a multiple of `flow_group_size` stays float; embeddings, convolutions and
         HiFT stay float. `inference_cfg_rate` (a finite float >= 0) replaces the CFM's
         classifier-free guidance rate (the config's, 0.7 in the released model) for this
-        model. `meta["flow_precision"]` records what load applied (`flow_precision`
+        model. `flow_dtype` (`float32`, `bfloat16` or `float16`) holds the flow and HiFT in
+        that dtype, cast tensor by tensor as they are read (never the whole float32 flow in
+        memory), before any `flow_bits` quantisation. `meta["flow_precision"]` records what load applied (`flow_precision`
         describes the flow as it is now), `meta["inference_cfg_rate"]` the rate in use.
         """
         if llm_kernels not in ("auto", "off"):
             raise ValueError(f"llm_kernels must be 'auto' or 'off', got {llm_kernels!r}")
         _check_flow_options(flow_bits, flow_group_size, inference_cfg_rate)
+        if flow_dtype is not None and flow_dtype not in FLOW_DTYPES:
+            raise OptionError(
+                f"flow_dtype must be one of {', '.join(FLOW_DTYPES)}, got {flow_dtype!r}",
+                "flow_dtype",
+            )
         from cosyvoice2.hub import resolve
 
         path = resolve(path, revision)
@@ -183,6 +191,8 @@ class CosyVoice2:
             flow.decoder.config = dataclasses.replace(
                 flow.decoder.config, inference_cfg_rate=float(inference_cfg_rate)
             )
+        if flow_dtype is not None:  # cast while read: each tensor read, cast, then dropped
+            flow.set_dtype(getattr(mx, flow_dtype))
         flow_record = None
         if flow_bits is not None:
             flow_record = quantize_flow(flow, flow_bits, flow_group_size)
@@ -190,6 +200,8 @@ class CosyVoice2:
         with backend.active(on):  # the forms this backend's calls read: made once, not copied
             flow.pack_weights()  # (its weights are lazy views of them now: not evaluated again)
         hift = model_dir.load_hift(path, config)
+        if flow_dtype is not None:
+            hift.set_dtype(getattr(mx, flow_dtype))
         campplus = model_dir.load_campplus(path, meta)
         speech_tokenizer = model_dir.load_speech_tokenizer(path, meta)
         mx.eval(hift.parameters())
@@ -690,6 +702,9 @@ def _at_most(tokens: Iterator[int], n: int) -> Iterator[int]:
         close = getattr(tokens, "close", None)
         if close is not None:
             close()
+
+
+FLOW_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _check_flow_options(bits: Any, group_size: Any, cfg_rate: Any) -> None:

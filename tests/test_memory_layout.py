@@ -221,3 +221,33 @@ def test_malloc_threshold_is_fixed_unless_switched_off() -> None:
     code = "import cosyvoice2.malloc as m; print(m.tune())"
     assert _python(code) == ("True" if sys.platform.startswith("linux") else "False")
     assert _python(code, COSYVOICE2_MALLOC_TUNE="0") == "False"
+
+
+# ------------------------------------------------------------------ the flow's dtype at load
+
+
+def test_flow_dtype_at_load_is_the_cast_model(mlx_tiny_dir: Path) -> None:
+    """`flow_dtype` casts the flow and HiFT as they are read: the same parameters, and the same
+    audio, as a float32 load cast afterwards."""
+    m = cosyvoice2.load(mlx_tiny_dir, flow_dtype="bfloat16")
+    for part in ("flow", "hift"):
+        got = dict(tree_flatten(getattr(m, part).parameters()))
+        stored = mx.load(str(mlx_tiny_dir / f"{part}.safetensors"))
+        bad = [
+            k
+            for k, v in stored.items()
+            if got[k].dtype != mx.bfloat16 or not mx.array_equal(got[k], v.astype(mx.bfloat16))
+        ]
+        assert bad == [], f"{part}: {bad[:5]}"
+    late = cosyvoice2.load(mlx_tiny_dir)
+    late.flow.set_dtype(mx.bfloat16)
+    late.hift.set_dtype(mx.bfloat16)
+    assert np.array_equal(_synth(m), _synth(late))
+
+
+@pytest.mark.parametrize("bad", ["bf16", "int8", 16])
+def test_flow_dtype_refused(mlx_tiny_dir: Path, bad: object) -> None:
+    from cosyvoice2.options import OptionError
+
+    with pytest.raises(OptionError, match="flow_dtype must be one of float32, bfloat16, float16"):
+        cosyvoice2.load(mlx_tiny_dir, flow_dtype=bad)

@@ -414,10 +414,11 @@ def test_cli_flags(mlx_tiny_dir: Path, prompt_wav: Path, tmp_path: Path, capsys,
         m.setattr(cosyvoice2, "load", load)
         code, _ = _cli(
             [*_synth_args(mlx_tiny_dir, out, prompt_wav), "--flow-bits", 4,
-             "--inference-cfg-rate", 0.5],
+             "--inference-cfg-rate", 0.5, "--flow-dtype", "bfloat16"],
             capsys,
         )  # fmt: skip
-    assert code == 2 and seen == {"flow_bits": 4, "inference_cfg_rate": 0.5}
+    assert code == 2
+    assert seen == {"flow_bits": 4, "inference_cfg_rate": 0.5, "flow_dtype": "bfloat16"}
     code, err = _cli(
         [*_synth_args(mlx_tiny_dir, out, prompt_wav), "--inference-cfg-rate", -1], capsys
     )
@@ -425,4 +426,7 @@ def test_cli_flags(mlx_tiny_dir: Path, prompt_wav: Path, tmp_path: Path, capsys,
     with pytest.raises(SystemExit) as e:  # argparse's choices
         _cli([*_synth_args(mlx_tiny_dir, out, prompt_wav), "--flow-bits", 5], capsys)
     assert e.value.code == 2 and "--flow-bits" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        _cli([*_synth_args(mlx_tiny_dir, out, prompt_wav), "--flow-dtype", "bf16"], capsys)
+    assert e.value.code == 2 and "--flow-dtype" in capsys.readouterr().err
     assert not out.exists()
