@@ -265,18 +265,48 @@ def assert_within(errs: dict[str, float], mode: str) -> None:
 # ----------------------------------------------------------------------------- the shims
 
 
+FBANK_STRONG_RANGE = 8.0  # nats below the maximum where the strong bound applies
+
+
 def test_torchaudio_shims_equal_torchaudio() -> None:
     """The torchaudio stand-ins the official frontend runs on, against the real torchaudio's
-    stored outputs (tests/data/frontend), within float32 rounding: bit-exact with torch's
-    default threads, up to 9.5e-7 (fbank, log values up to 10) and 1.2e-7 (resampler) with
-    the single thread the test session sets."""
+    stored outputs (tests/data/frontend).
+
+    The resampler within float32 rounding. The fbank as `tests/test_features.py` compares
+    fbanks across machines: 1e-4 within 8 nats of the maximum, 1e-2 everywhere. The stored
+    outputs were made on another CPU, and torch's FFT (MKL) rounds differently from one CPU
+    to another: bit-exact on the AMD EPYC machines that stored them, up to 2.7e-5 within 8
+    nats and 2.8e-4 below (log energies 13-18 nats under the maximum, where the log
+    magnifies the FFT's rounding) on an Intel Xeon with AVX-512. A pre-emphasis of 0.96
+    instead of 0.97 fails the strong bound (the power check)."""
     data = Path(__file__).parent / "data" / "frontend" / "torchaudio_reference.npz"
     with np.load(data) as ref:
+        fbank = {}
         for name in ("speechlike", "noise"):
             x = torch.from_numpy(ref[f"fbank_{name}_in"])[None]
+            fbank[name] = (x, ref[f"fbank_{name}_out"])
             got = shims.kaldi_fbank(x, num_mel_bins=80, dither=0, sample_frequency=16000)
-            err = float(np.abs(got.numpy() - ref[f"fbank_{name}_out"]).max())
-            assert err <= 1e-5, f"fbank {name}: {err:.3g}"  # float32 rounding (threads)
+            weak = float(np.abs(got.numpy() - fbank[name][1]).max())
+            assert weak <= 1e-2, f"fbank {name}: {weak:.3g}"
+
+        def strong_err() -> float:
+            worst = 0.0
+            for x, want in fbank.values():
+                got = shims.kaldi_fbank(x, num_mel_bins=80, dither=0, sample_frequency=16000)
+                near = want >= want.max() - FBANK_STRONG_RANGE
+                worst = max(worst, float(np.abs(got.numpy() - want)[near].max()))
+            return worst
+
+        def preemphasis_096(f):
+            return lambda *a, **k: f(*a, **{**k, "preemphasis_coefficient": 0.96})
+
+        assert_power(
+            "torchaudio fbank shim vs stored torchaudio (within 8 nats)",
+            strong_err,
+            1e-4,
+            wrapped(shims, "kaldi_fbank", preemphasis_096),
+            "pre-emphasis 0.96",
+        )
         pairs = [
             k[len("resample_") : -len("_in")]
             for k in ref.files
