@@ -214,11 +214,13 @@ def test_full_queue_is_503_and_disconnects_free_the_worker(server: str) -> None:
     before = health(server)["worker"]
     opened: list = []
     threads = []
-    for _ in range(3):  # one running, two waiting: the queue (size 2) is full
+    # one running, two waiting: the queue (size 2) is full. One at a time: three requests
+    # at once may all reach the queue before the worker takes the first out of it.
+    for running, waiting in ((1, 0), (1, 1), (1, 2)):
         t = threading.Thread(target=_slow_stream, args=(server, opened, threading.Event()))
         t.start()
         threads.append(t)
-    _wait_for(server, lambda h: h["running"] == 1 and h["waiting"] == 2)
+        _wait_for(server, lambda h, r=running, w=waiting: h["running"] == r and h["waiting"] == w)
     body = {"model": "tts-1", "input": TEXT, "voice": "alice"}
     r = httpx.post(server + "/v1/audio/speech", json=body, timeout=10)  # refused at once
     error = is_openai_error(r, 503)
