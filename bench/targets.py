@@ -144,16 +144,17 @@ class CosyVoice2Target:
 
         d = prepared.options["dirs"][case.llm]
         kwargs = dict(prepared.options["load_overrides"].get(case.llm, {}))
-        if "llm_kernels" in inspect.signature(cosyvoice2.model.CosyVoice2.load).parameters:
+        accepts = inspect.signature(cosyvoice2.model.CosyVoice2.load).parameters
+        if "llm_kernels" in accepts:
             kwargs["llm_kernels"] = case.kernels
         elif case.kernels != "auto":
             raise RuntimeError("this cosyvoice2 has no llm_kernels option")
         if case.flow_bits is not None or case.cfg is not None:
-            if "flow_bits" not in inspect.signature(cosyvoice2.model.CosyVoice2.load).parameters:
+            if "flow_bits" not in accepts:
                 raise RuntimeError("this cosyvoice2 has no flow_bits or inference_cfg_rate option")
         if case.cfg is not None:
             kwargs["inference_cfg_rate"] = case.cfg
-        loads_dtype = "flow_dtype" in inspect.signature(cosyvoice2.model.CosyVoice2.load).parameters
+        loads_dtype = "flow_dtype" in accepts
         if case.dtype != "fp32" and loads_dtype:  # cast as read, quantised after, as load does
             kwargs["flow_dtype"] = DTYPES[case.dtype]
         if (case.dtype == "fp32" or loads_dtype) and case.flow_bits is not None:

@@ -196,17 +196,15 @@ class CosyVoice2:
         flow_record = None
         if flow_bits is not None:
             flow_record = quantize_flow(flow, flow_bits, flow_group_size)
-        mx.eval(flow.parameters())
-        with backend.active(on):  # the forms this backend's calls read: made once, not copied
-            flow.pack_weights()  # (its weights are lazy views of them now: not evaluated again)
         hift = model_dir.load_hift(path, config)
         if flow_dtype is not None:
             hift.set_dtype(getattr(mx, flow_dtype))
+        mx.eval(flow.parameters(), hift.parameters())
+        with backend.active(on):  # the forms this backend's calls read: made once, not copied
+            flow.pack_weights()  # (their weights are views of them now: not evaluated again)
+            hift.pack_weights()
         campplus = model_dir.load_campplus(path, meta)
         speech_tokenizer = model_dir.load_speech_tokenizer(path, meta)
-        mx.eval(hift.parameters())
-        with backend.active(on):
-            hift.pack_weights()
         frontend = model_dir.load_text_frontend(path, text_backend)
         meta = {
             **meta,

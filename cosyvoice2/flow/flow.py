@@ -46,13 +46,9 @@ from cosyvoice2.flow.decoder import (
 )
 from cosyvoice2.flow.encoder import UpsampleConformerEncoder
 from cosyvoice2.flow.flow_matching import CausalConditionalCFM
-from cosyvoice2.flow.ops import cpu_extension, held_weight, packed
+from cosyvoice2.flow.ops import cpu_extension, held_weight, packed, uses_panels
 from cosyvoice2.flow.transformer import Attention, BasicTransformerBlock
 from cosyvoice2.ops import set_dtype_evaluated
-
-
-def _float_linear(layer: nn.Module) -> bool:
-    return type(layer) is nn.Linear and layer.weight.dtype == mx.float32
 
 
 def forget_packed(module: nn.Module) -> None:
@@ -119,11 +115,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
                 layers = [m.final_proj]
             else:
                 continue
-            for layer in layers:
-                pointwise = _float_linear(layer) or (
-                    type(layer) is nn.Conv1d and layer.weight.dtype == mx.float32
-                )
-                if kernels is not None and pointwise:
+            for layer in layers:  # where `linear` takes the panel route, as a call would
+                if kernels is not None and uses_panels(layer):
                     packed(kernels, layer, release=True)
                     n += 1
         return n

@@ -122,6 +122,12 @@ def _is_pointwise(layer: nn.Module) -> bool:
     )
 
 
+def uses_panels(layer: nn.Module) -> bool:
+    """Whether `linear` runs `layer` on the panel GEMM where the extension is active: a
+    pointwise layer with float32 weights."""
+    return layer.weight.dtype == mx.float32 and _is_pointwise(layer)
+
+
 def linear(layer: nn.Module, x: mx.array, bias: bool = True) -> mx.array:
     """`layer(x)` for an `nn.Linear` or a pointwise `nn.Conv1d` (channels-last); `bias=False`:
     without the layer's bias.
@@ -131,7 +137,7 @@ def linear(layer: nn.Module, x: mx.array, bias: bool = True) -> mx.array:
     An `nn.QuantizedLinear` (`cosyvoice2.flow.quantize`) runs MLX's quantised matmul.
     """
     w = layer.weight
-    k = cpu_extension() if w.dtype == mx.float32 and _is_pointwise(layer) else None
+    k = cpu_extension() if uses_panels(layer) else None
     if k is None:
         w = held_weight(layer)
         if bias:
