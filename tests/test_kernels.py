@@ -81,6 +81,9 @@ DENSE_SHAPES = [  # (rows, K, N): K not a multiple of 16/32/64, N = 1, rows 1..8
     (8, 896, 200),
     (8, 4864, 96),
     (13, 95, 50),
+    (16, 96, 50),  # from 16 rows on: the weights expanded to fp32 (the prefill path)
+    (40, 70, 97),
+    (121, 896, 130),
 ]
 
 
@@ -347,6 +350,9 @@ Q_SHAPES = [  # (rows, K, N, group size): K must be a multiple of the group size
     (8, 896, 200, 64),
     (8, 4864, 96, 64),
     (11, 160, 33, 32),
+    (16, 64, 49, 64),  # from 16 rows on: the weights expanded to fp32 (the prefill path)
+    (50, 896, 100, 32),
+    (120, 4864, 20, 128),
 ]
 
 
@@ -405,9 +411,10 @@ def test_leading_dims_strided_inputs_and_empty_rows(isa: str) -> None:
 
 @needs_kernels
 @pytest.mark.parametrize("kind", ["bf16", "f32", "q8", "q4"])
-def test_results_do_not_depend_on_threads(kind: str) -> None:
+@pytest.mark.parametrize("rows", [3, 40])
+def test_results_do_not_depend_on_threads(kind: str, rows: int) -> None:
     rng = np.random.default_rng(11)
-    x = mx.array(rng.standard_normal((3, 896)).astype(np.float32))
+    x = mx.array(rng.standard_normal((rows, 896)).astype(np.float32))
     w = mx.array(rng.standard_normal((1000, 896)).astype(np.float32))
     if kind in ("bf16", "f32"):
         wb = w.astype(mx.bfloat16) if kind == "bf16" else w
@@ -433,7 +440,7 @@ def test_results_do_not_depend_on_threads(kind: str) -> None:
     finally:
         K.set_num_threads(threads)
     assert K.num_threads() == threads
-    assert mx.array_equal(one, three)  # columns are split among threads, sums are not
+    assert mx.array_equal(one, three)  # columns (or rows of W) are split among threads, sums are not
 
 
 @needs_kernels

@@ -78,6 +78,11 @@ struct KernelTable {
   void (*f32_cols)(const F32Args& a, int64_t n0, int64_t n1);
   void (*q8_cols)(const QArgs& a, int64_t n0, int64_t n1);
   void (*q4_cols)(const QArgs& a, int64_t n0, int64_t n1);
+  // Rows [n0, n1) of a bf16 (N, K) or quantised W as fp32 at out ((n1 - n0) x K,
+  // row-major), bf16 and 4-bit in the order of xperm_block (as the permuted x), 8-bit
+  // in order: the weights of the prefill path (linear.cpp), scale * q + zero per group.
+  void (*bf16_rows)(const uint16_t* w, int64_t K, int64_t n0, int64_t n1, float* out);
+  void (*q_rows)(const QArgs& a, int64_t n0, int64_t n1, float* out);
   // Panels [p0, p1) of a PanelArgs product (columns 16 * p0 ... 16 * p1 - 1).
   void (*panel_cols)(const PanelArgs& a, int64_t p0, int64_t p1);
   // In place, for each of `rows` rows of s (stride ld): softmax over its first

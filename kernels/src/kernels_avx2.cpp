@@ -70,8 +70,9 @@ struct V {
 
 #include "kernels_simd.inc"
 
-const KernelTable kTable = {"avx2", 2 * V::L, bf16_cols, f32_cols, q8_cols, q4_cols, panel_cols,
-                            softmax_rows, layer_norm_rows, gelu_rows};
+const KernelTable kTable = {"avx2", 2 * V::L, bf16_cols, f32_cols, q8_cols, q4_cols,
+                            bf16_rows, q_rows, panel_cols, softmax_rows, layer_norm_rows,
+                            gelu_rows};
 
 }  // namespace
 

@@ -114,6 +114,27 @@ void q_cols(const QArgs& p, int64_t n0, int64_t n1) {
   }
 }
 
+// Rows of W as fp32 (kernels.h), in order (this variant permutes nothing).
+void bf16_rows(const uint16_t* w, int64_t K, int64_t n0, int64_t n1, float* out) {
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t k = 0; k < K; ++k) out[(n - n0) * K + k] = bf16_to_float(w[n * K + k]);
+  }
+}
+
+void q_rows(const QArgs& p, int64_t n0, int64_t n1, float* out) {
+  const int64_t K = p.K, gs = p.group_size, ng = K / gs;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = p.w + n * K * p.bits / 8;
+    float* o = out + (n - n0) * K;
+    for (int64_t k = 0; k < K; ++k) {
+      const int q = p.bits == 8 ? wr[k] : (k % 2 ? wr[k / 2] >> 4 : wr[k / 2] & 0x0F);
+      const int64_t g = n * ng + k / gs;
+      o[k] = std::fma(scale_at(p.scales, p.scale_bf16, g), static_cast<float>(q),
+                      scale_at(p.zeros, p.scale_bf16, g));
+    }
+  }
+}
+
 // Panel layout (kernels.h): per row of x and panel, 16 sums updated in order of k,
 // which the compiler vectorises over the panel's columns.
 void panel_cols(const PanelArgs& p, int64_t p0, int64_t p1) {
@@ -179,8 +200,9 @@ void gelu_rows(const float* x, const float* bias, float* y, int64_t C, int64_t r
   }
 }
 
-const KernelTable kTable = {"portable", 0,         bf16_cols,    f32_cols,        q_cols,
-                            q_cols,     panel_cols, softmax_rows, layer_norm_rows, gelu_rows};
+const KernelTable kTable = {"portable", 0,          bf16_cols,    f32_cols,        q_cols,    q_cols,
+                            bf16_rows,  q_rows,     panel_cols,   softmax_rows,    layer_norm_rows,
+                            gelu_rows};
 
 }  // namespace
 

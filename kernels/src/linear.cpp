@@ -117,9 +117,89 @@ const float* permuted(const float* x, int64_t M, int64_t K, int64_t B) {
   return xp.data();
 }
 
+// ------------------------------------------------- prefill: weights expanded to fp32
+//
+// The bf16 and quantised kernels above read each weight once per block of 8 rows of
+// x, converting it every time: right for decode (1-8 rows, bound by reading the
+// weights), slower than the float32 panel GEMM for a prompt's hundred rows. From
+// kExpandRows rows on, W is expanded to fp32 a block of rows at a time (once per
+// call) and multiplied by the panel micro-kernel with the roles swapped: the
+// expanded rows of W are its "x" and x, packed once per call into panels of 16 rows,
+// its "W", so that neither the weights are re-laid nor stored in fp32; the product
+// (W block x^T) is written back transposed. Numerics: the float32 product with the
+// dequantised (or bf16-widened) weights, summed in another order.
+
+constexpr int64_t kExpandRows = 16;
+constexpr int64_t kExpandBlock = 48;  // rows of W per task: a multiple of every panel_rows
+
+// x (M x K) as the panels of a PanelArgs "W" (ceil(M / 16) panels of K x 16, zero
+// padded), in the order of xperm_block B within each whole block of B (0: in order).
+const float* pack_rows(const float* x, int64_t M, int64_t K, int64_t B) {
+  const int64_t panels = (M + kPanelWidth - 1) / kPanelWidth;
+  const int64_t h = B / 2, Kv = B > 0 ? K - K % B : 0;
+  auto& xp = scratch(0);
+  xp.assign(static_cast<size_t>(panels * K * kPanelWidth), 0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    float* d = xp.data() + (m / kPanelWidth) * K * kPanelWidth + m % kPanelWidth;
+    for (int64_t b = 0; b < Kv; b += B) {
+      for (int64_t j = 0; j < h; ++j) {
+        d[(b + j) * kPanelWidth] = xr[b + 2 * j];
+        d[(b + h + j) * kPanelWidth] = xr[b + 2 * j + 1];
+      }
+    }
+    for (int64_t k = Kv; k < K; ++k) d[k * kPanelWidth] = xr[k];
+  }
+  return xp.data();
+}
+
+struct ExpandJob {
+  const KernelTable* t;
+  const QArgs* q;          // quantised W, or null
+  const uint16_t* wb;      // else bf16 W (N x K)
+  const float* xpanels;    // pack_rows(x)
+  const float* bias;       // N, or null
+  float* y;                // M x N
+  int64_t M, K, N;
+};
+
+void expand_block(const void* ctx, int64_t i) {
+  auto* j = static_cast<const ExpandJob*>(ctx);
+  const int64_t n0 = i * kExpandBlock;
+  const int64_t rows = j->N - n0 < kExpandBlock ? j->N - n0 : kExpandBlock;
+  const int64_t M = j->M, K = j->K;
+  thread_local std::vector<float> w, yt;
+  w.resize(static_cast<size_t>(rows * K));
+  yt.resize(static_cast<size_t>(rows * M));
+  if (j->q != nullptr) {
+    j->t->q_rows(*j->q, n0, n0 + rows, w.data());
+  } else {
+    j->t->bf16_rows(j->wb, K, n0, n0 + rows, w.data());
+  }
+  const PanelArgs a{w.data(), K, j->xpanels, nullptr, yt.data(), M, rows, K, M};
+  j->t->panel_cols(a, 0, (M + kPanelWidth - 1) / kPanelWidth);
+  for (int64_t m = 0; m < M; ++m) {
+    float* yr = j->y + m * j->N + n0;
+    for (int64_t r = 0; r < rows; ++r) yr[r] = yt[r * M + m] + (j->bias ? j->bias[n0 + r] : 0.0f);
+  }
+}
+
+void run_expanded(const ExpandJob& job) {
+  const int64_t blocks = (job.N + kExpandBlock - 1) / kExpandBlock;
+  if (Pool::get().threads() == 1 || blocks < 2) {
+    for (int64_t i = 0; i < blocks; ++i) expand_block(&job, i);
+    return;
+  }
+  Pool::get().run(blocks, expand_block, &job);
+}
+
 void compute_bf16(const float* x, const uint16_t* w, const float* bias, float* y, int64_t M,
                   int64_t K, int64_t N) {
   const KernelTable* t = current_table().load();
+  if (M >= kExpandRows) {
+    run_expanded({t, nullptr, w, pack_rows(x, M, K, t->xperm_block), bias, y, M, K, N});
+    return;
+  }
   Bf16Args a{x, nullptr, w, bias, y, M, K, N};
   if (t->xperm_block > 0) a.xp = permuted(x, M, K, t->xperm_block);
   run_columns<Bf16Args>(a, t->bf16_cols);
@@ -136,6 +216,12 @@ void compute_quantized(const float* x, const uint8_t* w, const void* scales, con
                        bool scale_bf16, const float* bias, float* y, int64_t M, int64_t K,
                        int64_t N, int group_size, int bits) {
   const KernelTable* t = current_table().load();
+  if (M >= kExpandRows) {
+    const QArgs q{x, nullptr, nullptr, w, scales, zeros, bias, y, M, K, N, group_size, bits, scale_bf16};
+    const int64_t B = bits == 4 ? t->xperm_block : 0;
+    run_expanded({t, &q, nullptr, pack_rows(x, M, K, B), bias, y, M, K, N});
+    return;
+  }
   const int64_t ng = K / group_size;
   auto& xs = scratch(1);
   xs.resize(static_cast<size_t>(M * ng));
