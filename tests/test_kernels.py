@@ -147,6 +147,43 @@ def test_panels_match_matmul(
     assert err <= TOL, f"{isa} {m}x{k} @ {n}: relative error {err:.2e}"
 
 
+def bf16_np(a) -> np.ndarray:
+    """`a` rounded to bfloat16 (to nearest even), as float64."""
+    return np.array(mx.array(a).astype(mx.bfloat16).astype(mx.float32), dtype=np.float64)
+
+
+@needs_kernels
+@pytest.mark.parametrize(("m", "k", "n"), [*PANEL_SHAPES, (16, 32, 16), (32, 64, 40), (33, 96, 50)])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_bf16_panels_match_rounded_matmul(
+    isa: str, m: int, k: int, n: int, with_bias: bool, parallel: bool
+) -> None:
+    """bf16 pair panels (every ISA's kernel: widened FMA, AVX-512 BF16, AMX): x and W
+    rounded to bf16, the exact products summed in float32."""
+    rng = np.random.default_rng(m * 1000 + k + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32) if with_bias else None
+    wp = K.pack_panels(mx.array(w), bf16=True)
+    pairs = -(-k // 32) * 16
+    assert wp.dtype == mx.bfloat16 and wp.shape == (-(-n // 16), pairs, 32)
+    # the layout: element (c, j) at [c // 16, j // 2, 2 * (c % 16) + j % 2], zero padding
+    lanes = np.array(wp.astype(mx.float32))
+    c = n - 1
+    assert np.array_equal(lanes[c // 16, : (k + 1) // 2, 2 * (c % 16)], bf16_np(w[c, ::2]))
+    assert np.array_equal(lanes[c // 16, : k // 2, 2 * (c % 16) + 1], bf16_np(w[c, 1::2]))
+    if k % 32:
+        assert not lanes[:, k // 2 + 1 :].any()
+    if n % 16:
+        assert not lanes[-1, :, 2 * (n % 16) :].any()
+    y = K.linear_panels(mx.array(x), wp, n, None if b is None else mx.array(b), parallel=parallel)
+    ref = bf16_np(x) @ bf16_np(w).T + (b if b is not None else 0)
+    assert y.dtype == mx.float32 and y.shape == (m, n)
+    err = rel_err(y, mx.array(ref.astype(np.float32)))
+    assert err <= TOL, f"{isa} bf16 {m}x{k} @ {n}: relative error {err:.2e}"
+
+
 @needs_kernels
 def test_panels_take_any_leading_shape_and_strided_x() -> None:
     rng = np.random.default_rng(3)
@@ -163,8 +200,12 @@ def test_panels_refuse_bad_arguments() -> None:
     wp = K.pack_panels(w)
     with pytest.raises(ValueError, match="n must be"):
         K.linear_panels(mx.zeros((2, 24)), wp, 20)  # 20 rows need 2 panels, not 3
-    with pytest.raises(ValueError, match="K = wp.shape"):
+    with pytest.raises(ValueError, match="column count"):
         K.linear_panels(mx.zeros((2, 23)), wp, 40)
+    with pytest.raises(ValueError, match="column count"):  # bf16 panels of K 24: 16 pairs
+        K.linear_panels(mx.zeros((2, 40)), K.pack_panels(w, bf16=True), 40)
+    with pytest.raises(ValueError, match="pack_panels"):  # fp32 panels cast: not pair panels
+        K.linear_panels(mx.zeros((2, 24)), wp.astype(mx.bfloat16), 40)
     with pytest.raises(ValueError, match="pack_panels"):
         K.linear_panels(mx.zeros((2, 24)), w, 40)
     with pytest.raises(ValueError, match="bias"):
@@ -269,7 +310,12 @@ def test_gelu_matches_reference(isa, with_bias: bool) -> None:
     ("m", "lengths", "chunk", "keep"), [(30, (16, 16), 16, 30), (9, (), 0, 0), (20, (7,), 8, 5)]
 )
 @pytest.mark.parametrize("parallel", [False, True])
-def test_transformer_block_matches_reference(isa, m, lengths, chunk, keep, parallel) -> None:
+@pytest.mark.parametrize("bf16", [False, True])
+def test_transformer_block_matches_reference(isa, m, lengths, chunk, keep, parallel, bf16) -> None:
+    """`bf16`: the four projections as bf16 pair panels, each input rounded to bf16; then
+    compared in relative L2 (a rounding boundary the float32 and float64 intermediates
+    fall on either side of moves one element by a bf16 step) and checked to be far from
+    the function without the inputs' rounding."""
     from math import erf
 
     rng = np.random.default_rng(m + keep)
@@ -289,13 +335,20 @@ def test_transformer_block_matches_reference(isa, m, lengths, chunk, keep, paral
         mu = v.mean(-1, keepdims=True)
         return (v - mu) / np.sqrt(((v - mu) ** 2).mean(-1, keepdims=True) + 1e-5) * w + b
 
-    qkv = ln(x[0], ln1_w, ln1_b) @ w_qkv.T.astype(np.float64)
-    att = _attention_reference(qkv[None], blocks, heads, chunk)
-    x1 = x[0] + att @ w_o.T + b_o
-    f = ln(x1, ln3_w, ln3_b) @ w1.T + b1
-    ref = x1 + (0.5 * f * (1 + np.vectorize(erf)(f / np.sqrt(2)))) @ w2.T + b2
+    def reference(rx, rw):  # rx, rw: the roundings of the projections' inputs and weights
+        qkv = rx(ln(x[0], ln1_w, ln1_b)) @ rw(w_qkv).T
+        att = _attention_reference(qkv[None], blocks, heads, chunk)
+        x1 = x[0] + rx(att) @ rw(w_o).T + b_o
+        f = rx(ln(x1, ln3_w, ln3_b)) @ rw(w1).T + b1
+        return qkv, x1 + rx(0.5 * f * (1 + np.vectorize(erf)(f / np.sqrt(2)))) @ rw(w2).T + b2
 
-    P = K.pack_panels
+    same = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
+    r16 = (lambda a: bf16_np(np.asarray(a, dtype=np.float32))) if bf16 else same
+    qkv, ref = reference(r16, r16)
+
+    def P(w):
+        return K.pack_panels(w, bf16=bf16)
+
     params = [ln1_w, ln1_b, P(mx.array(w_qkv)), P(mx.array(w_o)), b_o, ln3_w, ln3_b]
     params += [P(mx.array(w1)), b1, P(mx.array(w2)), b2]
     params = [mx.array(p) for p in params]
@@ -313,8 +366,15 @@ def test_transformer_block_matches_reference(isa, m, lengths, chunk, keep, paral
         parallel=parallel,
     )
     assert len(outs) == (2 if keep else 1)
-    err = float(np.abs(np.array(outs[0][0], dtype=np.float64) - ref).max() / np.abs(ref).max())
-    assert err <= TOL, f"{isa}: relative error {err:.2e}"
+    y = np.array(outs[0][0], dtype=np.float64)
+    if bf16:
+        err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+        unrounded = reference(same, r16)[1]
+        far = float(np.linalg.norm(y - unrounded) / np.linalg.norm(ref))
+        assert err <= 1e-4 and far >= 1e-3, f"{isa}: relative L2 {err:.2e} (unrounded x: {far:.2e})"
+    else:
+        err = float(np.abs(y - ref).max() / np.abs(ref).max())
+        assert err <= TOL, f"{isa}: relative error {err:.2e}"
     if keep:  # the committed keys and values: the first `keep` rows of the projection's k | v
         kv = np.array(outs[1][0], dtype=np.float64)
         assert np.abs(kv - qkv[:keep, inner:]).max() <= TOL * np.abs(qkv).max()
@@ -440,7 +500,9 @@ def test_results_do_not_depend_on_threads(kind: str, rows: int) -> None:
     finally:
         K.set_num_threads(threads)
     assert K.num_threads() == threads
-    assert mx.array_equal(one, three)  # columns (or rows of W) are split among threads, sums are not
+    assert mx.array_equal(
+        one, three
+    )  # columns (or rows of W) are split among threads, sums are not
 
 
 @needs_kernels

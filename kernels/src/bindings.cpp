@@ -30,9 +30,13 @@ NB_MODULE(_ext, m) {
         "stream"_a = nb::none(),
         "y = x @ mx.dequantize(w, scales, biases, group_size, bits).T (+ bias), affine 8- or\n"
         "4-bit weights in mx.quantize's layout. Returns (..., N) float32. CPU stream only.");
-  m.def("pack_panels", &cv2k::pack_panels, "w"_a, nb::kw_only(), "stream"_a = nb::none(),
+  m.def("pack_panels", &cv2k::pack_panels, "w"_a, nb::kw_only(), "bf16"_a = false,
+        "stream"_a = nb::none(),
         "w (N, K) as the float32 panels linear_panels reads: (ceil(N / 16), K, 16), column n\n"
-        "of w.T in panel n // 16 at lane n % 16, the last panel zero-padded.");
+        "of w.T in panel n // 16 at lane n % 16, the last panel zero-padded. bf16=True: w\n"
+        "rounded to bfloat16 as pair panels (ceil(N / 16), ceil(K / 32) * 16, 32), element\n"
+        "(n, k) at [n // 16, k // 2, 2 * (n % 16) + k % 2], K zero-padded; linear_panels then\n"
+        "rounds x to bfloat16 and sums the exact products in float32.");
   m.def("linear_panels", &cv2k::linear_panels, "x"_a, "wp"_a, "n"_a, "bias"_a = nb::none(),
         nb::kw_only(), "parallel"_a = true, "stream"_a = nb::none(),
         "y = x @ w.T (+ bias) with wp = pack_panels(w) and n = w.shape[0]: x (..., K) float,\n"

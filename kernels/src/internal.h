@@ -12,6 +12,15 @@ namespace cv2k {
 // y (+)= x W^T (+ bias), W as panels (kernels.h), split by panels.
 void run_panels(const PanelArgs& a, bool parallel);
 
+// Pairs of k of a bf16 pair panel for K columns: K padded to a multiple of 32.
+inline int64_t bf16_kpairs(int64_t K) { return (K + 31) / 32 * 16; }
+
+// The same with W as fp32 panels or (bf16) bf16 pair panels (kernels.h), x (M x K, row
+// stride ldx) then rounded to bf16.
+void run_any_panels(const float* x, int64_t ldx, const void* wp, bool bf16, const float* bias,
+                    float* y, int64_t ldy, int64_t M, int64_t K, int64_t N, bool accumulate,
+                    bool parallel);
+
 // The inputs of block attention (attention_blocks.h), raw.
 struct AttentionProblem {
   const float* qkv;                  // M x 3HD: scaled queries | keys | values

@@ -67,6 +67,23 @@ struct PanelArgs {
   bool accumulate = false;  // y += x W^T (+ bias) instead of y = ...
 };
 
+// The same with W as bf16 pair panels (pack_panels(w, bf16=True)) and x rounded to
+// bf16: K is padded with zeros to K2 = 2 * kpairs, a multiple of 32; element (n, k) of W
+// is wp[(n / kPanelWidth) * kpairs * 2 * kPanelWidth + (k / 2) * 2 * kPanelWidth +
+// (n % kPanelWidth) * 2 + k % 2]: per pair of k, the 16 columns' two weights side by
+// side (the operand layout of AVX-512 BF16 dot products and of AMX). x is given as
+// its bf16 pairs: row m's pair j (k = 2j in the low half, 2j + 1 in the high half) at
+// x[m * kpairs + j]. Products are exact in fp32 and summed in fp32.
+struct PanelBf16Args {
+  const uint32_t* x;   // M x kpairs bf16 pairs (zero rows after them up to a multiple of 16)
+  const uint16_t* wp;  // ceil(N / kPanelWidth) panels of kpairs x 2 * kPanelWidth bf16
+  const float* bias;   // N fp32, or null
+  float* y;            // M x N fp32, row m at y + m * ldy
+  int64_t ldy;
+  int64_t M, kpairs, N;
+  bool accumulate = false;
+};
+
 // One instruction-set variant.
 struct KernelTable {
   const char* name;
@@ -85,6 +102,12 @@ struct KernelTable {
   void (*q_rows)(const QArgs& a, int64_t n0, int64_t n1, float* out);
   // Panels [p0, p1) of a PanelArgs product (columns 16 * p0 ... 16 * p1 - 1).
   void (*panel_cols)(const PanelArgs& a, int64_t p0, int64_t p1);
+  // Panels [p0, p1) of a PanelBf16Args product.
+  void (*panel_bf16_cols)(const PanelBf16Args& a, int64_t p0, int64_t p1);
+  // Rows [m0, m1) of x (row stride ldx, K columns) rounded to bf16 (to nearest even) as
+  // PanelBf16Args pairs at out (kpairs a row; the pairs after K are left as they are).
+  void (*bf16_pairs)(const float* x, int64_t ldx, int64_t K, int64_t kpairs, int64_t m0,
+                     int64_t m1, uint32_t* out);
   // In place, for each of `rows` rows of s (stride ld): softmax over its first
   // visible[r] entries (>= 1), zeros in the entries after them up to `cols`.
   void (*softmax_rows)(float* s, int64_t rows, int64_t ld, const int64_t* visible, int64_t cols);
@@ -102,6 +125,19 @@ const KernelTable* active_table();
 #if defined(CV2K_HAVE_X86)
 const KernelTable* avx2_table();
 const KernelTable* avx512_table();
+#endif
+#if defined(CV2K_HAVE_AVX512BF16)
+// panel_bf16_cols on AVX-512 BF16 dot products (vdpbf16ps); the rest is avx512_table's.
+void panel_bf16_cols_dot(const PanelBf16Args& a, int64_t p0, int64_t p1);
+// bf16_pairs with vcvtneps2bf16.
+void bf16_pairs_cvt(const float* x, int64_t ldx, int64_t K, int64_t kpairs, int64_t m0,
+                    int64_t m1, uint32_t* out);
+#endif
+#if defined(CV2K_HAVE_AMX)
+// Asks Linux for the AMX tile data state (once per process); false if refused.
+bool enable_amx();
+// panel_bf16_cols on AMX tiles; x must hold zero rows up to the next multiple of 16.
+void panel_bf16_cols_amx(const PanelBf16Args& a, int64_t p0, int64_t p1);
 #endif
 
 }  // namespace cv2k

@@ -158,6 +158,47 @@ void panel_cols(const PanelArgs& p, int64_t p0, int64_t p1) {
   }
 }
 
+// x rounded to bf16 pairs (kernels.h), element by element.
+inline uint16_t round_bf16(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  // NaN
+  return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+void bf16_pairs(const float* x, int64_t ldx, int64_t K, int64_t kpairs, int64_t m0, int64_t m1,
+                uint32_t* out) {
+  for (int64_t m = m0; m < m1; ++m) {
+    uint16_t* d = reinterpret_cast<uint16_t*>(out + m * kpairs);
+    for (int64_t k = 0; k < K; ++k) d[k] = round_bf16(x[m * ldx + k]);
+  }
+}
+
+// bf16 pair panels (kernels.h): per row and panel, 16 sums updated pair by pair.
+void panel_bf16_cols(const PanelBf16Args& p, int64_t p0, int64_t p1) {
+  constexpr int W = kPanelWidth;
+  for (int64_t panel = p0; panel < p1; ++panel) {
+    const uint16_t* w = p.wp + panel * p.kpairs * 2 * W;
+    const int64_t n0 = panel * W;
+    const int64_t cols = p.N - n0 < W ? p.N - n0 : W;
+    for (int64_t m = 0; m < p.M; ++m) {
+      const uint32_t* x = p.x + m * p.kpairs;
+      float acc[W] = {};
+      for (int64_t j = 0; j < p.kpairs; ++j) {
+        const float xe = bf16_to_float(static_cast<uint16_t>(x[j]));
+        const float xo = bf16_to_float(static_cast<uint16_t>(x[j] >> 16));
+        for (int c = 0; c < W; ++c) {
+          acc[c] += xe * bf16_to_float(w[j * 2 * W + 2 * c]) + xo * bf16_to_float(w[j * 2 * W + 2 * c + 1]);
+        }
+      }
+      for (int64_t c = 0; c < cols; ++c) {
+        float base = p.accumulate ? p.y[m * p.ldy + n0 + c] : 0.0f;
+        p.y[m * p.ldy + n0 + c] = base + acc[c] + (p.bias ? p.bias[n0 + c] : 0.0f);
+      }
+    }
+  }
+}
+
 void softmax_rows(float* s, int64_t rows, int64_t ld, const int64_t* visible, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
     float* row = s + r * ld;
@@ -201,8 +242,8 @@ void gelu_rows(const float* x, const float* bias, float* y, int64_t C, int64_t r
 }
 
 const KernelTable kTable = {"portable", 0,          bf16_cols,    f32_cols,        q_cols,    q_cols,
-                            bf16_rows,  q_rows,     panel_cols,   softmax_rows,    layer_norm_rows,
-                            gelu_rows};
+                            bf16_rows,  q_rows,     panel_cols,   panel_bf16_cols, bf16_pairs,
+                            softmax_rows,    layer_norm_rows, gelu_rows};
 
 }  // namespace
 

@@ -25,11 +25,46 @@ namespace {
 
 // ----------------------------------------------------------------- dispatch
 
+#if defined(CV2K_HAVE_AVX512BF16)
+// The avx512 variant with the bf16 panel GEMM on AVX-512 BF16 dot products.
+const KernelTable* avx512bf16_table() {
+  static const KernelTable table = [] {
+    KernelTable t = *avx512_table();
+    t.name = "avx512bf16";
+    t.panel_bf16_cols = panel_bf16_cols_dot;
+    t.bf16_pairs = bf16_pairs_cvt;
+    return t;
+  }();
+  return &table;
+}
+#endif
+#if defined(CV2K_HAVE_AMX)
+// The avx512bf16 variant with the bf16 panel GEMM on AMX tiles.
+const KernelTable* amx_table() {
+  static const KernelTable table = [] {
+    KernelTable t = *avx512bf16_table();
+    t.name = "amx";
+    t.panel_bf16_cols = panel_bf16_cols_amx;
+    return t;
+  }();
+  return &table;
+}
+#endif
+
 std::vector<const KernelTable*> supported_tables() {
   std::vector<const KernelTable*> out;
 #if defined(CV2K_HAVE_X86)
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#if defined(CV2K_HAVE_AVX512BF16)
+  const bool bf16 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+#if defined(CV2K_HAVE_AMX)
+  static const bool amx = bf16 && __builtin_cpu_supports("amx-tile") &&
+                          __builtin_cpu_supports("amx-bf16") && enable_amx();
+  if (amx) out.push_back(amx_table());
+#endif
+  if (bf16) out.push_back(avx512bf16_table());
+#endif
   if (avx2 && __builtin_cpu_supports("avx512f")) out.push_back(avx512_table());
   if (avx2) out.push_back(avx2_table());
 #endif
@@ -270,6 +305,54 @@ void run_panels(const PanelArgs& a, bool parallel) {
   }, &ctx);
 }
 
+// x rounded to bf16 (to nearest even, as MLX's astype) as the pairs PanelBf16Args reads,
+// K zero-padded to 2 * kpairs and zero rows up to a multiple of 16; in a per-thread
+// buffer reused by the next call.
+const uint32_t* bf16_pairs(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t kpairs) {
+  thread_local std::vector<uint32_t> buf;
+  buf.assign(static_cast<size_t>((M + 15) / 16 * 16 * kpairs), 0u);  // zero rows to a multiple of 16
+  current_table().load()->bf16_pairs(x, ldx, K, kpairs, 0, M, buf.data());
+  return buf.data();
+}
+
+void run_panels_bf16(const PanelBf16Args& a, bool parallel) {
+  const KernelTable* t = current_table().load();
+  const int64_t panels = (a.N + kPanelWidth - 1) / kPanelWidth;
+  Pool& pool = Pool::get();
+  const int threads = pool.threads();
+  if (!parallel || threads == 1 || a.M * a.N * a.kpairs < (1 << 17) || panels < 2) {
+    t->panel_bf16_cols(a, 0, panels);
+    return;
+  }
+  // Chunks of an even number of panels (the dot kernel's tiles span two), about 4 per thread.
+  struct Ctx {
+    const PanelBf16Args* a;
+    void (*cols)(const PanelBf16Args&, int64_t, int64_t);
+    int64_t chunk, panels;
+  } ctx{&a, t->panel_bf16_cols, ((panels + 4 * threads - 1) / (4 * threads) + 1) / 2 * 2, panels};
+  pool.run((panels + ctx.chunk - 1) / ctx.chunk, [](const void* c, int64_t i) {
+    auto* j = static_cast<const Ctx*>(c);
+    int64_t p0 = i * j->chunk;
+    j->cols(*j->a, p0, p0 + j->chunk < j->panels ? p0 + j->chunk : j->panels);
+  }, &ctx);
+}
+
+void run_any_panels(const float* x, int64_t ldx, const void* wp, bool bf16, const float* bias,
+                    float* y, int64_t ldy, int64_t M, int64_t K, int64_t N, bool accumulate,
+                    bool parallel) {
+  if (!bf16) {
+    PanelArgs a{x, ldx, static_cast<const float*>(wp), bias, y, ldy, M, K, N};
+    a.accumulate = accumulate;
+    run_panels(a, parallel);
+    return;
+  }
+  const int64_t kpairs = bf16_kpairs(K);
+  PanelBf16Args a{bf16_pairs(x, ldx, M, K, kpairs), static_cast<const uint16_t*>(wp), bias, y, ldy,
+                  M, kpairs, N};
+  a.accumulate = accumulate;
+  run_panels_bf16(a, parallel);
+}
+
 // --------------------------------------------------------------- operations
 
 mx::array linear_dense(const mx::array& x, const mx::array& w, const std::optional<mx::array>& bias,
@@ -335,11 +418,20 @@ mx::array linear_quantized(const mx::array& x, const mx::array& w, const mx::arr
                    std::move(inputs));
 }
 
-mx::array pack_panels(const mx::array& w, mx::StreamOrDevice s) {
+mx::array pack_panels(const mx::array& w, bool bf16, mx::StreamOrDevice s) {
   mx::Stream stream = cpu_stream(s, "pack_panels");
   if (w.ndim() != 2) throw std::invalid_argument("pack_panels: w must be 2-D (N, K)");
   const int n = w.shape(0), k = w.shape(1);
   const int panels = (n + kPanelWidth - 1) / kPanelWidth;
+  if (bf16) {  // (panels, kpairs, 32): per pair of k, 16 columns x 2 (kernels.h)
+    const int kpairs = static_cast<int>(bf16_kpairs(k));
+    mx::array wb = mx::astype(w, mx::bfloat16, stream);
+    wb = mx::pad(wb, {{0, panels * kPanelWidth - n}, {0, 2 * kpairs - k}}, mx::array(0, mx::bfloat16),
+                 "constant", stream);
+    wb = mx::reshape(wb, {panels, kPanelWidth, kpairs, 2}, stream);
+    wb = mx::transpose(wb, {0, 2, 1, 3}, stream);
+    return mx::contiguous(mx::reshape(wb, {panels, kpairs, 2 * kPanelWidth}, stream), false, stream);
+  }
   mx::array w32 = as_f32(w, stream);
   if (panels * kPanelWidth != n) {
     w32 = mx::concatenate({w32, mx::zeros({panels * kPanelWidth - n, k}, mx::float32, stream)}, 0,
@@ -353,15 +445,20 @@ mx::array linear_panels(const mx::array& x, const mx::array& wp, int n,
                         const std::optional<mx::array>& bias, bool parallel,
                         mx::StreamOrDevice s) {
   mx::Stream stream = cpu_stream(s, "linear_panels");
-  if (wp.ndim() != 3 || wp.dtype() != mx::float32 || wp.shape(2) != kPanelWidth) {
+  const bool bf16 = wp.dtype() == mx::bfloat16;
+  if (wp.ndim() != 3 || (wp.dtype() != mx::float32 && !bf16) ||
+      wp.shape(2) != (bf16 ? 2 : 1) * kPanelWidth) {
     throw std::invalid_argument(
-        "linear_panels: wp must be pack_panels(w), a float32 array (ceil(N / 16), K, 16)");
+        "linear_panels: wp must be pack_panels(w), a float32 array (ceil(N / 16), K, 16), or "
+        "pack_panels(w, bf16=True), a bfloat16 array (ceil(N / 16), ceil(K / 32) * 16, 32)");
   }
   if (n < 1 || (n + kPanelWidth - 1) / kPanelWidth != wp.shape(0)) {
     throw std::invalid_argument("linear_panels: n must be the packed matrix's row count N");
   }
-  if (x.ndim() < 1 || x.shape(-1) != wp.shape(1)) {
-    throw std::invalid_argument("linear_panels: x must have shape (..., K) with K = wp.shape[1]");
+  if (x.ndim() < 1 || (bf16 ? bf16_kpairs(x.shape(-1)) != wp.shape(1) || x.shape(-1) < 1
+                            : x.shape(-1) != wp.shape(1))) {
+    throw std::invalid_argument(
+        "linear_panels: x must have shape (..., K) with K the packed matrix's column count");
   }
   std::vector<mx::array> inputs = {as_f32(x, stream), wp};
   if (bias) {
@@ -448,8 +545,9 @@ void PanelLinearPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::ar
   const int64_t M = K > 0 ? static_cast<int64_t>(x.size()) / K : 0;
   float* y = out.data<float>();
   if (M == 0) return;
+  const bool bf16 = inputs[1].dtype() == mx::bfloat16;
   encoder.dispatch([views = std::move(views), y, M, K, N, has_bias = has_bias_,
-                    parallel = parallel_] {
+                    parallel = parallel_, bf16] {
     Dense xd, wd, bd;
     densify(views[0], xd);
     densify(views[1], wd);
@@ -460,8 +558,8 @@ void PanelLinearPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::ar
         for (int64_t c = 0; c < N; ++c) y[m * N + c] = b ? b[c] : 0.0f;
       return;
     }
-    run_panels({static_cast<const float*>(xd.ptr), K, static_cast<const float*>(wd.ptr),
-                static_cast<const float*>(bd.ptr), y, N, M, K, N}, parallel);
+    run_any_panels(static_cast<const float*>(xd.ptr), K, wd.ptr, bf16,
+                   static_cast<const float*>(bd.ptr), y, N, M, K, N, false, parallel);
   });
 }
 

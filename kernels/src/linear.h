@@ -34,10 +34,13 @@ mx::array linear_quantized(
 
 // W (N, K) as the panels linear_panels reads: (ceil(N / 16), K, 16) float32, column n
 // of W^T in panel n / 16 at lane n % 16, the last panel zero-padded. Pack once, at load.
-mx::array pack_panels(const mx::array& w, mx::StreamOrDevice s = {});
+// bf16: W rounded to bf16 as pair panels (ceil(N / 16), ceil(K / 32) * 16, 32) bfloat16
+// (kernels.h, PanelBf16Args), for products with x rounded to bf16 and fp32 sums.
+mx::array pack_panels(const mx::array& w, bool bf16 = false, mx::StreamOrDevice s = {});
 
 // y = x W^T (+ bias) with W given as pack_panels(W) and its row count n: x (..., K)
-// float, bias (n,) or none. Output (..., n) float32. `parallel`: split the panels over
+// float, bias (n,) or none. Output (..., n) float32. With bf16 pair panels x is rounded
+// to bf16 (the products are then exact, the sums fp32). `parallel`: split the panels over
 // the kernels' thread pool (else the calling stream's thread computes them all, for
 // callers that already run one product per core).
 mx::array linear_panels(

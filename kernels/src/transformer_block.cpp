@@ -24,11 +24,15 @@ void check(bool ok, const std::string& what) {
 }
 
 void check_panels(const mx::array& p, int64_t n, int64_t k, const char* name) {
-  check(p.ndim() == 3 && p.shape(0) == panels_of(n) && p.shape(1) == k &&
-            p.shape(2) == kPanelWidth && p.dtype() == mx::float32,
-        std::string(name) + " must be pack_panels of a float32 (" + std::to_string(n) + ", " +
-            std::to_string(k) + ") weight");
+  const bool f32 = p.dtype() == mx::float32, bf16 = p.dtype() == mx::bfloat16;
+  check(p.ndim() == 3 && p.shape(0) == panels_of(n) &&
+            ((f32 && p.shape(1) == k && p.shape(2) == kPanelWidth) ||
+             (bf16 && p.shape(1) == bf16_kpairs(k) && p.shape(2) == 2 * kPanelWidth)),
+        std::string(name) + " must be pack_panels of a (" + std::to_string(n) + ", " +
+            std::to_string(k) + ") weight (float32 or bf16=True)");
 }
+
+bool is_panels(int i) { return i == 2 || i == 3 || i == 7 || i == 9; }
 
 void check_vector(const mx::array& v, int64_t n, const char* name) {
   check(v.ndim() == 1 && v.shape(0) == n, std::string(name) + " must have shape (" +
@@ -60,7 +64,10 @@ std::vector<mx::array> transformer_block(const mx::array& x, const std::vector<m
   check_panels(params[9], c, ff, "ff2");
   check_vector(params[10], c, "ff2 bias");
   std::vector<mx::array> inputs = {as_f32(x, stream)};
-  for (auto& p : params) inputs.push_back(as_f32(p, stream));
+  for (int i = 0; i < kParams; ++i) {  // bf16 pair panels stay bf16
+    const mx::array& p = params[i];
+    inputs.push_back(is_panels(i) && p.dtype() == mx::bfloat16 ? p : as_f32(p, stream));
+  }
   for (auto& b : blocks) {
     check(b.ndim() == 3 && b.shape(0) == 1 && b.shape(2) == 2 * inner,
           "each block must have shape (1, n, 2 * inner)");
@@ -82,7 +89,10 @@ void TransformerBlockPrimitive::eval_cpu(const std::vector<mx::array>& inputs,
   std::vector<Strided> views = start_task(encoder, inputs, outputs);
   float* y = outputs[0].data<float>();
   float* kv = outputs.size() > 1 ? outputs[1].data<float>() : nullptr;
-  encoder.dispatch([views = std::move(views), y, kv, a = a_] {
+  bool bf16[1 + kParams] = {};
+  for (int i = 0; i < kParams; ++i) bf16[1 + i] = inputs[1 + i].dtype() == mx::bfloat16;
+  encoder.dispatch([views = std::move(views), y, kv, a = a_, qkv16 = bf16[3], out16 = bf16[4],
+                    ff1_16 = bf16[8], ff2_16 = bf16[10]] {
     std::vector<Dense> d(views.size());
     for (size_t i = 0; i < views.size(); ++i) densify(views[i], d[i]);
     auto in = [&](int i) { return static_cast<const float*>(d[i].ptr); };
@@ -94,7 +104,8 @@ void TransformerBlockPrimitive::eval_cpu(const std::vector<mx::array>& inputs,
     f.resize(M * F);
     const float* x = in(0);
     run_layer_norm(x, in(1), in(2), a.eps1, false, h.data(), C, M, a.parallel);
-    run_panels({h.data(), C, in(3), nullptr, qkv.data(), 3 * I, M, C, 3 * I}, a.parallel);
+    run_any_panels(h.data(), C, d[3].ptr, qkv16, nullptr, qkv.data(), 3 * I, M, C, 3 * I, false,
+                   a.parallel);
     AttentionProblem p;
     p.qkv = qkv.data();
     p.out = att.data();
@@ -110,15 +121,11 @@ void TransformerBlockPrimitive::eval_cpu(const std::vector<mx::array>& inputs,
     }
     run_attention(p, a.parallel);
     std::memcpy(y, x, M * C * sizeof(float));
-    PanelArgs out{att.data(), I, in(4), in(5), y, C, M, I, C};
-    out.accumulate = true;
-    run_panels(out, a.parallel);
+    run_any_panels(att.data(), I, d[4].ptr, out16, in(5), y, C, M, I, C, true, a.parallel);
     run_layer_norm(y, in(6), in(7), a.eps3, false, h.data(), C, M, a.parallel);
-    run_panels({h.data(), C, in(8), in(9), f.data(), F, M, C, F}, a.parallel);
+    run_any_panels(h.data(), C, d[8].ptr, ff1_16, in(9), f.data(), F, M, C, F, false, a.parallel);
     run_gelu(f.data(), nullptr, f.data(), F, M, a.parallel);
-    PanelArgs down{f.data(), F, in(10), in(11), y, C, M, F, C};
-    down.accumulate = true;
-    run_panels(down, a.parallel);
+    run_any_panels(f.data(), F, d[10].ptr, ff2_16, in(11), y, C, M, F, C, true, a.parallel);
     for (int64_t r = 0; r < a.keep; ++r) {
       std::memcpy(kv + r * 2 * I, qkv.data() + r * 3 * I + I, 2 * I * sizeof(float));
     }
