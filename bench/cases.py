@@ -70,8 +70,9 @@ HEADLINE = {
     "cfg": None,
 }
 AXES = tuple(HEADLINE)
-FLOW_BITS: tuple[int, ...] = (8, 4)
-"""The flow's linear layers quantised with MLX's own quantisation (`cosyvoice2.load(flow_bits=)`)."""
+FLOW_BITS: tuple[int, ...] = (8, 4, 16)
+"""The flow's linear layers quantised with MLX's own quantisation (`cosyvoice2.load(flow_bits=)`),
+or 16: the estimator's transformer projections in bfloat16."""
 FINALS = ("full", "chunked")
 LOW_LATENCY_FIRST_HOP = 10
 """First hop (tokens) of the default sweep's low-latency streaming case: 0.24 s of audio in the
@@ -101,7 +102,8 @@ class Case:
     with full attention) or chunk-masked from the flow cache (`chunked`: O(n) in all;
     `StreamSchedule(final_full_attention=False)`)."""
     flow_bits: int | None = None
-    """The flow's linear layers quantised to 8 or 4 bits (`None`: float, the case's `dtype`)."""
+    """The flow's linear layers quantised to 8 or 4 bits, or (16) the estimator's transformer
+    projections in bfloat16 (`None`: float, the case's `dtype`)."""
     cfg: float | None = None
     """Classifier-free guidance strength of the flow (`inference_cfg_rate`; `None`: the
     model's own, 0.7)."""

@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--flow-bits",
-        help="the flow's linear layers quantised: none, 8, 4 (comma separated; slow on MLX-CPU)",
+        help="the flow's linear layers quantised: none, 8, 4, or 16 (the estimator's transformer "
+        "projections in bfloat16), comma separated",
     )
     g.add_argument(
         "--cfg", help="classifier-free guidance strength (inference_cfg_rate), e.g. default,0.5,0"
@@ -343,8 +344,8 @@ def _flow_bits(value: str) -> int | None:
     v = value.strip().lower().removesuffix("bit")
     if v in ("none", "off", "float"):
         return None
-    if v not in ("8", "4"):
-        raise ValueError(f"flow-bits: expected none, 8 or 4, got {value!r}")
+    if v not in ("8", "4", "16"):
+        raise ValueError(f"flow-bits: expected none, 8, 4 or 16, got {value!r}")
     return int(v)
 
 

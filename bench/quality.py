@@ -53,7 +53,7 @@ SIM_ENCODERS = ("resemblyzer", "auto", "none")
 """Encoders `run_quality` can build without further files (WavLM-ECAPA needs a checkpoint)."""
 _LLM = ("fp32", "bf16", "fp16", "8bit", "4bit")
 _DTYPES = ("fp32", "bf16", "fp16")
-_FLOW_BITS = (8, 4)
+_FLOW_BITS = (8, 4, 16)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

@@ -462,8 +462,9 @@ def _synthesis_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--flow-bits",
         type=int,
-        choices=(4, 8),
-        help="quantise the flow's linear layers at load (4 or 8 bits)",
+        choices=(4, 8, 16),
+        help="quantise the flow's linear layers at load (4 or 8 bits), or 16: the flow "
+        "estimator's transformer projections in bfloat16",
     )
     p.add_argument(
         "--inference-cfg-rate",

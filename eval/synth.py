@@ -114,8 +114,9 @@ def precision_kwargs(precision: str | None) -> dict[str, Any]:
 
 FLOW_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 """Flow/HiFT dtype names of the bench (`bench.cases.DTYPES`) -> MLX dtype names."""
-FLOW_BITS = (8, 4)
-"""Bit widths the flow's linear layers may be quantised to (`cosyvoice2.load(flow_bits=...)`)."""
+FLOW_BITS = (8, 4, 16)
+"""Bit widths the flow's linear layers may be quantised to (`cosyvoice2.load(flow_bits=...)`;
+16: the estimator's transformer projections in bfloat16)."""
 
 
 def check_synthesis_settings(

@@ -22,13 +22,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 import cosyvoice2
 from bench.fidelity import log_mel_distance
 from cosyvoice2 import backend
 from cosyvoice2.engine import Prompt
 from cosyvoice2.errors import InputError
+from cosyvoice2.flow.ops import linear
 from cosyvoice2.flow.quantize import flow_precision, quantize_flow
+from cosyvoice2.flow.transformer import BasicTransformerBlock
 from cosyvoice2.model import CosyVoice2
 from cosyvoice2.options import OptionError
 from cosyvoice2.streaming import StreamSchedule
@@ -69,6 +72,15 @@ BF16_THEN_8BIT_MEL = 0.048
 # `bench.fidelity.log_mel_distance`). Measured bf16 (0.0049, 0.0097), fp16 (0.00064,
 # 0.0015); bounds = measured x 2.
 HALF_FLOW_HIFT = {"bfloat16": (0.01, 0.02), "float16": (0.0013, 0.003)}
+# The estimator's transformer projections in bfloat16 (`flow_bits=16`), whole utterance,
+# mel relative L2 to float32: measured 0.0018 on every route; bound = measured x 2.
+# Every route computes one function per layer (bf16 weights, inputs rounded to bf16,
+# float32 sums): a layer's output on each route against that function in float64 within
+# BF16_LAYER (float32 summation; a route that skipped or truncated the input rounding is
+# off by about 2^-9). Whole mels of two routes are not compared with each other: rounding
+# to bf16 turns their float32 differences (1e-7) into bf16-sized ones within a few layers.
+BF16_LINEARS_MEL = 0.0036
+BF16_LAYER = 1e-5
 # CFG rate 0 against the default 0.7 (`SHORT` inputs): measured mel relative L2 0.265;
 # it must be at least half of that (a rate that is ignored gives exactly 0).
 CFG_ZERO_MIN_MEL = 0.13
@@ -299,6 +311,95 @@ def test_flow_bits_streaming(fp32: CosyVoice2, quantized, bits: int) -> None:
     print(f"\n[precision] flow {bits}-bit streaming: mel rel L2 {dist:.5f}")
     assert np.isfinite(audio).all()
     assert 0 < dist <= FLOW_BITS_STREAM_MEL[bits], f"{bits}-bit streaming mel rel L2 {dist:.5f}"
+
+
+@pytest.fixture(scope="module")
+def bf16_linears(mlx_tiny_dir: Path) -> CosyVoice2:
+    return cosyvoice2.load(mlx_tiny_dir, flow_bits=16)
+
+
+def test_bf16_linears_are_bf16(bf16_linears: CosyVoice2) -> None:
+    """The 6 projections of each estimator transformer block hold bfloat16 weights (in
+    bf16 pair panels where the extension packed them), nothing else changed; the model
+    says so."""
+    flow = bf16_linears.flow
+    blocks = [m for _, m in flow.named_modules() if isinstance(m, BasicTransformerBlock)]
+    targets = [
+        m
+        for b in blocks
+        for m in (b.attn1.to_q, b.attn1.to_k, b.attn1.to_v, b.attn1.to_out[0])
+        + (b.ff.net[0].proj, b.ff.net[2])
+    ]
+    assert blocks and all(m.weight.dtype == mx.bfloat16 for m in targets)
+    others = [
+        p for n, p in tree_flatten(flow.parameters()) if not any(p is m.weight for m in targets)
+    ]
+    assert all(p.dtype == mx.float32 for p in others)
+    assert flow.encoder_proj.weight.dtype == mx.float32
+    record = bf16_linears.meta["flow_precision"]
+    assert record["bits"] == 16 and record["bf16_linears"] == len(targets) == 6 * len(blocks)
+    assert record["quantization"]["bf16_linears"] == len(targets)
+    if bf16_linears.backend.extension is not None:
+        assert blocks[0].attn1._fused[2].dtype == mx.bfloat16  # the pair panels
+
+
+@pytest.fixture(scope="module")
+def bf16_linears_mels(bf16_linears: CosyVoice2) -> dict[str, np.ndarray]:
+    out = {}
+    for route in ROUTES:
+        try:
+            with on_route(route):
+                out[route] = _mel(bf16_linears)
+        except pytest.skip.Exception:
+            pass
+    return out
+
+
+def test_bf16_linears_mel_on_every_route(bf16_linears_mels, fp32_mels, route: str) -> None:
+    if route not in bf16_linears_mels:
+        pytest.skip(f"route {route} not available")
+    dist = _rel(bf16_linears_mels[route], fp32_mels[route])
+    print(f"\n[precision] flow bf16 linears ({route}): mel rel L2 {dist:.5f}")
+    assert 0 < dist <= BF16_LINEARS_MEL, f"bf16 linears mel rel L2 {dist:.5f}"
+
+
+def _bf16_np(a: mx.array) -> np.ndarray:
+    return _np(a.astype(mx.bfloat16))
+
+
+def test_bf16_linear_layers_on_every_route(bf16_linears: CosyVoice2, route: str) -> None:
+    """One projection, the fused q/k/v and a whole transformer block (the extension's
+    `transformer_block` node) against the bf16-linear function in float64."""
+    block = next(
+        m for _, m in bf16_linears.flow.named_modules() if isinstance(m, BasicTransformerBlock)
+    )
+    attn, out = block.attn1, block.attn1.to_out[0]
+    rng = np.random.default_rng(3)
+    x = mx.array(rng.standard_normal((1, 37, out.weight.shape[1])).astype(np.float32))
+    h = mx.array(rng.standard_normal((1, 37, attn.to_q.weight.shape[1])).astype(np.float32))
+    with on_route(route):
+        y = _np(linear(out, x))
+        qkv = _np(attn.qkv(h))
+    ref = _bf16_np(x) @ _np(out.weight).T + _np(out.bias)
+    assert _rel(y, ref) <= BF16_LAYER, _rel(y, ref)
+    scale = attn.dim_head**-0.5
+    # q's weight scaled in bfloat16, as the fused weight is (exact where the scale is a power of 2)
+    wq = _np(attn.to_q.weight * scale)
+    w = np.concatenate([wq, _np(attn.to_k.weight), _np(attn.to_v.weight)])
+    ref = _bf16_np(h) @ w.T
+    assert _rel(qkv, ref) <= BF16_LAYER, _rel(qkv, ref)
+
+
+def test_bf16_linears_streaming(fp32: CosyVoice2, bf16_linears: CosyVoice2) -> None:
+    """The streaming flow (flow cache: the transformer-block kernel over cached keys and
+    values) of the bf16-linear model against float32 streaming, and against its own
+    whole-utterance mel."""
+    ref, _, n = _synth(fp32, stream=True)
+    got, audio, _ = _synth(bf16_linears, stream=True)
+    dist = _rel(got, ref)
+    print(f"\n[precision] flow bf16 linears streaming: mel rel L2 {dist:.5f}")
+    assert n >= 3 and np.isfinite(audio).all()
+    assert 0 < dist <= BF16_LINEARS_MEL, dist
 
 
 @pytest.fixture(scope="module")

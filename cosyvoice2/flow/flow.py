@@ -46,7 +46,7 @@ from cosyvoice2.flow.decoder import (
 )
 from cosyvoice2.flow.encoder import UpsampleConformerEncoder
 from cosyvoice2.flow.flow_matching import CausalConditionalCFM
-from cosyvoice2.flow.ops import cpu_extension, held_weight, packed, uses_panels
+from cosyvoice2.flow.ops import cpu_extension, held_weight, is_bf16_linear, packed, uses_panels
 from cosyvoice2.flow.transformer import Attention, BasicTransformerBlock
 from cosyvoice2.ops import set_dtype_evaluated
 
@@ -105,8 +105,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
                 attn, ff = m.attn1, m.ff
                 qkv = (attn.to_q, attn.to_k, attn.to_v)
                 if all(type(x) is nn.Linear for x in qkv):
-                    fp32 = attn.to_q.weight.dtype == mx.float32
-                    attn.fused_weight(kernels if fp32 else None, release=True)
+                    panels = attn.to_q.weight.dtype == mx.float32 or all(map(is_bf16_linear, qkv))
+                    attn.fused_weight(kernels if panels else None, release=True)
                     n += 1
                 layers = [attn.to_out[0], ff.net[0].proj, ff.net[2]]
             elif isinstance(m, CausalResnetBlock1D):

@@ -35,6 +35,7 @@ live in `cosyvoice2/ops.py`; this module keeps what only the flow needs.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 
@@ -122,10 +123,23 @@ def _is_pointwise(layer: nn.Module) -> bool:
     )
 
 
+def is_bf16_linear(layer: nn.Module) -> bool:
+    """Whether `layer` is a bfloat16 linear of a float32 flow (`flow_bits=16`,
+    `cosyvoice2.flow.quantize.bf16_linears`): its bf16 weight meets its input rounded to
+    bf16, the exact products summed in float32, on every route."""
+    return getattr(layer, "_bf16_linear", False) and layer.weight.dtype == mx.bfloat16
+
+
+def bf16_rounded(x: mx.array) -> mx.array:
+    """`x` rounded to bfloat16 (to nearest even), as float32."""
+    return x.astype(mx.bfloat16).astype(mx.float32)
+
+
 def uses_panels(layer: nn.Module) -> bool:
     """Whether `linear` runs `layer` on the panel GEMM where the extension is active: a
-    pointwise layer with float32 weights."""
-    return layer.weight.dtype == mx.float32 and _is_pointwise(layer)
+    pointwise layer with float32 weights, or a bf16 linear (`is_bf16_linear`: bf16 pair
+    panels)."""
+    return (layer.weight.dtype == mx.float32 or is_bf16_linear(layer)) and _is_pointwise(layer)
 
 
 def linear(layer: nn.Module, x: mx.array, bias: bool = True) -> mx.array:
@@ -135,11 +149,17 @@ def linear(layer: nn.Module, x: mx.array, bias: bool = True) -> mx.array:
     float32 weights on the CPU run the panel GEMM (`cpu_extension`), the weight packed
     on first use and kept on the layer (again when the weight changes); otherwise MLX.
     An `nn.QuantizedLinear` (`cosyvoice2.flow.quantize`) runs MLX's quantised matmul.
+    A bf16 linear (`is_bf16_linear`) runs bf16 pair panels, or its function in float32
+    MLX ops.
     """
     w = layer.weight
     k = cpu_extension() if uses_panels(layer) else None
     if k is None:
         w = held_weight(layer)
+        if is_bf16_linear(layer):
+            y = bf16_rounded(x) @ w.reshape(w.shape[0], -1).astype(mx.float32).T
+            b = layer.get("bias") if bias else None
+            return y if b is None else y + b
         if bias:
             return layer(x)
         if isinstance(layer, nn.QuantizedLinear):
@@ -171,7 +191,7 @@ def packed(kernels, layer: nn.Module, release: bool = False) -> mx.array:
     cache = getattr(layer, "_panel_cache", None)
     if cache is None or cache.source is not w:
         w = held_weight(layer)
-        panels = kernels.pack_panels(w.reshape(w.shape[0], -1))
+        panels = kernels.pack_panels(w.reshape(w.shape[0], -1), bf16=is_bf16_linear(layer))
         mx.eval(panels)  # shared by threads (`cosyvoice2.branches`): never lazy
         if release:
             shape = w.shape
@@ -183,8 +203,12 @@ def packed(kernels, layer: nn.Module, release: bool = False) -> mx.array:
 
 def unpack_panels(panels: mx.array, shape: tuple[int, ...]) -> mx.array:
     """The weight of `shape` (rows first) that `pack_panels` packed into `panels`, as a lazy
-    array (row n is lane `n % 16` of panel `n // 16`): an exact re-layout."""
+    array (row n is lane `n % 16` of panel `n // 16`; bf16 pair panels: column k of it in
+    pair `k // 2`, zero-padded): an exact re-layout."""
     p, k, width = panels.shape
+    if panels.dtype == mx.bfloat16:  # (panels, pairs, 16 x 2)
+        w = panels.reshape(p, k, 16, 2).transpose(0, 2, 1, 3).reshape(p * 16, 2 * k)
+        return w[: shape[0], : math.prod(shape[1:])].reshape(shape)
     return panels.transpose(0, 2, 1).reshape(p * width, k)[: shape[0]].reshape(shape)
 
 

@@ -26,12 +26,14 @@ import mlx.nn as nn
 
 from cosyvoice2.flow.ops import (
     all_cores,
+    bf16_rounded,
     block_scores,
     block_values,
     chunk_mask,
     cpu_extension,
     gelu,
     held_weight,
+    is_bf16_linear,
     layer_norm,
     let_form_hold,
     linear,
@@ -73,9 +75,12 @@ class Attention(nn.Module):
         layers = (self.to_q, self.to_k, self.to_v)
         if not all(type(m) is nn.Linear for m in layers):
             return mx.concatenate([self.to_q(x) * d**-0.5, self.to_k(x), self.to_v(x)], axis=-1)
-        k = cpu_extension() if self.to_q.weight.dtype == mx.float32 else None
+        bf16 = all(is_bf16_linear(m) for m in layers)
+        k = cpu_extension() if self.to_q.weight.dtype == mx.float32 or bf16 else None
         fused = self.fused_weight(k)
-        return panel_linear(k, x, fused, 3 * h * d) if k is not None else x @ fused
+        if k is not None:
+            return panel_linear(k, x, fused, 3 * h * d)
+        return bf16_rounded(x) @ fused.astype(mx.float32) if bf16 else x @ fused
 
     def fused_weight(self, kernels, release: bool = False) -> mx.array:
         """The q/k/v weights stacked (q scaled): `kernels.pack_panels` of it, or (kernels None)
@@ -96,7 +101,8 @@ class Attention(nn.Module):
             ws = tuple(held_weight(m) for m in layers)
             scale = self.dim_head**-0.5
             stacked = mx.concatenate([ws[0] * scale, ws[1], ws[2]], axis=0)
-            fused = kernels.pack_panels(stacked) if kernels is not None else stacked.T
+            bf16 = all(is_bf16_linear(m) for m in layers)
+            fused = kernels.pack_panels(stacked, bf16=bf16) if kernels is not None else stacked.T
             mx.eval(fused)  # shared by threads (`cosyvoice2.branches`): never lazy
             if release:
                 shape, inner = stacked.shape, ws[0].shape[0]
@@ -250,12 +256,13 @@ class BasicTransformerBlock(nn.Module):
         self, x: mx.array, blocks: list[mx.array], chunk: int, keep: int
     ) -> list[mx.array] | None:
         """The whole block as one `transformer_block` node, where the extension serves it
-        (CPU, batch 1, float32 `nn.Linear` weights); else None."""
+        (CPU, batch 1, float32 or bf16-linear `nn.Linear` weights); else None."""
         k = cpu_extension() if x.dtype == mx.float32 and x.shape[0] == 1 else None
         attn, gelu_proj, down = self.attn1, self.ff.net[0].proj, self.ff.net[2]
         layers = (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0], gelu_proj, down)
         if k is None or not all(
-            type(m) is nn.Linear and m.weight.dtype == mx.float32 for m in layers
+            type(m) is nn.Linear and (m.weight.dtype == mx.float32 or is_bf16_linear(m))
+            for m in layers
         ):
             return None
         n1, n3, out = self.norm1, self.norm3, attn.to_out[0]
