@@ -159,8 +159,9 @@ class CosyVoice2:
         weights are loaded (`cosyvoice2.flow.quantize`): a layer whose input dimension
         is not a multiple of `flow_group_size` stays float; embeddings, convolutions and
         HiFT stay float. `flow_bits=16` instead holds the CFM estimator's transformer-block
-        projections in bfloat16, multiplied with their inputs rounded to bfloat16 (AMX or
-        AVX-512 BF16 on CPUs that have them; `cosyvoice2.flow.quantize.bf16_linears`).
+        projections in bfloat16, multiplied (and their attention's products computed) with
+        operands rounded to bfloat16 and float32 sums (AMX or AVX-512 BF16 on CPUs that
+        have them; `cosyvoice2.flow.quantize.bf16_linears`).
         `inference_cfg_rate` (a finite float >= 0) replaces the CFM's
         classifier-free guidance rate (the config's, 0.7 in the released model) for this
         model. `flow_dtype` (`float32`, `bfloat16` or `float16`) holds the flow and HiFT in

@@ -212,23 +212,25 @@ def test_panels_refuse_bad_arguments() -> None:
         K.linear_panels(mx.zeros((2, 24)), wp, 40, mx.zeros((39,)))
 
 
-def _attention_reference(qkv, blocks, heads, chunk):
-    """float64 chunk-masked attention of the new positions over blocks + themselves."""
+def _attention_reference(qkv, blocks, heads, chunk, rnd=None):
+    """float64 chunk-masked attention of the new positions over blocks + themselves;
+    `rnd`: a rounding of the products' operands (queries, keys, values, weights)."""
+    rnd = rnd or (lambda a: np.asarray(a, dtype=np.float64))
     m, hd = qkv.shape[1], qkv.shape[2] // 3
     d = hd // heads
     old = np.concatenate([b[0] for b in blocks], 0) if blocks else np.zeros((0, 2 * hd))
     q0 = old.shape[0]
-    keys = np.concatenate([old[:, :hd], qkv[0, :, hd : 2 * hd]], 0).astype(np.float64)
-    values = np.concatenate([old[:, hd:], qkv[0, :, 2 * hd :]], 0).astype(np.float64)
+    keys = rnd(np.concatenate([old[:, :hd], qkv[0, :, hd : 2 * hd]], 0))
+    values = rnd(np.concatenate([old[:, hd:], qkv[0, :, 2 * hd :]], 0))
     out = np.zeros((m, hd))
     for h in range(heads):
         cols = slice(h * d, (h + 1) * d)
-        s = qkv[0, :, cols].astype(np.float64) @ keys[:, cols].T
+        s = rnd(qkv[0, :, cols]) @ keys[:, cols].T
         for r in range(m):
             if chunk:
                 s[r, ((q0 + r) // chunk + 1) * chunk :] = -np.inf
         p = np.exp(s - s.max(1, keepdims=True))
-        out[:, cols] = (p / p.sum(1, keepdims=True)) @ values[:, cols]
+        out[:, cols] = rnd(p / p.sum(1, keepdims=True)) @ values[:, cols]
     return out
 
 
@@ -245,18 +247,32 @@ def _attention_reference(qkv, blocks, heads, chunk):
     ],
 )
 @pytest.mark.parametrize("parallel", [False, True])
-def test_block_attention_matches_reference(isa, m, lengths, heads, d, chunk, parallel) -> None:
+@pytest.mark.parametrize("bf16", [False, True])
+def test_block_attention_matches_reference(
+    isa, m, lengths, heads, d, chunk, parallel, bf16
+) -> None:
+    """`bf16`: against the products of bf16-rounded operands, in relative L2 (see
+    test_transformer_block_matches_reference), and far from the unrounded attention."""
     rng = np.random.default_rng(m + len(lengths))
     hd = heads * d
     qkv = (rng.standard_normal((1, m, 3 * hd)) * 2).astype(np.float32)
     blocks = [(rng.standard_normal((1, n, 2 * hd)) * 2).astype(np.float32) for n in lengths]
     y = K.block_attention(
-        mx.array(qkv), [mx.array(b) for b in blocks], heads, chunk, parallel=parallel
+        mx.array(qkv), [mx.array(b) for b in blocks], heads, chunk, parallel=parallel, bf16=bf16
     )
-    ref = _attention_reference(qkv, blocks, heads, chunk)
     assert y.shape == (1, m, hd) and y.dtype == mx.float32
-    err = float(np.abs(np.array(y[0], dtype=np.float64) - ref).max() / np.abs(ref).max())
-    assert err <= TOL, f"{isa}: relative error {err:.2e}"
+    y = np.array(y[0], dtype=np.float64)
+    exact = _attention_reference(qkv, blocks, heads, chunk)
+    if bf16:
+        ref = _attention_reference(
+            qkv, blocks, heads, chunk, lambda a: bf16_np(np.asarray(a, dtype=np.float32))
+        )
+        err = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+        far = float(np.linalg.norm(y - exact) / np.linalg.norm(ref))
+        assert err <= 1e-4 and far >= 3e-4, f"{isa}: relative L2 {err:.2e} (unrounded: {far:.2e})"
+    else:
+        err = float(np.abs(y - exact).max() / np.abs(exact).max())
+        assert err <= TOL, f"{isa}: relative error {err:.2e}"
 
 
 @needs_kernels
@@ -337,7 +353,7 @@ def test_transformer_block_matches_reference(isa, m, lengths, chunk, keep, paral
 
     def reference(rx, rw):  # rx, rw: the roundings of the projections' inputs and weights
         qkv = rx(ln(x[0], ln1_w, ln1_b)) @ rw(w_qkv).T
-        att = _attention_reference(qkv[None], blocks, heads, chunk)
+        att = _attention_reference(qkv[None], blocks, heads, chunk, rx if rx is not same else None)
         x1 = x[0] + rx(att) @ rw(w_o).T + b_o
         f = rx(ln(x1, ln3_w, ln3_b)) @ rw(w1).T + b1
         return qkv, x1 + rx(0.5 * f * (1 + np.vectorize(erf)(f / np.sqrt(2)))) @ rw(w2).T + b2

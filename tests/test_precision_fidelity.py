@@ -81,6 +81,11 @@ HALF_FLOW_HIFT = {"bfloat16": (0.01, 0.02), "float16": (0.0013, 0.003)}
 # to bf16 turns their float32 differences (1e-7) into bf16-sized ones within a few layers.
 BF16_LINEARS_MEL = 0.0036
 BF16_LAYER = 1e-5
+# The attention of such a block: its products of bf16-rounded queries, keys, values and
+# softmax weights (float32 softmax), relative L2 (the weights' rounding boundaries make
+# an element-wise bound fragile; see tests/test_kernels.py). Without the rounding of the
+# weights the distance is about 1e-3.
+BF16_ATTENTION = 1e-4
 # CFG rate 0 against the default 0.7 (`SHORT` inputs): measured mel relative L2 0.265;
 # it must be at least half of that (a rate that is ignored gives exactly 0).
 CFG_ZERO_MIN_MEL = 0.13
@@ -377,9 +382,13 @@ def test_bf16_linear_layers_on_every_route(bf16_linears: CosyVoice2, route: str)
     rng = np.random.default_rng(3)
     x = mx.array(rng.standard_normal((1, 37, out.weight.shape[1])).astype(np.float32))
     h = mx.array(rng.standard_normal((1, 37, attn.to_q.weight.shape[1])).astype(np.float32))
+    qkv_in = mx.array(
+        rng.standard_normal((1, 37, 3 * attn.heads * attn.dim_head)).astype(np.float32)
+    )
     with on_route(route):
         y = _np(linear(out, x))
         qkv = _np(attn.qkv(h))
+        att = _np(attn.attend(qkv_in, [], 0))
     ref = _bf16_np(x) @ _np(out.weight).T + _np(out.bias)
     assert _rel(y, ref) <= BF16_LAYER, _rel(y, ref)
     scale = attn.dim_head**-0.5
@@ -388,6 +397,16 @@ def test_bf16_linear_layers_on_every_route(bf16_linears: CosyVoice2, route: str)
     w = np.concatenate([wq, _np(attn.to_k.weight), _np(attn.to_v.weight)])
     ref = _bf16_np(h) @ w.T
     assert _rel(qkv, ref) <= BF16_LAYER, _rel(qkv, ref)
+    # attention: scores and weighted values of bf16-rounded operands, softmax in float
+    hd, dh = attn.heads * attn.dim_head, attn.dim_head
+    r = _bf16_np(qkv_in)[0]
+    ref = np.zeros((37, hd))
+    for i in range(attn.heads):
+        q, k, v = (r[:, j * hd + i * dh : j * hd + (i + 1) * dh] for j in range(3))
+        s = q @ k.T
+        p = np.exp(s - s.max(1, keepdims=True))
+        ref[:, i * dh : (i + 1) * dh] = _bf16_np(mx.array(p / p.sum(1, keepdims=True))) @ v
+    assert _rel(att[0], ref) <= BF16_ATTENTION, _rel(att[0], ref)
 
 
 def test_bf16_linears_streaming(fp32: CosyVoice2, bf16_linears: CosyVoice2) -> None:

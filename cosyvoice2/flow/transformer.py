@@ -124,6 +124,11 @@ class Attention(nn.Module):
             cached = self._fused = (kernels is not None, ws, fused)
         return cached[2]
 
+    def bf16_products(self) -> bool:
+        """Whether the attention's products are bf16 (queries, keys, values and weights
+        rounded to bf16, float32 sums): with bf16-linear q/k/v projections (`flow_bits=16`)."""
+        return all(is_bf16_linear(m) for m in (self.to_q, self.to_k, self.to_v))
+
     def attend(
         self, qkv: mx.array, blocks: list[mx.array], chunk: int, mask: mx.array | None = None
     ) -> mx.array:
@@ -135,17 +140,32 @@ class Attention(nn.Module):
         Returns `(B, T, heads * dim_head)`, the output projection's input. On the CPU
         with `cosyvoice2_kernels` (batch 1) one `block_attention` node; with the numba
         kernels or over blocks, scores per block, the masked softmax and the weighted
-        values (blocks are never joined); otherwise MLX's fused attention.
+        values (blocks are never joined); otherwise MLX's fused attention. With bf16
+        products (`bf16_products`) the same function on every route: the kernel's bf16
+        path, or the explicit scores of rounded operands.
         """
         b, t, _ = qkv.shape
         h, d = self.heads, self.dim_head
         if mask is not None and blocks:
             raise ValueError("a key-padding mask applies to a whole-utterance call only")
+        bf16 = self.bf16_products()
         k = cpu_extension() if mask is None and b == 1 and qkv.dtype == mx.float32 else None
         if k is not None:
-            return k.block_attention(qkv, blocks, h, chunk, parallel=all_cores())
+            return k.block_attention(qkv, blocks, h, chunk, parallel=all_cores(), bf16=bf16)
         q, key, value = self._heads(qkv, 3)
-        if mask is None and (blocks or use_cpu_kernels()):
+        if bf16:  # the products of bf16-rounded operands, as the kernel computes them
+            old = [self._heads(blk, 2) for blk in blocks]
+            keys = [bf16_rounded(kv[0]) for kv in old] + [bf16_rounded(key)]
+            values = [bf16_rounded(kv[1]) for kv in old] + [bf16_rounded(value)]
+            scores = block_scores(bf16_rounded(q), keys)
+            if mask is None:
+                p = softmax(scores, chunk, sum(blk.shape[1] for blk in blocks))
+            else:
+                if chunk > 0:
+                    mask = mask & chunk_mask(t, chunk)[None, None]
+                p = mx.softmax(mx.where(mask, scores, -mx.inf), axis=-1)
+            out = block_values(bf16_rounded(p), values)
+        elif mask is None and (blocks or use_cpu_kernels()):
             # CPU: explicit scores and a vectorised softmax (MLX's exp is the bottleneck).
             old = [self._heads(blk, 2) for blk in blocks]
             keys = [kv[0] for kv in old] + [key]

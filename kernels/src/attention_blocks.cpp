@@ -2,6 +2,7 @@
 // values by the panel GEMM, the masked softmax in place (kernels.h).
 #include "attention_blocks.h"
 
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -28,6 +29,41 @@ const float* key_row(const AttentionProblem& p, int64_t j) {
   return nullptr;  // unreachable: j < q0 = sum of lengths
 }
 
+// The same with the products in bf16 (AttentionProblem::bf16): keys and values as bf16
+// pair panels, the queries and the softmax's weights rounded to bf16 as their pairs.
+void one_head_bf16(const AttentionProblem& p, int64_t h, const int64_t* visible, int64_t n) {
+  constexpr int64_t W = kPanelWidth;
+  const KernelTable* t = active_table();
+  const int64_t hd = p.H * p.D, D = p.D;
+  const int64_t dpairs = bf16_kpairs(D), npairs = bf16_kpairs(n);
+  const int64_t kpanels = (n + W - 1) / W, vpanels = (D + W - 1) / W;
+  thread_local std::vector<uint16_t> kp, vp;
+  thread_local std::vector<uint32_t> xp;
+  thread_local std::vector<float> s;
+  kp.assign(kpanels * dpairs * 2 * W, 0);
+  vp.assign(vpanels * npairs * 2 * W, 0);
+  s.resize(p.M * n);
+  for (int64_t j = 0; j < n; ++j) {  // key j: column j of the scores; value j: row pair j / 2
+    const float* k = key_row(p, j) + h * D;
+    const float* v = k + hd;
+    uint16_t* kcol = kp.data() + (j / W) * dpairs * 2 * W + (j % W) * 2;
+    for (int64_t d = 0; d < D; ++d) kcol[(d / 2) * 2 * W + d % 2] = round_bf16(k[d]);
+    for (int64_t d = 0; d < D; ++d) {
+      vp[(d / W) * npairs * 2 * W + (j / 2) * 2 * W + (d % W) * 2 + j % 2] = round_bf16(v[d]);
+    }
+  }
+  const int64_t rows = (p.M + 15) / 16 * 16;  // zero rows up to a multiple of 16 (AMX tiles)
+  xp.assign(rows * (dpairs > npairs ? dpairs : npairs), 0u);
+  t->bf16_pairs(p.qkv + h * D, 3 * hd, D, dpairs, 0, p.M, xp.data());
+  PanelBf16Args scores{xp.data(), kp.data(), nullptr, s.data(), n, p.M, dpairs, n};
+  t->panel_bf16_cols(scores, 0, kpanels);
+  t->softmax_rows(s.data(), p.M, n, visible, n);
+  std::fill(xp.begin(), xp.begin() + rows * npairs, 0u);
+  t->bf16_pairs(s.data(), n, n, npairs, 0, p.M, xp.data());
+  PanelBf16Args values{xp.data(), vp.data(), nullptr, p.out + h * D, hd, p.M, npairs, D};
+  t->panel_bf16_cols(values, 0, vpanels);
+}
+
 void one_head(const AttentionProblem& p, int64_t h) {
   constexpr int64_t W = kPanelWidth;
   const KernelTable* t = active_table();
@@ -40,6 +76,10 @@ void one_head(const AttentionProblem& p, int64_t h) {
     visible[r] = end < T ? end : T;
   }
   const int64_t n = visible[p.M - 1];  // keys any query sees
+  if (p.bf16) {
+    one_head_bf16(p, h, visible.data(), n);
+    return;
+  }
   const int64_t kpanels = (n + W - 1) / W, vpanels = (D + W - 1) / W;
   kp.assign(kpanels * D * W, 0.0f);
   vp.assign(vpanels * n * W, 0.0f);
@@ -73,7 +113,7 @@ void run_attention(const AttentionProblem& p, bool parallel) {
 }
 
 mx::array block_attention(const mx::array& qkv, const std::vector<mx::array>& blocks, int heads,
-                          int chunk, bool parallel, mx::StreamOrDevice s) {
+                          int chunk, bool parallel, bool bf16, mx::StreamOrDevice s) {
   mx::Stream stream = cpu_stream(s, "block_attention");
   if (heads < 1 || chunk < 0) {
     throw std::invalid_argument("block_attention: heads must be >= 1 and chunk >= 0");
@@ -92,7 +132,7 @@ mx::array block_attention(const mx::array& qkv, const std::vector<mx::array>& bl
     inputs.push_back(as_f32(b, stream));
   }
   return mx::array({1, qkv.shape(1), hd}, mx::float32,
-                   std::make_shared<BlockAttentionPrimitive>(stream, heads, chunk, parallel),
+                   std::make_shared<BlockAttentionPrimitive>(stream, heads, chunk, parallel, bf16),
                    std::move(inputs));
 }
 
@@ -100,7 +140,7 @@ void BlockAttentionPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx:
   auto& encoder = mx::cpu::get_command_encoder(stream());
   std::vector<Strided> views = start_task(encoder, inputs, out);
   encoder.dispatch([views = std::move(views), y = out.data<float>(), heads = heads_,
-                    chunk = chunk_, parallel = parallel_] {
+                    chunk = chunk_, parallel = parallel_, bf16 = bf16_] {
     std::vector<Dense> dense(views.size());
     for (size_t i = 0; i < views.size(); ++i) densify(views[i], dense[i]);
     AttentionProblem p;
@@ -116,6 +156,7 @@ void BlockAttentionPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx:
     }
     p.out = y;
     p.chunk = chunk;
+    p.bf16 = bf16;
     run_attention(p, parallel);
   });
 }
@@ -126,7 +167,8 @@ void BlockAttentionPrimitive::eval_gpu(const std::vector<mx::array>&, mx::array&
 
 bool BlockAttentionPrimitive::is_equivalent(const mx::Primitive& other) const {
   auto* o = dynamic_cast<const BlockAttentionPrimitive*>(&other);
-  return o != nullptr && o->heads_ == heads_ && o->chunk_ == chunk_ && o->parallel_ == parallel_;
+  return o != nullptr && o->heads_ == heads_ && o->chunk_ == chunk_ && o->parallel_ == parallel_ &&
+         o->bf16_ == bf16_;
 }
 
 std::vector<mx::Shape> BlockAttentionPrimitive::output_shapes(

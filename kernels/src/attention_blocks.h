@@ -16,18 +16,21 @@ namespace mx = mlx::core;
 // earlier positions, in order. New position r (absolute q0 + r) attends to the keys
 // j < min(T, (floor((q0 + r) / chunk) + 1) * chunk) of all T = q0 + M positions (chunk
 // 0: all of them). Returns (1, M, H * D) float32, head h in columns h * D ... h * D + D - 1.
+// bf16: queries, keys, values and the softmax's weights rounded to bf16 for the two
+// products (exact products, fp32 sums; the softmax in fp32).
 mx::array block_attention(
     const mx::array& qkv,
     const std::vector<mx::array>& blocks,
     int heads,
     int chunk,
     bool parallel,
+    bool bf16 = false,
     mx::StreamOrDevice s = {});
 
 class BlockAttentionPrimitive : public mx::UnaryPrimitive {
  public:
-  BlockAttentionPrimitive(mx::Stream stream, int heads, int chunk, bool parallel)
-      : mx::UnaryPrimitive(stream), heads_(heads), chunk_(chunk), parallel_(parallel) {}
+  BlockAttentionPrimitive(mx::Stream stream, int heads, int chunk, bool parallel, bool bf16)
+      : mx::UnaryPrimitive(stream), heads_(heads), chunk_(chunk), parallel_(parallel), bf16_(bf16) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -40,6 +43,7 @@ class BlockAttentionPrimitive : public mx::UnaryPrimitive {
   int heads_;
   int chunk_;
   bool parallel_;
+  bool bf16_;
 };
 
 }  // namespace cv2k

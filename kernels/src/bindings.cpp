@@ -43,11 +43,13 @@ NB_MODULE(_ext, m) {
         "bias (n,) or None. Returns (..., n) float32. parallel=False computes on the calling\n"
         "stream's thread only. CPU stream only; lazy like any MLX op.");
   m.def("block_attention", &cv2k::block_attention, "qkv"_a, "blocks"_a, "heads"_a, "chunk"_a,
-        nb::kw_only(), "parallel"_a = true, "stream"_a = nb::none(),
+        nb::kw_only(), "parallel"_a = true, "bf16"_a = false, "stream"_a = nb::none(),
         "Chunk-masked self-attention of M new positions over cached blocks: qkv (1, M, 3 H D)\n"
         "(scaled queries | keys | values), blocks [(1, n_i, 2 H D)] (keys | values of the\n"
         "q0 = sum n_i earlier positions). Position q0 + r sees keys j < (floor((q0 + r) /\n"
-        "chunk) + 1) * chunk (chunk 0: all). Returns (1, M, H D) float32, heads in order.");
+        "chunk) + 1) * chunk (chunk 0: all). Returns (1, M, H D) float32, heads in order.\n"
+        "bf16=True: queries, keys, values and the softmax's weights rounded to bfloat16 for\n"
+        "the two products (exact products, float32 sums and softmax).");
   m.def("layer_norm", &cv2k::layer_norm, "x"_a, "w"_a, "b"_a, "eps"_a, nb::kw_only(),
         "mish"_a = false, "parallel"_a = true, "stream"_a = nb::none(),
         "LayerNorm over the last axis (torch: biased variance) times w plus b, then Mish if\n"

@@ -28,7 +28,16 @@ struct AttentionProblem {
   std::vector<int64_t> lengths;      // n_i
   float* out;                        // M x HD
   int64_t M, H, D, q0, chunk;
+  bool bf16 = false;                 // the products in bf16 (block_attention)
 };
+
+// f rounded to bf16 (to nearest even; NaN stays NaN), its bit pattern.
+inline uint16_t round_bf16(float f) {
+  uint32_t b;
+  __builtin_memcpy(&b, &f, sizeof b);
+  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
 
 // Split by heads.
 void run_attention(const AttentionProblem& p, bool parallel);

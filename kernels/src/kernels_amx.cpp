@@ -1,5 +1,5 @@
 // The bf16 panel GEMM on AMX tiles. This file alone is compiled with -mamx-tile
-// -mamx-bf16; the dispatcher uses it only when the CPU has AMX-BF16 and Linux has
+// -mamx-bf16 (and AVX-512F, which every AMX CPU has); the dispatcher uses it only when the CPU has AMX-BF16 and Linux has
 // granted this process the tile data state (enable_amx). kernels.h's bf16 pair panels
 // are AMX's B operand as they are (per pair of k, 16 columns x 2 bf16: 64 bytes a row)
 // and x's bf16 pairs its A operand (16 rows of 32 k), so a tile product needs no
@@ -35,17 +35,19 @@ void configure() {
   _tile_loadconfig(&c);
 }
 
-// Adds the C tile `acc` (16 x 16 fp32 at t) to the output rows [m0, m0 + 16) that exist.
+// Writes the C tile at t (16 x 16 fp32) to the output rows [m0, m0 + 16) that exist, the
+// bias added (or both added to y when accumulating).
 void store(const PanelBf16Args& p, const float* t, int64_t m0, int64_t panel) {
   const int64_t n0 = panel * kPanelWidth;
   const int64_t cols = p.N - n0 < kPanelWidth ? p.N - n0 : kPanelWidth;
   const int64_t rows = p.M - m0 < 16 ? p.M - m0 : 16;
+  const __mmask16 mask = static_cast<__mmask16>(cols >= 16 ? 0xFFFF : (1u << cols) - 1);
+  const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(mask, p.bias + n0) : _mm512_setzero_ps();
   for (int64_t r = 0; r < rows; ++r) {
     float* y = p.y + (m0 + r) * p.ldy + n0;
-    for (int64_t c = 0; c < cols; ++c) {
-      float v = t[r * 16 + c] + (p.bias ? p.bias[n0 + c] : 0.0f);
-      y[c] = p.accumulate ? y[c] + v : v;
-    }
+    __m512 v = _mm512_add_ps(_mm512_load_ps(t + r * 16), bias);
+    if (p.accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, y));
+    _mm512_mask_storeu_ps(y, mask, v);
   }
 }
 
@@ -64,14 +66,14 @@ void panel_bf16_cols_amx(const PanelBf16Args& p, int64_t p0, int64_t p1) {
   alignas(64) float t[4][256];
   const int64_t stride_x = p.kpairs * 4;  // bytes from one row of pairs to the next
   const int64_t panel_size = p.kpairs * 2 * kPanelWidth;
-  for (int64_t panel = p0; panel < p1; panel += 2) {
-    const bool two_panels = panel + 1 < p1;
-    const uint16_t* w0 = p.wp + panel * panel_size;
-    const uint16_t* w1 = w0 + panel_size;
-    for (int64_t m0 = 0; m0 < p.M; m0 += 32) {
-      const bool two_rows = m0 + 16 < p.M;
-      const uint32_t* x0 = p.x + m0 * p.kpairs;
-      const uint32_t* x1 = x0 + 16 * p.kpairs;
+  for (int64_t m0 = 0; m0 < p.M; m0 += 32) {  // a row block's x stays in L1 over the panels
+    const bool two_rows = m0 + 16 < p.M;
+    const uint32_t* x0 = p.x + m0 * p.kpairs;
+    const uint32_t* x1 = x0 + 16 * p.kpairs;
+    for (int64_t panel = p0; panel < p1; panel += 2) {
+      const bool two_panels = panel + 1 < p1;
+      const uint16_t* w0 = p.wp + panel * panel_size;
+      const uint16_t* w1 = w0 + panel_size;
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);

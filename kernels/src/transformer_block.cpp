@@ -113,6 +113,7 @@ void TransformerBlockPrimitive::eval_cpu(const std::vector<mx::array>& inputs,
     p.H = a.heads;
     p.D = I / a.heads;
     p.chunk = a.chunk;
+    p.bf16 = qkv16;  // bf16 q/k/v projections: bf16 attention products too
     p.q0 = 0;
     for (int b = 0; b < a.n_blocks; ++b) {
       p.blocks.push_back(in(1 + kParams + b));

@@ -16,7 +16,10 @@ namespace mx = mlx::core;
 //   a = block_attention(qkv, blocks, heads, chunk); x1 = x + a Wo^T + bo;
 //   y = x1 + GELU(LayerNorm3(x1) W1^T + b1) W2^T + b2.
 // params: [ln1_w, ln1_b, pack_panels(Wqkv), pack_panels(Wo), bo, ln3_w, ln3_b,
-//          pack_panels(W1), b1, pack_panels(W2), b2]; W1 has `ff` rows.
+//          pack_panels(W1), b1, pack_panels(W2), b2]; W1 has `ff` rows. Each panel
+// array may be bf16 pair panels (pack_panels(W, bf16=True)): that product then rounds
+// its input to bf16; bf16 q/k/v panels also make the attention's products bf16
+// (block_attention's bf16).
 // Returns [y], or [y, kv] with kv (1, keep, 2 * inner) the keys and values of the first
 // `keep` new positions (what a streaming cache commits).
 std::vector<mx::array> transformer_block(
