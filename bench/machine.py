@@ -1,8 +1,12 @@
 """What a results file records about where and with what it ran: machine, versions, memory.
 
 `machine_kind()` names the kind of machine a baseline belongs to
-(`bench/baselines/<kind>.json`): OS, architecture, CPU model and core count, e.g.
-`linux-x86_64-amd-epyc-2c` or `darwin-arm64-apple-m1-virtual-3c`.
+(`bench/baselines/<kind>.json`): OS, architecture, CPU model and core count, and on
+x86 the widest instruction-set tier the CPU offers (`cpu_isa`), e.g.
+`linux-x86_64-amd-epyc-2c-avx2` or `darwin-arm64-apple-m1-virtual-3c`. The tier is part
+of the kind because CPUs that report the same model name differ in it (an AMD EPYC of
+one generation has AVX-512 with BF16, another AVX2 only) and the kernels' speed, and
+which of them run, follow it.
 """
 
 from __future__ import annotations
@@ -42,6 +46,50 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The x86 tiers, widest first, each with the CPU flags (`/proc/cpuinfo` names) it needs.
+ISA_TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("amx", ("amx_tile", "amx_bf16", "avx512_bf16", "avx512f")),
+    ("avx512bf16", ("avx512_bf16", "avx512f")),
+    ("avx512", ("avx512f",)),
+    ("avx2", ("avx2", "fma")),
+)
+RECORDED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as `/proc/cpuinfo` names them (Linux; macOS on Intel via
+    `sysctl`, lower-cased and mapped to those names); empty where unknown."""
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
+        except OSError:
+            return set()
+        return {f.lower() for f in out.stdout.split()}  # e.g. AVX2, FMA, AVX512F
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_isa(flags: set[str] | None = None) -> str | None:
+    """The widest tier of `ISA_TIERS` the CPU has (`sse` below them); None off x86."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return None
+    flags = cpu_flags() if flags is None else flags
+    for name, needs in ISA_TIERS:
+        if all(f in flags for f in needs):
+            return name
+    return "sse"
+
+
 def cpu_count() -> int:
     """CPUs this process may use (affinity-aware on Linux)."""
     try:
@@ -74,7 +122,9 @@ def _slug(text: str) -> str:
 
 def machine_kind() -> str:
     """The name of this machine kind, used to pick the baseline file."""
-    return f"{sys.platform.rstrip('0123456789')}-{platform.machine().lower()}-{_slug(cpu_model())}-{cpu_count()}c"
+    kind = f"{sys.platform.rstrip('0123456789')}-{platform.machine().lower()}-{_slug(cpu_model())}-{cpu_count()}c"
+    isa = cpu_isa()
+    return f"{kind}-{isa}" if isa else kind
 
 
 def machine_info() -> dict:
@@ -86,6 +136,8 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "arch": platform.machine(),
         "cpu": cpu_model(),
+        "isa": cpu_isa(),
+        "cpu_flags": sorted(f for f in cpu_flags() if f in RECORDED_FLAGS),
         "cores": cpu_count(),
         "memory_gb": memory_gb(),
         "hostname": platform.node(),

@@ -971,3 +971,39 @@ def test_official_reference_token2wav_schedule_equals_the_wheels_tts(
         patched(OfficialStream, "_token2wav", chunked_last_call),
         "last streaming call with chunked attention (stream=True)",
     )
+
+
+# ------------------------------------------------------------------ machine kind
+
+
+@pytest.mark.parametrize(
+    ("flags", "tier"),
+    [
+        (set(), "sse"),
+        ({"avx2"}, "sse"),  # AVX2 without FMA: not the kernels' avx2 tier
+        ({"avx2", "fma"}, "avx2"),  # e.g. AMD Zen 3
+        ({"avx2", "fma", "avx512f"}, "avx512"),
+        ({"avx2", "fma", "avx512f", "avx512_bf16"}, "avx512bf16"),  # e.g. AMD Zen 4
+        ({"avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}, "amx"),
+        ({"avx2", "fma", "amx_tile", "amx_bf16"}, "avx2"),  # AMX needs the AVX-512 BF16 tier
+    ],
+)
+def test_cpu_isa_tiers(flags: set[str], tier: str, monkeypatch) -> None:
+    from bench import machine
+
+    monkeypatch.setattr(machine.platform, "machine", lambda: "x86_64")
+    assert machine.cpu_isa(flags) == tier
+
+
+def test_machine_kind_names_the_isa_tier() -> None:
+    """Two CPUs of one model name and core count but different tiers are different kinds."""
+    from bench import machine
+
+    info = machine.machine_info()
+    tier = machine.cpu_isa()
+    assert info["isa"] == tier
+    assert set(info["cpu_flags"]) <= set(machine.RECORDED_FLAGS)
+    if tier is None:
+        assert not info["kind"].endswith(tuple(f"-{t}" for t, _ in machine.ISA_TIERS))
+    else:
+        assert info["kind"].endswith(f"c-{tier}") and info["kind"] == machine.machine_kind()
