@@ -52,7 +52,7 @@ _READ_HERE = (
 
 # Read by the C++ extension itself (listed for the docs table).
 _READ_BY_EXTENSION = (
-    Switch("COSYVOICE2_KERNELS_ISA", "text", "the best available", "`avx512`, `avx2`, `portable`", "forces the extension's instruction-set variant", "the C++ extension (`kernels/src/linear.cpp`)"),
+    Switch("COSYVOICE2_KERNELS_ISA", "text", "the best available", "`amx`, `avx512bf16`, `avx512`, `avx2`, `portable`", "forces the extension's instruction-set variant", "the C++ extension (`kernels/src/linear.cpp`)"),
     Switch("COSYVOICE2_KERNELS_THREADS", "text", "the CPUs, at most 8", "integer >= 1", "threads of the extension's pool (created once)", "the C++ extension (`kernels/src/pool.cpp`)"),
     Switch("COSYVOICE2_KERNELS_SPIN_US", "text", "50", "integer (microseconds)", "how long the extension's idle workers poll before sleeping", "the C++ extension (`kernels/src/pool.cpp`)"),
 )  # fmt: skip
