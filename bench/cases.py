@@ -356,10 +356,11 @@ def default_cases(target: str = "cosyvoice2") -> list[Case]:
 
     The reference setting first (fp32, 10 steps, 5 s of speech, no streaming: every other
     case's fidelity is measured against its output), then fewer diffusion steps (5, 3, 1),
-    the 8- and 4-bit speech LM, the bf16 flow and HiFT, and streaming on the official
-    schedule and in its fastest setup (a first chunk of `LOW_LATENCY_FIRST_HOP` tokens, a
-    saved speaker, the chunk-masked last chunk). The flow quantised to 8 or 4 bits is left
-    to `--flow-bits`: MLX's quantised matmul is a slow path on the CPU.
+    the 8- and 4-bit speech LM, the bf16 flow and HiFT, the flow estimator's products in
+    bf16 (`flow_bits=16`), and streaming on the official schedule and in its fastest setup
+    (a first chunk of `LOW_LATENCY_FIRST_HOP` tokens, a saved speaker, the chunk-masked
+    last chunk). The flow quantised to 8 or 4 bits is left to `--flow-bits`: MLX's
+    quantised matmul is a slow path on the CPU.
     """
     return [
         Case(target=target),
@@ -369,6 +370,7 @@ def default_cases(target: str = "cosyvoice2") -> list[Case]:
         Case(target=target, llm="8bit"),
         Case(target=target, llm="4bit"),
         Case(target=target, dtype="bf16"),
+        Case(target=target, flow_bits=16),
         Case(target=target, stream=True),
         Case(
             target=target,

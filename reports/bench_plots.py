@@ -108,8 +108,13 @@ def cell(weights: str) -> str:
 
 
 def setting_label(s: dict, stream: bool = False) -> str:
-    """ "LLM 8bit, flow fp32", "LLM fp32, flow 8-bit", plus the axes off their defaults."""
-    if s.get("flow_bits"):
+    """ "LLM 8bit, flow fp32", "LLM fp32, flow 8-bit", "LLM fp32, flow bf16 products" (flow_bits
+    16), plus the axes off their defaults."""
+    if s.get("flow_bits") == 16:
+        flow = "flow bf16 products"
+        if s.get("dtype") not in (None, "fp32"):
+            flow += f" ({s['dtype']})"
+    elif s.get("flow_bits"):
         flow = f"flow {s['flow_bits']}-bit"
         if s.get("dtype") not in (None, "fp32"):
             flow += f" ({s['dtype']})"

@@ -467,6 +467,7 @@ def test_plans() -> None:
     assert {c.steps for c in default} == {1, 3, 5, 10}
     assert {c.llm for c in default} == {"fp32", "8bit", "4bit"}
     assert {c.dtype for c in default} == {"fp32", "bf16"}
+    assert {c.flow_bits for c in default} == {None, 16}
     full = full_cases()
     # precisions x steps x texts x streaming, flow/HiFT dtypes, no kernels, low-latency hop
     assert len(full) == len({c.id for c in full}) == 5 * 5 * 3 * 2 + 2 * 2 + 5 + 3

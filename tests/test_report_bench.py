@@ -135,6 +135,7 @@ def test_old_runs_read_missing_settings_as_null() -> None:
     assert c.reference == "cosyvoice2/llm=fp32/dtype=fp32/steps=10/text=short/stream=off"
     assert setting_label(c.settings) == "LLM fp32, flow 8-bit"
     assert setting_label({"llm": "8bit", "dtype": "fp32"}) == "LLM 8bit, flow fp32"
+    assert setting_label({"llm": "fp32", "flow_bits": 16}) == "LLM fp32, flow bf16 products"
 
 
 def test_fixtures_follow_the_bench_schema() -> None:
