@@ -276,6 +276,36 @@ def test_block_attention_matches_reference(
 
 
 @needs_kernels
+@pytest.mark.parametrize("parallel", [False, True])
+def test_bf16_blocks_are_read_as_they_are(isa, parallel) -> None:
+    """With bf16 products, cached blocks stored in bf16 give exactly the result of the same
+    (bf16-representable) blocks in float32: the block attention and the transformer block
+    read them without a conversion; with float32 products they are widened."""
+    rng = np.random.default_rng(21)
+    heads, d, m = 4, 16, 20
+    hd = heads * d
+    qkv = mx.array(rng.standard_normal((1, m, 3 * hd)).astype(np.float32))
+    b16 = [
+        mx.array(rng.standard_normal((1, n, 2 * hd)).astype(np.float32)).astype(mx.bfloat16)
+        for n in (9, 16)
+    ]
+    b32 = [b.astype(mx.float32) for b in b16]
+    for bf16 in (True, False):
+        one = K.block_attention(qkv, b16, heads, 8, parallel=parallel, bf16=bf16)
+        two = K.block_attention(qkv, b32, heads, 8, parallel=parallel, bf16=bf16)
+        assert mx.array_equal(one, two), bf16
+    c, ff = 32, 48
+    w = lambda *shape: mx.array((rng.standard_normal(shape) * 0.3).astype(np.float32))  # noqa: E731
+    P = lambda a: K.pack_panels(a, bf16=True)  # noqa: E731
+    params = [1 + w(c), w(c), P(w(3 * hd, c)), P(w(c, hd)), w(c), 1 + w(c), w(c), P(w(ff, c))]
+    params += [w(ff), P(w(c, ff)), w(c)]
+    x = w(1, m, c)
+    one = K.transformer_block(x, params, b16, heads, hd, ff, 8, 1e-5, 1e-5, 5, parallel=parallel)
+    two = K.transformer_block(x, params, b32, heads, hd, ff, 8, 1e-5, 1e-5, 5, parallel=parallel)
+    assert all(mx.array_equal(a, b) for a, b in zip(one, two))
+
+
+@needs_kernels
 def test_block_attention_refuses_bad_shapes() -> None:
     qkv = mx.zeros((1, 5, 48))
     with pytest.raises(ValueError, match="qkv"):

@@ -29,6 +29,7 @@ from bench.fidelity import log_mel_distance
 from cosyvoice2 import backend
 from cosyvoice2.engine import Prompt
 from cosyvoice2.errors import InputError
+from cosyvoice2.flow.cache import FlowState, flow_step
 from cosyvoice2.flow.ops import linear
 from cosyvoice2.flow.quantize import flow_precision, quantize_flow
 from cosyvoice2.flow.transformer import BasicTransformerBlock
@@ -419,6 +420,24 @@ def test_bf16_linears_streaming(fp32: CosyVoice2, bf16_linears: CosyVoice2) -> N
     print(f"\n[precision] flow bf16 linears streaming: mel rel L2 {dist:.5f}")
     assert n >= 3 and np.isfinite(audio).all()
     assert 0 < dist <= BF16_LINEARS_MEL, dist
+    # the flow cache keeps the blocks' keys and values in bf16 (what the bf16 products
+    # read), the convolutions' context in float32
+    tokens, prompt = _inputs(30)
+    for model, dtype in ((bf16_linears, mx.bfloat16), (fp32, mx.float32)):
+        _, state = flow_step(
+            model.flow,
+            FlowState(),
+            mx.array([tokens], dtype=mx.int32),
+            prompt.speech_feat,
+            model.flow.speaker(prompt.embedding),
+            STEPS,
+            False,
+        )
+        entries = [e for pair in state.steps for branch in pair for e in branch]
+        kv = [b for e in entries if isinstance(e, list) for b in e]
+        tails = [e for e in entries if isinstance(e, mx.array)]
+        assert kv and tails, "no committed keys/values or convolution context"
+        assert all(b.dtype == dtype for b in kv) and all(t.dtype == mx.float32 for t in tails)
 
 
 @pytest.fixture(scope="module")

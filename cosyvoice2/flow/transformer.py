@@ -247,6 +247,8 @@ class BasicTransformerBlock(nn.Module):
             return self.over_blocks(x, [], chunk, 0, attention_mask)[0]
         blocks, keep = cache.kv_blocks()
         y, kv = self.over_blocks(x, blocks, chunk, keep)
+        if kv is not None and self.attn1.bf16_products():
+            kv = kv.astype(mx.bfloat16)  # what the bf16 products read of them: half the cache
         cache.commit_kv(blocks, kv)
         return y
 

@@ -29,6 +29,16 @@ const float* key_row(const AttentionProblem& p, int64_t j) {
   return nullptr;  // unreachable: j < q0 = sum of lengths
 }
 
+// Row j < q0 of the keys (values: + H * D) among the bf16 blocks.
+const uint16_t* key_row16(const AttentionProblem& p, int64_t j) {
+  const int64_t hd = p.H * p.D;
+  for (size_t b = 0; b < p.blocks16.size(); ++b) {
+    if (j < p.lengths[b]) return p.blocks16[b] + j * 2 * hd;
+    j -= p.lengths[b];
+  }
+  return nullptr;  // unreachable: j < q0 = sum of lengths
+}
+
 // The same with the products in bf16 (AttentionProblem::bf16): keys and values as bf16
 // pair panels, the queries and the softmax's weights rounded to bf16 as their pairs.
 void one_head_bf16(const AttentionProblem& p, int64_t h, const int64_t* visible, int64_t n) {
@@ -44,13 +54,19 @@ void one_head_bf16(const AttentionProblem& p, int64_t h, const int64_t* visible,
   vp.assign(vpanels * npairs * 2 * W, 0);
   s.resize(p.M * n);
   for (int64_t j = 0; j < n; ++j) {  // key j: column j of the scores; value j: row pair j / 2
+    uint16_t* kcol = kp.data() + (j / W) * dpairs * 2 * W + (j % W) * 2;
+    uint16_t* vrow = vp.data() + (j / 2) * 2 * W + j % 2;
+    if (j < p.q0 && !p.blocks16.empty()) {  // a cached position stored in bf16: as it is
+      const uint16_t* k = key_row16(p, j) + h * D;
+      const uint16_t* v = k + hd;
+      for (int64_t d = 0; d < D; ++d) kcol[(d / 2) * 2 * W + d % 2] = k[d];
+      for (int64_t d = 0; d < D; ++d) vrow[(d / W) * npairs * 2 * W + (d % W) * 2] = v[d];
+      continue;
+    }
     const float* k = key_row(p, j) + h * D;
     const float* v = k + hd;
-    uint16_t* kcol = kp.data() + (j / W) * dpairs * 2 * W + (j % W) * 2;
     for (int64_t d = 0; d < D; ++d) kcol[(d / 2) * 2 * W + d % 2] = round_bf16(k[d]);
-    for (int64_t d = 0; d < D; ++d) {
-      vp[(d / W) * npairs * 2 * W + (j / 2) * 2 * W + (d % W) * 2 + j % 2] = round_bf16(v[d]);
-    }
+    for (int64_t d = 0; d < D; ++d) vrow[(d / W) * npairs * 2 * W + (d % W) * 2] = round_bf16(v[d]);
   }
   const int64_t rows = (p.M + 15) / 16 * 16;  // zero rows up to a multiple of 16 (AMX tiles)
   xp.assign(rows * (dpairs > npairs ? dpairs : npairs), 0u);
@@ -100,6 +116,24 @@ void one_head(const AttentionProblem& p, int64_t h) {
 
 }  // namespace
 
+void push_blocks(std::vector<mx::array>& inputs, const std::vector<mx::array>& blocks, bool bf16,
+                 mx::Stream stream) {
+  // bf16 blocks stay bf16 where the products are bf16 (all of them, or none, stay)
+  bool keep = bf16 && !blocks.empty();
+  for (auto& b : blocks) keep = keep && b.dtype() == mx::bfloat16;
+  for (auto& b : blocks) inputs.push_back(keep ? b : as_f32(b, stream));
+}
+
+void add_block(AttentionProblem& p, const void* data, int64_t length, bool bf16) {
+  if (bf16) {
+    p.blocks16.push_back(static_cast<const uint16_t*>(data));
+  } else {
+    p.blocks.push_back(static_cast<const float*>(data));
+  }
+  p.lengths.push_back(length);
+  p.q0 += length;
+}
+
 void run_attention(const AttentionProblem& p, bool parallel) {
   if (p.D == 0 || p.M == 0) return;
   Pool& pool = Pool::get();
@@ -129,8 +163,8 @@ mx::array block_attention(const mx::array& qkv, const std::vector<mx::array>& bl
       throw std::invalid_argument(
           "block_attention: each block must have shape (1, n, 2 * heads * D)");
     }
-    inputs.push_back(as_f32(b, stream));
   }
+  push_blocks(inputs, blocks, bf16, stream);
   return mx::array({1, qkv.shape(1), hd}, mx::float32,
                    std::make_shared<BlockAttentionPrimitive>(stream, heads, chunk, parallel, bf16),
                    std::move(inputs));
@@ -139,8 +173,9 @@ mx::array block_attention(const mx::array& qkv, const std::vector<mx::array>& bl
 void BlockAttentionPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
   std::vector<Strided> views = start_task(encoder, inputs, out);
+  const bool blocks16 = inputs.size() > 1 && inputs[1].dtype() == mx::bfloat16;
   encoder.dispatch([views = std::move(views), y = out.data<float>(), heads = heads_,
-                    chunk = chunk_, parallel = parallel_, bf16 = bf16_] {
+                    chunk = chunk_, parallel = parallel_, bf16 = bf16_, blocks16] {
     std::vector<Dense> dense(views.size());
     for (size_t i = 0; i < views.size(); ++i) densify(views[i], dense[i]);
     AttentionProblem p;
@@ -150,9 +185,7 @@ void BlockAttentionPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx:
     p.D = views[0].shape[2] / (3 * heads);
     p.q0 = 0;
     for (size_t i = 1; i < views.size(); ++i) {
-      p.blocks.push_back(static_cast<const float*>(dense[i].ptr));
-      p.lengths.push_back(views[i].shape[1]);
-      p.q0 += views[i].shape[1];
+      add_block(p, dense[i].ptr, views[i].shape[1], blocks16);
     }
     p.out = y;
     p.chunk = chunk;

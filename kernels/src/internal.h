@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "mlx/array.h"
 
 namespace cv2k {
 
@@ -25,6 +26,7 @@ void run_any_panels(const float* x, int64_t ldx, const void* wp, bool bf16, cons
 struct AttentionProblem {
   const float* qkv;                  // M x 3HD: scaled queries | keys | values
   std::vector<const float*> blocks;  // n_i x 2HD each: keys | values
+  std::vector<const uint16_t*> blocks16;  // the same as bf16 (bf16 only; blocks then empty)
   std::vector<int64_t> lengths;      // n_i
   float* out;                        // M x HD
   int64_t M, H, D, q0, chunk;
@@ -41,6 +43,13 @@ inline uint16_t round_bf16(float f) {
 
 // Split by heads.
 void run_attention(const AttentionProblem& p, bool parallel);
+
+// Block inputs of an attention operation: as they are where all are bf16 and the products
+// are bf16 (`bf16`), else converted to fp32.
+void push_blocks(std::vector<mlx::core::array>& inputs, const std::vector<mlx::core::array>& blocks,
+                 bool bf16, mlx::core::Stream stream);
+// Appends a block of `length` positions (bf16: uint16 data) to p, q0 included.
+void add_block(AttentionProblem& p, const void* data, int64_t length, bool bf16);
 
 // LayerNorm (+ Mish) and GELU over `rows` rows of C, split by rows.
 void run_layer_norm(const float* x, const float* w, const float* b, float eps, bool mish, float* y,

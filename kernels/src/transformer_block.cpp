@@ -71,8 +71,8 @@ std::vector<mx::array> transformer_block(const mx::array& x, const std::vector<m
   for (auto& b : blocks) {
     check(b.ndim() == 3 && b.shape(0) == 1 && b.shape(2) == 2 * inner,
           "each block must have shape (1, n, 2 * inner)");
-    inputs.push_back(as_f32(b, stream));
   }
+  push_blocks(inputs, blocks, params[2].dtype() == mx::bfloat16, stream);
   TransformerBlockPrimitive::Attrs a{heads, inner, ff, chunk, keep,
                                      static_cast<int>(blocks.size()), eps1, eps3, parallel};
   std::vector<mx::Shape> shapes = {{1, m, c}};
@@ -91,8 +91,10 @@ void TransformerBlockPrimitive::eval_cpu(const std::vector<mx::array>& inputs,
   float* kv = outputs.size() > 1 ? outputs[1].data<float>() : nullptr;
   bool bf16[1 + kParams] = {};
   for (int i = 0; i < kParams; ++i) bf16[1 + i] = inputs[1 + i].dtype() == mx::bfloat16;
+  const bool blocks16 =
+      static_cast<int>(inputs.size()) > 1 + kParams && inputs[1 + kParams].dtype() == mx::bfloat16;
   encoder.dispatch([views = std::move(views), y, kv, a = a_, qkv16 = bf16[3], out16 = bf16[4],
-                    ff1_16 = bf16[8], ff2_16 = bf16[10]] {
+                    ff1_16 = bf16[8], ff2_16 = bf16[10], blocks16] {
     std::vector<Dense> d(views.size());
     for (size_t i = 0; i < views.size(); ++i) densify(views[i], d[i]);
     auto in = [&](int i) { return static_cast<const float*>(d[i].ptr); };
@@ -116,9 +118,7 @@ void TransformerBlockPrimitive::eval_cpu(const std::vector<mx::array>& inputs,
     p.bf16 = qkv16;  // bf16 q/k/v projections: bf16 attention products too
     p.q0 = 0;
     for (int b = 0; b < a.n_blocks; ++b) {
-      p.blocks.push_back(in(1 + kParams + b));
-      p.lengths.push_back(views[1 + kParams + b].shape[1]);
-      p.q0 += p.lengths.back();
+      add_block(p, d[1 + kParams + b].ptr, views[1 + kParams + b].shape[1], blocks16);
     }
     run_attention(p, a.parallel);
     std::memcpy(y, x, M * C * sizeof(float));
