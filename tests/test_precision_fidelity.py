@@ -231,16 +231,21 @@ def quantized(mlx_tiny_dir: Path) -> dict[int, CosyVoice2]:
     }
 
 
-@pytest.fixture(scope="module")
-def fp32_mels(fp32: CosyVoice2) -> dict[str, np.ndarray]:
+def _route_mels(model: CosyVoice2) -> dict[str, np.ndarray]:
+    """`_mel` of `model` on each compute route this machine has."""
     out = {}
     for route in ROUTES:
         try:
             with on_route(route):
-                out[route] = _mel(fp32)
+                out[route] = _mel(model)
         except pytest.skip.Exception:
             pass
     return out
+
+
+@pytest.fixture(scope="module")
+def fp32_mels(fp32: CosyVoice2) -> dict[str, np.ndarray]:
+    return _route_mels(fp32)
 
 
 @pytest.fixture(scope="module")
@@ -351,14 +356,7 @@ def test_bf16_linears_are_bf16(bf16_linears: CosyVoice2) -> None:
 
 @pytest.fixture(scope="module")
 def bf16_linears_mels(bf16_linears: CosyVoice2) -> dict[str, np.ndarray]:
-    out = {}
-    for route in ROUTES:
-        try:
-            with on_route(route):
-                out[route] = _mel(bf16_linears)
-        except pytest.skip.Exception:
-            pass
-    return out
+    return _route_mels(bf16_linears)
 
 
 def test_bf16_linears_mel_on_every_route(bf16_linears_mels, fp32_mels, route: str) -> None:

@@ -283,26 +283,33 @@ mx::Shape output_shape(const mx::array& x, int n) {
 
 const KernelTable* active_table() { return current_table().load(); }
 
-void run_panels(const PanelArgs& a, bool parallel) {
-  const KernelTable* t = current_table().load();
-  const int64_t panels = (a.N + kPanelWidth - 1) / kPanelWidth;
-  Pool& pool = Pool::get();
-  const int threads = pool.threads();
-  if (!parallel || threads == 1 || a.M * a.N * a.K < (1 << 18) || panels < 2) {
-    t->panel_cols(a, 0, panels);
+// Panels [0, panels) of a product split over the pool in chunks of about 4 per thread
+// (claimed dynamically), each a multiple of `step` panels; a small product (`small`) runs
+// on the calling thread.
+template <class Args>
+void run_panel_chunks(const Args& a, void (*cols)(const Args&, int64_t, int64_t), int64_t panels,
+                      bool parallel, bool small, int64_t step) {
+  const int threads = Pool::get().threads();
+  if (!parallel || threads == 1 || small || panels < 2) {
+    cols(a, 0, panels);
     return;
   }
-  // Chunks of panels, about 4 per thread (claimed dynamically).
   struct Ctx {
-    const PanelArgs* a;
-    void (*cols)(const PanelArgs&, int64_t, int64_t);
+    const Args* a;
+    void (*cols)(const Args&, int64_t, int64_t);
     int64_t chunk, panels;
-  } ctx{&a, t->panel_cols, (panels + 4 * threads - 1) / (4 * threads), panels};
-  pool.run((panels + ctx.chunk - 1) / ctx.chunk, [](const void* c, int64_t i) {
+  } ctx{&a, cols, ((panels + 4 * threads - 1) / (4 * threads) + step - 1) / step * step, panels};
+  Pool::get().run((panels + ctx.chunk - 1) / ctx.chunk, [](const void* c, int64_t i) {
     auto* j = static_cast<const Ctx*>(c);
     int64_t p0 = i * j->chunk;
     j->cols(*j->a, p0, p0 + j->chunk < j->panels ? p0 + j->chunk : j->panels);
   }, &ctx);
+}
+
+void run_panels(const PanelArgs& a, bool parallel) {
+  const int64_t panels = (a.N + kPanelWidth - 1) / kPanelWidth;
+  run_panel_chunks(a, current_table().load()->panel_cols, panels, parallel,
+                   a.M * a.N * a.K < (1 << 18), 1);
 }
 
 // x rounded to bf16 (to nearest even, as MLX's astype) as the pairs PanelBf16Args reads,
@@ -316,25 +323,10 @@ const uint32_t* bf16_pairs(const float* x, int64_t ldx, int64_t M, int64_t K, in
 }
 
 void run_panels_bf16(const PanelBf16Args& a, bool parallel) {
-  const KernelTable* t = current_table().load();
+  // chunks of an even number of panels: the dot kernel's tiles span two
   const int64_t panels = (a.N + kPanelWidth - 1) / kPanelWidth;
-  Pool& pool = Pool::get();
-  const int threads = pool.threads();
-  if (!parallel || threads == 1 || a.M * a.N * a.kpairs < (1 << 17) || panels < 2) {
-    t->panel_bf16_cols(a, 0, panels);
-    return;
-  }
-  // Chunks of an even number of panels (the dot kernel's tiles span two), about 4 per thread.
-  struct Ctx {
-    const PanelBf16Args* a;
-    void (*cols)(const PanelBf16Args&, int64_t, int64_t);
-    int64_t chunk, panels;
-  } ctx{&a, t->panel_bf16_cols, ((panels + 4 * threads - 1) / (4 * threads) + 1) / 2 * 2, panels};
-  pool.run((panels + ctx.chunk - 1) / ctx.chunk, [](const void* c, int64_t i) {
-    auto* j = static_cast<const Ctx*>(c);
-    int64_t p0 = i * j->chunk;
-    j->cols(*j->a, p0, p0 + j->chunk < j->panels ? p0 + j->chunk : j->panels);
-  }, &ctx);
+  run_panel_chunks(a, current_table().load()->panel_bf16_cols, panels, parallel,
+                   a.M * a.N * a.kpairs < (1 << 17), 2);
 }
 
 void run_any_panels(const float* x, int64_t ldx, const void* wp, bool bf16, const float* bias,
