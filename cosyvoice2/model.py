@@ -33,7 +33,12 @@ from cosyvoice2.config import ModelConfig
 from cosyvoice2.engine import Engine, Prompt, source_noise_key
 from cosyvoice2.errors import InputError
 from cosyvoice2.files import recover_dir
-from cosyvoice2.flow.quantize import check_flow_quantization, flow_precision, quantize_flow
+from cosyvoice2.flow.quantize import (
+    BF16_BITS,
+    check_flow_quantization,
+    flow_precision,
+    quantize_flow,
+)
 from cosyvoice2.model_dir import ModelDirError as ModelDirError  # raised by `load`
 from cosyvoice2.options import OptionError, SynthesisOptions
 from cosyvoice2.speakers import Speaker
@@ -176,6 +181,12 @@ class CosyVoice2:
             raise OptionError(
                 f"flow_dtype must be one of {', '.join(FLOW_DTYPES)}, got {flow_dtype!r}",
                 "flow_dtype",
+            )
+        if flow_bits == BF16_BITS and flow_dtype not in (None, "float32"):
+            raise OptionError(
+                f"flow_bits 16 (bf16 products in a float32 flow) needs flow_dtype float32, "
+                f"got {flow_dtype!r}",
+                "flow_bits",
             )
         from cosyvoice2.hub import resolve
 

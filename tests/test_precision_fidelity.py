@@ -518,6 +518,8 @@ def test_cfg_rate(mlx_tiny_dir: Path, fp32: CosyVoice2) -> None:
         ({"inference_cfg_rate": float("nan")}, "inference_cfg_rate"),
         ({"inference_cfg_rate": float("inf")}, "inference_cfg_rate"),
         ({"inference_cfg_rate": "0.7"}, "inference_cfg_rate"),
+        ({"flow_bits": 16, "flow_dtype": "bfloat16"}, "flow_bits"),
+        ({"flow_bits": 16, "flow_dtype": "float16"}, "flow_bits"),
     ],
 )
 def test_bad_values(tmp_path: Path, kwargs: dict, name: str) -> None:
