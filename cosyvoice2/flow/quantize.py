@@ -23,13 +23,14 @@ projections (q/k/v, output and both feed-forward layers: most of the flow's
 multiply-adds, run 2 x n_timesteps times per chunk) hold their weights in bfloat16,
 and each multiplies its input rounded to bfloat16 (the products are then exact, the
 sums float32); the blocks' attention multiplies bf16-rounded queries, keys, values and
-softmax weights the same way (`Attention.bf16_products`), so a streaming flow cache keeps
-those blocks' keys and values in bf16 (half the cache, the same function); everything
-else (the softmax, norms, convolutions, the encoder) stays float32. With the extension these run bf16 pair
-panels (`pack_panels(w, bf16=True)`: AMX tiles or AVX-512 BF16 dot products where the
-CPU has them, widened to fp32 in registers otherwise); on the other routes the same
-function in float32 MLX ops (`cosyvoice2.flow.ops.linear`). The weights they hold are
-half of float32's.
+softmax weights the same way (`Attention.bf16_products`), so a streaming flow cache
+keeps those blocks' keys and values in bf16 (half the cache, the same function);
+everything else (the softmax, norms, convolutions, the encoder) stays float32. With the
+extension these run bf16 pair panels (`pack_panels(w, bf16=True)`: AMX tiles or AVX-512
+BF16 dot products where the CPU has them, widened to fp32 in registers otherwise); on
+the other routes the same function in float32 MLX ops (`cosyvoice2.flow.ops.linear`).
+The weights they hold are half of float32's. It needs a float32 flow (`load` refuses it
+with a half-precision `flow_dtype`).
 """
 
 from __future__ import annotations
