@@ -122,6 +122,10 @@ struct KernelTable {
 const KernelTable* portable_table();
 // The variant in use (COSYVOICE2_KERNELS_ISA, set_isa; defined in linear.cpp).
 const KernelTable* active_table();
+// bf16_pairs element by element (kernels_portable.cpp, baseline flags): the portable,
+// AVX2 and AVX-512 variants' bf16_pairs.
+void bf16_pairs_scalar(const float* x, int64_t ldx, int64_t K, int64_t kpairs, int64_t m0,
+                       int64_t m1, uint32_t* out);
 #if defined(CV2K_HAVE_X86)
 const KernelTable* avx2_table();
 const KernelTable* avx512_table();

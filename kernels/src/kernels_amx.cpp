@@ -1,6 +1,7 @@
 // The bf16 panel GEMM on AMX tiles. This file alone is compiled with -mamx-tile
-// -mamx-bf16 (and AVX-512F, which every AMX CPU has); the dispatcher uses it only when the CPU has AMX-BF16 and Linux has
-// granted this process the tile data state (enable_amx). kernels.h's bf16 pair panels
+// -mamx-bf16 (and AVX-512F, which every AMX CPU has); the dispatcher uses it only when
+// the CPU has AMX-BF16 and Linux has granted this process the tile data state
+// (enable_amx). kernels.h's bf16 pair panels
 // are AMX's B operand as they are (per pair of k, 16 columns x 2 bf16: 64 bytes a row)
 // and x's bf16 pairs its A operand (16 rows of 32 k), so a tile product needs no
 // re-layout: 16 rows x 16 columns x 32 k per instruction, fp32 sums in the C tile.

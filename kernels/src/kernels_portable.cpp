@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "internal.h"  // baseline flags here, as in every file that includes it
 #include "kernels.h"
 
 namespace cv2k {
@@ -158,22 +159,6 @@ void panel_cols(const PanelArgs& p, int64_t p0, int64_t p1) {
   }
 }
 
-// x rounded to bf16 pairs (kernels.h), element by element.
-inline uint16_t round_bf16(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, sizeof b);
-  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  // NaN
-  return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-}
-
-void bf16_pairs(const float* x, int64_t ldx, int64_t K, int64_t kpairs, int64_t m0, int64_t m1,
-                uint32_t* out) {
-  for (int64_t m = m0; m < m1; ++m) {
-    uint16_t* d = reinterpret_cast<uint16_t*>(out + m * kpairs);
-    for (int64_t k = 0; k < K; ++k) d[k] = round_bf16(x[m * ldx + k]);
-  }
-}
-
 // bf16 pair panels (kernels.h): per row and panel, 16 sums updated pair by pair.
 void panel_bf16_cols(const PanelBf16Args& p, int64_t p0, int64_t p1) {
   constexpr int W = kPanelWidth;
@@ -242,11 +227,20 @@ void gelu_rows(const float* x, const float* bias, float* y, int64_t C, int64_t r
 }
 
 const KernelTable kTable = {"portable", 0,          bf16_cols,    f32_cols,        q_cols,    q_cols,
-                            bf16_rows,  q_rows,     panel_cols,   panel_bf16_cols, bf16_pairs,
+                            bf16_rows,  q_rows,     panel_cols,   panel_bf16_cols, bf16_pairs_scalar,
                             softmax_rows,    layer_norm_rows, gelu_rows};
 
 }  // namespace
 
 const KernelTable* portable_table() { return &kTable; }
+
+// x rounded to bf16 pairs (kernels.h), element by element.
+void bf16_pairs_scalar(const float* x, int64_t ldx, int64_t K, int64_t kpairs, int64_t m0,
+                       int64_t m1, uint32_t* out) {
+  for (int64_t m = m0; m < m1; ++m) {
+    uint16_t* d = reinterpret_cast<uint16_t*>(out + m * kpairs);
+    for (int64_t k = 0; k < K; ++k) d[k] = round_bf16(x[m * ldx + k]);
+  }
+}
 
 }  // namespace cv2k

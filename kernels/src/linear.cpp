@@ -171,19 +171,14 @@ constexpr int64_t kExpandBlock = 48;  // rows of W per task: a multiple of every
 // padded), in the order of xperm_block B within each whole block of B (0: in order).
 const float* pack_rows(const float* x, int64_t M, int64_t K, int64_t B) {
   const int64_t panels = (M + kPanelWidth - 1) / kPanelWidth;
-  const int64_t h = B / 2, Kv = B > 0 ? K - K % B : 0;
-  auto& xp = scratch(0);
+  const float* xs = B > 0 ? permuted(x, M, K, B) : x;  // whole blocks of B only
+  const int64_t Kv = B > 0 ? K - K % B : K;
+  auto& xp = scratch(1);
   xp.assign(static_cast<size_t>(panels * K * kPanelWidth), 0.0f);
   for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * K;
     float* d = xp.data() + (m / kPanelWidth) * K * kPanelWidth + m % kPanelWidth;
-    for (int64_t b = 0; b < Kv; b += B) {
-      for (int64_t j = 0; j < h; ++j) {
-        d[(b + j) * kPanelWidth] = xr[b + 2 * j];
-        d[(b + h + j) * kPanelWidth] = xr[b + 2 * j + 1];
-      }
-    }
-    for (int64_t k = Kv; k < K; ++k) d[k * kPanelWidth] = xr[k];
+    for (int64_t k = 0; k < Kv; ++k) d[k * kPanelWidth] = xs[m * K + k];
+    for (int64_t k = Kv; k < K; ++k) d[k * kPanelWidth] = x[m * K + k];  // the tail in order
   }
   return xp.data();
 }
