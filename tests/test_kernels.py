@@ -212,6 +212,127 @@ def test_panels_refuse_bad_arguments() -> None:
         K.linear_panels(mx.zeros((2, 24)), wp, 40, mx.zeros((39,)))
 
 
+CONV_CASES = [  # (B, L, C, N, K, stride, dilation, pad_left, pad_right)
+    (1, 50, 5, 7, 3, 1, 1, 1, 1),  # "same" padding, N below one panel
+    (2, 37, 18, 20, 7, 1, 3, 9, 9),  # dilation: 3 phases, L not a multiple of 3; batch 2
+    (1, 64, 33, 17, 11, 1, 5, 25, 25),  # HiFT's largest dilation, N just past one panel
+    (1, 500, 24, 48, 3, 1, 1, 2, 0),  # causal (the flow); rows across tasks (192)
+    (1, 419, 16, 40, 5, 1, 2, 4, 4),  # dilation 2 across tasks, odd panel count
+    (1, 41, 8, 16, 3, 1, 2, 0, 0),  # dilation without pads: each phase's last row is data
+    (2, 50, 6, 9, 4, 1, 3, 9, 0),  # dilated and causal
+    (1, 100, 18, 128, 30, 15, 1, 7, 7),  # HiFT's strided source convolution
+    (2, 33, 18, 64, 6, 3, 1, 1, 1),
+    (1, 9, 4, 4, 1, 1, 1, 0, 0),  # pointwise
+    (1, 3, 8, 16, 5, 1, 1, 2, 0),  # fewer input rows than taps: the pads make the rest
+]
+
+
+def _conv_reference(x, w, b, stride, dilation, lo, hi, snake=None):
+    """torch's Conv1d (channels-last) in float64 by direct sums, after Snake if given."""
+    x = x.astype(np.float64)
+    if snake is not None:
+        alpha, inv = (a.astype(np.float64) for a in snake)
+        x = x + np.sin(alpha * x) ** 2 * inv
+    xp = np.pad(x, [(0, 0), (lo, hi), (0, 0)])
+    n, k, _ = w.shape
+    l_out = (xp.shape[1] - dilation * (k - 1) - 1) // stride + 1
+    y = np.zeros((x.shape[0], l_out, n))
+    for j in range(k):
+        rows = xp[:, j * dilation : j * dilation + (l_out - 1) * stride + 1 : stride]
+        y += rows @ w[:, j, :].astype(np.float64).T
+    return y + (0 if b is None else b)
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("snake", [False, True])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_conv1d_panels_matches_direct_sums(isa: str, case, snake: bool, parallel: bool) -> None:
+    bsz, length, c, n, k, stride, dilation, lo, hi = case
+    rng = np.random.default_rng(length * 7 + k)
+    x = (rng.standard_normal((bsz, length, c)) * 2).astype(np.float32)
+    w = rng.standard_normal((n, k, c)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    pre = None
+    if snake:
+        alpha = rng.uniform(0.2, 3.0, c).astype(np.float32)
+        pre = (alpha, (1.0 / (alpha.astype(np.float64) + 1e-9)).astype(np.float32))
+    wp = K.pack_panels(mx.array(w).reshape(n, k * c))
+    y = K.conv1d_panels(
+        mx.array(x),
+        wp,
+        n,
+        k,
+        mx.array(b),
+        pad_left=lo,
+        pad_right=hi,
+        stride=stride,
+        dilation=dilation,
+        snake=[] if pre is None else [mx.array(a) for a in pre],
+        parallel=parallel,
+    )
+    ref = _conv_reference(x, w, b, stride, dilation, lo, hi, pre)
+    assert y.dtype == mx.float32 and y.shape == ref.shape
+    err = rel_err(y, mx.array(ref.astype(np.float32)))
+    assert err <= TOL, f"{isa} {case} snake={snake}: relative error {err:.2e}"
+
+
+@needs_kernels
+def test_conv1d_panels_results_do_not_depend_on_threads() -> None:
+    """Each output row is one task's, summed in one order: the pool changes nothing."""
+    rng = np.random.default_rng(12)
+    x = mx.array(rng.standard_normal((1, 1000, 64)).astype(np.float32))
+    w = mx.array(rng.standard_normal((64, 7, 64)).astype(np.float32))
+    wp = K.pack_panels(w.reshape(64, 7 * 64))
+    one = K.conv1d_panels(x, wp, 64, 7, pad_left=9, pad_right=9, dilation=3, parallel=False)
+    all_ = K.conv1d_panels(x, wp, 64, 7, pad_left=9, pad_right=9, dilation=3, parallel=True)
+    assert np.array_equal(np.array(one), np.array(all_))
+
+
+@needs_kernels
+def test_conv1d_snake_is_hift_snake(isa: str) -> None:
+    """The Snake taken into the padding pass computes HiFT's `Snake` (its `_sin_squared`
+    steps), up to the rounding of the last operations, over a range of alpha * x."""
+    from cosyvoice2.hift import Snake
+
+    rng = np.random.default_rng(13)
+    c = 37
+    x = mx.array((rng.standard_normal((2, 300, c)) * 20).astype(np.float32))
+    act = Snake(c)
+    act.alpha = mx.array(rng.uniform(0.05, 5.0, c).astype(np.float32))
+    identity = K.pack_panels(mx.eye(c))
+    y = K.conv1d_panels(x, identity, c, 1, snake=[act.alpha, act.inv_alpha()])
+    ref = act(x)
+    err = float(mx.abs(y - ref).max() / mx.abs(ref).max())
+    assert err <= 2e-7, f"{isa}: relative difference {err:.2e}"
+
+
+@needs_kernels
+def test_conv1d_panels_refuse_bad_arguments() -> None:
+    x = mx.zeros((1, 10, 8))
+    wp = K.pack_panels(mx.zeros((20, 3 * 8)))
+    with pytest.raises(ValueError, match="pack_panels"):
+        K.conv1d_panels(x, wp, 20, 2)  # kernel size 2 x 8 channels is not the packed 24
+    with pytest.raises(ValueError, match="pack_panels"):
+        K.conv1d_panels(x, K.pack_panels(mx.zeros((20, 24)), bf16=True), 20, 3)
+    with pytest.raises(ValueError, match="output channel"):
+        K.conv1d_panels(x, wp, 40, 3)
+    with pytest.raises(ValueError, match="shorter than the kernel"):
+        K.conv1d_panels(mx.zeros((1, 5, 8)), wp, 20, 3, dilation=3)
+    with pytest.raises(ValueError, match="dilation 1"):
+        K.conv1d_panels(x, wp, 20, 3, stride=2, dilation=2)
+    with pytest.raises(ValueError, match=">= 1"):
+        K.conv1d_panels(x, wp, 20, 3, stride=0)
+    with pytest.raises(ValueError, match="shape \\(B, L, C\\)"):
+        K.conv1d_panels(mx.zeros((10, 8)), wp, 20, 3)
+    with pytest.raises(ValueError, match="bias"):
+        K.conv1d_panels(x, wp, 20, 3, mx.zeros((19,)))
+    with pytest.raises(ValueError, match="snake"):
+        K.conv1d_panels(x, wp, 20, 3, snake=[mx.ones((8,))])
+    with pytest.raises(ValueError, match="snake"):
+        K.conv1d_panels(x, wp, 20, 3, snake=[mx.ones((8,)), mx.ones((7,))])
+
+
 def _attention_reference(qkv, blocks, heads, chunk, rnd=None):
     """float64 chunk-masked attention of the new positions over blocks + themselves;
     `rnd`: a rounding of the products' operands (queries, keys, values, weights)."""

@@ -6,6 +6,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "attention_blocks.h"
+#include "conv1d.h"
 #include "decode_ops.h"
 #include "linear.h"
 #include "row_ops.h"
@@ -50,6 +51,17 @@ NB_MODULE(_ext, m) {
         "chunk) + 1) * chunk (chunk 0: all). Returns (1, M, H D) float32, heads in order.\n"
         "bf16=True: queries, keys, values and the softmax's weights rounded to bfloat16 for\n"
         "the two products (exact products, float32 sums and softmax).");
+  m.def("conv1d_panels", &cv2k::conv1d_panels, "x"_a, "wp"_a, "n"_a, "kernel_size"_a,
+        "bias"_a = nb::none(), nb::kw_only(), "pad_left"_a = 0, "pad_right"_a = 0,
+        "stride"_a = 1, "dilation"_a = 1, "snake"_a = std::vector<mlx::core::array>{},
+        "parallel"_a = true, "stream"_a = nb::none(),
+        "torch's Conv1d on channels-last x (B, L, C) float with wp = pack_panels(w.reshape(n,\n"
+        "kernel_size * C)) of a float32 weight w (n, kernel_size, C) (MLX's conv layout),\n"
+        "bias (n,) or None; x zero-padded by pad_left / pad_right rows. Returns (B, L_out, n)\n"
+        "float32. No im2col buffer: the panel GEMM reads overlapping rows of the padded input\n"
+        "(with dilation d, of its d phases). stride > 1 needs dilation 1. snake = [alpha,\n"
+        "inv_alpha] ((C,) each): the input goes through x + sin(alpha x)**2 * inv_alpha first\n"
+        "(HiFT's Snake; the zero pads stay zero), in the same pass as the padding.");
   m.def("layer_norm", &cv2k::layer_norm, "x"_a, "w"_a, "b"_a, "eps"_a, nb::kw_only(),
         "mish"_a = false, "parallel"_a = true, "stream"_a = nb::none(),
         "LayerNorm over the last axis (torch: biased variance) times w plus b, then Mish if\n"

@@ -84,6 +84,15 @@ struct PanelBf16Args {
   bool accumulate = false;
 };
 
+// The constants of snake_row (cosyvoice2/hift.py's `_sin_squared`): 1 / pi, pi in two
+// parts (201 / 64 and the float32 rest), the rounding constant 1.5 * 2^23 and the odd
+// polynomial sin(r) = r (1 + c1 u + c2 u^2 + c3 u^3 + c4 u^4), u = r^2, on [-pi/2, pi/2].
+constexpr float kSnakeInvPi = 0.31830987f;
+constexpr float kSnakePiHi = 3.140625f;
+constexpr float kSnakePiLo = 9.676536e-04f;
+constexpr float kSnakeRound = 12582912.0f;
+constexpr float kSnakeSin[4] = {-1.6666648e-01f, 8.3328988e-03f, -1.9800865e-04f, 2.5904301e-06f};
+
 // One instruction-set variant.
 struct KernelTable {
   const char* name;
@@ -117,6 +126,11 @@ struct KernelTable {
                           float* y, int64_t C, int64_t r0, int64_t r1);
   // Rows [r0, r1): y = GELU(x + bias) with the exact (erf) GELU; bias (C,) or null.
   void (*gelu_rows)(const float* x, const float* bias, float* y, int64_t C, int64_t r0, int64_t r1);
+  // One row of C: y = x + sin(alpha x)^2 * inv_alpha (HiFT's Snake, inv_alpha given), with
+  // sin^2 as cosyvoice2.hift's `_sin_squared`: reduction by multiples of pi (Cody-Waite,
+  // two parts) and an odd polynomial, each step one float32 multiply or add.
+  void (*snake_row)(const float* x, const float* alpha, const float* inv_alpha, float* y,
+                    int64_t C);
 };
 
 const KernelTable* portable_table();

@@ -64,6 +64,7 @@ struct V {
   }
   // 16 vector registers: accumulators plus a few temporaries.
   // Panel tiles: 6 rows x 16 columns = 12 accumulators, plus the weights and a broadcast.
+  static constexpr int panel_group = 1;
   static constexpr int panel_rows = 6;
   static constexpr int cols(int m) { return m <= 2 ? 4 : m == 3 ? 3 : m <= 6 ? 2 : 1; }
 };
@@ -72,7 +73,7 @@ struct V {
 
 const KernelTable kTable = {"avx2", 2 * V::L, bf16_cols, f32_cols, q8_cols, q4_cols,
                             bf16_rows, q_rows, panel_cols, panel_bf16_cols, bf16_pairs_scalar,
-                            softmax_rows, layer_norm_rows, gelu_rows};
+                            softmax_rows, layer_norm_rows, gelu_rows, snake_row};
 
 }  // namespace
 

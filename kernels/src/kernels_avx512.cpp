@@ -56,6 +56,7 @@ struct V {
   }
   // 32 vector registers.
   // Panel tiles: 12 rows x 16 columns = 12 accumulators, plus the weights and a broadcast.
+  static constexpr int panel_group = 2;
   static constexpr int panel_rows = 12;
   static constexpr int cols(int m) { return m <= 4 ? 4 : m <= 6 ? 3 : 2; }
 };
@@ -64,7 +65,7 @@ struct V {
 
 const KernelTable kTable = {"avx512", 2 * V::L, bf16_cols, f32_cols, q8_cols, q4_cols,
                             bf16_rows, q_rows, panel_cols, panel_bf16_cols, bf16_pairs_scalar,
-                            softmax_rows, layer_norm_rows, gelu_rows};
+                            softmax_rows, layer_norm_rows, gelu_rows, snake_row};
 
 }  // namespace
 

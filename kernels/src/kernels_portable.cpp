@@ -226,9 +226,25 @@ void gelu_rows(const float* x, const float* bias, float* y, int64_t C, int64_t r
   }
 }
 
+void snake_row(const float* x, const float* alpha, const float* inv_alpha, float* y, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float v = x[c] * alpha[c];
+    const float k = (v * kSnakeInvPi + kSnakeRound) - kSnakeRound;
+    const float r = (v - k * kSnakePiHi) - k * kSnakePiLo;
+    const float u = r * r;
+    float p = kSnakeSin[3] * u;
+    p = (kSnakeSin[2] + p) * u;
+    p = (kSnakeSin[1] + p) * u;
+    p = (kSnakeSin[0] + p) * u;
+    const float s = r * (1.0f + p);
+    y[c] = x[c] + (s * s) * inv_alpha[c];
+  }
+}
+
 const KernelTable kTable = {"portable", 0,          bf16_cols,    f32_cols,        q_cols,    q_cols,
                             bf16_rows,  q_rows,     panel_cols,   panel_bf16_cols, bf16_pairs_scalar,
-                            softmax_rows,    layer_norm_rows, gelu_rows};
+                            softmax_rows,    layer_norm_rows, gelu_rows,
+                            snake_row};
 
 }  // namespace
 

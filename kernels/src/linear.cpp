@@ -303,8 +303,9 @@ void run_panel_chunks(const Args& a, void (*cols)(const Args&, int64_t, int64_t)
 
 void run_panels(const PanelArgs& a, bool parallel) {
   const int64_t panels = (a.N + kPanelWidth - 1) / kPanelWidth;
+  // chunks of an even number of panels: the AVX-512 tiles span two
   run_panel_chunks(a, current_table().load()->panel_cols, panels, parallel,
-                   a.M * a.N * a.K < (1 << 18), 1);
+                   a.M * a.N * a.K < (1 << 18), 2);
 }
 
 // x rounded to bf16 (to nearest even, as MLX's astype) as the pairs PanelBf16Args reads,

@@ -24,6 +24,11 @@ MLX's CPU path builds `mx.fast.rms_norm`, `mx.fast.rope` and
   chunk-masked attention of new positions over its cached key/value blocks (scores
   and weighted values on the panel GEMM, the softmax in place), one node where MLX
   needs a matmul per block, a concatenation, the masked softmax and a sum;
+- `conv1d_panels(x, wp, n, kernel_size, bias=None, pad_left=0, pad_right=0, stride=1,
+  dilation=1)`: torch's `Conv1d` on channels-last input, `wp` = `pack_panels` of the
+  weight (n, K, C) reshaped to (n, K * C); the panel GEMM reads overlapping rows of the
+  padded input, so there is no im2col buffer and no per-tap pass (HiFT, the flow's
+  convolutions);
 - `layer_norm(x, w, b, eps, mish=False)` and `gelu(x, bias=None)`: the estimator's
   row-wise operations (exponentials and erf vectorised in C++), one node each;
 - `transformer_block(x, params, blocks, heads, inner, ff, chunk, eps1, eps3, keep)`: the
@@ -62,6 +67,7 @@ __all__ = [
     "gelu",
     "layer_norm",
     "block_attention",
+    "conv1d_panels",
     "isa",
     "linear_dense",
     "linear_quantized",
@@ -98,6 +104,7 @@ rms_norm = _ext.rms_norm
 rope_split = _ext.rope_split
 attention = _ext.attention
 block_attention = _ext.block_attention
+conv1d_panels = _ext.conv1d_panels
 layer_norm = _ext.layer_norm
 gelu = _ext.gelu
 transformer_block = _ext.transformer_block
