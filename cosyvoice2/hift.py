@@ -31,8 +31,10 @@ Where this port differs in form, not in result:
   `key` to draw it (`cosyvoice2.hift_source` says why no other draw is needed).
 - STFT and iSTFT are small matrix products (`cosyvoice2.stft`), equal to
   `torch.stft` / `torch.istft` (center=True, reflect pad).
-- Convolutions go through `cosyvoice2.ops` (matmul formulations on CPU, where
-  MLX's dilated and transposed convs are slow paths).
+- Convolutions go through `cosyvoice2.ops`: with the CPU extension one
+  `conv1d_panels` node each (a resblock's Snake activations computed inside it),
+  elsewhere on the CPU matmul formulations (MLX's dilated and transposed convs are
+  slow paths there), on Metal MLX's own.
 
 Performance (full size, fp32, CPU; measured times belong in the bench's results
 files, `bench/README.md`):
@@ -40,24 +42,23 @@ files, `bench/README.md`):
   the resblock convs (per stage three resblocks plus one source resblock, six
   convs each, kernels 3/7/11, at 256/128/64 channels over 400/2000/6000 samples
   per second); the F0 predictor and the upsamplers are small beside them.
-- Where the time goes: the conv tap matmuls take most of it; padding, Snake, the
-  transposed convs, the F0 predictor, the sine source and STFT/iSTFT are small
-  parts. A forward is about 2000 MLX graph nodes; their dispatch is a fixed cost
-  per call, which dominates on the tiny model and matters for short streaming
-  chunks.
-- The limit is BLAS efficiency at an inner dimension of C_in = 64-256, below what
-  the same BLAS reaches on large square matmuls (see `cosyvoice2.ops` for why an
-  im2col does not pay on MLX-CPU).
+- With the extension, the resblock convolutions read the padded input in place (no
+  per-tap pass, no im2col buffer) and each Snake is computed in its convolution's
+  padding pass, so the activations are not read and written again per Snake.
+- Without it, the conv tap matmuls take most of the time: one matmul per tap
+  (BLAS efficiency at an inner dimension of C_in = 64-256; see `cosyvoice2.ops` for
+  why an im2col does not pay on MLX-CPU), and Snake a few passes of its own. A
+  forward is about 2000 MLX graph nodes; their dispatch is a fixed cost per call,
+  which dominates on the tiny model and matters for short streaming chunks.
 - `mx.sin` is a scalar libm call per element on MLX-CPU. Snake (17.8 M elements
   per second of audio) therefore uses `_sin_squared`, a fused polynomial with its
-  two broadcast products; the sine source (0.2 M elements per second) keeps
-  `mx.sin`.
+  two broadcast products (the extension's Snake computes the same steps); the sine
+  source (0.2 M elements per second) keeps `mx.sin`.
 - On CPU the three resblocks of a stage run on two threads (kernel 11 on one,
   3 and 7 on the other; `cosyvoice2.branches`), which balances the two cores.
-- Not done, would help: folding each Snake's alpha and 1 / alpha into the
-  neighbouring conv weights (drops two broadcast passes per activation); a
-  compiled conv kernel (`kernels/`), since torch's oneDNN convolutions beat the
-  per-tap GEMMs at 64-128 channels.
+- Not done, would help: the transposed convolutions on the same kernel (a stride-1
+  convolution with stride * C_out outputs, `cosyvoice2.ops.conv_transpose1d_taps`);
+  the residual additions taken into the second convolution of each pair.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ from cosyvoice2 import branches
 from cosyvoice2.config import HiFTConfig
 from cosyvoice2.hift_source import ELU, ConvRNNF0Predictor, SineGen2, SourceModuleHnNSF2
 from cosyvoice2.ops import Conv1d, ConvTranspose1d, Derived, set_dtype_evaluated
+from cosyvoice2.packed import forget_packed
 from cosyvoice2.stft import istft, stft
 
 __all__ = [
@@ -144,8 +146,11 @@ class Snake(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         # Official: x + 1 / (alpha + 1e-9) * sin(x * alpha)^2. The two broadcast products
         # stay outside the compiled kernel, which then sees one contiguous input.
-        inv_alpha = self._inv_alpha.get(self.alpha, lambda a: 1.0 / (a + SNAKE_EPS))
-        return x + _sin_squared(x * self.alpha) * inv_alpha
+        return x + _sin_squared(x * self.alpha) * self.inv_alpha()
+
+    def inv_alpha(self) -> mx.array:
+        """1 / (alpha + 1e-9), kept until `alpha` is replaced."""
+        return self._inv_alpha.get(self.alpha, lambda a: 1.0 / (a + SNAKE_EPS))
 
 
 class ResBlock(nn.Module):
@@ -166,7 +171,8 @@ class ResBlock(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         for c1, c2, a1, a2 in zip(self.convs1, self.convs2, self.activations1, self.activations2):
-            x = x + c2(a2(c1(a1(x))))
+            # c2(a2(c1(a1(x)))), each Snake taken into its convolution (`Conv1d`)
+            x = x + c2(c1(x, snake=a1), snake=a2)
         return x
 
 
@@ -174,6 +180,7 @@ class HiFTGenerator(nn.Module):
     """HiFTNet generator (neural source filter + iSTFTNet) at 24 kHz, as CosyVoice2 configures it."""
 
     def set_dtype(self, dtype: mx.Dtype, predicate: Any = None) -> None:
+        forget_packed(self)  # the panels hold weights of the old dtype
         for _, m in self.named_modules():  # the tap forms of the old weights go (`pack_weights`)
             if isinstance(m, Conv1d):
                 m._taps = Derived()
@@ -182,10 +189,10 @@ class HiFTGenerator(nn.Module):
         set_dtype_evaluated(self, dtype, predicate)
 
     def pack_weights(self) -> int:
-        """Make now the tap matrices of the convolution weights that the active backend's
-        calls read (`Conv1d.pack_weights`), each holding its weight: one copy of each, not
-        two (the transposed convolutions, a few MB, keep both). Returns the number of
-        convolutions done. Load calls it."""
+        """Make now the forms of the convolution weights that the active backend's calls
+        read (`Conv1d.pack_weights`: panels with the extension, else tap matrices), each
+        holding its weight: one copy of each, not two (the transposed convolutions, a few
+        MB, keep both). Returns the number of convolutions done. Load calls it."""
         return sum(m.pack_weights() for _, m in self.named_modules() if isinstance(m, Conv1d))
 
     def __init__(self, config: HiFTConfig):

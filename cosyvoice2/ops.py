@@ -22,6 +22,11 @@ across the channel axis, `concatenate`, `as_strided` views) element by element,
 so an im2col buffer, whose larger inner dimension makes the matmul faster for
 64-128 channels, costs more to build than it saves.
 
+The `Conv1d` module goes one step further where the CPU extension runs
+(`cosyvoice2.backend`): a float32 convolution is then the extension's
+`conv1d_panels` (the weight packed once, the padded input read in place by its panel
+GEMM, a preceding Snake computed in its padding pass).
+
 `conv1d` and `conv_transpose1d` pick the route: the fast formulation where
 `fast_paths_enabled()` (the backend's choice, `cosyvoice2.backend`: on the CPU),
 the native op otherwise (Metal's kernels are fast), and the native op for what the
@@ -38,13 +43,15 @@ formulations at HiFT's shapes (`python -m bench micro`, or `python -m bench run
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from cosyvoice2 import backend
+from cosyvoice2 import backend, branches
+from cosyvoice2.packed import held_weight, packed
 
 
 def fast_paths_enabled() -> bool:
@@ -333,10 +340,18 @@ class Derived:
 class Conv1d(nn.Module):
     """`torch.nn.Conv1d` on channels-last input, parameters `weight` (C_out, K, C_in) and `bias`.
 
-    On the fast (CPU) route it keeps the per-tap matrices of `weight` (built on
-    first use, rebuilt if `weight` is replaced, e.g. by `load_weights`): no per-call
-    weight copies. Made by `pack_weights` (load does), they hold the weight itself, a
-    view of them; made on first use, they are one more copy of it.
+    Where the CPU extension runs (`cosyvoice2.backend`) and the weight is float32, a call
+    is one `conv1d_panels` node: the weight packed once as panels of the (C_out, K * C_in)
+    matrix (`cosyvoice2.packed`), the panel GEMM reading overlapping rows of the padded
+    input (no im2col buffer, no pass per tap). Elsewhere on the CPU it keeps the per-tap
+    matrices of `weight` (the fast route of `conv1d`), and off the CPU MLX's own op.
+    `pack_weights` (load calls it) makes that form now and lets it hold the weight: one
+    copy of each weight, not two. Either form is made again if `weight` is replaced
+    (`load_weights`).
+
+    A call may take `snake`, the Snake activation that precedes the convolution (HiFT's
+    resblocks): with the extension it is computed in the pass that pads the input, which
+    saves its own passes over the activations; elsewhere `snake(x)` first.
     """
 
     def __init__(
@@ -359,11 +374,26 @@ class Conv1d(nn.Module):
         self.dilation = dilation
         self._taps = Derived()
 
+    def _panel_kernels(self) -> Any:
+        """The extension where `conv1d_panels` serves this convolution, else None."""
+        k = backend.current().extension
+        if k is None or self.weight.dtype != mx.float32 or (self.stride > 1 and self.dilation > 1):
+            return None
+        return k
+
     def pack_weights(self) -> bool:
-        """Make the tap matrices now, where calls use them (stride 1, the fast route), as one
-        buffer that also holds the weight: the taps are its slices and `weight` a transposed
-        view of it, so the module keeps one copy of the weight, not two (every array here
-        is evaluated: any thread may read them)."""
+        """Make now the form of the weight that calls read on the active backend, holding the
+        weight (every array here is evaluated: any thread may read them). With the
+        extension: the panels (`cosyvoice2.packed.packed`, `release`), `weight` their lazy
+        re-layout (main thread only: a lazy array belongs to its thread's stream). On the
+        other CPU route: the tap matrices as one buffer whose slices they are, `weight` a
+        transposed view of it. Returns whether a form was made."""
+        k = self._panel_kernels()
+        if k is not None:
+            if threading.current_thread() is not threading.main_thread():
+                return False
+            packed(k, self, release=True)
+            return True
         if self.stride != 1 or not fast_paths_enabled():
             return False
         taps = mx.contiguous(self.weight.transpose(1, 2, 0))  # (K, C_in, C_out)
@@ -375,12 +405,38 @@ class Conv1d(nn.Module):
         mx.eval(self._taps.value)
         return True
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, snake: Any = None) -> mx.array:
+        """`snake`: None, or a Snake module (`alpha`, `inv_alpha()`) applied to `x` first."""
+        k = self._panel_kernels()
+        if k is not None:
+            lo, hi = _pads(self.padding)
+            w = self.weight
+            return k.conv1d_panels(
+                x,
+                packed(k, self),
+                w.shape[0],
+                w.shape[1],
+                self.get("bias"),
+                pad_left=lo,
+                pad_right=hi,
+                stride=self.stride,
+                dilation=self.dilation,
+                snake=[] if snake is None else [snake.alpha, snake.inv_alpha()],
+                parallel=not branches.in_worker(),
+            )
+        if snake is not None:
+            x = snake(x)
         taps = None
         if self.stride == 1 and fast_paths_enabled():
-            taps = self._taps.get(self.weight, tap_matrices)
+            taps = self._taps.get(held_weight(self), tap_matrices)
         return conv1d(
-            x, self.weight, self.get("bias"), self.stride, self.padding, self.dilation, taps=taps
+            x,
+            held_weight(self),
+            self.get("bias"),
+            self.stride,
+            self.padding,
+            self.dilation,
+            taps=taps,
         )
 
 

@@ -10,7 +10,8 @@ import pytest
 from mlx.utils import tree_map
 
 from cosyvoice2 import backend
-from cosyvoice2.flow.decoder import ConvTranspose1d
+from cosyvoice2.flow.cache import ChunkCache
+from cosyvoice2.flow.decoder import CausalConv1d, ConvTranspose1d
 from cosyvoice2.flow.encoder import RelPositionMultiHeadedAttention, rel_position_table
 from cosyvoice2.flow.flow_matching import euler_times, time_schedule
 from cosyvoice2.flow.ops import (
@@ -26,19 +27,30 @@ def _rand(rng: np.random.Generator, *shape: int) -> mx.array:
 
 
 @pytest.mark.parametrize("k", [1, 3, 4, 5])
-def test_causal_conv1d_matches_direct_sum(k: int) -> None:
+def test_causal_conv1d_matches_direct_sum(k: int, route: str) -> None:
+    """On each route (the extension's `conv1d_panels`, `mx.conv1d`), and with the left
+    context from a streaming cache."""
     rng = np.random.default_rng(k)
     x, w, b = _rand(rng, 2, 19, 24), _rand(rng, 16, k, 24), _rand(rng, 16)
+    layer = CausalConv1d(24, 16, k)
+    layer.weight, layer.bias = w, b
     xn, wn = np.array(x, np.float64), np.array(w, np.float64)
     xp = np.pad(xn, [(0, 0), (k - 1, 0), (0, 0)])
     ref = np.einsum("btkc,okc->bto", np.stack([xp[:, i : i + 19] for i in range(k)], 2), wn)
-    got = causal_conv1d(x, w, b)
+    ref += np.array(b)
+    got = causal_conv1d(layer, x)
     assert got.shape == (2, 19, 16)
-    assert np.abs(np.array(got) - (ref + np.array(b))).max() < 1e-4
+    assert np.abs(np.array(got) - ref).max() < 1e-4
     # causality: changing the last frame changes only the last output frame
     x2 = mx.concatenate([x[:, :-1], x[:, -1:] + 1.0], axis=1)
-    diff = mx.abs(causal_conv1d(x2, w, b) - got).max(axis=(0, 2))
+    diff = mx.abs(causal_conv1d(layer, x2) - got).max(axis=(0, 2))
     assert diff[:-1].max().item() == 0.0 and diff[-1].item() > 0.0
+    # frames 11.. with frames ..10 as the cache's left context: the same outputs
+    cache = ChunkCache(None, 0, 11)
+    head = cache.conv(x[:, :11], layer)
+    tail = ChunkCache(cache.new, 11, 19)
+    rest = tail.conv(x[:, 11:], layer)
+    assert np.abs(np.array(mx.concatenate([head, rest], axis=1)) - ref).max() < 1e-4
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,7 @@ import mlx.core as mx
 
 from cosyvoice2.flow.flow_matching import euler_times
 from cosyvoice2.flow.noise import cfm_noise
+from cosyvoice2.flow.ops import conv1d_valid
 
 
 class ChunkCache:
@@ -88,18 +89,18 @@ class ChunkCache:
     def _take(self) -> Any:
         return next(self._old) if self._old is not None else None
 
-    def conv(self, x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
-        """Causal convolution of `x` `(B, n, C)` with its left context from the state
-        (zeros at the start); records the `k - 1` inputs before `commit`."""
-        k = weight.shape[1]
+    def conv(self, x: mx.array, layer: Any) -> mx.array:
+        """`layer`'s causal convolution (`conv1d_valid`) of `x` `(B, n, C)` with its left
+        context from the state (zeros at the start); records the `k - 1` inputs before
+        `commit`."""
+        k = layer.weight.shape[1]
         tail = self._take()
         if tail is None:
             tail = mx.zeros((x.shape[0], k - 1, x.shape[2]), dtype=x.dtype)
         full = mx.concatenate([tail, x], axis=1)
         rel = self.commit - self.start
         self.new.append(full[:, rel : rel + k - 1])
-        y = mx.conv1d(full, weight)
-        return y if bias is None else y + bias
+        return conv1d_valid(layer, full)
 
     def kv_blocks(self) -> tuple[list[mx.array], int]:
         """The earlier positions' keys and values `(B, n, 2 * inner)` as blocks in order, and

@@ -100,8 +100,8 @@ class CausalConv1d(nn.Module):
     def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
         """Left context from the streaming `cache` when given, else zeros."""
         if cache is None:
-            return causal_conv1d(x, self.weight, self.bias)
-        return cache.conv(x, self.weight, self.bias)
+            return causal_conv1d(self, x)
+        return cache.conv(x, self)
 
 
 class ConvTranspose1d(nn.Module):

@@ -307,5 +307,5 @@ def _table(size: int, xs: mx.array) -> mx.array:
 def _causal_conv(x: mx.array, conv: nn.Conv1d, cache: Any) -> mx.array:
     """`conv` applied causally: left context from `cache`, or zeros without one."""
     if cache is None:
-        return causal_conv1d(x, conv.weight, conv.bias)
-    return cache.conv(x, conv.weight, conv.bias)
+        return causal_conv1d(conv, x)
+    return cache.conv(x, conv)

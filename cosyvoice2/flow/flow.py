@@ -38,28 +38,25 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from cosyvoice2 import packed as packed_forms
 from cosyvoice2.config import FlowConfig
 from cosyvoice2.flow.decoder import (
     CausalConditionalDecoder,
+    CausalConv1d,
     CausalResnetBlock1D,
     ConvTranspose1d,
 )
 from cosyvoice2.flow.encoder import UpsampleConformerEncoder
 from cosyvoice2.flow.flow_matching import CausalConditionalCFM
-from cosyvoice2.flow.ops import cpu_extension, held_weight, is_bf16_linear, packed, uses_panels
+from cosyvoice2.flow.ops import cpu_extension, is_bf16_linear, packed, uses_panels
 from cosyvoice2.flow.transformer import Attention, BasicTransformerBlock
 from cosyvoice2.ops import set_dtype_evaluated
 
 
 def forget_packed(module: nn.Module) -> None:
-    """Drop the packed forms of `module`'s weights (`packed`, `Attention.fused_weight`),
-    before its weights change form (a cast, a quantisation): a later call packs again what
-    it needs, and nothing keeps the old forms alive."""
+    """`cosyvoice2.packed.forget_packed`, and each attention's fused q/k/v weight dropped too."""
+    packed_forms.forget_packed(module)
     for _, m in module.named_modules():
-        for name in list(getattr(m, "_released", None) or {}):
-            held_weight(m, name)  # a weight its form held: rebuilt here (this thread's arrays)
-        if getattr(m, "_panel_cache", None) is not None:
-            m._panel_cache = None
         if isinstance(m, Attention):
             m._fused = None
 
@@ -89,7 +86,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
     def pack_weights(self) -> int:
         """Make now the forms of the weights that the active backend's calls read (each
         transformer block's fused q/k/v; with the CPU extension also the panels of its
-        output and feed-forward projections and of the decoder's pointwise convolutions),
+        output and feed-forward projections and of the decoder's convolutions),
         and let them hold the weights: one copy of each weight, not the weight and its
         form (`Attention.fused_weight`, `packed`: `release`). Returns the number of layers
         done: 0 off the main thread (the weights would become lazy arrays of the stream of
@@ -110,13 +107,16 @@ class CausalMaskedDiffWithXvec(nn.Module):
                     n += 1
                 layers = [attn.to_out[0], ff.net[0].proj, ff.net[2]]
             elif isinstance(m, CausalResnetBlock1D):
-                layers = [m.res_conv]
+                layers = [m.res_conv, m.block1.block[0], m.block2.block[0]]
             elif isinstance(m, CausalConditionalDecoder):
                 layers = [m.final_proj]
             else:
                 continue
-            for layer in layers:  # where `linear` takes the panel route, as a call would
-                if kernels is not None and uses_panels(layer):
+            for layer in layers:  # where `linear` / `conv1d_valid` take the panels, as a call would
+                conv = isinstance(layer, CausalConv1d)
+                if kernels is not None and (
+                    layer.weight.dtype == mx.float32 if conv else uses_panels(layer)
+                ):
                     packed(kernels, layer, release=True)
                     n += 1
         return n

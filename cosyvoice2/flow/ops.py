@@ -7,7 +7,9 @@ CPU notes (MLX 0.32.4 on Linux x86_64, OpenBLAS preloaded; the whole profile is 
 the `cosyvoice2.flow` package docstring):
 
 - An undilated `mx.conv1d` with kernel 3 runs at GEMM speed (measured equal to an
-  unfold + matmul formulation), so the causal convolutions use it after a left pad.
+  unfold + matmul formulation), so the causal convolutions use it after a left pad;
+  with the extension they are its `conv1d_panels` (the panel GEMM over overlapping rows
+  of the padded input, the weight packed once).
 - `mx.conv_transpose1d` is a slow path on CPU. CosyVoice2's
   estimator has one resolution level and never uses it; the multi-level
   estimator does (`Upsample1D`), through the shared fast route
@@ -35,26 +37,48 @@ live in `cosyvoice2/ops.py`; this module keeps what only the flow needs.
 
 from __future__ import annotations
 
-import math
-import threading
-from collections.abc import Callable
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from cosyvoice2 import backend, branches
+from cosyvoice2.packed import (  # noqa: F401  (re-exported: the flow's modules import them here)
+    held_weight,
+    is_bf16_linear,
+    let_form_hold,
+    packed,
+    unpack_panels,
+)
 
 
-def causal_conv1d(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
-    """Causal 1-D convolution: left-pad `K - 1` zeros, then a valid convolution.
+def causal_conv1d(layer: nn.Module, x: mx.array) -> mx.array:
+    """`layer`'s convolution (weight `(C_out, K, C_in)`, optional bias) of `x` `(B, T, C_in)`
+    made causal: `K - 1` zeros on the left, then a valid convolution; `(B, T, C_out)`."""
+    return conv1d_valid(layer, x, layer.weight.shape[1] - 1)
 
-    `x` is `(B, T, C_in)`, `weight` `(C_out, K, C_in)`; returns `(B, T, C_out)`.
+
+def conv1d_valid(layer: nn.Module, x: mx.array, pad_left: int = 0) -> mx.array:
+    """`layer`'s stride-1 convolution of `x` zero-padded by `pad_left` rows on the left only.
+
+    A float32 weight where the extension runs is one `conv1d_panels` node (the weight
+    packed once, `packed`); otherwise `mx.conv1d`.
     """
-    k = weight.shape[1]
-    if k > 1:
-        x = mx.pad(x, [(0, 0), (k - 1, 0), (0, 0)])
-    y = mx.conv1d(x, weight)
+    w = layer.weight
+    bias = layer.get("bias")
+    k = cpu_extension() if w.dtype == mx.float32 else None
+    if k is not None:
+        return k.conv1d_panels(
+            x,
+            packed(k, layer),
+            w.shape[0],
+            w.shape[1],
+            bias,
+            pad_left=pad_left,
+            parallel=all_cores(),
+        )
+    if pad_left:
+        x = mx.pad(x, [(0, 0), (pad_left, 0), (0, 0)])
+    y = mx.conv1d(x, held_weight(layer))
     return y if bias is None else y + bias
 
 
@@ -76,42 +100,6 @@ def panel_linear(kernels, x: mx.array, panels: mx.array, n: int, bias: mx.array 
     return kernels.linear_panels(x, panels, n, bias, parallel=all_cores())
 
 
-def let_form_hold(layer: nn.Module, name: str, rebuild: Callable[[], mx.array]) -> mx.array:
-    """Let a derived form hold the parameter `layer.<name>`: the parameter becomes the lazy
-    array `rebuild()` (an exact re-layout of evaluated arrays, costing no memory unless it
-    is evaluated), and `held_weight` rebuilds it where a thread other than this one needs
-    its values (a lazy array belongs to the MLX stream of the thread that built it)."""
-    lazy = rebuild()
-    setattr(layer, name, lazy)
-    released = getattr(layer, "_released", None) or {}
-    released[name] = (lazy, rebuild, threading.get_ident())
-    layer._released = released
-    return lazy
-
-
-def held_weight(layer: nn.Module, name: str = "weight") -> mx.array:
-    """`layer.<name>` as an array this thread can evaluate: a released parameter (`let_form_hold`)
-    read on another thread is rebuilt and evaluated here, and kept (a copy, from then on)."""
-    w = getattr(layer, name)
-    released = getattr(layer, "_released", None)
-    entry = released.get(name) if released else None
-    if entry is not None and entry[0] is w and entry[2] != threading.get_ident():
-        w = entry[1]()
-        mx.eval(w)
-        setattr(layer, name, w)
-        released.pop(name, None)  # (the other branch thread may have done it too)
-    return w
-
-
-class _Packed:
-    """A layer's weight packed for the panel GEMM, with the array it was packed from."""
-
-    __slots__ = ("panels", "source")
-
-    def __init__(self, source: mx.array, panels: mx.array):
-        self.source, self.panels = source, panels
-
-
 def _is_pointwise(layer: nn.Module) -> bool:
     """`nn.Linear`, or an `nn.Conv1d` that is one (kernel 1, stride 1, no padding, one group)."""
     if type(layer) is nn.Linear:
@@ -121,13 +109,6 @@ def _is_pointwise(layer: nn.Module) -> bool:
         and layer.weight.shape[1] == 1
         and (layer.stride, layer.padding, layer.dilation, layer.groups) == (1, 0, 1, 1)
     )
-
-
-def is_bf16_linear(layer: nn.Module) -> bool:
-    """Whether `layer` is a bfloat16 linear of a float32 flow (`flow_bits=16`,
-    `cosyvoice2.flow.quantize.bf16_linears`): its bf16 weight meets its input rounded to
-    bf16, the exact products summed in float32, on every route."""
-    return getattr(layer, "_bf16_linear", False) and layer.weight.dtype == mx.bfloat16
 
 
 def bf16_rounded(x: mx.array) -> mx.array:
@@ -175,41 +156,6 @@ def linear(layer: nn.Module, x: mx.array, bias: bool = True) -> mx.array:
             )
         return x @ w.reshape(w.shape[0], -1).T
     return panel_linear(k, x, packed(k, layer), w.shape[0], layer.get("bias") if bias else None)
-
-
-def packed(kernels, layer: nn.Module, release: bool = False) -> mx.array:
-    """`kernels.pack_panels` of a pointwise layer's weight, packed on first use and kept on
-    the layer (again when the weight changes).
-
-    `release` (`CausalMaskedDiffWithXvec.pack_weights`, at load): the panels then hold the
-    weight, and `layer.weight` becomes `unpack_panels` of them, a lazy array that costs no
-    memory unless something evaluates it (saving the weights, a cast: it gives them back
-    exactly), so the model keeps one copy of the weight, not two. Only on the thread that
-    will evaluate it: a lazy array belongs to the MLX stream of the thread that built it.
-    """
-    w = layer.weight
-    cache = getattr(layer, "_panel_cache", None)
-    if cache is None or cache.source is not w:
-        w = held_weight(layer)
-        panels = kernels.pack_panels(w.reshape(w.shape[0], -1), bf16=is_bf16_linear(layer))
-        mx.eval(panels)  # shared by threads (`cosyvoice2.branches`): never lazy
-        if release:
-            shape = w.shape
-            w = let_form_hold(layer, "weight", lambda: unpack_panels(panels, shape))
-        cache = _Packed(w, panels)
-        layer._panel_cache = cache
-    return cache.panels
-
-
-def unpack_panels(panels: mx.array, shape: tuple[int, ...]) -> mx.array:
-    """The weight of `shape` (rows first) that `pack_panels` packed into `panels`, as a lazy
-    array (row n is lane `n % 16` of panel `n // 16`; bf16 pair panels: column k of it in
-    pair `k // 2`, zero-padded): an exact re-layout."""
-    p, k, width = panels.shape
-    if panels.dtype == mx.bfloat16:  # (panels, pairs, 16 x 2)
-        w = panels.reshape(p, k, 16, 2).transpose(0, 2, 1, 3).reshape(p * 16, 2 * k)
-        return w[: shape[0], : math.prod(shape[1:])].reshape(shape)
-    return panels.transpose(0, 2, 1).reshape(p * width, k)[: shape[0]].reshape(shape)
 
 
 def chunk_mask(size: int, chunk_size: int) -> mx.array:
