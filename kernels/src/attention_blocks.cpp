@@ -100,12 +100,18 @@ void one_head(const AttentionProblem& p, int64_t h) {
   kp.assign(kpanels * D * W, 0.0f);
   vp.assign(vpanels * n * W, 0.0f);
   s.resize(p.M * n);
-  for (int64_t j = 0; j < n; ++j) {
-    const float* k = key_row(p, j) + h * D;
-    const float* v = k + hd;
-    float* kcol = kp.data() + (j / W) * D * W + j % W;
-    for (int64_t d = 0; d < D; ++d) kcol[d * W] = k[d];
-    for (int64_t d = 0; d < D; ++d) vp[(d / W) * n * W + j * W + d % W] = v[d];
+  for (int64_t j0 = 0; j0 < n; j0 += W) {  // 16 keys: one panel of the keys, written row by row
+    const int64_t cols = n - j0 < W ? n - j0 : W;
+    const float* k[W];
+    for (int64_t c = 0; c < cols; ++c) k[c] = key_row(p, j0 + c) + h * D;
+    float* kpanel = kp.data() + (j0 / W) * D * W;
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t c = 0; c < cols; ++c) kpanel[d * W + c] = k[c][d];
+    }
+    for (int64_t c = 0; c < cols; ++c) {
+      const float* v = k[c] + hd;
+      for (int64_t d = 0; d < D; ++d) vp[(d / W) * n * W + (j0 + c) * W + d % W] = v[d];
+    }
   }
   PanelArgs scores{p.qkv + h * D, 3 * hd, kp.data(), nullptr, s.data(), n, p.M, D, n};
   t->panel_cols(scores, 0, kpanels);
