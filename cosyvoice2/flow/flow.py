@@ -46,7 +46,8 @@ from cosyvoice2.flow.decoder import (
     CausalResnetBlock1D,
     ConvTranspose1d,
 )
-from cosyvoice2.flow.encoder import UpsampleConformerEncoder
+from cosyvoice2.flow.encoder import PreLookaheadLayer, UpsampleConformerEncoder
+from cosyvoice2.flow.encoder import Upsample1D as EncoderUpsample1D
 from cosyvoice2.flow.flow_matching import CausalConditionalCFM
 from cosyvoice2.flow.ops import cpu_extension, is_bf16_linear, packed, uses_panels
 from cosyvoice2.flow.transformer import Attention, BasicTransformerBlock
@@ -86,12 +87,12 @@ class CausalMaskedDiffWithXvec(nn.Module):
     def pack_weights(self) -> int:
         """Make now the forms of the weights that the active backend's calls read (each
         transformer block's fused q/k/v; with the CPU extension also the panels of its
-        output and feed-forward projections and of the decoder's convolutions),
-        and let them hold the weights: one copy of each weight, not the weight and its
-        form (`Attention.fused_weight`, `packed`: `release`). Returns the number of layers
-        done: 0 off the main thread (the weights would become lazy arrays of the stream of
-        the thread that made them). Load calls it; a cast or quantisation drops the forms
-        (`forget_packed`), and a call makes again what it needs.
+        output and feed-forward projections and of the decoder's and the encoder's causal
+        convolutions), and let them hold the weights: one copy of each weight, not the
+        weight and its form (`Attention.fused_weight`, `packed`: `release`). Returns the
+        number of layers done: 0 off the main thread (the weights would become lazy arrays
+        of the stream of the thread that made them). Load calls it; a cast or quantisation
+        drops the forms (`forget_packed`), and a call makes again what it needs.
         """
         if threading.current_thread() is not threading.main_thread():
             return 0
@@ -110,10 +111,16 @@ class CausalMaskedDiffWithXvec(nn.Module):
                 layers = [m.res_conv, m.block1.block[0], m.block2.block[0]]
             elif isinstance(m, CausalConditionalDecoder):
                 layers = [m.final_proj]
+            elif isinstance(m, PreLookaheadLayer):
+                layers = [m.conv2]  # (conv1 is MLX's own layer, its weights read as they are)
+            elif isinstance(m, EncoderUpsample1D):
+                layers = [m.conv]
             else:
                 continue
             for layer in layers:  # where `linear` / `conv1d_valid` take the panels, as a call would
-                conv = isinstance(layer, CausalConv1d)
+                conv = isinstance(layer, CausalConv1d) or (
+                    type(layer) is nn.Conv1d and layer.weight.shape[1] > 1
+                )
                 if kernels is not None and (
                     layer.weight.dtype == mx.float32 if conv else uses_panels(layer)
                 ):
