@@ -304,6 +304,48 @@ def conv_transpose1d(
     return y if bias is None else y + bias
 
 
+def panel_extension(weight: mx.array, stride: int = 1, dilation: int = 1) -> Any:
+    """The CPU extension where its `conv1d_panels` serves a convolution of `weight` (the
+    extension active, a float32 weight, not both stride and dilation above 1), else None."""
+    k = backend.current().extension
+    if k is None or weight.dtype != mx.float32 or (stride > 1 and dilation > 1):
+        return None
+    return k
+
+
+def panel_conv1d(
+    layer: nn.Module,
+    x: mx.array,
+    pad_left: int = 0,
+    pad_right: int = 0,
+    stride: int = 1,
+    dilation: int = 1,
+    snake: Any = None,
+) -> mx.array | None:
+    """`layer`'s convolution (weight (C_out, K, C_in), optional bias) of `x` (N, L, C_in) as
+    one `conv1d_panels` node where the extension serves it (`panel_extension`; the weight
+    packed once, `cosyvoice2.packed.packed`), else None. `snake`: a Snake module (`alpha`,
+    `inv_alpha()`) applied to `x` first, in the kernel's padding pass. The kernel's threads
+    are the pool's unless this is a branch worker (`cosyvoice2.branches`)."""
+    w = layer.weight
+    k = panel_extension(w, stride, dilation)
+    if k is None:
+        return None
+    return k.conv1d_panels(
+        x,
+        packed(k, layer),
+        w.shape[0],
+        w.shape[1],
+        layer.get("bias"),
+        pad_left=pad_left,
+        pad_right=pad_right,
+        stride=stride,
+        dilation=dilation,
+        snake=[] if snake is None else [snake.alpha, snake.inv_alpha()],
+        parallel=not branches.in_worker(),
+    )
+
+
 def set_dtype_evaluated(module: nn.Module, dtype: mx.Dtype, predicate: Any = None) -> None:
     """`nn.Module.set_dtype`, then the cast parameters evaluated on this thread: a module whose
     work runs in worker threads (`cosyvoice2.branches`) cannot evaluate arrays left pending
@@ -374,13 +416,6 @@ class Conv1d(nn.Module):
         self.dilation = dilation
         self._taps = Derived()
 
-    def _panel_kernels(self) -> Any:
-        """The extension where `conv1d_panels` serves this convolution, else None."""
-        k = backend.current().extension
-        if k is None or self.weight.dtype != mx.float32 or (self.stride > 1 and self.dilation > 1):
-            return None
-        return k
-
     def pack_weights(self) -> bool:
         """Make now the form of the weight that calls read on the active backend, holding the
         weight (every array here is evaluated: any thread may read them). With the
@@ -388,7 +423,7 @@ class Conv1d(nn.Module):
         re-layout (main thread only: a lazy array belongs to its thread's stream). On the
         other CPU route: the tap matrices as one buffer whose slices they are, `weight` a
         transposed view of it. Returns whether a form was made."""
-        k = self._panel_kernels()
+        k = panel_extension(self.weight, self.stride, self.dilation)
         if k is not None:
             if threading.current_thread() is not threading.main_thread():
                 return False
@@ -407,37 +442,17 @@ class Conv1d(nn.Module):
 
     def __call__(self, x: mx.array, snake: Any = None) -> mx.array:
         """`snake`: None, or a Snake module (`alpha`, `inv_alpha()`) applied to `x` first."""
-        k = self._panel_kernels()
-        if k is not None:
-            lo, hi = _pads(self.padding)
-            w = self.weight
-            return k.conv1d_panels(
-                x,
-                packed(k, self),
-                w.shape[0],
-                w.shape[1],
-                self.get("bias"),
-                pad_left=lo,
-                pad_right=hi,
-                stride=self.stride,
-                dilation=self.dilation,
-                snake=[] if snake is None else [snake.alpha, snake.inv_alpha()],
-                parallel=not branches.in_worker(),
-            )
+        lo, hi = _pads(self.padding)
+        y = panel_conv1d(self, x, lo, hi, self.stride, self.dilation, snake)
+        if y is not None:
+            return y
         if snake is not None:
             x = snake(x)
-        taps = None
-        if self.stride == 1 and fast_paths_enabled():
-            taps = self._taps.get(held_weight(self), tap_matrices)
-        return conv1d(
-            x,
-            held_weight(self),
-            self.get("bias"),
-            self.stride,
-            self.padding,
-            self.dilation,
-            taps=taps,
+        w = held_weight(self)
+        taps = (
+            self._taps.get(w, tap_matrices) if self.stride == 1 and fast_paths_enabled() else None
         )
+        return conv1d(x, w, self.get("bias"), self.stride, self.padding, self.dilation, taps=taps)
 
 
 class ConvTranspose1d(nn.Module):

@@ -49,9 +49,10 @@ from cosyvoice2.flow.decoder import (
 from cosyvoice2.flow.encoder import PreLookaheadLayer, UpsampleConformerEncoder
 from cosyvoice2.flow.encoder import Upsample1D as EncoderUpsample1D
 from cosyvoice2.flow.flow_matching import CausalConditionalCFM
-from cosyvoice2.flow.ops import cpu_extension, is_bf16_linear, packed, uses_panels
+from cosyvoice2.flow.ops import cpu_extension, uses_panels
 from cosyvoice2.flow.transformer import Attention, BasicTransformerBlock
 from cosyvoice2.ops import set_dtype_evaluated
+from cosyvoice2.packed import is_bf16_linear, packed
 
 
 def forget_packed(module: nn.Module) -> None:

@@ -42,13 +42,8 @@ import mlx.nn as nn
 import numpy as np
 
 from cosyvoice2 import backend, branches
-from cosyvoice2.packed import (  # noqa: F401  (re-exported: the flow's modules import them here)
-    held_weight,
-    is_bf16_linear,
-    let_form_hold,
-    packed,
-    unpack_panels,
-)
+from cosyvoice2.ops import panel_conv1d
+from cosyvoice2.packed import held_weight, is_bf16_linear, packed
 
 
 def causal_conv1d(layer: nn.Module, x: mx.array) -> mx.array:
@@ -60,22 +55,13 @@ def causal_conv1d(layer: nn.Module, x: mx.array) -> mx.array:
 def conv1d_valid(layer: nn.Module, x: mx.array, pad_left: int = 0) -> mx.array:
     """`layer`'s stride-1 convolution of `x` zero-padded by `pad_left` rows on the left only.
 
-    A float32 weight where the extension runs is one `conv1d_panels` node (the weight
-    packed once, `packed`); otherwise `mx.conv1d`.
+    A float32 weight where the extension runs is one `conv1d_panels` node
+    (`cosyvoice2.ops.panel_conv1d`); otherwise `mx.conv1d`.
     """
-    w = layer.weight
+    y = panel_conv1d(layer, x, pad_left)
+    if y is not None:
+        return y
     bias = layer.get("bias")
-    k = cpu_extension() if w.dtype == mx.float32 else None
-    if k is not None:
-        return k.conv1d_panels(
-            x,
-            packed(k, layer),
-            w.shape[0],
-            w.shape[1],
-            bias,
-            pad_left=pad_left,
-            parallel=all_cores(),
-        )
     if pad_left:
         x = mx.pad(x, [(0, 0), (pad_left, 0), (0, 0)])
     y = mx.conv1d(x, held_weight(layer))

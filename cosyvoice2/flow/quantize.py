@@ -123,7 +123,7 @@ def _bf16_targets(flow: nn.Module) -> list[nn.Module]:
 
 def bf16_linears(flow: nn.Module) -> int:
     """Hold the CFM estimator's transformer-block projections in bfloat16 and mark them
-    (`cosyvoice2.flow.ops.is_bf16_linear`; see the module doc), in place; returns how many.
+    (`cosyvoice2.packed.is_bf16_linear`; see the module doc), in place; returns how many.
     Only float32 layers change: in a flow cast to bfloat16 as a whole, nothing does."""
     from cosyvoice2.flow.flow import forget_packed
 
@@ -142,7 +142,7 @@ def flow_precision(flow: nn.Module) -> dict[str, Any]:
     """What the flow runs at now: `dtype` (of its float weights), `bits` and `group_size`
     of its quantised linears (`bits` 16 for bfloat16 linears, None when neither), and how
     many linears are quantised, how many bfloat16 linears and how many float."""
-    from cosyvoice2.flow.ops import is_bf16_linear
+    from cosyvoice2.packed import is_bf16_linear
 
     quantized = [m for _, m in flow.named_modules() if isinstance(m, nn.QuantizedLinear)]
     floats = sum(1 for _, m in flow.named_modules() if type(m) is nn.Linear)

@@ -32,17 +32,13 @@ from cosyvoice2.flow.ops import (
     chunk_mask,
     cpu_extension,
     gelu,
-    held_weight,
-    is_bf16_linear,
     layer_norm,
-    let_form_hold,
     linear,
-    packed,
     panel_linear,
     softmax,
-    unpack_panels,
     use_cpu_kernels,
 )
+from cosyvoice2.packed import held_weight, is_bf16_linear, let_form_hold, packed, unpack_panels
 
 
 class Attention(nn.Module):
