@@ -10,8 +10,9 @@ call within float rounding (8e-6 at full size: the GEMMs block M = 400 instead o
 800).
 
 Used where the active backend says so (`cosyvoice2.backend`: the CPU, at least two
-cores and `COSYVOICE2_FLOW_BRANCH_THREADS` not `0`). On Metal the batched call is
-kept. The workers run each call in a copy of the caller's context, so the caller's
+cores and `COSYVOICE2_FLOW_BRANCH_THREADS` not `0`). Without the threads, the CPU
+extension still takes the branches one after the other (`split`); on Metal the batched
+call is kept. The workers run each call in a copy of the caller's context, so the caller's
 backend is theirs too.
 
 How: two long-lived worker threads, each with its own MLX CPU stream (an MLX
@@ -68,6 +69,16 @@ def in_worker() -> bool:
 def enabled() -> bool:
     """Whether estimator branches run on two threads (the active backend's choice)."""
     return backend.current().branch_threads
+
+
+def split() -> bool:
+    """Whether the CFG branches are one estimator call each (batch 1) rather than one batched
+    call: on two threads where `enabled()`, and one after the other wherever the CPU
+    extension runs, threads or not (its fused transformer block and attention take batch 1;
+    a batched call would fall back to MLX's ops there: a single-core machine or
+    `COSYVOICE2_FLOW_BRANCH_THREADS=0`). Elsewhere (Metal, the composed route) batched."""
+    on = backend.current()
+    return on.branch_threads or on.extension is not None
 
 
 class _Worker:

@@ -652,3 +652,37 @@ def test_timings_recorded(ours):
     assert len(s["chunk_s"]) == len(chunks)
     assert s["first_token_s"] <= s["first_mel_s"] <= s["first_audio_s"] == s["chunk_s"][0]
     assert s["chunk_samples"] == [c["tts_speech"].shape[1] for c in chunks]
+
+
+def test_branches_split_where_the_extension_runs(ours, monkeypatch):
+    """Without branch threads (one core, or `COSYVOICE2_FLOW_BRANCH_THREADS=0`) the CPU
+    extension still gets the CFG branches one at a time (batch 1, which its fused
+    transformer block takes; batched, the estimator would run MLX's ops); the composed route
+    keeps the batched call. Both give the same mel."""
+    import dataclasses
+
+    from cosyvoice2 import backend, branches
+
+    if backend.load_extension() is None:
+        pytest.skip("cosyvoice2_kernels is not built")
+    flow = ours.flow
+    prompt = make_prompt(50, seed=7)
+    tokens = mx.array([make_tokens(40, seed=8)], dtype=mx.int32)
+    pt, pf, emb = prompt.flow_speech_token, prompt.speech_feat, prompt.embedding
+    batches = []
+    real = type(flow.decoder.estimator).__call__
+
+    def counted(self, x, *a, **kw):
+        batches.append(x.shape[0])
+        return real(self, x, *a, **kw)
+
+    monkeypatch.setattr(type(flow.decoder.estimator), "__call__", counted)
+    mels = {}
+    for route in ("extension", "composed"):
+        on = dataclasses.replace(backend.choose(route), branch_threads=False)
+        batches.clear()
+        with backend.active(on):
+            assert branches.split() == (route == "extension")
+            mels[route] = np.array(flow.inference(tokens, pt, pf, emb, False, True, STEPS))
+        assert set(batches) == ({1} if route == "extension" else {2})
+    assert max_err(mels["extension"], mels["composed"]) <= 1e-4

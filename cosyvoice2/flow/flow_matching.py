@@ -3,9 +3,9 @@
 Port of the official `cosyvoice/flow/flow_matching.py` (inference only). The
 ODE runs from the fixed official noise at t=0 to the mel at t=1 over
 `n_timesteps` Euler steps on a cosine schedule `t = 1 - cos(pi/2 * s)`,
-`s = 0, 1/n, ..., 1`. Each step evaluates the estimator once on a batch of two:
-the conditional input (`mu`, speaker, prompt `cond`) and the unconditional one
-(zeros for all three); the velocity is `(1 + r) v_cond - r v_uncond` with
+`s = 0, 1/n, ..., 1`. Each step evaluates the estimator on a batch of two (or once
+per branch, see `solve_euler`): the conditional input (`mu`, speaker, prompt `cond`)
+and the unconditional one (zeros for all three); the velocity is `(1 + r) v_cond - r v_uncond` with
 `r = inference_cfg_rate` (0.7).
 
 The time values follow the official float32 arithmetic exactly (`t` is
@@ -115,8 +115,9 @@ class CausalConditionalCFM(nn.Module):
         """Fixed-step Euler from `x` (noise, t=0) to t=1, with CFG (see module doc).
 
         Each step evaluates the two CFG branches as one batch-2 estimator call, or
-        one call per branch: on two threads where `branches.enabled()`, and always
-        with `caches` (each branch has its own streaming state).
+        one call per branch where `branches.split()` says so (on two threads where
+        `branches.enabled()`, else one after the other), and always with `caches`
+        (each branch has its own streaming state).
         """
         rate = self.config.inference_cfg_rate
         times = euler_times(n_timesteps, self.config.t_scheduler)
@@ -126,7 +127,7 @@ class CausalConditionalCFM(nn.Module):
         mu_in = mx.concatenate([mu, mx.zeros_like(mu)], axis=0)
         spks_in = None if spks is None else mx.concatenate([spks, mx.zeros_like(spks)], axis=0)
         cond_in = None if cond is None else mx.concatenate([cond, mx.zeros_like(cond)], axis=0)
-        split = caches is not None or branches.enabled()
+        split = caches is not None or branches.split()
 
         def branch(cache: Any, *a: mx.array) -> tuple[mx.array, list]:
             # the cache's new state is returned so that the branch's thread evaluates it
