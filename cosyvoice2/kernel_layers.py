@@ -15,7 +15,9 @@ small operations as one graph node.
 - each Qwen2 decoder layer (mlx-lm's `TransformerBlock`: RMSNorm, attention with
   plain rotary embeddings, SwiGLU MLP) whose projections are bfloat16, 8- or 4-bit
   affine or float32 for a `KernelBlock`: q/k/v fused into one projection and gate/up into
-  another, so a layer is about 12 graph nodes instead of about 110;
+  another, and the layer computed as two graph nodes either side of the KV cache update
+  (`layer_input`, `layer_output`: the single kernel operations in sequence, so the same
+  results) instead of about 110;
 - then the other `nn.RMSNorm`s (the final norm) for `KernelRMSNorm`;
 - the other bfloat16 and 8- or 4-bit `Linear`s (e.g. `llm_decoder`) for `KernelLinear`,
   and, in a model with kernel layers, its other float32 `Linear`s too.
@@ -134,6 +136,26 @@ class KernelLinear(nn.Module):
             y = x @ self.weight.T
         return y + bias if bias is not None else y
 
+    def operands(self) -> tuple[list[mx.array], list[int]]:
+        """Its weights as the fused layer operations take a projection (`layer_input`,
+        `layer_output`): the arrays, and the spec `[n, bits, group_size, has_bias]` (bits 32:
+        float32 panels, 16: bf16 W, 8 or 4: `w, scales, biases`)."""
+        bias = self.get("bias")
+        if self.quantized:
+            arrays = [self.weight, self.scales, self.biases]
+            bits, group_size = self.bits, self.group_size
+        elif self.float32:
+            arrays, bits, group_size = [self.panels], 32, 0
+        else:
+            arrays, bits, group_size = [self.weight], 16, 0
+        has_bias = bias is not None
+        return arrays + ([bias] if has_bias else []), [
+            self.out_features,
+            bits,
+            group_size,
+            has_bias,
+        ]
+
 
 def _panels_matmul(x: mx.array, panels: mx.array, n: int) -> mx.array:
     """`x @ W.T` with MLX's ops, W given as `pack_panels(W)` (`n` rows)."""
@@ -201,22 +223,35 @@ class KernelBlock(nn.Module):
         plain_cache = cache is None or not hasattr(cache, "bits")
         if k is None or not (plain_mask and plain_cache):
             return self._mlx(x, mask, cache)
-        n = k.rms_norm(x, self.input_norm.weight, self.input_norm.eps)[0]
-        offset = cache.offset if cache is not None else 0
-        q, kk, v = k.rope_split(
-            self.qkv(n),
+        qkv_w, qkv_s = self.qkv.operands()
+        rest = [p.operands() for p in (self.o_proj, self.gate_up, self.down_proj)]
+        q, kk, v = k.layer_input(
+            x,
+            self.input_norm.weight,
+            self.input_norm.eps,
+            qkv_w,
+            qkv_s,
             self.inv_freq,
             self.n_heads,
             self.n_kv_heads,
             self.rope_dims,
             self.rope_scale,
-            offset,
+            cache.offset if cache is not None else 0,
         )
         if cache is not None:
             kk, v = cache.update_and_fetch(kk, v)
-        o = k.attention(q, kk, v, self.scale, mask is not None)
-        h, n = k.rms_norm(self.o_proj(o), self.post_norm.weight, self.post_norm.eps, x)
-        return h + self.down_proj(k.swiglu(self.gate_up(n)))
+        return k.layer_output(
+            x,
+            q,
+            kk,
+            v,
+            self.scale,
+            mask is not None,
+            self.post_norm.weight,
+            self.post_norm.eps,
+            [a for w, _ in rest for a in w],
+            [i for _, spec in rest for i in spec],
+        )
 
     def _mlx(self, x: mx.array, mask: Any, cache: Any) -> mx.array:
         """The same layer with MLX's ops (a backend without the extension, or unusual masks/caches)."""

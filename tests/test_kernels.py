@@ -828,6 +828,109 @@ def test_decode_ops_inside_compile() -> None:
     assert rel_err(mx.compile(layer)(x, kc, vc), layer(x, kc, vc)) <= 1e-6
 
 
+def _kernel_block(precision: str, seed: int) -> kernel_layers.KernelBlock:
+    """A Qwen2 decoder layer (biased q/k/v, grouped heads) swapped for a `KernelBlock`."""
+    from cosyvoice2.lm_models import qwen2
+
+    args = qwen2.ModelArgs(
+        model_type="qwen2",
+        hidden_size=64,
+        num_hidden_layers=1,
+        intermediate_size=96,
+        num_attention_heads=4,
+        rms_norm_eps=1e-6,
+        vocab_size=10,
+        num_key_value_heads=2,
+        rope_theta=1e4,
+        tie_word_embeddings=False,
+    )
+    mx.random.seed(seed)
+    holder = nn.Module()
+    holder.layers = [qwen2.TransformerBlock(args)]
+    if precision == "bf16":
+        holder.set_dtype(mx.bfloat16)
+    elif precision in ("8bit", "4bit"):
+        nn.quantize(holder, group_size=32, bits=int(precision[0]))
+    assert kernel_layers.use_kernels(holder) == 1
+    return holder.layers[0]
+
+
+def _layer_by_ops(b: kernel_layers.KernelBlock, x: mx.array, causal: bool, cache) -> mx.array:
+    """The layer as the single operations, one node each (what the fused pair replaces)."""
+    (n,) = K.rms_norm(x, b.input_norm.weight, b.input_norm.eps)
+    q, k, v = K.rope_split(
+        b.qkv(n), b.inv_freq, b.n_heads, b.n_kv_heads, b.rope_dims, b.rope_scale, cache.offset
+    )
+    k, v = cache.update_and_fetch(k, v)
+    o = K.attention(q, k, v, b.scale, causal)
+    h, n = K.rms_norm(b.o_proj(o), b.post_norm.weight, b.post_norm.eps, x)
+    return h + b.down_proj(K.swiglu(b.gate_up(n)))
+
+
+@needs_kernels
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "8bit", "4bit"])
+def test_fused_layer_is_its_operations(isa: str, precision: str) -> None:
+    """`layer_input` and `layer_output` (a `KernelBlock`'s two nodes) give exactly what the
+    single operations give, over a prompt (20 rows: the prefill path of the projections)
+    and cached steps of 1 and 3 positions."""
+    from cosyvoice2.lm_models import KVCache
+
+    b = _kernel_block(precision, seed=3)
+    rng = np.random.default_rng(5)
+    fused, ops = KVCache(), KVCache()
+    for length, causal in ((20, True), (1, False), (3, True)):
+        x = _rand(rng, 1, length, 64)
+        got = b(x, "causal" if causal else None, fused)
+        want = _layer_by_ops(b, x, causal, ops)
+        assert got.shape == want.shape == (1, length, 64)
+        assert mx.array_equal(got, want), f"{precision}, {length} positions"
+
+
+@needs_kernels
+def test_fused_layer_refuses_bad_arguments() -> None:
+    b = _kernel_block("8bit", seed=1)
+    x = mx.zeros((1, 2, 64))
+    w, spec = b.qkv.operands()
+    args = (b.inv_freq, b.n_heads, b.n_kv_heads, b.rope_dims, b.rope_scale, 0)
+    K.layer_input(x, b.input_norm.weight, 1e-6, w, spec, *args)  # as given: accepted
+    bad = [
+        (w, spec[:3]),  # specs: 4 ints a projection
+        (w[:2], spec),  # the biases missing
+        (w, [spec[0], 6, *spec[2:]]),  # no such bits
+        (w, [spec[0], spec[1], 48, spec[3]]),  # no such group size
+        ([w[0], w[1], w[2]], spec),  # has_bias, but no bias
+    ]
+    for weights, specs in bad:
+        with pytest.raises(ValueError, match="layer_input"):
+            K.layer_input(x, b.input_norm.weight, 1e-6, weights, specs, *args)
+    with pytest.raises(ValueError, match="input width"):
+        K.layer_input(mx.zeros((1, 2, 32)), mx.ones((32,)), 1e-6, w, spec, *args)
+    q, k, v = K.layer_input(x, b.input_norm.weight, 1e-6, w, spec, *args)
+    rest = [p.operands() for p in (b.o_proj, b.gate_up, b.down_proj)]
+    weights = [a for arrays, _ in rest for a in arrays]
+    specs = [i for _, spec in rest for i in spec]
+    out = (b.post_norm.weight, 1e-6, weights, specs)
+    K.layer_output(x, q, k, v, b.scale, True, *out)  # as given: accepted
+    with pytest.raises(ValueError, match="layer_output"):
+        K.layer_output(x, q, k, v, b.scale, True, b.post_norm.weight, 1e-6, weights[:-1], specs)
+    with pytest.raises(ValueError, match="layer_output"):  # fewer keys than causal queries
+        K.layer_output(x, q, k[:, :, :1], v[:, :, :1], b.scale, True, *out)
+    with pytest.raises(ValueError, match="layer_output"):  # gate/up and down swapped
+        swapped = [*rest[0][0], *rest[2][0], *rest[1][0]]
+        K.layer_output(
+            x,
+            q,
+            k,
+            v,
+            b.scale,
+            True,
+            b.post_norm.weight,
+            1e-6,
+            swapped,
+            [*rest[0][1], *rest[2][1], *rest[1][1]],
+        )
+
+
 # ------------------------------------------------------------ kernel_layers swapping
 
 

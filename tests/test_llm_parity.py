@@ -442,8 +442,8 @@ def attention_scale_bug(model: Qwen2LM) -> contextlib.AbstractContextManager:
 def gqa_mapping_bug(model: Qwen2LM) -> contextlib.AbstractContextManager:
     """Query head h reads kv head `h % n_kv` instead of `h // (n_heads / n_kv)`.
 
-    Put where the route computes attention: the extension's `attention` kernel for
-    kernel layers on the CPU, otherwise the `scaled_dot_product_attention` mlx-lm's
+    Put where the route computes attention: the extension's `layer_output` (the fused
+    layer's attention and the rest) for kernel layers on the CPU, otherwise the `scaled_dot_product_attention` mlx-lm's
     `Attention` (or `KernelBlock`'s MLX fallback) calls, by handing them the kv heads
     already expanded in the wrong order.
     """
@@ -455,8 +455,8 @@ def gqa_mapping_bug(model: Qwen2LM) -> contextlib.AbstractContextManager:
     if swapped and kernel_layers._active() is not None:
         return wrapped(
             kernel_layers._active(),
-            "attention",
-            lambda f: lambda q, k, v, scale, causal: f(q, k[:, idx], v[:, idx], scale, causal),
+            "layer_output",
+            lambda f: lambda x, q, k, v, *a: f(x, q, k[:, idx], v[:, idx], *a),
         )
     return wrapped(
         kernel_layers if swapped else qwen2,

@@ -8,6 +8,7 @@
 #include "attention_blocks.h"
 #include "conv1d.h"
 #include "decode_ops.h"
+#include "decoder_layer.h"
 #include "linear.h"
 #include "row_ops.h"
 #include "transformer_block.h"
@@ -92,6 +93,22 @@ NB_MODULE(_ext, m) {
         "queries: q (B, Hq, L, D), k, v (B, Hkv, T, D) -> (B, L, Hq * D) float32.");
   m.def("swiglu", &cv2k::swiglu, "h"_a, nb::kw_only(), "stream"_a = nb::none(),
         "silu(h[..., :F]) * h[..., F:] for h (..., 2F), float32.");
+  m.def("layer_input", &cv2k::layer_input, "x"_a, "norm_w"_a, "eps"_a, "weights"_a, "specs"_a,
+        "inv_freq"_a, "n_heads"_a, "n_kv_heads"_a, "dims"_a, "rope_scale"_a, "offset"_a,
+        nb::kw_only(), "stream"_a = nb::none(),
+        "A Qwen2 decoder layer up to its KV cache: rms_norm(x) * norm_w, the fused q/k/v\n"
+        "projection, rope_split at positions offset + t. x (B, L, C) -> [q (B, Hq, L, D), k, v\n"
+        "(B, Hkv, L, D)]. A projection is its arrays in weights and four ints in specs (n,\n"
+        "bits, group_size, has_bias): bits 32 [pack_panels(W)], 16 [W bfloat16], 8 or 4\n"
+        "[w, scales, biases] of mx.quantize; then [bias] if has_bias. The results are those\n"
+        "of rms_norm, linear_panels / linear_dense / linear_quantized and rope_split.");
+  m.def("layer_output", &cv2k::layer_output, "x"_a, "q"_a, "k"_a, "v"_a, "attn_scale"_a,
+        "causal"_a, "norm_w"_a, "eps"_a, "weights"_a, "specs"_a, nb::kw_only(),
+        "stream"_a = nb::none(),
+        "The rest of the layer, after the KV cache update: h = x + attention(q, k, v) Wo^T,\n"
+        "y = h + swiglu(rms_norm(h) * norm_w Wgu^T) Wd^T; projections (o_proj, fused\n"
+        "gate/up, down_proj) as for layer_input. x (B, L, C) -> y (B, L, C) float32; the\n"
+        "results are those of attention, the projections, rms_norm and swiglu.");
   m.def("isa", &cv2k::isa, "The instruction-set variant in use.");
   m.def("available_isas", &cv2k::available_isas, "Variants this CPU can run, best first.");
   m.def("set_isa", &cv2k::set_isa, "name"_a, "Select a variant by name, or 'auto'.");

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common.h"
+#include "internal.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "pool.h"
@@ -51,6 +52,124 @@ inline float dot(const float* a, const float* b, int64_t n) {
 
 void alloc(mx::array& out) { out.set_data(mx::allocator::malloc(out.nbytes())); }
 
+void attention_task(const void* ctx, int64_t task) {
+  const DecodeAttention& a = *static_cast<const DecodeAttention*>(ctx);
+  thread_local std::vector<float> buf;
+  const int64_t l = task % a.L, h = (task / a.L) % a.Hq, b = task / (a.L * a.Hq);
+  const int64_t kvh = h / (a.Hq / a.Hkv);
+  const int64_t n = a.causal ? a.T - a.L + l + 1 : a.T;
+  buf.resize(static_cast<size_t>(n + a.D));
+  float* p = buf.data();
+  float* qs = p + n;
+  const float* qr = a.q + ((b * a.Hq + h) * a.L + l) * a.D;
+  for (int64_t d = 0; d < a.D; ++d) qs[d] = qr[d] * a.scale;  // scaled first, as MLX does
+  const float* kb = a.k + b * a.ks[0] + kvh * a.ks[1];
+  const float* vb = a.v + b * a.vs[0] + kvh * a.vs[1];
+  float mx_score = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) {
+    p[t] = dot(qs, kb + t * a.ks[2], a.D);
+    mx_score = p[t] > mx_score ? p[t] : mx_score;
+  }
+  float sum = 0.0f;
+  for (int64_t t = 0; t < n; ++t) {
+    p[t] = fast_exp(p[t] - mx_score);
+    sum += p[t];
+  }
+  const float inv = 1.0f / sum;
+  float* out = a.y + (b * a.L + l) * (a.Hq * a.D) + h * a.D;
+  for (int64_t d = 0; d < a.D; ++d) out[d] = 0.0f;
+  for (int64_t t = 0; t < n; ++t) {
+    const float w = p[t] * inv;
+    const float* vr = vb + t * a.vs[2];
+    for (int64_t d = 0; d < a.D; ++d) out[d] += w * vr[d];
+  }
+}
+
+
+}  // namespace
+
+// ------------------------------------------------------------- the loops (internal.h)
+
+void rms_norm_rows(const float* x, const float* residual, const float* w, float eps, float* h,
+                   float* y, int64_t d, int64_t rows) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* xi = x + i * d;
+    if (residual != nullptr) {
+      const float* r = residual + i * d;
+      float* hi = h + i * d;
+      for (int64_t j = 0; j < d; ++j) hi[j] = xi[j] + r[j];
+      xi = hi;
+    }
+    const float ms = dot(xi, xi, d) / static_cast<float>(d);
+    const float inv = 1.0f / std::sqrt(ms + eps);
+    float* yi = y + i * d;
+    for (int64_t j = 0; j < d; ++j) yi[j] = (xi[j] * inv) * w[j];
+  }
+}
+
+void rope_split_rows(const float* x, const float* inv_freq, float* q, float* k, float* v,
+                     int64_t B, int64_t L, int64_t D, int hq, int hkv, int dims, float scale,
+                     int64_t offset) {
+  const int half = dims / 2;
+  const int64_t width = (hq + 2 * hkv) * D;
+  std::vector<float> cs(2 * half);
+  for (int64_t t = 0; t < L; ++t) {
+    // as mx.fast.rope's CPU path: theta = ((t + offset) * scale) * inv_freq in float32
+    const float pos = static_cast<float>(t + offset) * scale;
+    for (int i = 0; i < half; ++i) {
+      const float theta = pos * inv_freq[i];
+      cs[i] = std::cos(theta);
+      cs[half + i] = std::sin(theta);
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      const float* row = x + (b * L + t) * width;
+      for (int h = 0; h < hq + 2 * hkv; ++h) {
+        const float* src = row + h * D;
+        float* dst;
+        if (h < hq) {
+          dst = q + ((b * hq + h) * L + t) * D;
+        } else if (h < hq + hkv) {
+          dst = k + ((b * hkv + (h - hq)) * L + t) * D;
+        } else {
+          dst = v + ((b * hkv + (h - hq - hkv)) * L + t) * D;
+          std::memcpy(dst, src, D * sizeof(float));
+          continue;
+        }
+        for (int i = 0; i < half; ++i) {
+          const float x1 = src[i], x2 = src[half + i];
+          const float c = cs[i], s = cs[half + i];
+          dst[i] = x1 * c - x2 * s;
+          dst[half + i] = x1 * s + x2 * c;
+        }
+        for (int64_t i = dims; i < D; ++i) dst[i] = src[i];
+      }
+    }
+  }
+}
+
+void run_decode_attention(const DecodeAttention& job) {
+  const int64_t tasks = job.B * job.Hq * job.L;
+  if (tasks * job.T * job.D < (1 << 15)) {
+    for (int64_t i = 0; i < tasks; ++i) attention_task(&job, i);
+  } else {
+    Pool::get().run(tasks, attention_task, &job);
+  }
+}
+
+void swiglu_rows(const float* h, float* y, int64_t f, int64_t rows) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* g = h + i * 2 * f;
+    const float* u = g + f;
+    float* yi = y + i * f;
+    for (int64_t j = 0; j < f; ++j) {
+      const float sig = 1.0f / (1.0f + fast_exp(-g[j]));
+      yi[j] = (g[j] * sig) * u[j];
+    }
+  }
+}
+
+namespace {
+
 // ------------------------------------------------------------------ rms_norm
 
 class RmsNorm : public mx::Primitive {
@@ -72,20 +191,9 @@ class RmsNorm : public mx::Primitive {
       densify(views[0], xd);
       if (res) densify(views[1], rd);
       densify(views.back(), wd);
-      const float* w = static_cast<const float*>(wd.ptr);
-      for (int64_t i = 0; i < rows; ++i) {
-        const float* x = static_cast<const float*>(xd.ptr) + i * d;
-        if (res) {
-          const float* r = static_cast<const float*>(rd.ptr) + i * d;
-          float* hi = h + i * d;
-          for (int64_t j = 0; j < d; ++j) hi[j] = x[j] + r[j];
-          x = hi;
-        }
-        const float ms = dot(x, x, d) / static_cast<float>(d);
-        const float inv = 1.0f / std::sqrt(ms + eps);
-        float* yi = y + i * d;
-        for (int64_t j = 0; j < d; ++j) yi[j] = (x[j] * inv) * w[j];
-      }
+      rms_norm_rows(static_cast<const float*>(xd.ptr),
+                    res ? static_cast<const float*>(rd.ptr) : nullptr,
+                    static_cast<const float*>(wd.ptr), eps, h, y, d, rows);
     });
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -126,43 +234,8 @@ class RopeSplit : public mx::Primitive {
       Dense xd, fd;
       densify(views[0], xd);
       densify(views[1], fd);
-      const float* x = static_cast<const float*>(xd.ptr);
-      const float* inv_freq = static_cast<const float*>(fd.ptr);
-      const int half = dims / 2;
-      const int64_t width = (hq + 2 * hkv) * D;
-      std::vector<float> cs(2 * half);
-      for (int64_t t = 0; t < L; ++t) {
-        // as mx.fast.rope's CPU path: theta = ((t + offset) * scale) * inv_freq in float32
-        const float pos = static_cast<float>(t + offset) * scale;
-        for (int i = 0; i < half; ++i) {
-          const float theta = pos * inv_freq[i];
-          cs[i] = std::cos(theta);
-          cs[half + i] = std::sin(theta);
-        }
-        for (int64_t b = 0; b < B; ++b) {
-          const float* row = x + (b * L + t) * width;
-          for (int h = 0; h < hq + 2 * hkv; ++h) {
-            const float* src = row + h * D;
-            float* dst;
-            if (h < hq) {
-              dst = q + ((b * hq + h) * L + t) * D;
-            } else if (h < hq + hkv) {
-              dst = k + ((b * hkv + (h - hq)) * L + t) * D;
-            } else {
-              dst = v + ((b * hkv + (h - hq - hkv)) * L + t) * D;
-              std::memcpy(dst, src, D * sizeof(float));
-              continue;
-            }
-            for (int i = 0; i < half; ++i) {
-              const float x1 = src[i], x2 = src[half + i];
-              const float c = cs[i], s = cs[half + i];
-              dst[i] = x1 * c - x2 * s;
-              dst[half + i] = x1 * s + x2 * c;
-            }
-            for (int64_t i = dims; i < D; ++i) dst[i] = src[i];
-          }
-        }
-      }
+      rope_split_rows(static_cast<const float*>(xd.ptr), static_cast<const float*>(fd.ptr), q, k,
+                      v, B, L, D, hq, hkv, dims, scale, offset);
     });
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -190,50 +263,6 @@ class RopeSplit : public mx::Primitive {
 
 // ----------------------------------------------------------------- attention
 
-struct AttnJob {
-  const float* q;  // (B, Hq, L, D) contiguous
-  const float* k;  // strided (B, Hkv, T, D), unit stride in D
-  const float* v;
-  int64_t ks[3], vs[3];  // element strides of k and v over B, H, T
-  float* y;              // (B, L, Hq * D)
-  int64_t B, Hq, Hkv, L, T, D;
-  float scale;
-  bool causal;
-};
-
-void attention_task(const void* ctx, int64_t task) {
-  const AttnJob& a = *static_cast<const AttnJob*>(ctx);
-  thread_local std::vector<float> buf;
-  const int64_t l = task % a.L, h = (task / a.L) % a.Hq, b = task / (a.L * a.Hq);
-  const int64_t kvh = h / (a.Hq / a.Hkv);
-  const int64_t n = a.causal ? a.T - a.L + l + 1 : a.T;
-  buf.resize(static_cast<size_t>(n + a.D));
-  float* p = buf.data();
-  float* qs = p + n;
-  const float* qr = a.q + ((b * a.Hq + h) * a.L + l) * a.D;
-  for (int64_t d = 0; d < a.D; ++d) qs[d] = qr[d] * a.scale;  // scaled first, as MLX does
-  const float* kb = a.k + b * a.ks[0] + kvh * a.ks[1];
-  const float* vb = a.v + b * a.vs[0] + kvh * a.vs[1];
-  float mx_score = -INFINITY;
-  for (int64_t t = 0; t < n; ++t) {
-    p[t] = dot(qs, kb + t * a.ks[2], a.D);
-    mx_score = p[t] > mx_score ? p[t] : mx_score;
-  }
-  float sum = 0.0f;
-  for (int64_t t = 0; t < n; ++t) {
-    p[t] = fast_exp(p[t] - mx_score);
-    sum += p[t];
-  }
-  const float inv = 1.0f / sum;
-  float* out = a.y + (b * a.L + l) * (a.Hq * a.D) + h * a.D;
-  for (int64_t d = 0; d < a.D; ++d) out[d] = 0.0f;
-  for (int64_t t = 0; t < n; ++t) {
-    const float w = p[t] * inv;
-    const float* vr = vb + t * a.vs[2];
-    for (int64_t d = 0; d < a.D; ++d) out[d] += w * vr[d];
-  }
-}
-
 class Attention : public mx::UnaryPrimitive {
  public:
   Attention(mx::Stream s, float scale, bool causal)
@@ -243,7 +272,7 @@ class Attention : public mx::UnaryPrimitive {
     alloc(out);
     auto& enc = mx::cpu::get_command_encoder(stream());
     const auto &q = inputs[0], &k = inputs[1], &v = inputs[2];
-    AttnJob job{};
+    DecodeAttention job{};
     job.B = q.shape(0);
     job.Hq = q.shape(1);
     job.L = q.shape(2);
@@ -280,12 +309,7 @@ class Attention : public mx::UnaryPrimitive {
         job.v = static_cast<const float*>(vd.ptr);
         job.vs[0] = H * T * D, job.vs[1] = T * D, job.vs[2] = D;
       }
-      const int64_t tasks = job.B * job.Hq * job.L;
-      if (tasks * T * D < (1 << 15)) {
-        for (int64_t i = 0; i < tasks; ++i) attention_task(&job, i);
-      } else {
-        Pool::get().run(tasks, attention_task, &job);
-      }
+      run_decode_attention(job);
     });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
@@ -322,15 +346,7 @@ class Swiglu : public mx::UnaryPrimitive {
     enc.dispatch([views = std::move(views), y, f, rows] {
       Dense hd;
       densify(views[0], hd);
-      for (int64_t i = 0; i < rows; ++i) {
-        const float* g = static_cast<const float*>(hd.ptr) + i * 2 * f;
-        const float* u = g + f;
-        float* yi = y + i * f;
-        for (int64_t j = 0; j < f; ++j) {
-          const float sig = 1.0f / (1.0f + fast_exp(-g[j]));
-          yi[j] = (g[j] * sig) * u[j];
-        }
-      }
+      swiglu_rows(static_cast<const float*>(hd.ptr), y, f, rows);
     });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {

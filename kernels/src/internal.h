@@ -56,4 +56,37 @@ void run_layer_norm(const float* x, const float* w, const float* b, float eps, b
                     int64_t C, int64_t rows, bool parallel);
 void run_gelu(const float* x, const float* bias, float* y, int64_t C, int64_t rows, bool parallel);
 
+// y = x W^T (+ bias) for M rows of x (M x K, row-major) into y (M x N), the pool
+// splitting the columns: W bf16 (N x K), or MLX's affine 8-/4-bit layout (w bytes,
+// scales and zeros fp32 or bf16 per group), as linear_dense and linear_quantized compute it.
+void compute_bf16(const float* x, const uint16_t* w, const float* bias, float* y, int64_t M,
+                  int64_t K, int64_t N);
+void compute_quantized(const float* x, const uint8_t* w, const void* scales, const void* zeros,
+                       bool scale_bf16, const float* bias, float* y, int64_t M, int64_t K,
+                       int64_t N, int group_size, int bits);
+
+// The loops of the decode-step operations (decode_ops.h), on the calling thread:
+// rms_norm (h = x + residual first where residual is given; h is then written),
+// rope_split of (B, L, (hq + 2 hkv) * D) rows, swiglu of rows of 2f.
+void rms_norm_rows(const float* x, const float* residual, const float* w, float eps, float* h,
+                   float* y, int64_t d, int64_t rows);
+void rope_split_rows(const float* x, const float* inv_freq, float* q, float* k, float* v,
+                     int64_t B, int64_t L, int64_t D, int hq, int hkv, int dims, float scale,
+                     int64_t offset);
+void swiglu_rows(const float* h, float* y, int64_t f, int64_t rows);
+
+// softmax(scale * q k^T) v with grouped heads (decode_ops.h's attention), split by
+// (batch, head, query) over the pool when large enough.
+struct DecodeAttention {
+  const float* q;  // (B, Hq, L, D) contiguous
+  const float* k;  // strided (B, Hkv, T, D), unit stride in D
+  const float* v;
+  int64_t ks[3], vs[3];  // element strides of k and v over B, H, T
+  float* y;              // (B, L, Hq * D)
+  int64_t B, Hq, Hkv, L, T, D;
+  float scale;
+  bool causal;
+};
+void run_decode_attention(const DecodeAttention& a);
+
 }  // namespace cv2k

@@ -223,6 +223,8 @@ void run_expanded(const ExpandJob& job) {
   Pool::get().run(blocks, expand_block, &job);
 }
 
+}  // namespace
+
 void compute_bf16(const float* x, const uint16_t* w, const float* bias, float* y, int64_t M,
                   int64_t K, int64_t N) {
   const KernelTable* t = current_table().load();
@@ -235,12 +237,16 @@ void compute_bf16(const float* x, const uint16_t* w, const float* bias, float* y
   run_columns<Bf16Args>(a, t->bf16_cols);
 }
 
+namespace {
+
 void compute_f32(const float* x, const float* w, const float* bias, float* y, int64_t M,
                  int64_t K, int64_t N) {
   const KernelTable* t = current_table().load();
   F32Args a{x, w, bias, y, M, K, N};
   run_columns<F32Args>(a, t->f32_cols);
 }
+
+}  // namespace
 
 void compute_quantized(const float* x, const uint8_t* w, const void* scales, const void* zeros,
                        bool scale_bf16, const float* bias, float* y, int64_t M, int64_t K,
@@ -267,6 +273,8 @@ void compute_quantized(const float* x, const uint8_t* w, const void* scales, con
   if (bits == 4 && t->xperm_block > 0) a.xp = permuted(x, M, K, t->xperm_block);
   run_columns<QArgs>(a, bits == 4 ? t->q4_cols : t->q8_cols);
 }
+
+namespace {
 
 mx::Shape output_shape(const mx::array& x, int n) {
   mx::Shape shape = x.shape();

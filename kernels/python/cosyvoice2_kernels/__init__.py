@@ -20,6 +20,10 @@ MLX's CPU path builds `mx.fast.rms_norm`, `mx.fast.rope` and
   projection to `[q, k, v]` in (B, H, L, D), rotary embeddings on q and k;
 - `attention(q, k, v, scale, causal)`: grouped-head attention to (B, L, Hq * D);
 - `swiglu(h)`: `silu(gate) * up` from the fused gate/up projection;
+- `layer_input(...)` and `layer_output(...)`: a Qwen2 decoder layer as two nodes either
+  side of its KV cache update (the operations above and the projections, in the same
+  order, so the same results): norm, q/k/v projection and rotary embeddings; then
+  attention, output projection, residual, norm, gate/up, SwiGLU, down and residual;
 - `block_attention(qkv, blocks, heads, chunk, parallel=True)`: the flow estimator's
   chunk-masked attention of new positions over its cached key/value blocks (scores
   and weighted values on the panel GEMM, the softmax in place), one node where MLX
@@ -65,7 +69,9 @@ __all__ = [
     "attention",
     "available_isas",
     "gelu",
+    "layer_input",
     "layer_norm",
+    "layer_output",
     "block_attention",
     "conv1d_panels",
     "isa",
@@ -109,6 +115,8 @@ layer_norm = _ext.layer_norm
 gelu = _ext.gelu
 transformer_block = _ext.transformer_block
 swiglu = _ext.swiglu
+layer_input = _ext.layer_input
+layer_output = _ext.layer_output
 isa = _ext.isa
 available_isas = _ext.available_isas
 set_isa = _ext.set_isa
