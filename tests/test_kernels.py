@@ -364,6 +364,7 @@ def _attention_reference(qkv, blocks, heads, chunk, rnd=None):
         (60, (100,), 8, 64, 50),
         (13, (7, 30), 2, 20, 16),  # head size not a multiple of 16, chunks cut blocks
         (33, (), 3, 8, 0),  # no cache, full attention
+        (35, (), 2, 64, 0),  # an odd number of keys in a partial panel (bf16: vectorised)
         (1, (5,), 1, 4, 0),
     ],
 )

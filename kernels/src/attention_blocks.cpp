@@ -53,29 +53,33 @@ void one_head_bf16(const AttentionProblem& p, int64_t h, const int64_t* visible,
   kp.assign(kpanels * dpairs * 2 * W, 0);
   vp.assign(vpanels * npairs * 2 * W, 0);
   s.resize(p.M * n);
-  for (int64_t j = 0; j < n; ++j) {  // key j: column j of the scores; value j: row pair j / 2
-    uint16_t* kcol = kp.data() + (j / W) * dpairs * 2 * W + (j % W) * 2;
-    uint16_t* vrow = vp.data() + (j / 2) * 2 * W + j % 2;
-    if (j < p.q0 && !p.blocks16.empty()) {  // a cached position stored in bf16: as it is
-      const uint16_t* k = key_row16(p, j) + h * D;
-      const uint16_t* v = k + hd;
-      for (int64_t d = 0; d < D; ++d) kcol[(d / 2) * 2 * W + d % 2] = k[d];
-      for (int64_t d = 0; d < D; ++d) vrow[(d / W) * npairs * 2 * W + (d % W) * 2] = v[d];
-      continue;
+  if (p.blocks16.empty()) {  // every position in fp32: rounded by the variant's bf16_kv
+    thread_local std::vector<const float*> krows, vrows;
+    krows.resize(n);
+    vrows.resize(n);
+    for (int64_t j = 0; j < n; ++j) {
+      krows[j] = key_row(p, j) + h * D;
+      vrows[j] = krows[j] + hd;
     }
-    const float* k = key_row(p, j) + h * D;
-    const float* v = k + hd;
-    for (int64_t d = 0; d < D; ++d) kcol[(d / 2) * 2 * W + d % 2] = round_bf16(k[d]);
-    for (int64_t d = 0; d < D; ++d) vrow[(d / W) * npairs * 2 * W + (d % W) * 2] = round_bf16(v[d]);
+    t->bf16_kv(krows.data(), vrows.data(), n, D, dpairs, npairs, kp.data(), vp.data());
+  } else {
+    for (int64_t j = 0; j < n; ++j) {  // key j: column j of the scores; value j: row pair j / 2
+      uint16_t* kcol = kp.data() + (j / W) * dpairs * 2 * W + (j % W) * 2;
+      uint16_t* vrow = vp.data() + (j / 2) * 2 * W + j % 2;
+      const bool cached = j < p.q0;  // a cached position stored in bf16: as it is
+      const uint16_t* k16 = cached ? key_row16(p, j) + h * D : nullptr;
+      const float* k = cached ? nullptr : key_row(p, j) + h * D;
+      for (int64_t d = 0; d < D; ++d) {
+        kcol[(d / 2) * 2 * W + d % 2] = cached ? k16[d] : round_bf16(k[d]);
+        vrow[(d / W) * npairs * 2 * W + (d % W) * 2] = cached ? k16[hd + d] : round_bf16(k[hd + d]);
+      }
+    }
   }
-  const int64_t rows = (p.M + 15) / 16 * 16;  // zero rows up to a multiple of 16 (AMX tiles)
-  xp.assign(rows * (dpairs > npairs ? dpairs : npairs), 0u);
-  t->bf16_pairs(p.qkv + h * D, 3 * hd, D, dpairs, 0, p.M, xp.data());
+  t->bf16_pairs(p.qkv + h * D, 3 * hd, D, dpairs, 0, p.M, pairs_buffer(xp, p.M, D, dpairs));
   PanelBf16Args scores{xp.data(), kp.data(), nullptr, s.data(), n, p.M, dpairs, n};
   t->panel_bf16_cols(scores, 0, kpanels);
   t->softmax_rows(s.data(), p.M, n, visible, n);
-  std::fill(xp.begin(), xp.begin() + rows * npairs, 0u);
-  t->bf16_pairs(s.data(), n, n, npairs, 0, p.M, xp.data());
+  t->bf16_pairs(s.data(), n, n, npairs, 0, p.M, pairs_buffer(xp, p.M, n, npairs));
   PanelBf16Args values{xp.data(), vp.data(), nullptr, p.out + h * D, hd, p.M, npairs, D};
   t->panel_bf16_cols(values, 0, vpanels);
 }

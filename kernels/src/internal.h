@@ -44,6 +44,20 @@ inline uint16_t round_bf16(float f) {
 // Split by heads.
 void run_attention(const AttentionProblem& p, bool parallel);
 
+// The buffer bf16_pairs (kernels.h) fills with M rows of K values: kpairs pairs a row and
+// rows up to a multiple of 16 (AMX tiles read whole tiles), zero where bf16_pairs writes
+// nothing (the pairs from K / 2 on, the rows from M on).
+inline uint32_t* pairs_buffer(std::vector<uint32_t>& buf, int64_t M, int64_t K, int64_t kpairs) {
+  const int64_t rows = (M + 15) / 16 * 16;
+  buf.resize(static_cast<size_t>(rows * kpairs));
+  uint32_t* b = buf.data();
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t j = K / 2; j < kpairs; ++j) b[m * kpairs + j] = 0u;
+  }
+  for (int64_t i = M * kpairs; i < rows * kpairs; ++i) b[i] = 0u;
+  return b;
+}
+
 // Block inputs of an attention operation: as they are where all are bf16 and the products
 // are bf16 (`bf16`), else converted to fp32.
 void push_blocks(std::vector<mlx::core::array>& inputs, const std::vector<mlx::core::array>& blocks,

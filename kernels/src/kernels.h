@@ -131,6 +131,15 @@ struct KernelTable {
   // two parts) and an odd polynomial, each step one float32 multiply or add.
   void (*snake_row)(const float* x, const float* alpha, const float* inv_alpha, float* y,
                     int64_t C);
+  // One attention head's keys and values for bf16 products (attention_blocks.cpp): rows
+  // k[j] and v[j] (D fp32 each) for j < n rounded to bf16 (to nearest even) into the
+  // PanelBf16Args panels of the two products: key j is column j of the scores' W (kp:
+  // ceil(n / 16) panels of dpairs pairs of d), value j row j of the values' W (vp:
+  // ceil(D / 16) panels of npairs pairs of j). Writes the columns of kp's panels (zeros
+  // past n) for d < D and the first ceil(n / 2) pairs of vp's (a zero past n); the rest
+  // (the pairs past D, past n) is left as it is: the caller zeroes the buffers first.
+  void (*bf16_kv)(const float* const* k, const float* const* v, int64_t n, int64_t D,
+                  int64_t dpairs, int64_t npairs, uint16_t* kp, uint16_t* vp);
 };
 
 const KernelTable* portable_table();
@@ -140,6 +149,9 @@ const KernelTable* active_table();
 // AVX2 and AVX-512 variants' bf16_pairs.
 void bf16_pairs_scalar(const float* x, int64_t ldx, int64_t K, int64_t kpairs, int64_t m0,
                        int64_t m1, uint32_t* out);
+// bf16_kv element by element (kernels_portable.cpp): the portable, AVX2 and AVX-512 variants'.
+void bf16_kv_scalar(const float* const* k, const float* const* v, int64_t n, int64_t D,
+                    int64_t dpairs, int64_t npairs, uint16_t* kp, uint16_t* vp);
 #if defined(CV2K_HAVE_X86)
 const KernelTable* avx2_table();
 const KernelTable* avx512_table();
@@ -147,6 +159,9 @@ const KernelTable* avx512_table();
 #if defined(CV2K_HAVE_AVX512BF16)
 // panel_bf16_cols on AVX-512 BF16 dot products (vdpbf16ps); the rest is avx512_table's.
 void panel_bf16_cols_dot(const PanelBf16Args& a, int64_t p0, int64_t p1);
+// bf16_kv with vcvtneps2bf16 (bf16_kv_scalar where D is not a multiple of 32 or above 256).
+void bf16_kv_cvt(const float* const* k, const float* const* v, int64_t n, int64_t D,
+                 int64_t dpairs, int64_t npairs, uint16_t* kp, uint16_t* vp);
 // bf16_pairs with vcvtneps2bf16.
 void bf16_pairs_cvt(const float* x, int64_t ldx, int64_t K, int64_t kpairs, int64_t m0,
                     int64_t m1, uint32_t* out);

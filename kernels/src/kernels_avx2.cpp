@@ -73,7 +73,8 @@ struct V {
 
 const KernelTable kTable = {"avx2", 2 * V::L, bf16_cols, f32_cols, q8_cols, q4_cols,
                             bf16_rows, q_rows, panel_cols, panel_bf16_cols, bf16_pairs_scalar,
-                            softmax_rows, layer_norm_rows, gelu_rows, snake_row};
+                            softmax_rows, layer_norm_rows, gelu_rows, snake_row,
+                            bf16_kv_scalar};
 
 }  // namespace
 

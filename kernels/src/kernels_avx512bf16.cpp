@@ -99,4 +99,55 @@ void bf16_pairs_cvt(const float* x, int64_t ldx, int64_t K, int64_t kpairs, int6
   }
 }
 
+void bf16_kv_cvt(const float* const* k, const float* const* v, int64_t n, int64_t D,
+                 int64_t dpairs, int64_t npairs, uint16_t* kp, uint16_t* vp) {
+  constexpr int64_t W = kPanelWidth;
+  constexpr int64_t kMaxD = 256;
+  if (D % 32 != 0 || D > kMaxD) {
+    bf16_kv_scalar(k, v, n, D, dpairs, npairs, kp, vp);
+    return;
+  }
+  // keys, 16 at a time: each row rounded to bf16 in order (its pairs of d as 32-bit words),
+  // then the 16 rows' word pd gathered into row pd of the panel
+  const int64_t hp = D / 2;  // = dpairs
+  alignas(64) uint32_t t[W * kMaxD / 2];
+  const __m512i rows = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int>(hp)));
+  for (int64_t j0 = 0; j0 < n; j0 += W) {
+    const int64_t cols = n - j0 < W ? n - j0 : W;
+    for (int64_t c = 0; c < W; ++c) {
+      uint32_t* tr = t + c * hp;
+      for (int64_t d = 0; d < D; d += 32) {
+        __m512i b = _mm512_setzero_si512();
+        if (c < cols) {
+          const float* kr = k[j0 + c] + d;
+          b = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(kr + 16), _mm512_loadu_ps(kr));
+        }
+        _mm512_store_si512(tr + d / 2, b);
+      }
+    }
+    uint32_t* panel = reinterpret_cast<uint32_t*>(kp + (j0 / W) * dpairs * 2 * W);
+    for (int64_t pd = 0; pd < hp; ++pd) {
+      const __m512i idx = _mm512_add_epi32(rows, _mm512_set1_epi32(static_cast<int>(pd)));
+      _mm512_storeu_si512(panel + pd * W, _mm512_i32gather_epi32(idx, t, 4));
+    }
+  }
+  // values, a pair of rows at a time: the two rows' bf16 values interleaved
+  for (int64_t j = 0; j < n; j += 2) {
+    const float* a = v[j];
+    const float* b = j + 1 < n ? v[j + 1] : nullptr;
+    for (int64_t d = 0; d < D; d += W) {
+      __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(a + d)));
+      __m512i hi = _mm512_setzero_si512();
+      if (b != nullptr) {
+        hi = _mm512_slli_epi32(
+            _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(b + d))), 16);
+      }
+      _mm512_storeu_si512(vp + (d / W) * npairs * 2 * W + (j / 2) * 2 * W,
+                          _mm512_or_si512(lo, hi));
+    }
+  }
+}
+
 }  // namespace cv2k

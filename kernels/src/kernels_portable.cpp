@@ -244,7 +244,7 @@ void snake_row(const float* x, const float* alpha, const float* inv_alpha, float
 const KernelTable kTable = {"portable", 0,          bf16_cols,    f32_cols,        q_cols,    q_cols,
                             bf16_rows,  q_rows,     panel_cols,   panel_bf16_cols, bf16_pairs_scalar,
                             softmax_rows,    layer_norm_rows, gelu_rows,
-                            snake_row};
+                            snake_row,  bf16_kv_scalar};
 
 }  // namespace
 
@@ -256,6 +256,24 @@ void bf16_pairs_scalar(const float* x, int64_t ldx, int64_t K, int64_t kpairs, i
   for (int64_t m = m0; m < m1; ++m) {
     uint16_t* d = reinterpret_cast<uint16_t*>(out + m * kpairs);
     for (int64_t k = 0; k < K; ++k) d[k] = round_bf16(x[m * ldx + k]);
+  }
+}
+
+void bf16_kv_scalar(const float* const* k, const float* const* v, int64_t n, int64_t D,
+                    int64_t dpairs, int64_t npairs, uint16_t* kp, uint16_t* vp) {
+  constexpr int64_t W = kPanelWidth;
+  for (int64_t j = 0; j < n; ++j) {  // key j: column j of the scores; value j: row pair j / 2
+    uint16_t* kcol = kp + (j / W) * dpairs * 2 * W + (j % W) * 2;
+    uint16_t* vrow = vp + (j / 2) * 2 * W + j % 2;
+    for (int64_t d = 0; d < D; ++d) kcol[(d / 2) * 2 * W + d % 2] = round_bf16(k[j][d]);
+    for (int64_t d = 0; d < D; ++d) vrow[(d / W) * npairs * 2 * W + (d % W) * 2] = round_bf16(v[j][d]);
+  }
+  for (int64_t j = n; j < (n + W - 1) / W * W; ++j) {  // the last key panel's unused columns
+    uint16_t* kcol = kp + (j / W) * dpairs * 2 * W + (j % W) * 2;
+    for (int64_t d = 0; d < D; ++d) kcol[(d / 2) * 2 * W + d % 2] = 0;
+  }
+  if (n % 2) {  // the last pair's second value
+    for (int64_t d = 0; d < D; ++d) vp[(d / W) * npairs * 2 * W + (n / 2) * 2 * W + (d % W) * 2 + 1] = 0;
   }
 }
 

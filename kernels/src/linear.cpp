@@ -33,6 +33,7 @@ const KernelTable* avx512bf16_table() {
     t.name = "avx512bf16";
     t.panel_bf16_cols = panel_bf16_cols_dot;
     t.bf16_pairs = bf16_pairs_cvt;
+    t.bf16_kv = bf16_kv_cvt;
     return t;
   }();
   return &table;
@@ -321,9 +322,9 @@ void run_panels(const PanelArgs& a, bool parallel) {
 // buffer reused by the next call.
 const uint32_t* bf16_pairs(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t kpairs) {
   thread_local std::vector<uint32_t> buf;
-  buf.assign(static_cast<size_t>((M + 15) / 16 * 16 * kpairs), 0u);  // zero rows to a multiple of 16
-  current_table().load()->bf16_pairs(x, ldx, K, kpairs, 0, M, buf.data());
-  return buf.data();
+  uint32_t* b = pairs_buffer(buf, M, K, kpairs);
+  current_table().load()->bf16_pairs(x, ldx, K, kpairs, 0, M, b);
+  return b;
 }
 
 void run_panels_bf16(const PanelBf16Args& a, bool parallel) {
