@@ -147,6 +147,37 @@ void rope_split_rows(const float* x, const float* inv_freq, float* q, float* k, 
   }
 }
 
+DecodeAttention decode_attention_job(const Strided& q, const Strided& k, const Strided& v,
+                                     float scale, bool causal, Dense& qd, Dense& kd, Dense& vd) {
+  DecodeAttention job{};
+  job.B = q.shape[0];
+  job.Hq = q.shape[1];
+  job.L = q.shape[2];
+  job.D = q.shape[3];
+  job.Hkv = k.shape[1];
+  job.T = k.shape[2];
+  job.scale = scale;
+  job.causal = causal;
+  densify(q, qd);
+  job.q = static_cast<const float*>(qd.ptr);
+  // k and v are usually slices of the KV cache's buffers: strided over T and heads but
+  // unit-stride over D, which the kernel reads as they are
+  const int64_t dense[3] = {job.Hkv * job.T * job.D, job.T * job.D, job.D};
+  auto bind = [&](const Strided& a, Dense& ad, const float*& ptr, int64_t* strides) {
+    if (a.strides[3] == 1) {
+      ptr = reinterpret_cast<const float*>(a.base);
+      for (int i = 0; i < 3; ++i) strides[i] = a.strides[i];
+    } else {
+      densify(a, ad);
+      ptr = static_cast<const float*>(ad.ptr);
+      for (int i = 0; i < 3; ++i) strides[i] = dense[i];
+    }
+  };
+  bind(k, kd, job.k, job.ks);
+  bind(v, vd, job.v, job.vs);
+  return job;
+}
+
 void run_decode_attention(const DecodeAttention& job) {
   const int64_t tasks = job.B * job.Hq * job.L;
   if (tasks * job.T * job.D < (1 << 15)) {
@@ -271,44 +302,13 @@ class Attention : public mx::UnaryPrimitive {
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     alloc(out);
     auto& enc = mx::cpu::get_command_encoder(stream());
-    const auto &q = inputs[0], &k = inputs[1], &v = inputs[2];
-    DecodeAttention job{};
-    job.B = q.shape(0);
-    job.Hq = q.shape(1);
-    job.L = q.shape(2);
-    job.D = q.shape(3);
-    job.Hkv = k.shape(1);
-    job.T = k.shape(2);
-    job.scale = scale_;
-    job.causal = causal_;
-    job.y = out.data<float>();
-    std::vector<Strided> views = {describe(q), describe(k), describe(v)};
-    // k and v are usually slices of the KV cache's buffers: strided over T and heads
-    // but unit-stride over D, which the kernel reads as they are.
-    bool k_ok = k.strides(3) == 1, v_ok = v.strides(3) == 1;
-    for (int i = 0; i < 3; ++i) {
-      job.ks[i] = k.strides(i);
-      job.vs[i] = v.strides(i);
-    }
-    enc.dispatch([views = std::move(views), job, k_ok, v_ok]() mutable {
+    std::vector<Strided> views = {describe(inputs[0]), describe(inputs[1]), describe(inputs[2])};
+    enc.dispatch([views = std::move(views), y = out.data<float>(), scale = scale_,
+                  causal = causal_] {
       Dense qd, kd, vd;
-      densify(views[0], qd);
-      job.q = static_cast<const float*>(qd.ptr);
-      const int64_t T = job.T, D = job.D, H = job.Hkv;
-      if (k_ok) {
-        job.k = reinterpret_cast<const float*>(views[1].base);
-      } else {
-        densify(views[1], kd);
-        job.k = static_cast<const float*>(kd.ptr);
-        job.ks[0] = H * T * D, job.ks[1] = T * D, job.ks[2] = D;
-      }
-      if (v_ok) {
-        job.v = reinterpret_cast<const float*>(views[2].base);
-      } else {
-        densify(views[2], vd);
-        job.v = static_cast<const float*>(vd.ptr);
-        job.vs[0] = H * T * D, job.vs[1] = T * D, job.vs[2] = D;
-      }
+      DecodeAttention job =
+          decode_attention_job(views[0], views[1], views[2], scale, causal, qd, kd, vd);
+      job.y = y;
       run_decode_attention(job);
     });
   }

@@ -207,46 +207,16 @@ class LayerOutput : public mx::UnaryPrimitive {
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     auto& enc = mx::cpu::get_command_encoder(stream());
     std::vector<Strided> views = start_task(enc, inputs, out);
-    const auto &q = inputs[1], &k = inputs[2], &v = inputs[3];
-    DecodeAttention job{};
-    job.B = q.shape(0);
-    job.Hq = q.shape(1);
-    job.L = q.shape(2);
-    job.D = q.shape(3);
-    job.Hkv = k.shape(1);
-    job.T = k.shape(2);
-    job.scale = a_.attn_scale;
-    job.causal = a_.causal;
-    for (int i = 0; i < 3; ++i) {
-      job.ks[i] = k.strides(i);
-      job.vs[i] = v.strides(i);
-    }
-    // k and v are slices of the KV cache's buffers: strided over T and heads, unit-stride
-    // over D, which the attention reads as they are (as decode_ops' attention)
-    const bool k_ok = k.strides(3) == 1, v_ok = v.strides(3) == 1;
     const int64_t C = inputs[0].shape(-1);
-    enc.dispatch([views = std::move(views), job, k_ok, v_ok, C, y = out.data<float>(), a = a_,
-                  proj = proj_]() mutable {
+    enc.dispatch([views = std::move(views), C, y = out.data<float>(), a = a_, proj = proj_] {
       std::vector<Dense> d(views.size());
       for (size_t i = 0; i < views.size(); ++i) {
-        if (!((i == 2 && k_ok) || (i == 3 && v_ok))) densify(views[i], d[i]);
+        if (i < 1 || i > 3) densify(views[i], d[i]);  // q, k and v: decode_attention_job
       }
-      const int64_t T = job.T, D = job.D, H = job.Hkv;
-      job.q = static_cast<const float*>(d[1].ptr);
-      if (k_ok) {
-        job.k = reinterpret_cast<const float*>(views[2].base);
-      } else {
-        job.k = static_cast<const float*>(d[2].ptr);
-        job.ks[0] = H * T * D, job.ks[1] = T * D, job.ks[2] = D;
-      }
-      if (v_ok) {
-        job.v = reinterpret_cast<const float*>(views[3].base);
-      } else {
-        job.v = static_cast<const float*>(d[3].ptr);
-        job.vs[0] = H * T * D, job.vs[1] = T * D, job.vs[2] = D;
-      }
+      DecodeAttention job = decode_attention_job(views[1], views[2], views[3], a.attn_scale,
+                                                 a.causal, d[1], d[2], d[3]);
       const Projection &o = proj[0], &gu = proj[1], &dn = proj[2];
-      const int64_t M = job.B * job.L, F = gu.n / 2;
+      const int64_t M = job.B * job.L, F = gu.n / 2, D = job.D;
       thread_local std::vector<float> abuf, obuf, hbuf, nbuf, gbuf, sbuf, dbuf;
       job.y = sized(abuf, M * job.Hq * D);
       run_decode_attention(job);

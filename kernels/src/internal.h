@@ -102,5 +102,12 @@ struct DecodeAttention {
   bool causal;
 };
 void run_decode_attention(const DecodeAttention& a);
+// In a task: the attention of the views q (B, Hq, L, D), k and v (B, Hkv, T, D) (common.h)
+// without its output: q densified into qd; k and v read in place where unit-stride over D
+// (the KV cache's slices), else densified into kd and vd.
+struct Strided;
+struct Dense;
+DecodeAttention decode_attention_job(const Strided& q, const Strided& k, const Strided& v,
+                                     float scale, bool causal, Dense& qd, Dense& kd, Dense& vd);
 
 }  // namespace cv2k
