@@ -148,13 +148,8 @@ class KernelLinear(nn.Module):
             arrays, bits, group_size = [self.panels], 32, 0
         else:
             arrays, bits, group_size = [self.weight], 16, 0
-        has_bias = bias is not None
-        return arrays + ([bias] if has_bias else []), [
-            self.out_features,
-            bits,
-            group_size,
-            has_bias,
-        ]
+        spec = [self.out_features, bits, group_size, bias is not None]
+        return arrays + ([bias] if bias is not None else []), spec
 
 
 def _panels_matmul(x: mx.array, panels: mx.array, n: int) -> mx.array:

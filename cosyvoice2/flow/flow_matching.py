@@ -5,8 +5,8 @@ ODE runs from the fixed official noise at t=0 to the mel at t=1 over
 `n_timesteps` Euler steps on a cosine schedule `t = 1 - cos(pi/2 * s)`,
 `s = 0, 1/n, ..., 1`. Each step evaluates the estimator on a batch of two (or once
 per branch, see `solve_euler`): the conditional input (`mu`, speaker, prompt `cond`)
-and the unconditional one (zeros for all three); the velocity is `(1 + r) v_cond - r v_uncond` with
-`r = inference_cfg_rate` (0.7).
+and the unconditional one (zeros for all three); the velocity is
+`(1 + r) v_cond - r v_uncond` with `r = inference_cfg_rate` (0.7).
 
 The time values follow the official float32 arithmetic exactly (`t` is
 accumulated as `t + dt` and `dt` recomputed from the schedule), so the
