@@ -70,6 +70,8 @@ def _active() -> ModuleType | None:
 class KernelLinear(nn.Module):
     """y = x W^T (+ bias), W bfloat16, float32 or 8- or 4-bit affine (`scales`, `biases`).
 
+    `weight` may be a list of arrays: W is their rows stacked (a fused projection).
+
     x is taken in float32 and y is float32, on the kernels and on MLX's ops alike.
     `bias` is kept in float32. A float32 W is stored only as `panels`
     (`pack_panels(W)`, `(ceil(N / 16), K, 16)`), which MLX's fallback multiplies as a
@@ -78,7 +80,7 @@ class KernelLinear(nn.Module):
 
     def __init__(
         self,
-        weight: mx.array,
+        weight: mx.array | list[mx.array],
         bias: mx.array | None = None,
         scales: mx.array | None = None,
         biases: mx.array | None = None,
@@ -86,12 +88,13 @@ class KernelLinear(nn.Module):
         bits: int | None = None,
     ):
         super().__init__()
-        self.float32 = weight.dtype == mx.float32 and scales is None
-        self.out_features = weight.shape[0]
-        if self.float32:
-            self.panels = backend.load_extension().pack_panels(weight, stream=mx.cpu)
+        parts = weight if isinstance(weight, list) else [weight]  # a list: its rows stacked
+        self.float32 = all(w.dtype == mx.float32 for w in parts) and scales is None
+        self.out_features = sum(w.shape[0] for w in parts)
+        if self.float32:  # packed straight from the parts: no concatenated copy
+            self.panels = backend.load_extension().pack_panels(parts, stream=mx.cpu)
         else:
-            self.weight = weight
+            self.weight = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
         if scales is not None:
             self.scales = scales
             self.biases = biases
@@ -321,12 +324,13 @@ def _fuse(specs: list[dict[str, Any]]) -> KernelLinear:
         return mx.concatenate([s[name] for s in specs], axis=0)
 
     first = specs[0]
+    weights = [s["weight"] for s in specs]
     if "scales" in first:
         layer = KernelLinear(
-            cat("weight"), bias, cat("scales"), cat("biases"), first["group_size"], first["bits"]
+            weights, bias, cat("scales"), cat("biases"), first["group_size"], first["bits"]
         )
     else:
-        layer = KernelLinear(cat("weight"), bias)
+        layer = KernelLinear(weights, bias)
     mx.eval(layer.parameters())
     return layer
 

@@ -184,6 +184,49 @@ def test_bf16_panels_match_rounded_matmul(
     assert err <= TOL, f"{isa} bf16 {m}x{k} @ {n}: relative error {err:.2e}"
 
 
+def panels_np(w: np.ndarray) -> np.ndarray:
+    """`pack_panels`' float32 layout in numpy: W's rows zero-padded to a multiple of 16,
+    each group of 16 rows transposed to a (K, 16) panel."""
+    n, k = w.shape
+    padded = np.zeros((-(-n // 16) * 16, k), np.float32)
+    padded[:n] = w
+    return padded.reshape(-1, 16, k).transpose(0, 2, 1)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "rows", [(40,), (896, 128, 128), (3, 20, 1), (0, 17), (16, 16), (5, 0, 11, 33)]
+)
+def test_pack_panels_of_stacked_parts(rows: tuple[int, ...]) -> None:
+    """A list packs as its rows stacked (the fused q/k/v and gate/up projections), panels
+    straddling the parts where their row counts are not multiples of 16; a transposed or
+    bf16 part is read as it is."""
+    rng = np.random.default_rng(sum(rows))
+    k = 24
+    parts = [rng.standard_normal((r, k)).astype(np.float32) for r in rows]
+    arrays = [mx.array(p) for p in parts]
+    arrays[-1] = mx.array(parts[-1].T.copy()).T  # a transposed view: not row-contiguous
+    wp = K.pack_panels(arrays)
+    assert wp.dtype == mx.float32
+    assert np.array_equal(np.array(wp), panels_np(np.concatenate(parts)))
+    half = [mx.array(p).astype(mx.bfloat16) for p in parts]  # converted, exactly, as read
+    stacked = np.concatenate([np.array(h.astype(mx.float32)) for h in half])
+    assert np.array_equal(np.array(K.pack_panels(half)), panels_np(stacked))
+    pairs = K.pack_panels(arrays, bf16=True)  # pair panels of the concatenation
+    whole = K.pack_panels(mx.concatenate(arrays), bf16=True)
+    assert np.array_equal(np.array(pairs.astype(mx.float32)), np.array(whole.astype(mx.float32)))
+
+
+@needs_kernels
+def test_pack_panels_refuses_bad_parts() -> None:
+    with pytest.raises(ValueError, match="no arrays"):
+        K.pack_panels([])
+    with pytest.raises(ValueError, match="same K"):
+        K.pack_panels([mx.zeros((16, 8)), mx.zeros((16, 9))])
+    with pytest.raises(ValueError, match="2-D"):
+        K.pack_panels([mx.zeros((16, 8)), mx.zeros((2, 8, 1))])
+
+
 @needs_kernels
 def test_panels_take_any_leading_shape_and_strided_x() -> None:
     rng = np.random.default_rng(3)

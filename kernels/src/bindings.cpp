@@ -32,13 +32,20 @@ NB_MODULE(_ext, m) {
         "stream"_a = nb::none(),
         "y = x @ mx.dequantize(w, scales, biases, group_size, bits).T (+ bias), affine 8- or\n"
         "4-bit weights in mx.quantize's layout. Returns (..., N) float32. CPU stream only.");
-  m.def("pack_panels", &cv2k::pack_panels, "w"_a, nb::kw_only(), "bf16"_a = false,
-        "stream"_a = nb::none(),
+  m.def("pack_panels",
+        [](const std::variant<mlx::core::array, std::vector<mlx::core::array>>& w,
+           bool bf16, mlx::core::StreamOrDevice s) {
+          if (auto* one = std::get_if<mlx::core::array>(&w)) return cv2k::pack_panels(*one, bf16, s);
+          return cv2k::pack_panels(std::get<std::vector<mlx::core::array>>(w), bf16, s);
+        },
+        "w"_a, nb::kw_only(), "bf16"_a = false, "stream"_a = nb::none(),
         "w (N, K) as the float32 panels linear_panels reads: (ceil(N / 16), K, 16), column n\n"
         "of w.T in panel n // 16 at lane n % 16, the last panel zero-padded. bf16=True: w\n"
         "rounded to bfloat16 as pair panels (ceil(N / 16), ceil(K / 32) * 16, 32), element\n"
         "(n, k) at [n // 16, k // 2, 2 * (n % 16) + k % 2], K zero-padded; linear_panels then\n"
-        "rounds x to bfloat16 and sums the exact products in float32.");
+        "rounds x to bfloat16 and sums the exact products in float32. w may be a list of\n"
+        "arrays with the same K: the panels of their rows stacked (as mx.concatenate(w)),\n"
+        "the float32 ones written straight from the arrays (no concatenated copy).");
   m.def("linear_panels", &cv2k::linear_panels, "x"_a, "wp"_a, "n"_a, "bias"_a = nb::none(),
         nb::kw_only(), "parallel"_a = true, "stream"_a = nb::none(),
         "y = x @ w.T (+ bias) with wp = pack_panels(w) and n = w.shape[0]: x (..., K) float,\n"

@@ -5,6 +5,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
+#include <limits>
+#include <algorithm>
 #include <mutex>
 #include <sstream>
 #include <stdexcept>
@@ -416,26 +418,106 @@ mx::array linear_quantized(const mx::array& x, const mx::array& w, const mx::arr
 }
 
 mx::array pack_panels(const mx::array& w, bool bf16, mx::StreamOrDevice s) {
+  return pack_panels(std::vector<mx::array>{w}, bf16, s);
+}
+
+mx::array pack_panels(const std::vector<mx::array>& parts, bool bf16, mx::StreamOrDevice s) {
   mx::Stream stream = cpu_stream(s, "pack_panels");
-  if (w.ndim() != 2) throw std::invalid_argument("pack_panels: w must be 2-D (N, K)");
-  const int n = w.shape(0), k = w.shape(1);
+  if (parts.empty()) throw std::invalid_argument("pack_panels: no arrays given");
+  int64_t rows = 0;
+  for (const auto& w : parts) {
+    if (w.ndim() != 2) throw std::invalid_argument("pack_panels: w must be 2-D (N, K)");
+    if (w.shape(1) != parts[0].shape(1)) {
+      throw std::invalid_argument("pack_panels: the arrays must have the same K (columns)");
+    }
+    rows += w.shape(0);
+  }
+  if (rows > std::numeric_limits<int>::max()) {
+    throw std::invalid_argument("pack_panels: too many rows");
+  }
+  const int n = static_cast<int>(rows), k = parts[0].shape(1);
   const int panels = (n + kPanelWidth - 1) / kPanelWidth;
   if (bf16) {  // (panels, kpairs, 32): per pair of k, 16 columns x 2 (kernels.h)
     const int kpairs = static_cast<int>(bf16_kpairs(k));
-    mx::array wb = mx::astype(w, mx::bfloat16, stream);
+    mx::array wb = mx::astype(parts.size() == 1 ? parts[0] : mx::concatenate(parts, 0, stream),
+                              mx::bfloat16, stream);
     wb = mx::pad(wb, {{0, panels * kPanelWidth - n}, {0, 2 * kpairs - k}}, mx::array(0, mx::bfloat16),
                  "constant", stream);
     wb = mx::reshape(wb, {panels, kPanelWidth, kpairs, 2}, stream);
     wb = mx::transpose(wb, {0, 2, 1, 3}, stream);
     return mx::contiguous(mx::reshape(wb, {panels, kpairs, 2 * kPanelWidth}, stream), false, stream);
   }
-  mx::array w32 = as_f32(w, stream);
-  if (panels * kPanelWidth != n) {
-    w32 = mx::concatenate({w32, mx::zeros({panels * kPanelWidth - n, k}, mx::float32, stream)}, 0,
-                          stream);
+  std::vector<mx::array> inputs;
+  for (const auto& w : parts) inputs.push_back(as_f32(w, stream));
+  return mx::array({panels, k, kPanelWidth}, mx::float32,
+                   std::make_shared<PackPanelsPrimitive>(stream), std::move(inputs));
+}
+
+namespace {
+
+// Where the pack task's panels come from: the parts' rows, stacked.
+struct PackJob {
+  std::vector<const float*> src;  // each part's rows (K floats each)
+  std::vector<int64_t> first;     // the stacked row each part starts at, then the total
+  float* out;
+  int64_t K;
+};
+
+// Panels [64 i, 64 i + 64) of a PackJob: each panel's K x 16 block from 16 rows.
+void pack_chunk(const void* ctx, int64_t chunk) {
+  const auto& job = *static_cast<const PackJob*>(ctx);
+  const int64_t K = job.K, total = job.first.back();
+  const int64_t panels = (total + kPanelWidth - 1) / kPanelWidth;
+  const int64_t end = std::min(panels, (chunk + 1) * 64);
+  size_t part = 0;
+  for (int64_t p = chunk * 64; p < end; ++p) {
+    float* dst = job.out + p * K * kPanelWidth;
+    for (int lane = 0; lane < kPanelWidth; ++lane) {
+      const int64_t r = p * kPanelWidth + lane;
+      if (r >= total) {
+        for (int64_t c = 0; c < K; ++c) dst[c * kPanelWidth + lane] = 0.0f;
+        continue;
+      }
+      while (r >= job.first[part + 1]) ++part;
+      const float* row = job.src[part] + (r - job.first[part]) * K;
+      for (int64_t c = 0; c < K; ++c) dst[c * kPanelWidth + lane] = row[c];
+    }
   }
-  w32 = mx::reshape(w32, {panels, kPanelWidth, k}, stream);
-  return mx::contiguous(mx::transpose(w32, {0, 2, 1}, stream), false, stream);
+}
+
+}  // namespace
+
+void PackPanelsPrimitive::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  std::vector<Strided> views = start_task(encoder, inputs, out);
+  std::vector<int64_t> rows;
+  for (const auto& in : inputs) rows.push_back(in.shape(0));
+  encoder.dispatch([views = std::move(views), rows = std::move(rows), out = out.data<float>(),
+                    K = static_cast<int64_t>(out.shape(1))] {
+    std::vector<Dense> dense(views.size());
+    PackJob job{{}, {0}, out, K};
+    for (size_t i = 0; i < views.size(); ++i) {
+      densify(views[i], dense[i]);
+      job.src.push_back(static_cast<const float*>(dense[i].ptr));
+      job.first.push_back(job.first.back() + rows[i]);
+    }
+    const int64_t panels = (job.first.back() + kPanelWidth - 1) / kPanelWidth;
+    if (panels > 0 && K > 0) Pool::get().run((panels + 63) / 64, pack_chunk, &job);
+  });
+}
+
+void PackPanelsPrimitive::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error(std::string(name()) + " has no GPU implementation");
+}
+
+bool PackPanelsPrimitive::is_equivalent(const mx::Primitive& other) const {
+  return dynamic_cast<const PackPanelsPrimitive*>(&other) != nullptr;
+}
+
+std::vector<mx::Shape> PackPanelsPrimitive::output_shapes(const std::vector<mx::array>& inputs) {
+  int rows = 0;
+  for (const auto& in : inputs) rows += in.shape(0);
+  return {{(rows + kPanelWidth - 1) / kPanelWidth, inputs[0].shape(1), kPanelWidth}};
 }
 
 mx::array linear_panels(const mx::array& x, const mx::array& wp, int n,

@@ -37,6 +37,11 @@ mx::array linear_quantized(
 // bf16: W rounded to bf16 as pair panels (ceil(N / 16), ceil(K / 32) * 16, 32) bfloat16
 // (kernels.h, PanelBf16Args), for products with x rounded to bf16 and fp32 sums.
 mx::array pack_panels(const mx::array& w, bool bf16 = false, mx::StreamOrDevice s = {});
+// The same for the rows of `parts` (each (N_i, K)) stacked: the panels of their
+// concatenation, written straight from the parts (float32 panels: one pass, no
+// concatenated copy). For the fused projections (q/k/v, gate/up), packed at load.
+mx::array pack_panels(const std::vector<mx::array>& parts, bool bf16 = false,
+                      mx::StreamOrDevice s = {});
 
 // y = x W^T (+ bias) with W given as pack_panels(W) and its row count n: x (..., K)
 // float, bias (n,) or none. Output (..., n) float32. With bf16 pair panels x is rounded
@@ -86,6 +91,19 @@ class LinearPrimitive : public mx::UnaryPrimitive {
   Kind kind_;
   int group_size_;
   bool has_bias_;
+};
+
+// Float32 panels of the stacked rows of its inputs (pack_panels).
+class PackPanelsPrimitive : public mx::UnaryPrimitive {
+ public:
+  explicit PackPanelsPrimitive(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+
+  const char* name() const override { return "CosyVoice2PackPanels"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
 };
 
 class PanelLinearPrimitive : public mx::UnaryPrimitive {
