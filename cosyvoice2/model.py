@@ -29,7 +29,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from cosyvoice2 import backend, model_dir
+from cosyvoice2 import backend, malloc, model_dir
 from cosyvoice2.config import ModelConfig
 from cosyvoice2.engine import Engine, Prompt, source_noise_key
 from cosyvoice2.errors import InputError
@@ -228,6 +228,7 @@ class CosyVoice2:
         campplus = model_dir.load_campplus(path, meta)
         speech_tokenizer = model_dir.load_speech_tokenizer(path, meta)
         frontend = frontend_job.result()
+        malloc.trim()  # the free memory the loading left in the heaps (both threads')
         meta = {
             **meta,
             "llm_precision": precision,
