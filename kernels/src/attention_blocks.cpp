@@ -53,28 +53,31 @@ void one_head_bf16(const AttentionProblem& p, int64_t h, const int64_t* visible,
   kp.assign(kpanels * dpairs * 2 * W, 0);
   vp.assign(vpanels * npairs * 2 * W, 0);
   s.resize(p.M * n);
-  if (p.blocks16.empty()) {  // every position in fp32: rounded by the variant's bf16_kv
-    thread_local std::vector<const float*> krows, vrows;
-    krows.resize(n);
-    vrows.resize(n);
-    for (int64_t j = 0; j < n; ++j) {
+  // Every position's key and value rows in fp32, rounded by the variant's bf16_kv. Positions
+  // cached in bf16 (the streaming flow's cache) are widened first: rounding them again gives
+  // them back exactly.
+  thread_local std::vector<const float*> krows, vrows;
+  thread_local std::vector<float> widened;
+  const int64_t cached = p.blocks16.empty() ? 0 : std::min(p.q0, n);
+  krows.resize(n);
+  vrows.resize(n);
+  widened.resize(cached * 2 * D);
+  for (int64_t j = 0; j < n; ++j) {
+    if (j >= cached) {
       krows[j] = key_row(p, j) + h * D;
       vrows[j] = krows[j] + hd;
+      continue;
     }
-    t->bf16_kv(krows.data(), vrows.data(), n, D, dpairs, npairs, kp.data(), vp.data());
-  } else {
-    for (int64_t j = 0; j < n; ++j) {  // key j: column j of the scores; value j: row pair j / 2
-      uint16_t* kcol = kp.data() + (j / W) * dpairs * 2 * W + (j % W) * 2;
-      uint16_t* vrow = vp.data() + (j / 2) * 2 * W + j % 2;
-      const bool cached = j < p.q0;  // a cached position stored in bf16: as it is
-      const uint16_t* k16 = cached ? key_row16(p, j) + h * D : nullptr;
-      const float* k = cached ? nullptr : key_row(p, j) + h * D;
-      for (int64_t d = 0; d < D; ++d) {
-        kcol[(d / 2) * 2 * W + d % 2] = cached ? k16[d] : round_bf16(k[d]);
-        vrow[(d / W) * npairs * 2 * W + (d % W) * 2] = cached ? k16[hd + d] : round_bf16(k[hd + d]);
-      }
+    const uint16_t* kv16 = key_row16(p, j) + h * D;
+    float* kv = widened.data() + j * 2 * D;
+    for (int64_t d = 0; d < D; ++d) {
+      kv[d] = bf16_to_float(kv16[d]);
+      kv[D + d] = bf16_to_float(kv16[hd + d]);
     }
+    krows[j] = kv;
+    vrows[j] = kv + D;
   }
+  t->bf16_kv(krows.data(), vrows.data(), n, D, dpairs, npairs, kp.data(), vp.data());
   t->bf16_pairs(p.qkv + h * D, 3 * hd, D, dpairs, 0, p.M, pairs_buffer(xp, p.M, D, dpairs));
   PanelBf16Args scores{xp.data(), kp.data(), nullptr, s.data(), n, p.M, dpairs, n};
   t->panel_bf16_cols(scores, 0, kpanels);

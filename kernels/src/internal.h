@@ -41,6 +41,15 @@ inline uint16_t round_bf16(float f) {
   return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
 }
 
+// The bf16 bit pattern `h` as the float it stands for (exact). (The kernel files built
+// with wider instruction sets keep their own copy: kernels.h says why.)
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 // Split by heads.
 void run_attention(const AttentionProblem& p, bool parallel);
 

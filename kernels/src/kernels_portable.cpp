@@ -3,7 +3,6 @@
 // dot product, weights converted to fp32 in short chunks reused across rows).
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #include "internal.h"  // baseline flags here, as in every file that includes it
 #include "kernels.h"
@@ -14,13 +13,6 @@ namespace {
 constexpr int kRowBlock = 8;   // rows of x sharing one converted weight chunk
 constexpr int kChunk = 256;    // weights converted to fp32 at a time
 constexpr int kLanes = 8;      // partial sums per dot product
-
-inline float bf16_to_float(uint16_t h) {
-  uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
 
 // acc[m][j] += x[m][k0 + k] * wf[k] over k < kn, lanes j = k % kLanes (kn multiple of kLanes,
 // the remainder added to lane 0).
