@@ -9,10 +9,6 @@ above the memory it uses. A fixed threshold (`mallopt(M_MMAP_THRESHOLD)`, which 
 the raising) keeps blocks of 1 MB and more mapped and returned on free; MLX's own buffer
 cache still reuses freed buffers within a call.
 
-`trim()` hands back the free memory of every heap (glibc's `malloc_trim`): load calls it
-once the model is built, after the temporaries of building it (the tokenizer's merges,
-built on a second thread, whose heap glibc trims only from its top) are freed.
-
 `COSYVOICE2_MALLOC_TUNE=0` leaves the allocator as it is. Nothing is done where the C
 library is not glibc (macOS, musl).
 """
@@ -44,18 +40,3 @@ def tune() -> bool:
             mallopt.restype = ctypes.c_int
             _done = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
     return _done
-
-
-def trim() -> bool:
-    """Return the free pages of glibc's heaps to the system (`malloc_trim(0)`); whether it
-    ran (glibc on Linux, `COSYVOICE2_MALLOC_TUNE` not 0)."""
-    if not (sys.platform.startswith("linux") and settings.flag("COSYVOICE2_MALLOC_TUNE")):
-        return False
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):  # not glibc
-        return False
-    malloc_trim.argtypes = [ctypes.c_size_t]
-    malloc_trim.restype = ctypes.c_int
-    malloc_trim(0)
-    return True

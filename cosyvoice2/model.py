@@ -22,14 +22,13 @@ import inspect
 import math
 import numbers
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from cosyvoice2 import backend, malloc, model_dir
+from cosyvoice2 import backend, model_dir
 from cosyvoice2.config import ModelConfig
 from cosyvoice2.engine import Engine, Prompt, source_noise_key
 from cosyvoice2.errors import InputError
@@ -195,12 +194,6 @@ class CosyVoice2:
         on = backend.choose(route)
         recover_dir(path)  # a dir a killed `convert` left mid-swap comes back whole
         meta, config = model_dir.read_config(path)
-        # The text frontend (the tokenizer built from its merges, the normaliser's grammars)
-        # is Python work that needs no weights: it is built on another thread while this one
-        # reads and packs the weights (MLX lets go of the GIL while it evaluates).
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cosyvoice2-frontend")
-        frontend_job = pool.submit(model_dir.load_text_frontend, path, text_backend)
-        pool.shutdown(wait=False)  # the thread ends with its one job, also if loading fails
         llm, precision = model_dir.load_llm(path, meta, config, llm_dtype, llm_bits, group_size)
         kernels = "off"
         if llm_kernels == "auto":
@@ -227,8 +220,7 @@ class CosyVoice2:
             hift.pack_weights()
         campplus = model_dir.load_campplus(path, meta)
         speech_tokenizer = model_dir.load_speech_tokenizer(path, meta)
-        frontend = frontend_job.result()
-        malloc.trim()  # the free memory the loading left in the heaps (both threads')
+        frontend = model_dir.load_text_frontend(path, text_backend)
         meta = {
             **meta,
             "llm_precision": precision,
