@@ -1,12 +1,14 @@
 """What a results file records about where and with what it ran: machine, versions, memory.
 
 `machine_kind()` names the kind of machine a baseline belongs to
-(`bench/baselines/<kind>.json`): OS, architecture, CPU model and core count, and on
+(`bench/baselines/<kind>.json`): OS, architecture, CPU model name, on Linux x86 the
+CPU's generation as its family (and model) number (`cpu_generation`), core count, and on
 x86 the widest instruction-set tier the CPU offers (`cpu_isa`), e.g.
-`linux-x86_64-amd-epyc-2c-avx2` or `darwin-arm64-apple-m1-virtual-3c`. The tier is part
-of the kind because CPUs that report the same model name differ in it (an AMD EPYC of
-one generation has AVX-512 with BF16, another AVX2 only) and the kernels' speed, and
-which of them run, follow it.
+`linux-x86_64-amd-epyc-f25-2c-avx2` or `darwin-arm64-apple-m1-virtual-3c`. Both are part
+of the kind because virtual machines report one model name for CPUs of several
+generations ("AMD EPYC": Zen 3 with AVX2 only, Zen 4 and Zen 5 with AVX-512 and BF16),
+and the kernels' speed, and which of them run, follow the generation: the tier tells
+Zen 3 from Zen 4, the family Zen 4 (25) from Zen 5 (26).
 """
 
 from __future__ import annotations
@@ -90,6 +92,41 @@ def cpu_isa(flags: set[str] | None = None) -> str | None:
     return "sse"
 
 
+def cpu_ids(cpuinfo: str | None = None) -> dict[str, str | int] | None:
+    """The x86 CPU's `vendor_id`, `cpu family` and `model` numbers, from the first
+    processor of `/proc/cpuinfo` (or the text given); None where any is absent (off
+    Linux, other architectures)."""
+    fields = {"vendor_id": "vendor", "cpu family": "family", "model": "model"}
+    ids: dict[str, str | int] = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+        for line in text.splitlines():
+            if not line.strip() and ids:
+                break  # the first processor's block is enough
+            key, _, value = line.partition(":")
+            name = fields.get(key.strip().lower())
+            if name and name not in ids:
+                ids[name] = value.strip() if name == "vendor" else int(value)
+    except (OSError, ValueError):
+        return None
+    return ids if len(ids) == 3 else None
+
+
+def cpu_generation(ids: dict | None = None) -> str | None:
+    """The CPU's generation as a kind names it: `f<family>` on AMD (and Hygon), whose
+    family numbers follow the generations (23 Zen and Zen 2, 25 Zen 3 and Zen 4, 26
+    Zen 5), `f<family>m<model>` elsewhere (Intel's family has been 6 for two decades; its
+    model number names the generation); None where unknown (off Linux x86)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return None
+    ids = cpu_ids() if ids is None else ids
+    if not ids:
+        return None
+    if ids["vendor"] in ("AuthenticAMD", "HygonGenuine"):
+        return f"f{ids['family']}"
+    return f"f{ids['family']}m{ids['model']}"
+
+
 def cpu_count() -> int:
     """CPUs this process may use (affinity-aware on Linux)."""
     try:
@@ -122,7 +159,11 @@ def _slug(text: str) -> str:
 
 def machine_kind() -> str:
     """The name of this machine kind, used to pick the baseline file."""
-    kind = f"{sys.platform.rstrip('0123456789')}-{platform.machine().lower()}-{_slug(cpu_model())}-{cpu_count()}c"
+    cpu = _slug(cpu_model())
+    generation = cpu_generation()
+    if generation:
+        cpu = f"{cpu}-{generation}"
+    kind = f"{sys.platform.rstrip('0123456789')}-{platform.machine().lower()}-{cpu}-{cpu_count()}c"
     isa = cpu_isa()
     return f"{kind}-{isa}" if isa else kind
 
@@ -136,6 +177,7 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "arch": platform.machine(),
         "cpu": cpu_model(),
+        "cpu_ids": cpu_ids(),
         "isa": cpu_isa(),
         "cpu_flags": sorted(f for f in cpu_flags() if f in RECORDED_FLAGS),
         "cores": cpu_count(),

@@ -996,6 +996,63 @@ def test_cpu_isa_tiers(flags: set[str], tier: str, monkeypatch) -> None:
     assert machine.cpu_isa(flags) == tier
 
 
+@pytest.mark.parametrize(
+    ("ids", "generation"),
+    [
+        ({"vendor": "AuthenticAMD", "family": 25, "model": 1}, "f25"),  # Zen 3 (and Zen 4)
+        ({"vendor": "AuthenticAMD", "family": 26, "model": 2}, "f26"),  # Zen 5
+        ({"vendor": "GenuineIntel", "family": 6, "model": 143}, "f6m143"),  # Sapphire Rapids
+        ({"vendor": "GenuineIntel", "family": 6, "model": 207}, "f6m207"),  # Emerald Rapids
+        (None, None),
+    ],
+)
+def test_cpu_generation(ids: dict | None, generation: str | None, monkeypatch) -> None:
+    from bench import machine
+
+    monkeypatch.setattr(machine.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(machine, "cpu_ids", lambda: ids)
+    assert machine.cpu_generation() == generation
+
+
+def test_machine_kind_tells_generations_of_one_name_apart(monkeypatch) -> None:
+    """Zen 4 and Zen 5 report the same name ("AMD EPYC"), core count and tier: the family
+    number makes them two kinds; Zen 3 and Zen 4 share the family, the tier tells them apart."""
+    from bench import machine
+
+    monkeypatch.setattr(machine.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(machine, "cpu_model", lambda: "AMD EPYC")
+    monkeypatch.setattr(machine, "cpu_count", lambda: 2)
+    bf16 = {"avx2", "fma", "avx512f", "avx512_bf16"}
+    kinds = {}
+    for name, family, flags in (
+        ("zen3", 25, {"avx2", "fma"}),
+        ("zen4", 25, bf16),
+        ("zen5", 26, bf16),
+    ):
+        ids = {"vendor": "AuthenticAMD", "family": family, "model": 1}
+        monkeypatch.setattr(machine, "cpu_ids", lambda ids=ids: ids)
+        monkeypatch.setattr(machine, "cpu_flags", lambda flags=flags: flags)
+        kinds[name] = machine.machine_kind()
+    platform_ = machine.sys.platform.rstrip("0123456789")
+    assert kinds == {
+        "zen3": f"{platform_}-x86_64-amd-epyc-f25-2c-avx2",
+        "zen4": f"{platform_}-x86_64-amd-epyc-f25-2c-avx512bf16",
+        "zen5": f"{platform_}-x86_64-amd-epyc-f26-2c-avx512bf16",
+    }
+
+
+def test_cpu_ids_reads_the_first_processor() -> None:
+    from bench import machine
+
+    text = (
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+        "model name\t: AMD EPYC\n\nprocessor\t: 1\nvendor_id\t: Other\ncpu family\t: 1\n"
+    )
+    assert machine.cpu_ids(text) == {"vendor": "AuthenticAMD", "family": 26, "model": 2}
+    assert machine.cpu_ids("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\n") is None
+    assert machine.cpu_ids("vendor_id\t: X\ncpu family\t: six\nmodel\t: 1\n") is None
+
+
 def test_machine_kind_names_the_isa_tier() -> None:
     """Two CPUs of one model name and core count but different tiers are different kinds."""
     from bench import machine
@@ -1003,6 +1060,9 @@ def test_machine_kind_names_the_isa_tier() -> None:
     info = machine.machine_info()
     tier = machine.cpu_isa()
     assert info["isa"] == tier
+    generation = machine.cpu_generation()
+    if generation:
+        assert f"-{generation}-{machine.cpu_count()}c" in info["kind"]
     assert set(info["cpu_flags"]) <= set(machine.RECORDED_FLAGS)
     if tier is None:
         assert not info["kind"].endswith(tuple(f"-{t}" for t, _ in machine.ISA_TIERS))

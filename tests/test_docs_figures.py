@@ -228,7 +228,7 @@ def test_kept_results_files_are_valid_and_shown() -> None:
     for name in sorted(kept):
         doc = load(ROOT / name)  # raises on a broken file
         assert doc["run_id"] in describe(doc), name
-    baseline = "bench/baselines/linux-x86_64-amd-epyc-2c-avx2.json"
+    baseline = "bench/baselines/linux-x86_64-amd-epyc-f25-2c-avx2.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "show", baseline],
         cwd=ROOT,
@@ -251,7 +251,7 @@ PLANTED = [
     "The flow needs 3.5 s per second of audio.",
     "| speech LM | ms/token |\n|---|---|\n| fp32 | 105 |",
 ]
-BASELINE = "bench/baselines/linux-x86_64-amd-epyc-2c-avx2.json"
+BASELINE = "bench/baselines/linux-x86_64-amd-epyc-f25-2c-avx2.json"
 
 
 @pytest.mark.parametrize("planted", PLANTED)
