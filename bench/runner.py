@@ -557,7 +557,11 @@ def run_sweep(
         for name in dict.fromkeys(c.target for c in todo):
             if bar is not None:
                 bar.set_postfix_str(f"preparing {name} weights")
-            target, prep, env = prepare_target(name, [c for c in plan if c.target == name], opts)
+            cases = [c for c in plan if c.target == name]
+            # with fidelity, the reference setting's model dir too (fp32 for an 8-bit sweep)
+            if opts.fidelity:
+                cases += [r for r in map(reference_case, cases) if r.target == name]
+            target, prep, env = prepare_target(name, list(dict.fromkeys(cases)), opts)
             prepared[name] = (target, prep, env)
             doc["targets"][name] = {
                 "weights": prep.weights,
@@ -596,7 +600,7 @@ def run_sweep(
                         )
                     except Exception as e:  # the case is timed without fidelity figures
                         reference = None
-                        bar_write(bar, f"no reference output for {case.id}: {_first(str(e))}")
+                        bar_write(bar, f"no reference output for {case.id}: {_summary(str(e))}")
             record = execute_case(target, prep, env, case, work, opts, status, reference)
             doc["cases"] = [c for c in doc["cases"] if c["id"] != case.id] + [record]
             save()
@@ -652,8 +656,13 @@ def bar_write(bar: Any, line: str) -> None:
         print(line, file=sys.stderr)
 
 
-def _first(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else ""
+def _summary(text: str) -> str:
+    """An error in one line: its first line and, where it has more (a worker's log, whose
+    last line is the exception), its last."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if len(lines) > 1:
+        return f"{lines[0]} ... {lines[-1]}"
+    return lines[0] if lines else ""
 
 
 def _bar_status(bar: Any, case_id: str) -> Callable[[str], None]:

@@ -141,6 +141,37 @@ def test_sweep_without_the_reference_case_runs_a_reference_job(
     assert f["new_speaker_first_chunk_s"] >= f["prompt_s"] > 0
 
 
+def test_a_sweep_without_the_reference_precision_prepares_it(
+    mlx_tiny_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """An 8-bit-only sweep still gets its fidelity figures: the target is prepared with the
+    reference setting's LLM precision (fp32) too, whose model dir the reference job loads."""
+    import bench.runner as runner
+    from bench.interface import Prepared
+
+    asked: list[list[str]] = []
+
+    def prepare(name, cases, opts):
+        asked.append(sorted({c.llm for c in cases}))
+        dirs = {c.llm: str(mlx_tiny_dir) for c in cases}  # only what was asked for
+        return (
+            runner.get_target(name),
+            Prepared({"label": "synthetic"}, {"dirs": dirs, "load_overrides": {}}),
+            {},
+        )
+
+    monkeypatch.setattr(runner, "prepare_target", prepare)
+    monkeypatch.setattr(runner.Work, "for_case", classmethod(lambda cls, *a, **k: WORK))
+    opts = RunOptions(repeats=1, warmup=0, isolate=False)
+    doc = run_sweep(
+        new_run([Case(llm="8bit", steps=2)], opts, run_id="q"), tmp_path / "q.json", False
+    )
+    assert asked == [["8bit", "fp32"]]
+    (rec,) = doc["cases"]
+    assert rec["status"] == "ok", rec.get("error")
+    assert "mrstft_distance" in rec["figures"]
+
+
 def test_no_fidelity_option(tiny_sweep: None, tmp_path: Path) -> None:
     opts = RunOptions(repeats=1, warmup=0, isolate=False, fidelity=False)
     doc = run_sweep(new_run([Case(steps=1)], opts, run_id="n"), tmp_path / "n.json", False)
@@ -289,3 +320,11 @@ def test_a_bad_reference_file_costs_the_fidelity_figures_not_the_timings(
     assert rec["status"] == "ok" and "rtf" in rec["figures"]
     assert "mrstft_distance" not in rec["figures"]
     assert rec["fidelity"]["reference"] == Case().id and rec["fidelity"]["error"]
+
+
+def test_a_failed_reference_job_says_why_in_one_line() -> None:
+    from bench.runner import _summary
+
+    log = "worker exited with status 1:\nTraceback (most recent call last):\n  ...\nKeyError: 'fp32'\n"
+    assert _summary(log) == "worker exited with status 1: ... KeyError: 'fp32'"
+    assert _summary("one line") == "one line" and _summary("  \n") == ""
