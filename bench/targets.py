@@ -99,6 +99,11 @@ class CosyVoice2Target:
         return {}
 
     def supports(self, case: Case) -> str | None:
+        if case.flow_bits == 16 and case.dtype != "fp32":
+            # what `cosyvoice2.load` refuses: recorded as such, not loaded to fail
+            return (
+                f"flow_bits 16 (bf16 products in a float32 flow) needs dtype fp32, not {case.dtype}"
+            )
         return None
 
     def prepare(self, cases: list[Case], options: dict[str, Any]) -> Prepared:

@@ -328,3 +328,27 @@ def test_a_failed_reference_job_says_why_in_one_line() -> None:
     log = "worker exited with status 1:\nTraceback (most recent call last):\n  ...\nKeyError: 'fp32'\n"
     assert _summary(log) == "worker exited with status 1: ... KeyError: 'fp32'"
     assert _summary("one line") == "one line" and _summary("  \n") == ""
+
+
+def test_a_combination_load_refuses_is_recorded_unsupported(
+    tiny_sweep: None, mlx_tiny_dir: Path, tmp_path: Path
+) -> None:
+    """`--dtype bf16 --flow-bits 16` (which `cosyvoice2.load` refuses) is an `unsupported`
+    record with the reason, not a load that fails with a traceback in every such case."""
+    import cosyvoice2
+    from bench.targets import CosyVoice2Target
+    from cosyvoice2.options import OptionError
+
+    with pytest.raises(OptionError, match="flow_bits 16"):
+        cosyvoice2.load(mlx_tiny_dir, flow_dtype="bfloat16", flow_bits=16)
+    target = CosyVoice2Target()
+    assert target.supports(Case(flow_bits=16)) is None
+    assert target.supports(Case(dtype="bf16", flow_bits=8)) is None  # load accepts it:
+    cosyvoice2.load(mlx_tiny_dir, flow_dtype="bfloat16", flow_bits=8)
+    opts = RunOptions(repeats=1, warmup=0, isolate=False, fidelity=False)
+    cases = [Case(dtype="bf16", flow_bits=16), Case(dtype="fp16", flow_bits=16)]
+    doc = run_sweep(new_run(cases, opts, run_id="u"), tmp_path / "u.json", False)
+    for rec in doc["cases"]:
+        assert rec["status"] == "unsupported", rec
+        assert "needs dtype fp32" in rec["reason"] and rec["settings"]["dtype"] in rec["reason"]
+    assert validate(doc) == []
