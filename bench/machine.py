@@ -83,7 +83,7 @@ def cpu_flags() -> set[str]:
 
 def cpu_isa(flags: set[str] | None = None) -> str | None:
     """The widest tier of `ISA_TIERS` the CPU has (`sse` below them); None off x86."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+    if not _x86():
         return None
     flags = cpu_flags() if flags is None else flags
     for name, needs in ISA_TIERS:
@@ -112,19 +112,21 @@ def cpu_ids(cpuinfo: str | None = None) -> dict[str, str | int] | None:
     return ids if len(ids) == 3 else None
 
 
-def cpu_generation(ids: dict | None = None) -> str | None:
+def cpu_generation() -> str | None:
     """The CPU's generation as a kind names it: `f<family>` on AMD (and Hygon), whose
     family numbers follow the generations (23 Zen and Zen 2, 25 Zen 3 and Zen 4, 26
     Zen 5), `f<family>m<model>` elsewhere (Intel's family has been 6 for two decades; its
     model number names the generation); None where unknown (off Linux x86)."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
-        return None
-    ids = cpu_ids() if ids is None else ids
+    ids = cpu_ids() if _x86() else None
     if not ids:
         return None
     if ids["vendor"] in ("AuthenticAMD", "HygonGenuine"):
         return f"f{ids['family']}"
     return f"f{ids['family']}m{ids['model']}"
+
+
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
 
 def cpu_count() -> int:
