@@ -5,6 +5,7 @@ Subcommands:
     run              synthesis, then scoring (the usual entry point)
     synth            synthesis only (cached per utterance, resumable)
     score            ASR round trip and SIM of a synthesis folder
+    merge            the parts of a run split with --shard i/n, into one result
     convert-whisper  CTranslate2 Whisper -> mlx-whisper folder
 
 Examples:
@@ -17,6 +18,9 @@ Examples:
 
 Outputs go to `eval/results/<set>/<tag>/` unless `--out` is given: `manifest.json` and
 `wavs/` (synthesis), `results.json`, `utterances.csv`, `summary.csv` (scores).
+
+Split over ranks (`eval.shards`): `mlx.launch -n 2 -- python -m eval run ...` (rank 0
+merges), or `--shard 0/2` and `--shard 1/2` as separate jobs, then `python -m eval merge OUT`.
 """
 
 from __future__ import annotations
@@ -140,10 +144,10 @@ def _synth(args: argparse.Namespace, ts: TestSet):
     return run
 
 
-def _score(args: argparse.Namespace, ts: TestSet, run) -> dict[str, Any]:
+def _scorers(args: argparse.Namespace, ts: TestSet):
+    """The ASR model and speaker encoder of `--asr` / `--sim` (SystemExit when the ASR
+    model cannot transcribe a language of the set), and their description for results."""
     from eval.asr import MLXWhisper
-    from eval.results_io import build_results, write_results
-    from eval.score import score_set
     from eval.similarity import make_encoder
 
     langs = {u.lang for u in ts}
@@ -156,23 +160,48 @@ def _score(args: argparse.Namespace, ts: TestSet, run) -> dict[str, Any]:
         if args.sim == "none"
         else make_encoder(args.sim, args.sim_checkpoint, args.unispeech_dir)
     )
+    return transcriber, encoder
 
+
+def _models(run, transcriber, encoder) -> dict[str, Any]:
+    return {
+        "tts": run.settings,
+        "asr": transcriber.describe(),
+        "sim": encoder.describe() if encoder is not None else None,
+    }
+
+
+def _audio_source(run):
     def audio_for(utt_id: str):
         e = run.entries.get(utt_id)
         if e is None:
             return None, "not synthesised"
         return (run.out_dir / e.wav, None) if e.ok else (None, e.error)
 
-    rows = score_set(ts, audio_for, transcriber, encoder)
-    models = {
-        "tts": run.settings,
-        "asr": transcriber.describe(),
-        "sim": encoder.describe() if encoder is not None else None,
-    }
+    return audio_for
+
+
+def _score(args: argparse.Namespace, ts: TestSet, run) -> dict[str, Any]:
+    from eval.results_io import build_results
+    from eval.score import score_set
+
+    transcriber, encoder = _scorers(args, ts)
+    rows = score_set(ts, _audio_source(run), transcriber, encoder)
     doc = build_results(
-        rows, ts.describe(), run.settings, models, run.settings.get("weights", "unknown")
+        rows,
+        ts.describe(),
+        run.settings,
+        _models(run, transcriber, encoder),
+        run.settings.get("weights", "unknown"),
     )
-    paths = write_results(doc, run.out_dir)
+    _write_and_print(doc, run.out_dir)
+    return doc
+
+
+def _write_and_print(doc: dict[str, Any], out: Path) -> None:
+    from eval.results_io import write_results
+
+    paths = write_results(doc, out)
     s = doc["summary"]
     rate = s["mean_error_rate_x100"]
     print(
@@ -184,7 +213,125 @@ def _score(args: argparse.Namespace, ts: TestSet, run) -> dict[str, Any]:
     )
     for uid, why in s["failures"].items():
         print(f"  failed {uid}: {why}", file=sys.stderr)
-    return doc
+
+
+# --------------------------------------------------------------------------- sharded runs
+
+
+def _sharded(args: argparse.Namespace, ts: TestSet, shard) -> int:
+    """This rank's share of a `run` or `synth` (`eval.shards`); rank 0 of an `mlx.launch`
+    group then merges every rank's part into the output folder."""
+    from dataclasses import asdict
+
+    from eval.datasets import subset
+    from eval.score import score_set
+    from eval.shards import new_part, part_dir, read_part, reusable_rows, write_part
+    from eval.synth import synthesize_set
+    from sharding import ShardError
+
+    synth = _make_synth(args)
+    out = args.out or DEFAULT_RESULTS / ts.name / _tag(synth.describe())
+    mine = subset(ts, ids=[u.id for u in shard.take(list(ts))])
+    pdir = part_dir(out, shard)
+    run = synthesize_set(mine, synth, pdir, overwrite=args.overwrite)
+    failed = run.failed()
+    print(
+        f"rank {shard.name}: synthesis of {len(mine)} of {len(ts)} utterances: "
+        f"{len(run.entries) - len(failed)} ok, {len(failed)} failed -> {pdir}"
+    )
+    part_text = ""
+    if args.cmd == "run":
+        transcriber, encoder = _scorers(args, ts)
+        part = new_part(
+            shard,
+            ts.describe(),
+            [u.id for u in ts],
+            run.settings,
+            _models(run, transcriber, encoder),
+            run.settings.get("weights", "unknown"),
+        )
+        path = pdir / "part.json"
+        old = None
+        if args.resume and path.is_file():
+            try:
+                old = read_part(path)
+            except ShardError as e:
+                print(f"rank {shard.name}: scoring again: {e}", file=sys.stderr)
+        scored = reusable_rows(old, part, run.entries)
+        if args.resume:
+            print(f"rank {shard.name}: {len(scored)} scored rows kept from the earlier part")
+
+        def save(row=None) -> None:
+            if row is not None:
+                scored[row.id] = row
+            part["rows"] = [scored[u.id].to_dict() for u in mine if u.id in scored]
+            part["scored_from"] = {u: asdict(run.entries[u]) for u in scored}
+            write_part(path, part)
+
+        save()
+        score_set(mine, _audio_source(run), transcriber, encoder, done=dict(scored), on_row=save)
+        part["status"] = "complete"
+        save()
+        part_text = path.read_text(encoding="utf-8")
+    manifest_text = run.manifest_path.read_text(encoding="utf-8")
+    if not shard.connected:
+        print(
+            f"part {shard.name} written to {pdir}; once every part is in {out / 'parts'}, "
+            f"merge them with: python -m eval merge {out}"
+        )
+        return 0 if args.cmd == "run" or not failed else 1
+    parts = shard.gather_bytes(part_text.encode("utf-8"))
+    manifests = shard.gather_bytes(manifest_text.encode("utf-8"))
+    if shard.rank != 0:
+        return 0 if args.cmd == "run" or not failed else 1
+    import json
+
+    return _merge_into(
+        out,
+        [json.loads(p) for p in parts if p],
+        {f"{r}-of-{shard.size}": json.loads(m) for r, m in enumerate(manifests)},
+    )
+
+
+def _merge_into(out: Path, parts: list[dict], manifests: dict[str, dict]) -> int:
+    """Write the merged results (when there are parts) and manifest into `out`; a merge
+    that cannot be made is one line on stderr and status 1, nothing written."""
+    from eval.shards import interleaved_order, merge_manifests, merge_parts
+    from sharding import ShardError
+
+    try:
+        doc = merge_parts(parts) if parts else None
+        if manifests:
+            order = (
+                [u["id"] for u in doc["utterances"]]
+                if doc is not None
+                else interleaved_order(manifests)
+            )
+            merge_manifests(out, manifests, order)
+    except ShardError as e:
+        print(f"merge: {e}", file=sys.stderr)
+        return 1
+    except (KeyError, TypeError, ValueError) as e:
+        print(f"merge: a part is malformed ({type(e).__name__}: {e})", file=sys.stderr)
+        return 1
+    if doc is None:
+        print(f"merged synthesis manifest -> {out / 'manifest.json'}")
+        return 0
+    _write_and_print(doc, out)
+    return 0 if doc["summary"]["n_scored"] else 1
+
+
+def _merge(args: argparse.Namespace) -> int:
+    """`python -m eval merge OUT`: the parts under `OUT/parts/` into one result."""
+    from eval.shards import local_parts
+    from sharding import ShardError
+
+    try:
+        parts, manifests = local_parts(args.out)
+    except ShardError as e:
+        print(f"merge: {e}", file=sys.stderr)
+        return 1
+    return _merge_into(args.out, parts, manifests)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,18 +349,43 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="synthesise and score a set")
     p_synth = sub.add_parser("synth", help="synthesise a set (cached, resumable)")
     p_score = sub.add_parser("score", help="score a synthesis folder")
+    p_merge = sub.add_parser("merge", help="merge the parts of a sharded run (--shard i/n)")
     sub.add_parser("convert-whisper", help="CTranslate2 Whisper -> mlx-whisper (see its --help)")
     for p in (p_run, p_synth, p_score):
         _add_set_args(p)
     for p in (p_run, p_synth):
         _add_synth_args(p)
         p.add_argument("--out", type=Path, help="output folder")
+        p.add_argument(
+            "--shard",
+            metavar="I/N",
+            help="run shard I of N (0-based; utterances I, I+N, ...) and write its part (see"
+            " `merge`); under mlx.launch each rank takes its shard by itself",
+        )
+        p.add_argument(
+            "--resume",
+            action="store_true",
+            help="sharded runs: keep the rows each part has scored (synthesis is always reused)",
+        )
+    p_merge.add_argument("out", type=Path, help="the run's output folder (with parts/)")
     for p in (p_run, p_score):
         _add_score_args(p)
     p_score.add_argument("--synth-dir", required=True, type=Path, help="folder with manifest.json")
     args = ap.parse_args(argv)
 
+    if args.cmd == "merge":
+        return _merge(args)
     ts = _load_set(args)
+    if args.cmd in ("run", "synth"):
+        from sharding import ShardError, from_args
+
+        try:
+            shard = from_args(args.shard)
+        except ShardError as e:
+            print(f"eval {args.cmd}: {e}", file=sys.stderr)
+            return 2
+        if shard.size > 1:
+            return _sharded(args, ts, shard)
     if args.cmd == "synth":
         run = _synth(args, ts)
         return 1 if run.failed() else 0

@@ -24,6 +24,7 @@ OURS = {
     "bench",
     "eval",
     "reports",
+    "sharding",
     "tests",
 }
 # Imported only where the module says it is optional, and not installable from an index
@@ -109,6 +110,7 @@ def test_every_runtime_dependency_is_imported_by_the_runtime() -> None:
 def test_eval_and_reports_import_only_their_extras() -> None:
     assert not undeclared("eval", declared("runtime", "eval")), "eval/ imports beyond [eval]"
     assert not undeclared("reports", declared("runtime", "report")), "reports/ beyond [report]"
+    assert not undeclared("sharding", declared("runtime")), "sharding/ beyond the runtime's"
 
 
 def test_the_scan_can_fail(tmp_path: Path, monkeypatch) -> None:
