@@ -1,4 +1,4 @@
-"""Command line: `python -m bench run|compare|list|show|keep|baseline|micro`.
+"""Command line: `python -m bench run|compare|merge|list|show|keep|baseline|micro`.
 
 python -m bench run                       # default sweep, synthetic full-size weights
 python -m bench run --reference official  # plus the official PyTorch code on the same work
@@ -13,6 +13,9 @@ python -m bench compare RUN BASELINE      # exit 1 on regressions
 python -m bench list [--dir bench/runs]
 python -m bench show bench/runs/RUN.json  # a file, or a run id (bench/results/, bench/runs/)
 python -m bench keep RUN                  # copy a finished run into bench/runs/
+mlx.launch -n 2 -- python -m bench run ... # split over ranks (bench/shards.py); rank 0 merges
+python -m bench run --shard 0/2 --name R  # one shard of a run (e.g. a CI matrix job) ...
+python -m bench merge bench/results/R.parts  # ... and the merge of its parts
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ from bench.results import (
     resolve_run,
     write_json_atomic,
 )
-from bench.runner import INTERRUPTED, RunOptions, new_run, run_sweep
+from bench.runner import INTERRUPTED, RunOptions, default_run_id, new_run, run_sweep
+from sharding import Shard, ShardError, from_args
 
 REPORT = RESULTS / "report"
 """Where `run` builds the report of the run it made (with the kept runs as history)."""
@@ -218,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="run shard I of N (0-based) of the plan and write its part (bench/shards.py;"
+        " merge the parts with `merge`); under mlx.launch each rank takes its shard by itself",
+    )
+    g.add_argument(
         "--report",
         default=str(REPORT),
         help=f"build the report with plots here when the run ends (default {REPORT}; none: no report)",
@@ -267,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--changes", action="store_true", help="only print regressions and improvements")
     c.add_argument("--markdown", metavar="FILE", help="also write the table as markdown")
     c.add_argument("--dir", default=str(RESULTS), help="results directory for run ids")
+
+    mg = sub.add_parser("merge", help="merge the parts of a sharded run into one results file")
+    mg.add_argument("parts", nargs="+", help="a run's parts folder (<run>.parts) or part files")
+    mg.add_argument("--out", default=str(RESULTS), help=f"where to write it (default {RESULTS})")
 
     ls = sub.add_parser("list", help="list runs")
     ls.add_argument("--dir", default=str(RESULTS))
@@ -375,6 +389,13 @@ def _axes_of(cases: list[Case]) -> dict:
 
 def cmd_run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
+    try:
+        shard = from_args(args.shard)
+    except ShardError as e:
+        print(f"bench run: {e}", file=sys.stderr)
+        return 2
+    if shard.size > 1:
+        return cmd_run_shard(args, shard)
     if args.resume:
         if args.resume == "latest-interrupted":
             runs = [
@@ -426,6 +447,114 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return INTERRUPTED
+    return _after_run(args, doc, path, out_dir)
+
+
+def _shard_run_id(args: argparse.Namespace, shard: Shard, out_dir: Path) -> str:
+    """The run id every rank shares: `--resume RUN` or `--name`; under mlx.launch rank 0's
+    new id (or, for a bare `--resume`, its latest unfinished sharded run), sent to the others.
+    ShardError where no rank can know it (`--shard` without a name)."""
+    if args.resume not in (None, "latest-interrupted"):
+        if args.name is not None and args.name != args.resume:
+            raise ShardError(f"--name {args.name} and --resume {args.resume} name two runs")
+        return args.resume
+    if args.name is not None:
+        return args.name
+    if not shard.connected:
+        raise ShardError(
+            "--shard needs the run id every shard shares: --name RUN_ID (or --resume RUN_ID)"
+        )
+    run_id = None
+    if shard.rank == 0:
+        if args.resume:
+            found = unfinished_sharded_runs(out_dir)
+            run_id = found[0] if found else ""
+        else:
+            run_id = default_run_id()
+    run_id = shard.share_text(run_id)
+    if not run_id:
+        raise ShardError(f"no unfinished sharded run in {out_dir} on rank 0")
+    return run_id
+
+
+def unfinished_sharded_runs(out_dir: Path) -> list[str]:
+    """Run ids of the sharded runs in `out_dir` with an unfinished part, newest first."""
+    found = []
+    for d in sorted(out_dir.glob("*.parts"), key=lambda q: q.stat().st_mtime, reverse=True):
+        for _, doc in list_runs(d):
+            if doc is not None and doc.get("status") != "complete":
+                found.append(d.name.removesuffix(".parts"))
+                break
+    return found
+
+
+def cmd_run_shard(args: argparse.Namespace, shard: Shard) -> int:
+    """This rank's cases of a sharded run (`bench.shards`), then, under mlx.launch, rank 0
+    merges every rank's part and goes on as after a single run."""
+    from bench.shards import check_part, merge_parts, part_path, shard_cases, shard_record
+
+    try:
+        cases, _, opts = _plan_and_options(args)
+        mine = shard_cases(cases, shard)
+        if args.dry_run:
+            for c in mine:
+                print(c.id)
+            print(f"{len(mine)} of {len(cases)} cases on rank {shard.name}")
+            return 0
+        run_id = _shard_run_id(args, shard, out_dir := Path(args.out))
+        plan_text = json.dumps([[c.id for c in cases], opts.to_dict()], sort_keys=True)
+        shard.check_same("plan or settings", plan_text)
+        path = part_path(out_dir, run_id, shard)
+        if path.exists():
+            if not args.resume:
+                raise ShardError(f"{path} exists: --resume {run_id} it or pick another --name")
+            doc = load(path)
+            check_part(doc, cases, opts.to_dict())
+            done = sum(c["status"] in ("ok", "unsupported") for c in doc["cases"])
+            print(f"rank {shard.name}: resuming {run_id}: {done} of {len(mine)} cases done")
+        else:
+            doc = new_run(
+                mine, opts, run_id=run_id, command=["python", "-m", "bench", *sys.argv[1:]]
+            )
+            doc["shard"] = shard_record(shard, cases)
+    except (ValueError, OSError) as e:  # ShardError is a ValueError
+        print(f"bench run: {e}", file=sys.stderr)
+        return 2
+    print(f"rank {shard.name}: {len(mine)} of {len(cases)} cases -> {path}")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        run_sweep(doc, path, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(
+            f"\nrank {shard.name} interrupted; its finished cases are kept in {path}\n"
+            f"continue with the same command and --resume {run_id}",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
+    own = 0 if all(c["status"] != "error" for c in doc["cases"]) else 1
+    if not shard.connected:
+        print(
+            f"part {shard.name} done: {path}\nonce every part is there, merge them with: "
+            f"python -m bench merge {path.parent}"
+        )
+        return own
+    parts = shard.gather_bytes(path.read_bytes())
+    if shard.rank != 0:
+        return own
+    try:
+        merged = merge_parts([json.loads(p) for p in parts])
+    except ShardError as e:
+        print(f"bench run: merge: {e}", file=sys.stderr)
+        return 1
+    path = out_dir / f"{run_id}.json"
+    write_json_atomic(path, merged)
+    print(f"merged {shard.size} parts: {path}")
+    return _after_run(args, merged, path, out_dir)
+
+
+def _after_run(args: argparse.Namespace, doc: dict[str, Any], path: Path, out_dir: Path) -> int:
+    """What follows a finished run (or a merged sharded one): the quality step, the micro
+    benchmarks, the summary, keep, compare, report; the exit status."""
     from bench.report import describe
 
     if quality_mode(doc.get("weights", {}).get("label", "unknown"), args.quality):
@@ -579,29 +708,39 @@ def baseline_path(kind: str | None = None) -> Path:
 
 def _compare_paths(run, baseline, tolerance, overrides, floors, strict, changes, markdown, dir_):
     from bench.compare import compare, format_table
+    from bench.results import by_machine
 
     run_path = resolve_run(run, dir_)
     run_doc = load(run_path)
-    if baseline == "auto":
-        base_path = baseline_path(run_doc["machine"]["kind"])
-        if not base_path.exists():
-            print(f"no baseline for machine kind {run_doc['machine']['kind']!r} ({base_path})")
+    if baseline == "auto":  # each machine kind's cases against that kind's baseline
+        pairs = []
+        for kind, sub in by_machine(run_doc):
+            base_path = baseline_path(kind)
+            if base_path.exists():
+                pairs.append((sub, base_path))
+                continue
+            print(f"no baseline for machine kind {kind!r} ({base_path})")
             print(f"store this run as the baseline with: python -m bench baseline {run_path}")
+        if not pairs:
             return 3
     else:
-        base_path = resolve_run(baseline, dir_)
-    base_doc = load(base_path)
-    cmp = compare(run_doc, base_doc, tolerance, overrides, floors=floors, strict=strict)
-    print(f"run {run_path}\nbaseline {base_path}\n")
-    print(format_table(cmp, only_changes=changes))
+        pairs = [(run_doc, resolve_run(baseline, dir_))]
+    ok = True
+    tables = []
+    for doc, base_path in pairs:
+        cmp = compare(doc, load(base_path), tolerance, overrides, floors=floors, strict=strict)
+        print(f"run {run_path}\nbaseline {base_path}\n")
+        print(format_table(cmp, only_changes=changes))
+        ok = ok and cmp.ok
+        tables.append(
+            f"run `{run_path.name}` against baseline `{base_path.name}`\n\n"
+            + format_table(cmp, markdown=True, only_changes=changes)
+        )
     if markdown:
         Path(markdown).write_text(
-            f"# bench compare\n\nrun `{run_path.name}` against baseline `{base_path.name}`\n\n"
-            + format_table(cmp, markdown=True, only_changes=changes)
-            + "\n",
-            encoding="utf-8",
+            "# bench compare\n\n" + "\n\n".join(tables) + "\n", encoding="utf-8"
         )
-    return 0 if cmp.ok else 1
+    return 0 if ok else 1
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -627,6 +766,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(e, file=sys.stderr)
         return 2
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """`python -m bench merge PARTS...`: the parts of `--shard` jobs as one results file."""
+    from bench.report import describe
+    from bench.shards import merge_parts
+
+    files: list[Path] = []
+    for item in map(Path, args.parts):
+        files += sorted(item.glob("*.json")) if item.is_dir() else [item]
+    try:
+        merged = merge_parts([load(f) for f in files])
+    except (ValueError, OSError) as e:  # ShardError is a ValueError
+        print(f"bench merge: {e}", file=sys.stderr)
+        return 2
+    path = Path(args.out) / f"{merged['run_id']}.json"
+    write_json_atomic(path, merged)
+    print(describe(merged))
+    print(f"\nmerged {len(files)} parts: {path} [{merged['status']}]")
+    return 0 if merged["status"] == "complete" else 1
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -708,6 +867,7 @@ def main(argv: list[str] | None = None) -> int:
     return {
         "run": cmd_run,
         "compare": cmd_compare,
+        "merge": cmd_merge,
         "list": cmd_list,
         "show": cmd_show,
         "keep": cmd_keep,

@@ -11,7 +11,11 @@ improved below 1 / (1 + tolerance). When both values are under the figure's floo
 
 Cases only in the run are `new`; cases only in the baseline are `missing` (a
 failure with `strict`). Comparing runs of different weights labels or machine kinds
-is allowed but warned about.
+is allowed but warned about. A run whose cases ran on several machine kinds (merged
+from ranks on different machines, `bench.shards`) is never compared as one machine:
+each case is compared only with a baseline case of its own kind (the others are listed
+as not compared), and `bench compare` without a baseline compares each kind's cases
+with that kind's baseline.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.figures import DEFAULT_TOLERANCE, FIGURES
-from bench.results import case_index
+from bench.results import case_index, case_machine, machine_kinds
 
 
 @dataclass
@@ -44,6 +48,8 @@ class Comparison:
     failed: list[str] = field(default_factory=list)
     """Cases that are ok in the baseline but not in the run (error / unsupported)."""
     warnings: list[str] = field(default_factory=list)
+    other_machine: list[str] = field(default_factory=list)
+    """Cases not compared: the run's ran on another machine kind than the baseline's."""
     strict: bool = False
 
     @property
@@ -78,13 +84,18 @@ def compare(
     if unknown:
         raise ValueError(f"tolerance given for unknown figures {sorted(unknown)}")
     out = Comparison(strict=strict)
+    several = len(machine_kinds(run)) > 1 or len(machine_kinds(baseline)) > 1
     for what, get in (
         ("weights", lambda d: d.get("weights", {}).get("label")),
         ("machine kind", lambda d: d.get("machine", {}).get("kind")),
     ):
         a, b = get(run), get(baseline)
-        if a != b:
+        if a != b and not (several and what == "machine kind"):
             out.warnings.append(f"{what} differ: run {a!r}, baseline {b!r}")
+    if several:
+        out.warnings.append(
+            "cases of several machine kinds: each is compared only with a baseline case of its kind"
+        )
     for what, doc in (("run", run), ("baseline", baseline)):
         load = busiest(doc)
         cores = doc.get("machine", {}).get("cores") or 1
@@ -100,6 +111,10 @@ def compare(
             out.new.append(cid)
             continue
         if bc.get("status") != "ok":
+            continue
+        kinds = case_machine(run, rc).get("kind"), case_machine(baseline, bc).get("kind")
+        if several and kinds[0] != kinds[1]:
+            out.other_machine.append(f"{cid}: ran on {kinds[0]}, baseline on {kinds[1]}")
             continue
         if rc.get("status") != "ok":
             out.failed.append(f"{cid}: {rc.get('status')}: {rc.get('error') or rc.get('reason')}")
@@ -186,6 +201,8 @@ def format_table(cmp: Comparison, markdown: bool = False, only_changes: bool = F
         lines.append(f"new case (no baseline): {cid}")
     for cid in cmp.missing:
         lines.append(f"missing from run: {cid}")
+    for line in cmp.other_machine:
+        lines.append(f"not compared (another machine kind): {line}")
     for f in cmp.failed:
         lines.append(f"failed in run: {f}")
     n_reg = len(cmp.regressions)

@@ -181,7 +181,46 @@ def streaming_table(doc: dict[str, Any], markdown: bool = False) -> str:
 
 
 def describe(doc: dict[str, Any], markdown: bool = False) -> str:
-    """Everything about a run: header, per-case figures, streaming and side-by-side ratios."""
+    """Everything about a run: header, per-case figures, streaming and side-by-side ratios;
+    a run with cases from several machine kinds (merged from ranks, `bench.shards`) one
+    kind at a time, so no table or ratio mixes machines."""
+    from bench.results import by_machine
+
+    kinds = by_machine(doc)
+    notes = _shard_notes(doc)
+    if len(kinds) == 1:
+        return _describe_one(doc, markdown, notes)
+    lead = [
+        f"run {doc['run_id']} [{doc['status']}]  {doc['created']}",
+        f"cases from {len(kinds)} machine kinds: each kind is shown, and its ratios taken, apart",
+        *notes,
+    ]
+    parts = ["\n".join(f"- {x}" for x in lead) if markdown else "\n".join(lead)]
+    for kind, sub in kinds:
+        title = f"machine kind {kind}: {len(sub['cases'])} cases"
+        parts.append(f"### {title}" if markdown else f"=== {title}")
+        parts.append(_describe_one(sub, markdown, []))
+    return "\n\n".join(parts)
+
+
+def _shard_notes(doc: dict[str, Any]) -> list[str]:
+    """The ranks of a merged sharded run, and hosts that ran several at once."""
+    from bench.shards import shared_hosts
+
+    shards = doc.get("shards")
+    if not shards:
+        return []
+    hosts = sorted({str(s.get("hostname")) for s in shards})
+    out = [f"sharded: {len(shards)} ranks on {len(hosts)} host(s) ({', '.join(hosts)})"]
+    for host, ranks in shared_hosts(doc).items():
+        out.append(
+            f"warning: ranks {ranks} ran at once on {host}: their cases' timings overlap"
+            " (compare them with care; a timing run wants one rank per machine)"
+        )
+    return out
+
+
+def _describe_one(doc: dict[str, Any], markdown: bool, notes: list[str]) -> str:
     m, v, w = doc["machine"], doc["versions"], doc["weights"]
     dirty = " (uncommitted changes)" if v.get("git_dirty") else ""
     header = [
@@ -192,6 +231,7 @@ def describe(doc: dict[str, Any], markdown: bool = False) -> str:
         f"settings: repeats {doc['settings']['repeats']}, warm-up {doc['settings']['warmup']},"
         f" prompt {doc['settings']['prompt_seconds']} s, fixed length {doc['settings']['fixed_length']}",
     ]
+    header += notes
     if markdown:
         header = [f"- {h}" for h in header]
     parts = ["\n".join(header), summary_table(doc, markdown)]

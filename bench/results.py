@@ -11,8 +11,16 @@ Layout (`SCHEMA` = "cosyvoice2-mlx-bench/1"; `validate` checks it):
     plan      [case settings, in run order]
     cases     [{id, settings, work, status ("ok" | "error" | "unsupported"), weights,
                 figures {name: {median, min, max, n, values}}, calls [...], env,
-                started, finished, duration_s, error?}]
+                machine (the machine it ran on, as `machine`), started, finished,
+                duration_s, error?}]
     micro     {path, ...}   optional: pytest-benchmark JSON stored beside the run
+    shard     {rank, size, hostname, pid, plan}   a part of a sharded run (`bench.shards`)
+    shards    [{rank, size, hostname, pid, status, machine, versions, created, updated,
+                cases}]     a merged sharded run: where each rank ran
+
+A case's machine is its own `machine` record, else the run's (older files): a run merged
+from ranks on several machines holds cases of several machine kinds (`machine_kinds`),
+which reports and comparisons take one kind at a time (`by_machine`).
 
 Where they live: `bench/results/` (`RESULTS`, ignored by git) is the scratch space every
 run writes to; `bench/runs/` (`RUNS`, kept in the repository) holds the runs that documents
@@ -178,6 +186,10 @@ def _validate_case(c: Any, where: str, p: list[str]) -> None:
         _need(c, "error", str, where, p)
     if status == "unsupported":
         _need(c, "reason", str, where, p)
+    if "machine" in c:
+        machine = _need(c, "machine", dict, where, p)
+        if machine is not None:
+            _need(machine, "kind", str, f"{where}.machine", p)
     if status != "ok":
         return
     _need(c, "weights", str, where, p)
@@ -221,6 +233,35 @@ def _validate_case(c: Any, where: str, p: list[str]) -> None:
 
 def case_index(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["id"]: c for c in doc.get("cases", [])}
+
+
+def case_machine(doc: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
+    """The machine a case ran on: its own record, else the run's (files before per-case records)."""
+    m = case.get("machine")
+    return m if isinstance(m, dict) and isinstance(m.get("kind"), str) else doc.get("machine", {})
+
+
+def machine_kinds(doc: dict[str, Any]) -> list[str]:
+    """The machine kinds of a run's cases, in the order they first appear (the run's own kind
+    for a run without cases)."""
+    kinds = [case_machine(doc, c).get("kind") for c in doc.get("cases", [])]
+    return list(dict.fromkeys(k for k in kinds if k)) or [doc.get("machine", {}).get("kind")]
+
+
+def by_machine(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The run as one document per machine kind of its cases: each with only that kind's cases
+    (and plan entries) and that kind's machine record; a one-machine run is itself."""
+    kinds = machine_kinds(doc)
+    if len(kinds) <= 1:
+        return [(kinds[0], doc)]
+    out = []
+    for kind in kinds:
+        cases = [c for c in doc["cases"] if case_machine(doc, c).get("kind") == kind]
+        ids = {c["id"] for c in cases}
+        sub = {**doc, "cases": cases, "plan": [c for c in doc["plan"] if c["id"] in ids]}
+        sub["machine"] = case_machine(doc, cases[0])
+        out.append((kind, sub))
+    return out
 
 
 def list_runs(results_dir: str | Path = RESULTS) -> list[tuple[Path, dict[str, Any] | None]]:

@@ -43,6 +43,7 @@ from bench.machine import (
     versions,
 )
 from bench.results import now, write_json_atomic
+from sharding import LAUNCH_ENV
 
 INTERRUPTED = 130  # exit status of an interrupted sweep (as a shell reports Ctrl-C)
 
@@ -313,6 +314,8 @@ def worker_env(
         else:
             env[k] = v
     env.setdefault("PYTHONHASHSEED", "0")
+    for k in (*LAUNCH_ENV, "MLX_HOSTFILE"):  # a rank's case workers are not ranks themselves
+        env.pop(k, None)
     if device:
         env["BENCH_MLX_DEVICE"] = device
     root = str(Path(__file__).resolve().parent.parent)
@@ -489,8 +492,7 @@ def new_run(
     machine = machine_info()
     created = now()
     if run_id is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_id = f"{stamp}-{machine['kind']}"
+        run_id = default_run_id(machine["kind"])
     return {
         "schema": SCHEMA,
         "run_id": run_id,
@@ -506,6 +508,13 @@ def new_run(
         "plan": [{"id": c.id, **c.to_dict()} for c in plan],
         "cases": [],
     }
+
+
+def default_run_id(kind: str | None = None) -> str:
+    """`<date>-<time>-<machine kind>`: the id of a run not given a name."""
+    from bench.machine import machine_kind
+
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{kind or machine_kind()}"
 
 
 def plan_of(doc: dict[str, Any]) -> list[Case]:
@@ -534,6 +543,9 @@ def run_sweep(
     todo.sort(key=lambda c: not is_reference(c))
     outputs = path.parent / f"{path.stem}.outputs"
     doc["status"] = "running"
+    here = machine_info()  # recorded with each case: a merged run's may come from several
+    # the target whose weights the run records: the run's first (a part's: its whole run's)
+    main = (doc.get("shard", {}).get("plan") or doc["plan"] or [{}])[0].get("target")
 
     def save() -> None:
         # atomic (temporary file, then rename): a run killed at any moment, even with
@@ -571,7 +583,7 @@ def run_sweep(
                     "blas": preloaded_blas(env),
                 },
             }
-            if name == plan[0].target:
+            if name == main:
                 doc["weights"] = prep.weights
         if opts.fidelity and any(hasattr(prepared[c.target][0], "fidelity") for c in todo):
             label = doc["weights"].get("label", "unknown")
@@ -602,6 +614,7 @@ def run_sweep(
                         reference = None
                         bar_write(bar, f"no reference output for {case.id}: {_summary(str(e))}")
             record = execute_case(target, prep, env, case, work, opts, status, reference)
+            record["machine"] = here
             doc["cases"] = [c for c in doc["cases"] if c["id"] != case.id] + [record]
             save()
             if bar is not None:

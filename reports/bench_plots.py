@@ -176,7 +176,8 @@ def groups(benches: Sequence[BenchRun]) -> list[Group]:
     rows = [Row(b, c) for b in benches for c in b.cases]
     keyed: dict[tuple[str, str, str], list[Row]] = defaultdict(list)
     for r in rows:
-        keyed[(r.case.weights, r.run.machine, str(r.s.get("text", "?")))].append(r)
+        machine = r.case.machine or r.run.machine  # a merged run's cases name their own
+        keyed[(r.case.weights, machine, str(r.s.get("text", "?")))].append(r)
     varying = [len({k[i] for k in keyed}) > 1 for i in range(3)]
     out = []
     for key in sorted(keyed):
@@ -554,12 +555,14 @@ def _history(ctx: Ctx, runs: Sequence[BenchRun]) -> tuple[list[Path], list[str]]
         by_id = {c.id: c for c in b.cases}
         head, twin = by_id.get(HEADLINE), by_id.get(HEADLINE_STREAM)
         rtf = head.figures.get("rtf") if head else None
+        if head and twin and head.machine != twin.machine:
+            twin = None  # ran on another machine (a merged run): not one machine's history point
         fc = twin.figures.get("first_chunk_s") if twin else None
         when = _date(b.created)
         if when is None or (rtf is None and fc is None):
             continue
         w = (head or twin).weights
-        entries.append((w, b.machine, when, b, rtf, fc))
+        entries.append((w, (head or twin).machine or b.machine, when, b, rtf, fc))
     if not entries:
         return [], ["No stored run has the headline case with a date: no history."]
     by_weights: dict[str, list] = defaultdict(list)

@@ -275,7 +275,7 @@ def _bench_table(benches: list[BenchRun]) -> list[str]:
             s, f = c.settings, c.figures
             lines.append(
                 f"| {b.source.name} | {c.weights}{_cell_mark(c.weights)} "
-                f"| {b.machine} | {s.get('target', '')} | {s.get('llm', '')} | {s.get('dtype', '')} "
+                f"| {c.machine or b.machine} | {s.get('target', '')} | {s.get('llm', '')} | {s.get('dtype', '')} "
                 f"| {s.get('steps', '')} | {s.get('text', '')} | {s.get('stream', '')} "
                 f"| {_fmt(f.get('rtf'))} | {_fmt(f.get('first_chunk_s'))} | {_fmt(f.get('rss_peak_mb'), 0)} |"
             )

@@ -25,6 +25,8 @@
                                   lack flow_bits and cfg: read as null
     cases[].figures.<name>        median, min, max of the names in `BENCH_FIGURES`
     cases[].fidelity.reference    the id of the case a fidelity figure is measured against
+    cases[].machine.kind, .cpu    the case's machine (a merged sharded run's cases may
+                                  name several); without it, the run's `machine`
 
 A results file is read only up to `MAX_RESULTS_BYTES`; a file that is not a JSON object
 of this shape raises ValueError with a one-line message.
@@ -136,6 +138,7 @@ class BenchCase:
     id: str = ""
     spread: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (min, max)
     reference: str | None = None  # fidelity.reference: the case the distances are against
+    machine: str = ""  # "<kind> (<cpu>)" of the machine the case ran on (a merged run's vary)
 
 
 @dataclass(frozen=True)
@@ -243,6 +246,8 @@ def read_bench(path: str | Path) -> BenchRun:
         for key in NEW_SETTINGS:
             settings.setdefault(key, None)
         fidelity = c.get("fidelity")
+        own = c.get("machine")
+        cm = own if isinstance(own, dict) and isinstance(own.get("kind"), str) else machine
         cases.append(
             BenchCase(
                 settings=settings,
@@ -251,6 +256,7 @@ def read_bench(path: str | Path) -> BenchRun:
                 id=_text(c.get("id")) or "",
                 spread=spread,
                 reference=_text(fidelity.get("reference")) if isinstance(fidelity, dict) else None,
+                machine=f"{cm.get('kind', '?')} ({cm.get('cpu', '?')})",
             )
         )
     commit = versions.get("git_commit", versions.get("commit"))
