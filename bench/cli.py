@@ -434,20 +434,27 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"{path} exists: pick another --name or --resume it", file=sys.stderr)
             return 2
     print(f"results: {path}")
-    # `kill` (SIGTERM, e.g. a cancelled CI job) stops the sweep as Ctrl-C does
+    done = sum(c["status"] in ("ok", "unsupported") for c in doc["cases"])
+    stopped = (
+        f"\ninterrupted: {done} of {len(doc['plan'])} cases kept in {path}\n"
+        f"continue with: python -m bench run --resume {doc['run_id']}"
+        + (f" --out {args.out}" if Path(args.out) != RESULTS else "")
+    )
+    if not _sweep(args, doc, path, stopped):
+        return INTERRUPTED
+    return _after_run(args, doc, path, out_dir)
+
+
+def _sweep(args: argparse.Namespace, doc: dict[str, Any], path: Path, stopped: str) -> bool:
+    """Run the sweep of `doc` into `path`; False (after printing `stopped`) on Ctrl-C or
+    SIGTERM (e.g. a cancelled CI job, or mlx.launch stopping the ranks), which stop it alike."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         run_sweep(doc, path, progress=not args.no_progress)
     except KeyboardInterrupt:
-        done = sum(c["status"] in ("ok", "unsupported") for c in doc["cases"])
-        print(
-            f"\ninterrupted: {done} of {len(doc['plan'])} cases kept in {path}\n"
-            f"continue with: python -m bench run --resume {doc['run_id']}"
-            + (f" --out {args.out}" if Path(args.out) != RESULTS else ""),
-            file=sys.stderr,
-        )
-        return INTERRUPTED
-    return _after_run(args, doc, path, out_dir)
+        print(stopped, file=sys.stderr)
+        return False
+    return True
 
 
 def _shard_run_id(args: argparse.Namespace, shard: Shard, out_dir: Path) -> str:
@@ -521,15 +528,11 @@ def cmd_run_shard(args: argparse.Namespace, shard: Shard) -> int:
         print(f"bench run: {e}", file=sys.stderr)
         return 2
     print(f"rank {shard.name}: {len(mine)} of {len(cases)} cases -> {path}")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        run_sweep(doc, path, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        print(
-            f"\nrank {shard.name} interrupted; its finished cases are kept in {path}\n"
-            f"continue with the same command and --resume {run_id}",
-            file=sys.stderr,
-        )
+    stopped = (
+        f"\nrank {shard.name} interrupted; its finished cases are kept in {path}\n"
+        f"continue with the same command and --resume {run_id}"
+    )
+    if not _sweep(args, doc, path, stopped):
         return INTERRUPTED
     own = 0 if all(c["status"] != "error" for c in doc["cases"]) else 1
     if not shard.connected:
