@@ -16,7 +16,7 @@ every name defined here.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,7 +25,7 @@ import numpy as np
 
 from cosyvoice2.config import LLMConfig
 from cosyvoice2.lm_models import KVCache, trim_prompt_cache
-from cosyvoice2.sampling import RasSampler, Sampler, push_recent
+from cosyvoice2.sampling import RasSampler, Sampler, empty_recent, push_recent
 
 if TYPE_CHECKING:
     from cosyvoice2.llm import Qwen2LM
@@ -143,3 +143,34 @@ class TokenDecoder:
         """Undo a look-ahead step (one cache position)."""
         if ahead is not None:
             trim_prompt_cache(self.cache, 1)
+
+
+def decode_loop(
+    dec: TokenDecoder, lm_input: mx.array, min_len: int, max_len: int, eos_token: int
+) -> Iterator[int]:
+    """The official decode loop (`inference_wrapper`, and the first generation's
+    `TransformerLM.inference`), one step scheduled ahead: tokens until one `>= eos_token`
+    (eos, or CosyVoice2's 6562 and fill tokens: the end unless `dec`'s rules go on), or
+    `max_len` steps."""
+    if max_len <= 0:
+        return
+    i = 0
+    step = dec.schedule(lm_input, empty_recent(dec.sampler.window), ignore_eos=0 < min_len)
+    while True:
+        ahead = None
+        if i + 1 < max_len:
+            ahead = dec.schedule_next(step, ignore_eos=i + 1 < min_len)
+        t, ahead = dec.resolve(step, ahead)
+        if t >= eos_token:  # eos, 6562 or fill: the end, unless the rules go on
+            i += 1
+            if i >= max_len:
+                return
+            step = dec.after_stop_token(t, step, ahead, ignore_eos=i < min_len)
+            if step is None:
+                return
+            continue
+        yield t
+        i += 1
+        if ahead is None:
+            return
+        step = ahead

@@ -105,6 +105,7 @@ from cosyvoice2.decoding import (
     _check_behaviour,
     _length_limit,
     _tokens,
+    decode_loop,
 )
 from cosyvoice2.lm_models import (
     KVCache,
@@ -113,7 +114,7 @@ from cosyvoice2.lm_models import (
     qwen2,
     save_prompt_cache,
 )
-from cosyvoice2.sampling import Sampler, empty_recent
+from cosyvoice2.sampling import Sampler
 
 __all__ = [
     "LLM",
@@ -369,28 +370,7 @@ class Qwen2LM(nn.Module):
         self, dec: TokenDecoder, lm_input: mx.array, min_len: int, max_len: int
     ) -> Iterator[int]:
         """The official decode loop (`inference_wrapper`), one step scheduled ahead."""
-        if max_len <= 0:
-            return
-        i = 0
-        step = dec.schedule(lm_input, empty_recent(dec.sampler.window), ignore_eos=0 < min_len)
-        while True:
-            ahead = None
-            if i + 1 < max_len:
-                ahead = dec.schedule_next(step, ignore_eos=i + 1 < min_len)
-            t, ahead = dec.resolve(step, ahead)
-            if t >= self.eos_token:  # eos, 6562 or fill: the end, unless the rules go on
-                i += 1
-                if i >= max_len:
-                    return
-                step = dec.after_stop_token(t, step, ahead, ignore_eos=i < min_len)
-                if step is None:
-                    return
-                continue
-            yield t
-            i += 1
-            if ahead is None:
-                return
-            step = ahead
+        yield from decode_loop(dec, lm_input, min_len, max_len, self.eos_token)
 
     def inference_bistream(
         self,
