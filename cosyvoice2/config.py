@@ -99,6 +99,39 @@ class LLMConfig(_Config):
 
 
 @dataclass(frozen=True)
+class TransformerEncoderConfig(_Config):
+    """A `cosyvoice.transformer.encoder` encoder of the first generation's speech LM: the
+    text encoder (`ConformerEncoder`, `input_layer: linear`, SiLU feed-forward) or the LM
+    (`TransformerEncoder`, `input_layer: linear_legacy`, ReLU feed-forward); rel-pos
+    self-attention, pre-norm, causal (`static_chunk_size: 1`) in both."""
+
+    input_size: int = 512
+    output_size: int = 1024
+    attention_heads: int = 16
+    linear_units: int = 4096
+    num_blocks: int = 6
+
+
+@dataclass(frozen=True)
+class TransformerLMConfig(_Config):
+    """`cosyvoice.llm.llm.TransformerLM` (CosyVoice-300M, -SFT, -Instruct, -25Hz)."""
+
+    text_encoder_input_size: int = 512
+    llm_input_size: int = 1024
+    llm_output_size: int = 1024
+    text_token_size: int = 60515
+    speech_token_size: int = 4096
+    spk_embed_dim: int = 192
+    text_encoder: TransformerEncoderConfig = field(default_factory=TransformerEncoderConfig)
+    llm: TransformerEncoderConfig = field(
+        default_factory=lambda: TransformerEncoderConfig(
+            input_size=1024, output_size=1024, num_blocks=14
+        )
+    )
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass(frozen=True)
 class EncoderConfig(_Config):
     """`UpsampleConformerEncoder` (rel-pos self-attention, no conv module, pre-norm)."""
 
@@ -253,3 +286,21 @@ def config_from_official_dir(model_dir: str | Path) -> ModelConfig:
     hp = load_official_yaml(model_dir / "cosyvoice2.yaml")
     qwen = json.loads((model_dir / "CosyVoice-BlankEN" / "config.json").read_text(encoding="utf-8"))
     return config_from_official(hp, qwen)
+
+
+def transformer_lm_config_from_official(llm_node: Any) -> TransformerLMConfig:
+    """`TransformerLMConfig` of the `llm` entry of an official first-generation yaml
+    (`cosyvoice.yaml`: `!new:cosyvoice.llm.llm.TransformerLM`), read as data."""
+    llm = _kw(llm_node, "llm")
+    for key in ("text_encoder", "llm"):
+        if key not in llm:
+            raise ValueError(f"cosyvoice.yaml: `llm.{key}` is missing (not a TransformerLM?)")
+    sampling = _kw(llm["sampling"], "llm.sampling") if "sampling" in llm else {}
+    return TransformerLMConfig.from_dict(
+        {
+            **llm,
+            "text_encoder": _kw(llm["text_encoder"], "llm.text_encoder"),
+            "llm": _kw(llm["llm"], "llm.llm"),
+            "sampling": sampling,
+        }
+    )

@@ -45,6 +45,7 @@ LAYERS: dict[str, int] = {
     "hift_source": 1,
     "stft": 1,
     "mapped_embedding": 1,
+    "transformer_lm": 1,
     "streaming": 2,
     "options": 2,
     "engine": 3,
