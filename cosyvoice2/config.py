@@ -100,16 +100,18 @@ class LLMConfig(_Config):
 
 @dataclass(frozen=True)
 class TransformerEncoderConfig(_Config):
-    """A `cosyvoice.transformer.encoder` encoder of the first generation's speech LM: the
-    text encoder (`ConformerEncoder`, `input_layer: linear`, SiLU feed-forward) or the LM
-    (`TransformerEncoder`, `input_layer: linear_legacy`, ReLU feed-forward); rel-pos
-    self-attention, pre-norm, causal (`static_chunk_size: 1`) in both."""
+    """A `cosyvoice.transformer.encoder` encoder of the first generation: the speech LM's text
+    encoder and the flow's encoder (`ConformerEncoder`, `input_layer: linear`, SiLU
+    feed-forward) or the speech LM (`TransformerEncoder`, `input_layer: linear_legacy`, ReLU
+    feed-forward); rel-pos self-attention, pre-norm. `static_chunk_size` 1 makes the
+    attention causal (the speech LM's encoders), 0 full (the flow's)."""
 
     input_size: int = 512
     output_size: int = 1024
     attention_heads: int = 16
     linear_units: int = 4096
     num_blocks: int = 6
+    static_chunk_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,10 +124,12 @@ class TransformerLMConfig(_Config):
     text_token_size: int = 60515
     speech_token_size: int = 4096
     spk_embed_dim: int = 192
-    text_encoder: TransformerEncoderConfig = field(default_factory=TransformerEncoderConfig)
+    text_encoder: TransformerEncoderConfig = field(
+        default_factory=lambda: TransformerEncoderConfig(static_chunk_size=1)
+    )
     llm: TransformerEncoderConfig = field(
         default_factory=lambda: TransformerEncoderConfig(
-            input_size=1024, output_size=1024, num_blocks=14
+            input_size=1024, output_size=1024, num_blocks=14, static_chunk_size=1
         )
     )
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

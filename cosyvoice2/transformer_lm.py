@@ -5,8 +5,9 @@ Port of the official `cosyvoice/llm/llm.py:TransformerLM` and the encoders it bu
 so `llm.pt` keys map one to one (`sanitize`). Where CosyVoice2 has a Qwen2 backbone fed
 with text embeddings, this LM has two encoders of its own:
 
-    text ids -> text_embedding -> text_encoder (ConformerEncoder: `linear` input layer,
-      rel-pos self-attention, SiLU feed-forward, causal: `static_chunk_size: 1`)
+    text ids -> text_embedding -> text_encoder (ConformerEncoder, `cosyvoice2.flow.encoder`:
+      `linear` input layer, rel-pos self-attention, SiLU feed-forward, causal through
+      `static_chunk_size: 1`)
       -> text_encoder_affine_layer
     [sos_eos, spk_embed_affine_layer(normalize(x-vector)), text, task_id, prompt speech]
       -> llm (TransformerEncoder: `linear_legacy` input layer (Linear, LayerNorm, ReLU),
@@ -39,8 +40,7 @@ from cosyvoice2.decoding import (
     decode_loop,
 )
 from cosyvoice2.flow.encoder import (
-    ConformerEncoderLayer,
-    LinearNoSubsampling,
+    ConformerEncoder,
     RelPositionMultiHeadedAttention,
     rel_position_table,
 )
@@ -58,28 +58,6 @@ class _LayerCache:
     def keys_values(self, k: mx.array, v: mx.array) -> tuple[list[mx.array], list[mx.array]]:
         keys, values = self.kv.update_and_fetch(k, v)
         return [keys], [values]
-
-
-class ConformerEncoder(nn.Module):
-    """The text encoder: `embed` (Linear, LayerNorm, x sqrt(d)), conformer layers without
-    macaron or convolution module, `after_norm`; causal (chunks of one position)."""
-
-    def __init__(self, config: TransformerEncoderConfig):
-        super().__init__()
-        self.output_size = config.output_size
-        self.embed = LinearNoSubsampling(config.input_size, config.output_size)
-        self.encoders = [
-            ConformerEncoderLayer(config.output_size, config.attention_heads, config.linear_units)
-            for _ in range(config.num_blocks)
-        ]
-        self.after_norm = nn.LayerNorm(config.output_size, eps=1e-5)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        x = self.embed(x)
-        pos = rel_position_table(x.shape[1], self.output_size)
-        for layer in self.encoders:
-            x = layer(x, pos, chunk=1)
-        return self.after_norm(x)
 
 
 class LegacyLinearNoSubsampling(nn.Module):

@@ -44,7 +44,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from cosyvoice2.config import EncoderConfig
+from cosyvoice2.config import EncoderConfig, TransformerEncoderConfig
 from cosyvoice2.flow.ops import (
     block_scores,
     block_values,
@@ -183,6 +183,31 @@ class ConformerEncoderLayer(nn.Module):
     ) -> mx.array:
         x = x + self.self_attn(self.norm_mha(x), pos_emb, chunk, cache)
         return x + self.feed_forward(self.norm_ff(x))
+
+
+class ConformerEncoder(nn.Module):
+    """The first generation's `ConformerEncoder` (its speech LM's text encoder and its flow's
+    encoder): `embed` (Linear, LayerNorm, x sqrt(d)), conformer layers without macaron or
+    convolution module, `after_norm`; attention in chunks of `static_chunk_size` positions
+    (1: causal), or full (0)."""
+
+    def __init__(self, config: TransformerEncoderConfig):
+        super().__init__()
+        self.output_size = config.output_size
+        self.static_chunk_size = config.static_chunk_size
+        self.embed = LinearNoSubsampling(config.input_size, config.output_size)
+        self.encoders = [
+            ConformerEncoderLayer(config.output_size, config.attention_heads, config.linear_units)
+            for _ in range(config.num_blocks)
+        ]
+        self.after_norm = nn.LayerNorm(config.output_size, eps=1e-5)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.embed(x)
+        pos = rel_position_table(x.shape[1], self.output_size)
+        for layer in self.encoders:
+            x = layer(x, pos, self.static_chunk_size)
+        return self.after_norm(x)
 
 
 class PreLookaheadLayer(nn.Module):
