@@ -58,7 +58,7 @@ import pytest
 
 from cosyvoice2.config import CFMConfig, EncoderConfig, EstimatorConfig, FlowConfig
 from cosyvoice2.flow import CausalMaskedDiffWithXvec, decoder, encoder, flow_matching
-from cosyvoice2_testing.conditional_decoder import ConditionalDecoder
+from cosyvoice2.flow.conditional_decoder import ConditionalDecoder
 from tests.power import assert_power, patched, wrapped
 from tests.test_flow_noise import box_muller_halves_swapped
 

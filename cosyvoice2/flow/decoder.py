@@ -25,8 +25,8 @@ from it and attention the earlier frames' keys and values.
 With more than one entry in `channels` the U-Net has one level per entry,
 joined by stride-2 `Downsample1D` and transposed-conv `Upsample1D`, as in the
 official class. CosyVoice2 does not use the non-causal Matcha `ConditionalDecoder`
-(GroupNorm blocks); the parity tests build it from these blocks in
-`cosyvoice2_testing.conditional_decoder`.
+(GroupNorm blocks); the first generation's flow does, built from these blocks in
+`cosyvoice2.flow.conditional_decoder`.
 """
 
 from __future__ import annotations

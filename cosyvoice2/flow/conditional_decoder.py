@@ -1,12 +1,12 @@
-"""The non-causal Matcha-TTS `ConditionalDecoder`, built from the runtime estimator's blocks.
+"""The non-causal Matcha-TTS `ConditionalDecoder`: the first generation's CFM estimator.
 
 CosyVoice2's estimator is the causal `cosyvoice2.flow.decoder.CausalConditionalDecoder`.
-The official `cosyvoice/flow/decoder.py` also has the multi-level non-causal form
-(Matcha's: GroupNorm `Block1D`s, zero-padded convolutions). The parity tests
-compare it with the official class, which exercises the runtime's U-Net structure
-and forward pass on several levels (stride-2 `Downsample1D`, transposed-conv
-`Upsample1D`, masks halved per level) that CosyVoice2's one level never reaches.
-Only the blocks differ, so this class swaps them in and reuses the rest.
+The first generation (CosyVoice-300M's `MaskedDiffWithXvec`) uses the official
+`cosyvoice/flow/decoder.py`'s multi-level non-causal form (Matcha's: GroupNorm
+`Block1D`s, zero-padded convolutions, channels `(256, 256)`: two levels joined by a
+stride-2 `Downsample1D` and a transposed-conv `Upsample1D`). Only the blocks differ from
+the causal U-Net, so this class swaps them in and reuses the rest (structure, forward
+pass, masks halved per level).
 """
 
 from __future__ import annotations
