@@ -197,6 +197,38 @@ class FlowConfig(_Config):
 
 
 @dataclass(frozen=True)
+class LengthRegulatorConfig(_Config):
+    """`InterpolateRegulator`: tokens' features interpolated to mel frames, then refined."""
+
+    channels: int = 80
+    sampling_ratios: tuple[int, ...] = (1, 1, 1, 1)
+    out_channels: int | None = None
+    groups: int = 1
+
+
+@dataclass(frozen=True)
+class MaskedDiffConfig(_Config):
+    """`MaskedDiffWithXvec`: the first generation's flow (non-causal encoder and estimator)."""
+
+    input_size: int = 512
+    output_size: int = 80
+    spk_embed_dim: int = 192
+    vocab_size: int = 4096
+    input_frame_rate: int = 50
+    encoder: TransformerEncoderConfig = field(
+        default_factory=lambda: TransformerEncoderConfig(
+            input_size=512, output_size=512, attention_heads=8, linear_units=2048
+        )
+    )
+    length_regulator: LengthRegulatorConfig = field(default_factory=LengthRegulatorConfig)
+    decoder: CFMConfig = field(
+        default_factory=lambda: CFMConfig(
+            estimator=EstimatorConfig(channels=(256, 256), static_chunk_size=0)
+        )
+    )
+
+
+@dataclass(frozen=True)
 class HiFTConfig(_Config):
     """`HiFTGenerator` with `ConvRNNF0Predictor` (CosyVoice2: 24 kHz, `SourceModuleHnNSF2`/`SineGen2`)."""
 
@@ -306,5 +338,25 @@ def transformer_lm_config_from_official(llm_node: Any) -> TransformerLMConfig:
             "text_encoder": _kw(llm["text_encoder"], "llm.text_encoder"),
             "llm": _kw(llm["llm"], "llm.llm"),
             "sampling": sampling,
+        }
+    )
+
+
+def masked_diff_config_from_official(flow_node: Any) -> MaskedDiffConfig:
+    """`MaskedDiffConfig` of the `flow` entry of an official first-generation yaml
+    (`!new:cosyvoice.flow.flow.MaskedDiffWithXvec`), read as data."""
+    flow = _kw(flow_node, "flow")
+    for key in ("encoder", "length_regulator", "decoder"):
+        if key not in flow:
+            raise ValueError(f"cosyvoice.yaml: `flow.{key}` is missing (not a MaskedDiffWithXvec?)")
+    dec = _kw(flow["decoder"], "flow.decoder")
+    cfm = _kw(dec["cfm_params"], "flow.decoder.cfm_params")["content"]
+    est = _kw(dec["estimator"], "flow.decoder.estimator")
+    return MaskedDiffConfig.from_dict(
+        {
+            **flow,
+            "encoder": _kw(flow["encoder"], "flow.encoder"),
+            "length_regulator": _kw(flow["length_regulator"], "flow.length_regulator"),
+            "decoder": {**dec, **cfm, "estimator": {**est, "static_chunk_size": 0}},
         }
     )

@@ -1,8 +1,9 @@
 """The first generation's (CosyVoice-300M family) official config, in the released layout.
 
-So far the speech LM's part (`llm: !new:cosyvoice.llm.llm.TransformerLM`) of
-`cosyvoice.yaml`, at the released sizes (`full`) or small ones (`tiny`), for the parity
-tests of `cosyvoice2.transformer_lm`; the official module is built from it by
+So far the speech LM's part (`llm: !new:cosyvoice.llm.llm.TransformerLM`) and the flow's
+(`flow: !new:cosyvoice.flow.flow.MaskedDiffWithXvec`) of `cosyvoice.yaml`, at the released
+sizes (`full`) or small ones (`tiny`), for the parity tests of `cosyvoice2.transformer_lm`
+and `cosyvoice2.flow.flow.MaskedDiffWithXvec`; the official modules are built from them by
 `cosyvoice2_testing.official.instantiate` with random weights.
 """
 
@@ -88,4 +89,71 @@ llm: !new:cosyvoice.llm.llm.TransformerLM
         top_k: 25
         win_size: 10
         tau_r: 0.1
+"""
+
+
+_FLOW_DIMS = {
+    "full": dict(
+        inp=512, enc=512, heads=8, units=2048, blocks=6, chans="[256, 256]", head_dim=64,
+        n_blocks=4, mid=12, est_heads=8,
+    ),
+    "tiny": dict(
+        inp=32, enc=48, heads=4, units=96, blocks=2, chans="[32, 32]", head_dim=16,
+        n_blocks=1, mid=2, est_heads=2,
+    ),
+}  # fmt: skip
+
+
+def flow_yaml_text(size: str = "tiny") -> str:
+    """The `flow` entry of a `cosyvoice.yaml` (the released structure) at `size`."""
+    d = _FLOW_DIMS[size]
+    return f"""# synthetic CosyVoice-300M flow ({size}); structure of the released cosyvoice.yaml
+flow: !new:cosyvoice.flow.flow.MaskedDiffWithXvec
+    input_size: {d["inp"]}
+    output_size: 80
+    spk_embed_dim: 192
+    output_type: 'mel'
+    vocab_size: 4096
+    input_frame_rate: 50
+    only_mask_loss: True
+    encoder: !new:cosyvoice.transformer.encoder.ConformerEncoder
+        output_size: {d["enc"]}
+        attention_heads: {d["heads"]}
+        linear_units: {d["units"]}
+        num_blocks: {d["blocks"]}
+        dropout_rate: 0.1
+        positional_dropout_rate: 0.1
+        attention_dropout_rate: 0.1
+        normalize_before: True
+        input_layer: 'linear'
+        pos_enc_layer_type: 'rel_pos_espnet'
+        selfattention_layer_type: 'rel_selfattn'
+        input_size: {d["inp"]}
+        use_cnn_module: False
+        macaron_style: False
+    length_regulator: !new:cosyvoice.flow.length_regulator.InterpolateRegulator
+        channels: 80
+        sampling_ratios: [1, 1, 1, 1]
+    decoder: !new:cosyvoice.flow.flow_matching.ConditionalCFM
+        in_channels: 240
+        n_spks: 1
+        spk_emb_dim: 80
+        cfm_params: !new:omegaconf.DictConfig
+            content:
+                sigma_min: 1e-06
+                solver: 'euler'
+                t_scheduler: 'cosine'
+                training_cfg_rate: 0.2
+                inference_cfg_rate: 0.7
+                reg_loss_type: 'l1'
+        estimator: !new:cosyvoice.flow.decoder.ConditionalDecoder
+            in_channels: 320
+            out_channels: 80
+            channels: {d["chans"]}
+            dropout: 0
+            attention_head_dim: {d["head_dim"]}
+            n_blocks: {d["n_blocks"]}
+            num_mid_blocks: {d["mid"]}
+            num_heads: {d["est_heads"]}
+            act_fn: 'gelu'
 """

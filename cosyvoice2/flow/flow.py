@@ -39,16 +39,17 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from cosyvoice2 import packed as packed_forms
-from cosyvoice2.config import FlowConfig
+from cosyvoice2.config import FlowConfig, MaskedDiffConfig
 from cosyvoice2.flow.decoder import (
     CausalConditionalDecoder,
     CausalConv1d,
     CausalResnetBlock1D,
     ConvTranspose1d,
 )
-from cosyvoice2.flow.encoder import PreLookaheadLayer, UpsampleConformerEncoder
+from cosyvoice2.flow.encoder import ConformerEncoder, PreLookaheadLayer, UpsampleConformerEncoder
 from cosyvoice2.flow.encoder import Upsample1D as EncoderUpsample1D
-from cosyvoice2.flow.flow_matching import CausalConditionalCFM
+from cosyvoice2.flow.flow_matching import CausalConditionalCFM, ConditionalCFM
+from cosyvoice2.flow.length_regulator import MEL_RATE, InterpolateRegulator
 from cosyvoice2.flow.ops import cpu_extension, uses_panels
 from cosyvoice2.flow.transformer import Attention, BasicTransformerBlock
 from cosyvoice2.ops import set_dtype_evaluated
@@ -61,6 +62,21 @@ def forget_packed(module: nn.Module) -> None:
     for _, m in module.named_modules():
         if isinstance(m, Attention):
             m._fused = None
+
+
+def sanitize_flow(model: nn.Module, weights: dict[str, Any]) -> dict[str, mx.array]:
+    """A `flow.pt` state dict under `model`'s names: the same keys, convolution weights from
+    torch `(out, in, k)` to MLX `(out, k, in)`, transposed ones from `(in, out, k)`."""
+    transposed = {
+        f"{name}.weight" for name, m in model.named_modules() if isinstance(m, ConvTranspose1d)
+    }
+    out = {}
+    for key, w in weights.items():
+        w = mx.array(w)
+        if key.endswith("weight") and w.ndim == 3:
+            w = w.transpose(1, 2, 0) if key in transposed else w.transpose(0, 2, 1)
+        out[key] = w
+    return out
 
 
 def l2_normalize(x: mx.array, eps: float = 1e-12) -> mx.array:
@@ -135,16 +151,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         Names are kept; convolution weights move from torch `(out, in, k)` to MLX
         `(out, k, in)`, transposed convolutions from `(in, out, k)` to `(out, k, in)`.
         """
-        transposed = {
-            f"{name}.weight" for name, m in self.named_modules() if isinstance(m, ConvTranspose1d)
-        }
-        out = {}
-        for key, w in weights.items():
-            w = mx.array(w)
-            if key.endswith("weight") and w.ndim == 3:
-                w = w.transpose(1, 2, 0) if key in transposed else w.transpose(0, 2, 1)
-            out[key] = w
-        return out
+        return sanitize_flow(self, weights)
 
     def speaker(self, embedding: mx.array) -> mx.array:
         """The x-vector `(1, spk_embed_dim)` normalised and projected: `spks` `(1, 80)`."""
@@ -214,5 +221,86 @@ class CausalMaskedDiffWithXvec(nn.Module):
             cond=cond,
             streaming=streaming,
             noise=noise,
+        )
+        return feat[:, mel_len1:]
+
+
+class MaskedDiffWithXvec(nn.Module):
+    """The first generation's flow (CosyVoice-300M family, 22.05 kHz): the official
+    `cosyvoice/flow/flow.py:MaskedDiffWithXvec` (inference); parameter names are `flow.pt`'s.
+
+    Prompt and new tokens are embedded and encoded together by a non-causal
+    `ConformerEncoder` (50 Hz features), projected to 80 dims, stretched to mel frames by
+    `InterpolateRegulator` (prompt and new part apart; the new part gets
+    `int(N / input_frame_rate * 22050 / 256)` frames), and the non-causal
+    `ConditionalCFM` solves the mel from noise with the prompt mel as condition.
+    """
+
+    def __init__(self, config: MaskedDiffConfig):
+        super().__init__()
+        self.config = config
+        self.input_embedding = nn.Embedding(config.vocab_size, config.input_size)
+        self.spk_embed_affine_layer = nn.Linear(config.spk_embed_dim, config.output_size)
+        self.encoder = ConformerEncoder(config.encoder)
+        self.encoder_proj = nn.Linear(config.encoder.output_size, config.output_size)
+        self.decoder = ConditionalCFM(config.decoder)
+        self.length_regulator = InterpolateRegulator(config.length_regulator)
+
+    def sanitize(self, weights: dict[str, Any]) -> dict[str, mx.array]:
+        """Official `flow.pt` state dict (torch layouts) -> this model's parameters."""
+        return sanitize_flow(self, weights)
+
+    def speaker(self, embedding: mx.array) -> mx.array:
+        """The x-vector `(1, spk_embed_dim)` normalised and projected: `spks` `(1, 80)`."""
+        return self.spk_embed_affine_layer(l2_normalize(embedding))
+
+    def mel_frames(self, n_tokens: int) -> int:
+        """Mel frames of `n_tokens` new tokens, as the official inference counts them."""
+        return int(n_tokens / self.config.input_frame_rate * MEL_RATE)
+
+    def encode(self, token: mx.array, prompt_token: mx.array, mel_len1: int) -> mx.array:
+        """`mu` `(1, mel_len1 + mel_frames(N), 80)`: the encoded tokens stretched to frames."""
+        n1 = prompt_token.shape[1]
+        tokens = mx.concatenate([prompt_token, token], axis=1).astype(mx.int32)
+        if tokens.size and mx.max(tokens).item() >= self.config.vocab_size:
+            raise ValueError(
+                f"speech token {mx.max(tokens).item()} out of range (vocab {self.config.vocab_size})"
+            )
+        h = self.encoder_proj(self.encoder(self.input_embedding(mx.maximum(tokens, 0))))
+        return self.length_regulator.inference(
+            h[:, :n1], h[:, n1:], mel_len1, self.mel_frames(token.shape[1]),
+            self.config.input_frame_rate,
+        )  # fmt: skip
+
+    def inference(
+        self,
+        token: mx.array,
+        prompt_token: mx.array,
+        prompt_feat: mx.array,
+        embedding: mx.array,
+        n_timesteps: int = 10,
+        temperature: float = 1.0,
+        noise: mx.array | None = None,
+        key: mx.array | None = None,
+    ) -> mx.array:
+        """Mel frames `(1, T, 80)` for `token` `(1, N)` after the prompt.
+
+        `prompt_token` `(1, N_p)`, `prompt_feat` `(1, T_p, 80)`, `embedding` `(1, 192)`.
+        `noise` `(1, T_p + T, 80)` is the CFM's starting noise (drawn from `key` when absent).
+        """
+        if token.shape[0] != 1:
+            raise ValueError("batch size 1 only, as the official inference")
+        spks = self.speaker(embedding)
+        mel_len1 = prompt_feat.shape[1]
+        mu = self.encode(token, prompt_token, mel_len1)
+        cond = mx.concatenate(
+            [
+                prompt_feat.astype(mu.dtype),
+                mx.zeros((1, mu.shape[1] - mel_len1, mu.shape[-1]), dtype=mu.dtype),
+            ],
+            axis=1,
+        )
+        feat = self.decoder(
+            mu, None, n_timesteps, temperature, spks=spks, cond=cond, noise=noise, key=key
         )
         return feat[:, mel_len1:]

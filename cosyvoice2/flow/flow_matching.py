@@ -24,6 +24,7 @@ import numpy as np
 
 from cosyvoice2 import branches
 from cosyvoice2.config import CFMConfig
+from cosyvoice2.flow.conditional_decoder import ConditionalDecoder
 from cosyvoice2.flow.decoder import CausalConditionalDecoder
 from cosyvoice2.flow.noise import cfm_noise
 
@@ -71,10 +72,12 @@ def euler_times(n_timesteps: int, scheduler: str = "cosine") -> list[tuple[float
 class CausalConditionalCFM(nn.Module):
     """Holds the estimator; `__call__` solves the ODE (see module doc)."""
 
+    estimator_class: type[nn.Module] = CausalConditionalDecoder
+
     def __init__(self, config: CFMConfig):
         super().__init__()
         self.config = config
-        self.estimator = CausalConditionalDecoder(config.estimator)
+        self.estimator = self.estimator_class(config.estimator)
 
     def __call__(
         self,
@@ -151,3 +154,28 @@ class CausalConditionalCFM(nn.Module):
                 v_cond, v_uncond = v[:1], v[1:]
             x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
         return x
+
+
+class ConditionalCFM(CausalConditionalCFM):
+    """The first generation's CFM (`MaskedDiffWithXvec`'s): the same solver with the
+    non-causal estimator (`ConditionalDecoder`). Its official noise is drawn afresh for each
+    call (`torch.randn_like`), not the fixed noise: here `noise`, or a draw from `key`."""
+
+    estimator_class = ConditionalDecoder
+
+    def __call__(
+        self,
+        mu: mx.array,
+        mask: mx.array | None,
+        n_timesteps: int,
+        temperature: float = 1.0,
+        spks: mx.array | None = None,
+        cond: mx.array | None = None,
+        noise: mx.array | None = None,
+        key: mx.array | None = None,
+    ) -> mx.array:
+        """A mel `(1, T, 80)` from `mu` `(1, T, 80)` (see `CausalConditionalCFM.__call__`)."""
+        if noise is None:
+            noise = mx.random.normal(mu.shape, key=key)
+        z = noise.astype(mu.dtype) * temperature
+        return self.solve_euler(z, n_timesteps, mu, mask, spks, cond)
