@@ -291,9 +291,6 @@ def config_from_official(hparams: dict[str, Any], qwen_config: dict[str, Any]) -
     dec = _kw(flow["decoder"], "flow.decoder")
     cfm = _kw(dec["cfm_params"], "flow.decoder.cfm_params")["content"]
     est = _kw(dec["estimator"], "flow.decoder.estimator")
-    hift = _kw(hparams["hift"], "hift")
-    f0 = _kw(hift["f0_predictor"], "hift.f0_predictor")
-    istft = hift.get("istft_params", {})
     return ModelConfig.from_dict(
         {
             "sample_rate": hparams.get("sample_rate", 24000),
@@ -302,14 +299,24 @@ def config_from_official(hparams: dict[str, Any], qwen_config: dict[str, Any]) -
             "chunk_size": hparams.get("chunk_size", 25),
             "llm": {**llm, "sampling": sampling, "qwen": qwen_config},
             "flow": {**flow, "encoder": enc, "decoder": {**dec, **cfm, "estimator": est}},
-            "hift": {
-                **hift,
-                "istft_n_fft": istft.get("n_fft", 16),
-                "istft_hop_len": istft.get("hop_len", 4),
-                "f0_num_class": f0.get("num_class", 1),
-                "f0_in_channels": f0.get("in_channels", 80),
-                "f0_cond_channels": f0.get("cond_channels", 512),
-            },
+            "hift": hift_config_from_official(hparams["hift"]).to_dict(),
+        }
+    )
+
+
+def hift_config_from_official(hift_node: Any) -> HiFTConfig:
+    """`HiFTConfig` of the `hift` entry of an official yaml (either generation), read as data."""
+    hift = _kw(hift_node, "hift")
+    f0 = _kw(hift["f0_predictor"], "hift.f0_predictor")
+    istft = hift.get("istft_params", {})
+    return HiFTConfig.from_dict(
+        {
+            **hift,
+            "istft_n_fft": istft.get("n_fft", 16),
+            "istft_hop_len": istft.get("hop_len", 4),
+            "f0_num_class": f0.get("num_class", 1),
+            "f0_in_channels": f0.get("in_channels", 80),
+            "f0_cond_channels": f0.get("cond_channels", 512),
         }
     )
 

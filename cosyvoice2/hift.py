@@ -72,7 +72,14 @@ import numpy as np
 
 from cosyvoice2 import branches
 from cosyvoice2.config import HiFTConfig
-from cosyvoice2.hift_source import ELU, ConvRNNF0Predictor, SineGen2, SourceModuleHnNSF2
+from cosyvoice2.hift_source import (
+    ELU,
+    ConvRNNF0Predictor,
+    SineGen,
+    SineGen2,
+    SourceModuleHnNSF,
+    SourceModuleHnNSF2,
+)
 from cosyvoice2.ops import Conv1d, ConvTranspose1d, Derived, set_dtype_evaluated
 from cosyvoice2.packed import forget_packed
 from cosyvoice2.stft import istft, stft
@@ -85,8 +92,10 @@ __all__ = [
     "ConvRNNF0Predictor",
     "HiFTGenerator",
     "ResBlock",
+    "SineGen",
     "SineGen2",
     "Snake",
+    "SourceModuleHnNSF",
     "SourceModuleHnNSF2",
     "get_padding",
 ]
@@ -177,7 +186,8 @@ class ResBlock(nn.Module):
 
 
 class HiFTGenerator(nn.Module):
-    """HiFTNet generator (neural source filter + iSTFTNet) at 24 kHz, as CosyVoice2 configures it."""
+    """HiFTNet generator (neural source filter + iSTFTNet): at 24 kHz as CosyVoice2 configures
+    it, or at 22.05 kHz as the first generation does (upsampling x8 x8, its own source)."""
 
     def set_dtype(self, dtype: mx.Dtype, predicate: Any = None) -> None:
         forget_packed(self)  # the panels hold weights of the old dtype
@@ -197,10 +207,6 @@ class HiFTGenerator(nn.Module):
 
     def __init__(self, config: HiFTConfig):
         super().__init__()
-        if config.sampling_rate == 22050:
-            raise NotImplementedError(
-                "22.05 kHz HiFT (CosyVoice v1) uses `SineGen`/`SourceModuleHnNSF`, not ported"
-            )
         if config.f0_num_class != 1:
             raise ValueError("the F0 predictor must have one output class")
         self.config = config
@@ -214,7 +220,9 @@ class HiFTGenerator(nn.Module):
         ch0 = config.base_channels
         spec_ch = self.n_fft + 2
 
-        self.m_source = SourceModuleHnNSF2(
+        # the official choice: the first generation's source at 22.05 kHz, SineGen2's otherwise
+        source = SourceModuleHnNSF if config.sampling_rate == 22050 else SourceModuleHnNSF2
+        self.m_source = source(
             sampling_rate=config.sampling_rate,
             upsample_scale=self.upsample_scale,
             harmonic_num=config.nb_harmonics,
@@ -304,9 +312,24 @@ class HiFTGenerator(nn.Module):
         """F0 per mel frame (B, T) from the mel (B, in_channels, T), as the official `f0_predictor`."""
         return self.f0_predictor(speech_feat.swapaxes(1, 2))
 
-    def source(self, f0: mx.array, noise: mx.array) -> mx.array:
-        """Excitation (B, 1, T * scale) from F0 per frame (B, T) and the sine generator's normal noise."""
+    @property
+    def draws_phase(self) -> bool:
+        """Whether the source takes random initial phases (the 22.05 kHz `SineGen`)."""
+        return isinstance(self.m_source, SourceModuleHnNSF)
+
+    def source(self, f0: mx.array, noise: mx.array, phase: mx.array | None = None) -> mx.array:
+        """Excitation (B, 1, T * scale) from F0 per frame (B, T), the sine generator's normal
+        noise and, at 22.05 kHz, the harmonics' initial phases (B, harmonics + 1)."""
+        if self.draws_phase:
+            if phase is None:
+                raise ValueError("the 22.05 kHz source needs the harmonics' initial phases")
+            return self.m_source(f0, noise, phase).swapaxes(1, 2)
         return self.m_source(f0, noise).swapaxes(1, 2)
+
+    def draw_phase(self, batch: int, key: mx.array | None = None) -> mx.array:
+        """The official `SineGen`'s initial phases: uniform in [-pi, pi), harmonic 0 at 0."""
+        phase = mx.random.uniform(-np.pi, np.pi, (batch, self.config.nb_harmonics + 1), key=key)
+        return mx.concatenate([mx.zeros((batch, 1)), phase[:, 1:]], axis=1)
 
     def noise_shape(self, speech_feat: mx.array) -> tuple[int, int, int]:
         """Shape of the Gaussian noise that `inference` draws for this mel (B, 80, T)."""
@@ -372,20 +395,25 @@ class HiFTGenerator(nn.Module):
         cache_source: mx.array | None = None,
         noise: mx.array | None = None,
         key: mx.array | None = None,
+        phase: mx.array | None = None,
     ) -> tuple[mx.array, mx.array]:
         """Mel (B, in_channels, T) -> (waveform (B, T * 480), source (B, 1, T * 480)), official `inference`.
 
         `cache_source` (B, 1, n): the previous chunk's source tail; it replaces the first
         n samples of this chunk's source (streaming: no phase jump at joins).
         `noise`: the sine generator's standard normal draw, shape `noise_shape(speech_feat)`;
-        drawn with `key` (or MLX's global generator) when not given.
+        drawn with `key` (or MLX's global generator) when not given. `phase` (22.05 kHz
+        only): the harmonics' initial phases `(B, nb_harmonics + 1)`, drawn likewise.
         """
         if noise is None:
             noise = mx.random.normal(self.noise_shape(speech_feat), key=key)
         elif tuple(noise.shape) != self.noise_shape(speech_feat):
             raise ValueError(f"noise shape {noise.shape} != {self.noise_shape(speech_feat)}")
+        if self.draws_phase and phase is None:
+            sub = None if key is None else mx.random.split(key)[1]
+            phase = self.draw_phase(speech_feat.shape[0], sub)
         f0 = self.f0(speech_feat)
-        s = self.source(f0, noise)
+        s = self.source(f0, noise, phase)
         if cache_source is not None and cache_source.shape[2] != 0:
             n = cache_source.shape[2]
             if n > s.shape[2]:
@@ -396,7 +424,11 @@ class HiFTGenerator(nn.Module):
         return self.decode(speech_feat, s), s
 
     def __call__(
-        self, speech_feat: mx.array, noise: mx.array | None = None, key: mx.array | None = None
+        self,
+        speech_feat: mx.array,
+        noise: mx.array | None = None,
+        key: mx.array | None = None,
+        phase: mx.array | None = None,
     ) -> mx.array:
-        """Waveform only (B, T * 480); see `inference`."""
-        return self.inference(speech_feat, noise=noise, key=key)[0]
+        """Waveform only (B, T * upsample_scale); see `inference`."""
+        return self.inference(speech_feat, noise=noise, key=key, phase=phase)[0]

@@ -1,4 +1,8 @@
-"""HiFT's F0 predictor and harmonic source (24 kHz), in MLX: mel -> F0 -> excitation signal.
+"""HiFT's F0 predictor and harmonic source, in MLX: mel -> F0 -> excitation signal.
+
+The 24 kHz source (CosyVoice2) is `SourceModuleHnNSF2` / `SineGen2`, described below; the
+first generation's 22.05 kHz source is `SourceModuleHnNSF` / `SineGen` (phase integrated per
+sample, random initial phases of the harmonics as an input).
 
 A port of the official `cosyvoice/hifigan/f0_predictor.py` (`ConvRNNF0Predictor`)
 and of the source half of `cosyvoice/hifigan/generator.py` (`SineGen2`,
@@ -83,6 +87,51 @@ class ConvRNNF0Predictor(nn.Module):
         for layer in self.condnet:
             x = layer(x)
         return mx.abs(self.classifier(x).squeeze(-1))
+
+
+class SineGen:
+    """Harmonic sine source of the first generation's 22.05 kHz HiFT (official `SineGen`).
+
+    No parameters. Unlike `SineGen2`, the phase is integrated per sample (F0 repeated to
+    the sample rate), wrapped to one turn (`% 1`), and each harmonic above the first has a
+    random initial phase, which reaches the waveform: it is an input here (`phase`, (B,
+    dim), harmonic 0 at 0), drawn by the caller as the noise is.
+    """
+
+    def __init__(
+        self,
+        samp_rate: int,
+        upsample_scale: int,
+        harmonic_num: int = 0,
+        sine_amp: float = 0.1,
+        noise_std: float = 0.003,
+        voiced_threshold: float = 0.0,
+    ):
+        self.sine_amp = sine_amp
+        self.noise_std = noise_std
+        self.dim = harmonic_num + 1
+        self.sampling_rate = samp_rate
+        self.voiced_threshold = voiced_threshold
+        self.upsample_scale = upsample_scale
+
+    def phase(self, f0: mx.array) -> mx.array:
+        """`2 pi (cumsum(f0 * h / sr) % 1)` per sample (B, T * upsample_scale, dim), float32;
+        the cumulative sum accumulated in float64 and rounded, as torch's CPU `cumsum`."""
+        up = mx.repeat(f0, self.upsample_scale, axis=1)  # nn.Upsample(nearest)
+        harmonics = mx.arange(1, self.dim + 1, dtype=mx.float32)
+        rad = up[:, :, None] * harmonics / self.sampling_rate
+        with mx.stream(mx.cpu):  # float64 exists on the CPU only
+            cum = mx.cumsum(rad.astype(mx.float64), axis=1).astype(mx.float32)
+        return np.float32(2 * np.pi) * (cum % 1.0)
+
+    def __call__(self, f0: mx.array, noise: mx.array, phase: mx.array) -> mx.array:
+        """F0 per frame (B, T), standard normal `noise` (B, T * scale, dim) and initial phases
+        `phase` (B, dim) -> sine waves (B, T * scale, dim)."""
+        sines = mx.sin(self.phase(f0) + phase[:, None, :]) * self.sine_amp
+        uv = mx.repeat((f0 > self.voiced_threshold).astype(mx.float32), self.upsample_scale, axis=1)
+        uv = uv[:, :, None]
+        noise_amp = uv * self.noise_std + (1 - uv) * (self.sine_amp / 3)
+        return sines * uv + noise_amp * noise
 
 
 class SineGen2:
@@ -191,3 +240,28 @@ class SourceModuleHnNSF2(nn.Module):
     def __call__(self, f0: mx.array, noise: mx.array) -> mx.array:
         """F0 per frame (B, T), noise (B, T * scale, harmonics + 1) -> excitation (B, T * scale, 1)."""
         return mx.tanh(self.l_linear(self.l_sin_gen(f0, noise)))
+
+
+class SourceModuleHnNSF(SourceModuleHnNSF2):
+    """The first generation's source: `SineGen` harmonics merged by a linear layer and tanh."""
+
+    def __init__(
+        self,
+        sampling_rate: int,
+        upsample_scale: int,
+        harmonic_num: int = 0,
+        sine_amp: float = 0.1,
+        add_noise_std: float = 0.003,
+        voiced_threshod: float = 0.0,
+    ):
+        super().__init__(
+            sampling_rate, upsample_scale, harmonic_num, sine_amp, add_noise_std, voiced_threshod
+        )
+        self.l_sin_gen = SineGen(
+            sampling_rate, upsample_scale, harmonic_num, sine_amp, add_noise_std, voiced_threshod
+        )
+
+    def __call__(self, f0: mx.array, noise: mx.array, phase: mx.array | None = None) -> mx.array:
+        """F0 per frame (B, T), noise (B, T * scale, harmonics + 1), initial phases (B,
+        harmonics + 1) -> excitation (B, T * scale, 1)."""
+        return mx.tanh(self.l_linear(self.l_sin_gen(f0, noise, phase)))

@@ -1,9 +1,10 @@
 """The first generation's (CosyVoice-300M family) official config, in the released layout.
 
-So far the speech LM's part (`llm: !new:cosyvoice.llm.llm.TransformerLM`) and the flow's
-(`flow: !new:cosyvoice.flow.flow.MaskedDiffWithXvec`) of `cosyvoice.yaml`, at the released
-sizes (`full`) or small ones (`tiny`), for the parity tests of `cosyvoice2.transformer_lm`
-and `cosyvoice2.flow.flow.MaskedDiffWithXvec`; the official modules are built from them by
+So far the speech LM's part (`llm: !new:cosyvoice.llm.llm.TransformerLM`), the flow's
+(`flow: !new:cosyvoice.flow.flow.MaskedDiffWithXvec`) and HiFT's (22.05 kHz) of
+`cosyvoice.yaml`, at the released sizes (`full`) or small ones (`tiny`), for the parity
+tests of `cosyvoice2.transformer_lm`, `cosyvoice2.flow.flow.MaskedDiffWithXvec` and
+`cosyvoice2.hift.HiFTGenerator`; the official modules are built from them by
 `cosyvoice2_testing.official.instantiate` with random weights.
 """
 
@@ -156,4 +157,34 @@ flow: !new:cosyvoice.flow.flow.MaskedDiffWithXvec
             num_mid_blocks: {d["mid"]}
             num_heads: {d["est_heads"]}
             act_fn: 'gelu'
+"""
+
+
+def hift_yaml_text(size: str = "tiny") -> str:
+    """The `hift` entry of a `cosyvoice.yaml` (the released 22.05 kHz HiFT) at `size`."""
+    channels = 512 if size == "full" else 32
+    return f"""# synthetic CosyVoice-300M HiFT ({size}); structure of the released cosyvoice.yaml
+hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
+    in_channels: 80
+    base_channels: {channels}
+    nb_harmonics: 8
+    sampling_rate: 22050
+    nsf_alpha: 0.1
+    nsf_sigma: 0.003
+    nsf_voiced_threshold: 10
+    upsample_rates: [8, 8]
+    upsample_kernel_sizes: [16, 16]
+    istft_params:
+        n_fft: 16
+        hop_len: 4
+    resblock_kernel_sizes: [3, 7, 11]
+    resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5], [1, 3, 5]]
+    source_resblock_kernel_sizes: [7, 11]
+    source_resblock_dilation_sizes: [[1, 3, 5], [1, 3, 5]]
+    lrelu_slope: 0.1
+    audio_limit: 0.99
+    f0_predictor: !new:cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor
+        num_class: 1
+        in_channels: 80
+        cond_channels: {channels}
 """

@@ -70,6 +70,7 @@ TINY = HiFTConfig(base_channels=32, f0_cond_channels=32)
 # conv_post's log-magnitude rows: (gain, shift) per base_channels (see the module docstring).
 MAG_GAIN_SHIFT = {32: (6.0, -3.0), 512: (16.0, -2.0)}
 VOICED = {"f0_bias": 100.0, "f0_scale": 300.0}
+V1_GAIN_SHIFT = (6.0, -2.0)  # the tiny 22.05 kHz HiFT (two upsampling stages): a little louder
 # A realistic reference waveform (speech at a normal level).
 RMS_BAND = (0.01, 0.3)
 PEAK_BAND = (0.1, 0.99)
@@ -180,12 +181,12 @@ def _pt_state(model_dir: Path) -> dict:
     return torch.load(model_dir / "hift.pt", map_location="cpu", weights_only=True)
 
 
-def _rescale(state: dict, ref, voiced: bool) -> None:
+def _rescale(state: dict, ref, voiced: bool, gain_shift: tuple[float, float] | None = None) -> None:
     """Apply the realistic-output rescaling (and the voiced F0 head) to the official module
     and copy the changed tensors into `state` (legacy weight-norm keys), so both sides agree."""
     import torch
 
-    gain, shift = MAG_GAIN_SHIFT[ref.conv_post.in_channels * 2 ** len(ref.ups)]
+    gain, shift = gain_shift or MAG_GAIN_SHIFT[ref.conv_post.in_channels * 2 ** len(ref.ups)]
     bins = ref.istft_params["n_fft"] // 2 + 1
     g = ref.conv_post.parametrizations.weight.original0
     with torch.no_grad():
@@ -599,9 +600,130 @@ def test_snake_polynomial_matches_sine():
     assert np.abs(got - np.sin(y.astype(np.float64)) ** 2).max() <= 3e-6
 
 
-def test_22khz_config_is_not_supported():
-    with pytest.raises(NotImplementedError):
-        HiFTGenerator(HiFTConfig(sampling_rate=22050))
+# -- the first generation's 22.05 kHz HiFT --------------------------------------------------
+
+
+@contextlib.contextmanager
+def official_sine_gen_draws(noise: np.ndarray, phase: np.ndarray):
+    """Make the official `SineGen` draw `noise` (B, L, 9) and initial phases `phase` (B, 9)
+    (its harmonic 0 is then set to 0 by the official code); other `randn_like` calls (the
+    discarded noise branch) get zeros."""
+    import torch
+    from torch.distributions import Uniform
+
+    want = (noise.shape[0], noise.shape[2], noise.shape[1])  # the official (B, dim, L)
+    used = []
+
+    def fake_randn(x, *args, **kwargs):
+        if tuple(x.shape) == want:
+            used.append("noise")
+            return torch.from_numpy(noise.transpose(0, 2, 1).copy()).to(x.dtype)
+        return torch.zeros_like(x)
+
+    def fake_sample(self, sample_shape=()):
+        used.append("phase")
+        return torch.from_numpy(phase[:, :, None].copy())
+
+    with patched(torch, "randn_like", fake_randn), patched(Uniform, "sample", fake_sample):
+        yield used
+
+
+@pytest.fixture(scope="module")
+def v1_pair(torch_threads):
+    """The official 22.05 kHz HiFTGenerator (tiny, the released structure) and ours, with the
+    same realistic (voiced) rescaling as the 24 kHz pairs."""
+    import tempfile
+
+    import torch
+
+    from cosyvoice2.config import hift_config_from_official
+    from cosyvoice2.official_yaml import load_official_yaml
+    from cosyvoice2_testing.official import instantiate
+    from cosyvoice2_testing.shims import install_shims
+    from cosyvoice2_testing.synthetic_v1 import hift_yaml_text
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "cosyvoice.yaml"
+        path.write_text(hift_yaml_text("tiny"), encoding="utf-8")
+        hp = load_official_yaml(path)
+    install_shims()
+    torch.manual_seed(4)
+    ref = instantiate(hp["hift"]).eval()
+    _rescale({}, ref, voiced=True, gain_shift=V1_GAIN_SHIFT)
+    ours = HiFTGenerator(hift_config_from_official(hp["hift"]))
+    state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    ours.load_weights(list(HiFTGenerator.sanitize(state).items()), strict=True)
+    mx.eval(ours.parameters())
+    return ref, ours
+
+
+def _sine_phase_bug():
+    """The 22.05 kHz phase not wrapped to one turn before the initial phase is added."""
+
+    def phase(self, f0):
+        up = mx.repeat(f0, self.upsample_scale, axis=1)
+        rad = up[:, :, None] * mx.arange(1, self.dim + 1, dtype=mx.float32) / self.sampling_rate
+        return np.float32(2 * np.pi) * mx.cumsum(rad, axis=1)
+
+    return patched(hift_source.SineGen, "phase", phase)
+
+
+def _initial_phase_ignored():
+    return wrapped(
+        hift_source.SineGen,
+        "__call__",
+        lambda f: lambda self, f0, noise, phase: f(self, f0, noise, mx.zeros_like(phase)),
+    )
+
+
+def test_22khz_waveform_parity(v1_pair):
+    """The first generation's HiFT (upsampling x8 x8, `SourceModuleHnNSF`/`SineGen`) against
+    the official module: source and waveform, with the same noise and initial phases."""
+    ref, ours = v1_pair
+    assert ours.upsample_scale == 256 and ours.draws_phase
+    frames = 43
+    mel = speechlike_mel(7, 1, frames)
+    rng = np.random.default_rng(7)
+    noise = rng.standard_normal((1, frames * 256, 9)).astype(np.float32)
+    phase = rng.uniform(-np.pi, np.pi, (1, 9)).astype(np.float32)
+    import torch
+
+    with official_sine_gen_draws(noise, phase) as used, torch.no_grad():
+        want_wav, want_src = (t.numpy() for t in ref.inference(torch.from_numpy(mel)))
+    assert {"noise", "phase"} <= set(used)
+    assert_realistic_waveform(want_wav, "official 22.05 kHz HiFT")
+    f0 = _official_f0(ref, mel)
+    assert f0.min() > 10.0, "voiced setup broken: F0 should be above the 10 Hz threshold"
+    ours_phase = mx.array(np.concatenate([np.zeros((1, 1)), phase[:, 1:]], axis=1))
+    # the source from one F0 (the official one), so that F0 rounding does not enter it
+    with official_sine_gen_draws(noise, phase), torch.no_grad():
+        up = ref.f0_upsamp(torch.from_numpy(f0)[:, None]).transpose(1, 2)
+        want_source = ref.m_source(up)[0].transpose(1, 2).numpy()
+    for bug, name in (
+        (_initial_phase_ignored(), "harmonics' initial phases ignored"),
+        (_sine_phase_bug(), "phase not wrapped to one turn"),
+    ):
+        assert_power(
+            "22.05 kHz HiFT source from F0",
+            lambda: _max_err(ours.source(mx.array(f0), mx.array(noise), ours_phase), want_source),
+            SOURCE_TOL,
+            bug,
+            name,
+        )
+
+    def run():
+        return ours.inference(mx.array(mel), noise=mx.array(noise), phase=ours_phase)
+
+    assert _max_err(run()[1], want_src) <= WAV_TOL
+    assert_power(
+        "22.05 kHz HiFT waveform",
+        lambda: _max_err(run()[0], want_wav),
+        WAV_TOL,
+        final_slope_bug(),
+        "final slope 0.1",
+    )
+    wav, _ = ours.inference(mx.array(mel), key=mx.random.key(1))  # noise and phases drawn
+    assert wav.shape == (1, frames * 256) and np.isfinite(np.array(wav)).all()
 
 
 # -- full size -------------------------------------------------------------------------------
