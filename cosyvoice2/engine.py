@@ -23,6 +23,7 @@ import mlx.core as mx
 
 from cosyvoice2.errors import CosyVoiceError, InputError
 from cosyvoice2.flow.cache import FlowState
+from cosyvoice2.flow.length_regulator import interpolate_linear as resample_frames
 from cosyvoice2.options import SynthesisOptions
 from cosyvoice2.streaming import FlowCursor, evaluated, stream_chunks
 
@@ -52,14 +53,9 @@ def source_noise_key(seed: int) -> mx.array:
 
 
 def interpolate_linear(x: mx.array, size: int) -> mx.array:
-    """`F.interpolate(x, size, mode='linear', align_corners=False)` over the last axis of (B, C, T)."""
-    t = x.shape[-1]
-    pos = (mx.arange(size, dtype=mx.float32) + 0.5) * (t / size) - 0.5
-    pos = mx.clip(pos, 0, t - 1)
-    lo = mx.floor(pos).astype(mx.int32)
-    hi = mx.minimum(lo + 1, t - 1)
-    w = pos - lo.astype(mx.float32)
-    return x[..., lo] * (1 - w) + x[..., hi] * w
+    """`F.interpolate(x, size, mode='linear', align_corners=False)` over the last axis of
+    (B, C, T): the flow's channels-last `cosyvoice2.flow.length_regulator.interpolate_linear`."""
+    return resample_frames(x.swapaxes(1, 2), size).swapaxes(1, 2)
 
 
 class Engine:
