@@ -87,9 +87,11 @@ def patched(obj: Any, name: str, value: Any) -> Iterator[None]:
     in `__dict__`, would delete them on undo).
     """
     if isinstance(obj, dict) and name in obj:
+        # as an item both ways: `setattr` of a value that is not an array or a module
+        # (a function, say) would land in `__dict__` and shadow the item after the restore
         saved = obj[name]
         try:
-            setattr(obj, name, value)
+            obj[name] = value
             yield
         finally:
             obj[name] = saved
