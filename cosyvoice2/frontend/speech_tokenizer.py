@@ -121,6 +121,10 @@ def _fsmn_taps(padded: mx.array, v: mx.array, taps: mx.array) -> mx.array:
 
 
 class FSMNMultiHeadAttention(nn.Module):
+    """v2's attention: rotary positions on q and k, and the FSMN memory added to the output.
+    With `kernel` 0 it is v1's plain attention (no FSMN; positions are added to the input,
+    and `__call__` gets no rotary table)."""
+
     def __init__(self, n_state: int, n_head: int, kernel: int):
         super().__init__()
         self.n_head = n_head
@@ -128,7 +132,8 @@ class FSMNMultiHeadAttention(nn.Module):
         self.key = nn.Linear(n_state, n_state, bias=False)
         self.value = nn.Linear(n_state, n_state)
         self.out = nn.Linear(n_state, n_state)
-        self.fsmn_block = nn.Conv1d(n_state, n_state, kernel, groups=n_state, bias=False)
+        if kernel:
+            self.fsmn_block = nn.Conv1d(n_state, n_state, kernel, groups=n_state, bias=False)
         self.left = (kernel - 1) // 2
         self.right = kernel - 1 - self.left
 
@@ -139,15 +144,21 @@ class FSMNMultiHeadAttention(nn.Module):
         return _fsmn_taps(vp, v, self.fsmn_block.weight[:, :, 0]) * mask_pad
 
     def __call__(
-        self, x: mx.array, bias: mx.array | None, mask_pad: mx.array, cos: mx.array, sin: mx.array
+        self,
+        x: mx.array,
+        bias: mx.array | None,
+        mask_pad: mx.array,
+        cos: mx.array | None,
+        sin: mx.array | None,
     ) -> mx.array:
         b, t, d = x.shape
         dh = d // self.n_head
         q = self.query(x).reshape(b, t, self.n_head, dh)
         k = self.key(x).reshape(b, t, self.n_head, dh)
         v = self.value(x)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        memory = self.fsmn(v, mask_pad)
+        if cos is not None:
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        memory = self.fsmn(v, mask_pad) if "fsmn_block" in self else None
         scale = dh**-0.25
         q = q.transpose(0, 2, 1, 3) * scale
         k = k.transpose(0, 2, 3, 1) * scale
@@ -160,7 +171,7 @@ class FSMNMultiHeadAttention(nn.Module):
             .transpose(0, 2, 1, 3)
             .reshape(b, t, d)
         )
-        return self.out(wv) + memory
+        return self.out(wv) if memory is None else self.out(wv) + memory
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -172,7 +183,12 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp_ln = nn.LayerNorm(n_state, eps=1e-5)
 
     def __call__(
-        self, x: mx.array, bias: mx.array | None, mask_pad: mx.array, cos: mx.array, sin: mx.array
+        self,
+        x: mx.array,
+        bias: mx.array | None,
+        mask_pad: mx.array,
+        cos: mx.array | None = None,
+        sin: mx.array | None = None,
     ) -> mx.array:
         x = x + self.attn(self.attn_ln(x), bias, mask_pad, cos, sin)
         h = self.mlp_ln(x)
@@ -273,6 +289,111 @@ class SpeechTokenizerV2(nn.Module):
         from cosyvoice2.onnx_weights import read_onnx_weights
 
         return cls.from_weights(read_onnx_weights(path))
+
+
+# -- the first generation's tokenizer (v1) ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpeechTokenizerV1Config:
+    """S3 tokenizer v1 sizes (`s3tokenizer`'s `S3Tokenizer`): 128 mels, 1280 wide, 20 heads,
+    6 blocks, 4096 codes; `stride` 1 for the 50 Hz tokenizer (`speech_tokenizer_v1`), 2 for
+    the 25 Hz one (`speech_tokenizer_v1_25hz`)."""
+
+    n_mels: int = 128
+    n_state: int = 1280
+    n_head: int = 20
+    n_layer: int = 6
+    codebook_size: int = 4096
+    stride: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@functools.lru_cache(maxsize=4)
+def _sinusoids(length: int, channels: int) -> np.ndarray:
+    """Whisper's absolute positional embedding `(length, channels)` (sin half, cos half), float32
+    as `s3tokenizer.model.sinusoids` computes it."""
+    f32 = np.float32
+    step = np.log(10000) / (channels // 2 - 1)
+    inv = np.exp((f32(-step) * np.arange(channels // 2, dtype=f32)).astype(f32)).astype(f32)
+    t = np.arange(length, dtype=f32)[:, None] * inv[None, :]
+    return np.concatenate([np.sin(t), np.cos(t)], axis=1).astype(f32)
+
+
+class VectorQuantizer(nn.Module):
+    """v1's quantizer: the L2-normalised state's nearest codebook row (`embed`, Euclidean)."""
+
+    def __init__(self, n_state: int, codebook_size: int):
+        super().__init__()
+        self.embed = mx.zeros((codebook_size, n_state))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        norm = mx.maximum(mx.sqrt(mx.sum(x * x, axis=-1, keepdims=True)), 1e-12)
+        x = x / norm
+        e = self.embed
+        dist = -(mx.sum(x * x, axis=-1, keepdims=True) - 2 * (x @ e.T) + mx.sum(e * e, axis=-1))
+        return mx.argmax(dist, axis=-1).astype(mx.int32)
+
+
+class SpeechTokenizerV1(nn.Module):
+    """(B, n_mels, T) log-mel and lengths -> v1 tokens in [0, 4096) and token lengths: the
+    Whisper encoder (convolutions, absolute sinusoidal positions, plain attention blocks) and
+    a Euclidean codebook (`s3tokenizer.model.S3Tokenizer`)."""
+
+    def __init__(self, config: SpeechTokenizerV1Config = SpeechTokenizerV1Config()):
+        super().__init__()
+        self.config = config
+        self.conv1 = nn.Conv1d(config.n_mels, config.n_state, 3, stride=config.stride, padding=1)
+        self.conv2 = nn.Conv1d(config.n_state, config.n_state, 3, stride=2, padding=1)
+        self.blocks = [
+            ResidualAttentionBlock(config.n_state, config.n_head, 0) for _ in range(config.n_layer)
+        ]
+        self.quantizer = VectorQuantizer(config.n_state, config.codebook_size)
+
+    def encode(self, mel: mx.array, mel_len: mx.array | None = None) -> tuple[mx.array, mx.array]:
+        """The encoder: hidden states (B, T', n_state) and their lengths."""
+        b, _, t = mel.shape
+        stride = self.config.stride
+        if mel_len is None:
+            mel_len = mx.full((b,), t, dtype=mx.int32)
+        mel_len = mel_len.astype(mx.int32)
+        x = mel.astype(mx.float32).transpose(0, 2, 1)
+        mask = (mx.arange(t)[None, :] < mel_len[:, None])[..., None]
+        x = nn.gelu(self.conv1(x * mask))
+        len1, t1 = (mel_len - 1) // stride + 1, (t - 1) // stride + 1
+        mask = (mx.arange(t1)[None, :] < len1[:, None])[..., None]
+        x = nn.gelu(self.conv2(x * mask))
+        len2, t2 = _conv_len(len1), _conv_len(t1)
+        valid = mx.arange(t2)[None, :] < len2[:, None]
+        bias = None
+        if not bool(mx.all(valid)):
+            bias = ((1.0 - valid.astype(mx.float32)) * -1.0e10)[:, None, None, :]
+        x = x + mx.array(_sinusoids(max(1500, t2), self.config.n_state)[:t2])
+        mask_pad = valid[..., None].astype(mx.float32)
+        for block in self.blocks:
+            x = block(x, bias, mask_pad)
+        return x, len2
+
+    def __call__(self, mel: mx.array, mel_len: mx.array | None = None) -> tuple[mx.array, mx.array]:
+        hidden, lengths = self.encode(mel, mel_len)
+        return self.quantizer(hidden), lengths
+
+    @staticmethod
+    def sanitize(weights: dict[str, Any]) -> dict[str, mx.array]:
+        """`s3tokenizer` v1 state dict (PyTorch layouts) -> this model's parameters (its
+        positional table is computed, not read)."""
+        out = {}
+        for k, v in weights.items():
+            k = k.removeprefix("encoder.").replace("quantizer._codebook.embed", "quantizer.embed")
+            if k == "positional_embedding":
+                continue
+            v = np.asarray(v, dtype=np.float32)
+            if k.endswith(".weight") and v.ndim == 3:
+                v = v.transpose(0, 2, 1)
+            out[k] = mx.array(v)
+        return out
 
 
 def speech_tokens(model: SpeechTokenizerV2, speech_16k: mx.array | np.ndarray) -> mx.array:
