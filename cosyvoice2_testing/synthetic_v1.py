@@ -10,6 +10,9 @@ tests of `cosyvoice2.transformer_lm`, `cosyvoice2.flow.flow.MaskedDiffWithXvec` 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 # TransformerLM sizes: the released CosyVoice-300M (`full`) and a small stand-in (`tiny`).
 _LLM_DIMS = {
     "full": dict(
@@ -188,3 +191,73 @@ hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
         in_channels: 80
         cond_channels: {channels}
 """
+
+
+V1_GENERATOR_VERSION = 1
+SPEAKERS = ("中文女", "英文男")
+"""The SFT speakers of a synthetic `spk2info.pt` (two of the released model's names)."""
+
+
+def official_v1_yaml_text(size: str = "tiny") -> str:
+    """A `cosyvoice.yaml` with the released CosyVoice-300M structure: the three parts above,
+    the 22.05 kHz features and the multilingual tokenizer."""
+    return "\n".join(
+        [
+            f"# synthetic CosyVoice-300M config ({size}); structure of the released cosyvoice.yaml",
+            "sample_rate: 22050",
+            llm_yaml_text(size).split("\n", 1)[1],
+            flow_yaml_text(size).split("\n", 1)[1],
+            hift_yaml_text(size).split("\n", 1)[1],
+            """get_tokenizer: !name:cosyvoice.tokenizer.tokenizer.get_tokenizer
+    multilingual: True
+    num_languages: 100
+    language: 'en'
+    task: 'transcribe'
+allowed_special: 'all'
+feat_extractor: !name:matcha.utils.audio.mel_spectrogram
+    n_fft: 1024
+    num_mels: 80
+    sampling_rate: 22050
+    hop_size: 256
+    win_size: 1024
+    fmin: 0
+    fmax: 8000
+    center: False
+""",
+        ]
+    )
+
+
+def make_official_v1_dir(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a synthetic CosyVoice-300M(-SFT) official dir (atomically): `cosyvoice.yaml`,
+    `llm.pt`, `flow.pt`, `hift.pt` (torch.save state dicts of the official modules with
+    their own initialisation; `hift.pt` with the legacy weight-norm keys of the release),
+    `spk2info.pt` (`SPEAKERS`, an x-vector each) and `synthetic.json`. Needs torch and
+    the official code. (The ONNX files come later.)"""
+    import torch
+
+    from cosyvoice2.files import staged_dir
+    from cosyvoice2.official_yaml import load_official_yaml
+    from cosyvoice2_testing.official import instantiate
+    from cosyvoice2_testing.shims import install_shims
+    from cosyvoice2_testing.synthetic import legacy_weight_norm_keys
+
+    install_shims()
+    out_dir = Path(out_dir)
+    with staged_dir(out_dir) as tmp:
+        (tmp / "cosyvoice.yaml").write_text(official_v1_yaml_text(size), encoding="utf-8")
+        hp = load_official_yaml(tmp / "cosyvoice.yaml")
+        for i, part in enumerate(("llm", "flow", "hift")):
+            torch.manual_seed(seed + i)
+            module = instantiate(hp[part]).eval()
+            state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+            if part == "hift":
+                state = legacy_weight_norm_keys(state)
+            torch.save(state, tmp / f"{part}.pt")
+        g = torch.Generator().manual_seed(seed + 3)
+        spk2info = {name: {"embedding": torch.randn(1, 192, generator=g)} for name in SPEAKERS}
+        torch.save(spk2info, tmp / "spk2info.pt")
+        label = {"weights": "synthetic", "size": size, "seed": seed, "model": "CosyVoice-300M"}
+        label["generator_version"] = V1_GENERATOR_VERSION
+        (tmp / "synthetic.json").write_text(json.dumps(label, indent=2), encoding="utf-8")
+    return out_dir
