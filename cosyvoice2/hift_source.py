@@ -89,51 +89,6 @@ class ConvRNNF0Predictor(nn.Module):
         return mx.abs(self.classifier(x).squeeze(-1))
 
 
-class SineGen:
-    """Harmonic sine source of the first generation's 22.05 kHz HiFT (official `SineGen`).
-
-    No parameters. Unlike `SineGen2`, the phase is integrated per sample (F0 repeated to
-    the sample rate), wrapped to one turn (`% 1`), and each harmonic above the first has a
-    random initial phase, which reaches the waveform: it is an input here (`phase`, (B,
-    dim), harmonic 0 at 0), drawn by the caller as the noise is.
-    """
-
-    def __init__(
-        self,
-        samp_rate: int,
-        upsample_scale: int,
-        harmonic_num: int = 0,
-        sine_amp: float = 0.1,
-        noise_std: float = 0.003,
-        voiced_threshold: float = 0.0,
-    ):
-        self.sine_amp = sine_amp
-        self.noise_std = noise_std
-        self.dim = harmonic_num + 1
-        self.sampling_rate = samp_rate
-        self.voiced_threshold = voiced_threshold
-        self.upsample_scale = upsample_scale
-
-    def phase(self, f0: mx.array) -> mx.array:
-        """`2 pi (cumsum(f0 * h / sr) % 1)` per sample (B, T * upsample_scale, dim), float32;
-        the cumulative sum accumulated in float64 and rounded, as torch's CPU `cumsum`."""
-        up = mx.repeat(f0, self.upsample_scale, axis=1)  # nn.Upsample(nearest)
-        harmonics = mx.arange(1, self.dim + 1, dtype=mx.float32)
-        rad = up[:, :, None] * harmonics / self.sampling_rate
-        with mx.stream(mx.cpu):  # float64 exists on the CPU only
-            cum = mx.cumsum(rad.astype(mx.float64), axis=1).astype(mx.float32)
-        return np.float32(2 * np.pi) * (cum % 1.0)
-
-    def __call__(self, f0: mx.array, noise: mx.array, phase: mx.array) -> mx.array:
-        """F0 per frame (B, T), standard normal `noise` (B, T * scale, dim) and initial phases
-        `phase` (B, dim) -> sine waves (B, T * scale, dim)."""
-        sines = mx.sin(self.phase(f0) + phase[:, None, :]) * self.sine_amp
-        uv = mx.repeat((f0 > self.voiced_threshold).astype(mx.float32), self.upsample_scale, axis=1)
-        uv = uv[:, :, None]
-        noise_amp = uv * self.noise_std + (1 - uv) * (self.sine_amp / 3)
-        return sines * uv + noise_amp * noise
-
-
 class SineGen2:
     """Harmonic sine source of CosyVoice2's 24 kHz HiFT (official `SineGen2`, `flag_for_pulse=False`).
 
@@ -184,9 +139,13 @@ class SineGen2:
             near = x0.astype(mx.float64) * l0[:, None].astype(mx.float64)
             return (near + far).astype(mx.float32)
 
-    def __call__(self, f0: mx.array, noise: mx.array) -> mx.array:
-        """F0 per frame (B, T) and standard normal `noise` (B, T * scale, dim) -> sine waves (B, T * scale, dim)."""
-        sines = mx.sin(self.phase(f0)) * self.sine_amp
+    def __call__(self, f0: mx.array, noise: mx.array, initial: mx.array | None = None) -> mx.array:
+        """F0 per frame (B, T) and standard normal `noise` (B, T * scale, dim) -> sine waves
+        (B, T * scale, dim); `initial`: the harmonics' initial phases (B, dim) (`SineGen`)."""
+        phase = self.phase(f0)
+        if initial is not None:
+            phase = phase + initial[:, None, :]
+        sines = mx.sin(phase) * self.sine_amp
         uv = mx.repeat((f0 > self.voiced_threshold).astype(mx.float32), self.upsample_scale, axis=1)
         uv = uv[:, :, None]
         noise_amp = uv * self.noise_std + (1 - uv) * (self.sine_amp / 3)
@@ -240,6 +199,26 @@ class SourceModuleHnNSF2(nn.Module):
     def __call__(self, f0: mx.array, noise: mx.array) -> mx.array:
         """F0 per frame (B, T), noise (B, T * scale, harmonics + 1) -> excitation (B, T * scale, 1)."""
         return mx.tanh(self.l_linear(self.l_sin_gen(f0, noise)))
+
+
+class SineGen(SineGen2):
+    """Harmonic sine source of the first generation's 22.05 kHz HiFT (official `SineGen`).
+
+    No parameters. Unlike `SineGen2`, the phase is integrated per sample (F0 repeated to
+    the sample rate) and wrapped to one turn (`% 1`), and each harmonic above the first has
+    a random initial phase, which reaches the waveform: it is an input here (`initial`, (B,
+    dim), harmonic 0 at 0), drawn by the caller as the noise is.
+    """
+
+    def phase(self, f0: mx.array) -> mx.array:
+        """`2 pi (cumsum(f0 * h / sr) % 1)` per sample (B, T * upsample_scale, dim), float32;
+        the cumulative sum accumulated in float64 and rounded, as torch's CPU `cumsum`."""
+        up = mx.repeat(f0, self.upsample_scale, axis=1)  # nn.Upsample(nearest)
+        harmonics = mx.arange(1, self.dim + 1, dtype=mx.float32)
+        rad = up[:, :, None] * harmonics / self.sampling_rate
+        with mx.stream(mx.cpu):  # float64 exists on the CPU only
+            cum = mx.cumsum(rad.astype(mx.float64), axis=1).astype(mx.float32)
+        return np.float32(2 * np.pi) * (cum % 1.0)
 
 
 class SourceModuleHnNSF(SourceModuleHnNSF2):

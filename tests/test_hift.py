@@ -672,7 +672,7 @@ def _initial_phase_ignored():
     return wrapped(
         hift_source.SineGen,
         "__call__",
-        lambda f: lambda self, f0, noise, phase: f(self, f0, noise, mx.zeros_like(phase)),
+        lambda f: lambda self, f0, noise, initial: f(self, f0, noise, mx.zeros_like(initial)),
     )
 
 

@@ -79,6 +79,16 @@ def sanitize_flow(model: nn.Module, weights: dict[str, Any]) -> dict[str, mx.arr
     return out
 
 
+def embed_tokens(embedding: nn.Embedding, prompt_token: mx.array, token: mx.array) -> mx.array:
+    """Prompt and new speech tokens embedded together (negative ids clamped to 0, as the
+    official `torch.clamp(token, min=0)`); a ValueError for an id beyond the vocabulary."""
+    tokens = mx.concatenate([prompt_token, token], axis=1).astype(mx.int32)
+    vocab = embedding.weight.shape[0]
+    if tokens.size and mx.max(tokens).item() >= vocab:
+        raise ValueError(f"speech token {mx.max(tokens).item()} out of range (vocab {vocab})")
+    return embedding(mx.maximum(tokens, 0))
+
+
 def l2_normalize(x: mx.array, eps: float = 1e-12) -> mx.array:
     """`torch.nn.functional.normalize(x, dim=-1)`: `x / max(||x||, eps)`."""
     norm = mx.sqrt(mx.sum(x * x, axis=-1, keepdims=True))
@@ -165,12 +175,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         finalize: bool = True,
     ) -> mx.array:
         """`mu` `(1, 2 * N, 80)` for the N tokens of prompt + new tokens (minus the look-ahead if not `finalize`)."""
-        tokens = mx.concatenate([prompt_token, token], axis=1).astype(mx.int32)
-        if tokens.size and mx.max(tokens).item() >= self.config.vocab_size:
-            raise ValueError(
-                f"speech token {mx.max(tokens).item()} out of range (vocab {self.config.vocab_size})"
-            )
-        x = self.input_embedding(mx.maximum(tokens, 0))
+        x = embed_tokens(self.input_embedding, prompt_token, token)
         if finalize:
             h = self.encoder(x, None, streaming)
         else:
@@ -261,12 +266,7 @@ class MaskedDiffWithXvec(nn.Module):
     def encode(self, token: mx.array, prompt_token: mx.array, mel_len1: int) -> mx.array:
         """`mu` `(1, mel_len1 + mel_frames(N), 80)`: the encoded tokens stretched to frames."""
         n1 = prompt_token.shape[1]
-        tokens = mx.concatenate([prompt_token, token], axis=1).astype(mx.int32)
-        if tokens.size and mx.max(tokens).item() >= self.config.vocab_size:
-            raise ValueError(
-                f"speech token {mx.max(tokens).item()} out of range (vocab {self.config.vocab_size})"
-            )
-        h = self.encoder_proj(self.encoder(self.input_embedding(mx.maximum(tokens, 0))))
+        h = self.encoder_proj(self.encoder(embed_tokens(self.input_embedding, prompt_token, token)))
         return self.length_regulator.inference(
             h[:, :n1], h[:, n1:], mel_len1, self.mel_frames(token.shape[1]),
             self.config.input_frame_rate,

@@ -210,9 +210,33 @@ class FSQuantizer(nn.Module):
         return mx.sum(digits * powers, axis=-1).astype(mx.int32)
 
 
-def _conv_len(n: mx.array | int) -> mx.array | int:
-    """Output length of a kernel-3, stride-2, padding-1 convolution."""
-    return (n - 1) // 2 + 1
+def _conv_len(n: mx.array | int, stride: int = 2) -> mx.array | int:
+    """Output length of a kernel-3, padding-1 convolution of `stride`."""
+    return (n - 1) // stride + 1
+
+
+def _conv_front(
+    model: nn.Module, mel: mx.array, mel_len: mx.array | None, stride1: int
+) -> tuple[mx.array, mx.array, mx.array, mx.array | None]:
+    """Both tokenizers' front: `conv1` (stride `stride1`) and `conv2` (stride 2), each with
+    GELU on the masked input. Returns the states (B, T', n_state), their lengths, the
+    padding mask (B, T', 1) and the attention bias of padded keys (None without padding)."""
+    b, _, t = mel.shape
+    if mel_len is None:
+        mel_len = mx.full((b,), t, dtype=mx.int32)
+    mel_len = mel_len.astype(mx.int32)
+    x = mel.astype(mx.float32).transpose(0, 2, 1)
+    mask = (mx.arange(t)[None, :] < mel_len[:, None])[..., None]
+    x = nn.gelu(model.conv1(x * mask))
+    len1, t1 = _conv_len(mel_len, stride1), _conv_len(t, stride1)
+    mask = (mx.arange(t1)[None, :] < len1[:, None])[..., None]
+    x = nn.gelu(model.conv2(x * mask))
+    len2, t2 = _conv_len(len1), _conv_len(t1)
+    valid = mx.arange(t2)[None, :] < len2[:, None]  # (B, T')
+    bias = None
+    if not bool(mx.all(valid)):
+        bias = ((1.0 - valid.astype(mx.float32)) * -1.0e10)[:, None, None, :]
+    return x, len2, valid[..., None].astype(mx.float32), bias
 
 
 class SpeechTokenizerV2(nn.Module):
@@ -235,22 +259,8 @@ class SpeechTokenizerV2(nn.Module):
 
     def encode(self, mel: mx.array, mel_len: mx.array | None = None) -> tuple[mx.array, mx.array]:
         """The encoder: hidden states (B, T', n_state) and their lengths."""
-        b, _, t = mel.shape
-        if mel_len is None:
-            mel_len = mx.full((b,), t, dtype=mx.int32)
-        mel_len = mel_len.astype(mx.int32)
-        x = mel.astype(mx.float32).transpose(0, 2, 1)
-        mask = (mx.arange(t)[None, :] < mel_len[:, None])[..., None]
-        x = nn.gelu(self.conv1(x * mask))
-        len1, t1 = _conv_len(mel_len), _conv_len(t)
-        mask = (mx.arange(t1)[None, :] < len1[:, None])[..., None]
-        x = nn.gelu(self.conv2(x * mask))
-        len2, t2 = _conv_len(len1), _conv_len(t1)
-        valid = mx.arange(t2)[None, :] < len2[:, None]  # (B, T')
-        mask_pad = valid[..., None].astype(mx.float32)
-        bias = None
-        if not bool(mx.all(valid)):
-            bias = ((1.0 - valid.astype(mx.float32)) * -1.0e10)[:, None, None, :]
+        x, len2, mask_pad, bias = _conv_front(self, mel, mel_len, 2)
+        t2 = x.shape[1]
         cos_np, sin_np = _rope_table(max(2048, t2), self.config.rope_theta)
         cos = mx.array(cos_np[:t2])[None, :, None, :]
         sin = mx.array(sin_np[:t2])[None, :, None, :]
@@ -354,24 +364,9 @@ class SpeechTokenizerV1(nn.Module):
 
     def encode(self, mel: mx.array, mel_len: mx.array | None = None) -> tuple[mx.array, mx.array]:
         """The encoder: hidden states (B, T', n_state) and their lengths."""
-        b, _, t = mel.shape
-        stride = self.config.stride
-        if mel_len is None:
-            mel_len = mx.full((b,), t, dtype=mx.int32)
-        mel_len = mel_len.astype(mx.int32)
-        x = mel.astype(mx.float32).transpose(0, 2, 1)
-        mask = (mx.arange(t)[None, :] < mel_len[:, None])[..., None]
-        x = nn.gelu(self.conv1(x * mask))
-        len1, t1 = (mel_len - 1) // stride + 1, (t - 1) // stride + 1
-        mask = (mx.arange(t1)[None, :] < len1[:, None])[..., None]
-        x = nn.gelu(self.conv2(x * mask))
-        len2, t2 = _conv_len(len1), _conv_len(t1)
-        valid = mx.arange(t2)[None, :] < len2[:, None]
-        bias = None
-        if not bool(mx.all(valid)):
-            bias = ((1.0 - valid.astype(mx.float32)) * -1.0e10)[:, None, None, :]
+        x, len2, mask_pad, bias = _conv_front(self, mel, mel_len, self.config.stride)
+        t2 = x.shape[1]
         x = x + mx.array(_sinusoids(max(1500, t2), self.config.n_state)[:t2])
-        mask_pad = valid[..., None].astype(mx.float32)
         for block in self.blocks:
             x = block(x, bias, mask_pad)
         return x, len2
