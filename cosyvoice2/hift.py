@@ -320,11 +320,9 @@ class HiFTGenerator(nn.Module):
     def source(self, f0: mx.array, noise: mx.array, phase: mx.array | None = None) -> mx.array:
         """Excitation (B, 1, T * scale) from F0 per frame (B, T), the sine generator's normal
         noise and, at 22.05 kHz, the harmonics' initial phases (B, harmonics + 1)."""
-        if self.draws_phase:
-            if phase is None:
-                raise ValueError("the 22.05 kHz source needs the harmonics' initial phases")
-            return self.m_source(f0, noise, phase).swapaxes(1, 2)
-        return self.m_source(f0, noise).swapaxes(1, 2)
+        if self.draws_phase and phase is None:
+            raise ValueError("the 22.05 kHz source needs the harmonics' initial phases")
+        return self.m_source(f0, noise, phase).swapaxes(1, 2)
 
     def draw_phase(self, batch: int, key: mx.array | None = None) -> mx.array:
         """The official `SineGen`'s initial phases: uniform in [-pi, pi), harmonic 0 at 0."""

@@ -179,6 +179,8 @@ def _linear_upsample_taps(length: int, scale: int) -> tuple[mx.array, mx.array, 
 class SourceModuleHnNSF2(nn.Module):
     """Harmonic-plus-noise source: `SineGen2` harmonics merged by a linear layer and tanh."""
 
+    sine_gen: type[SineGen2] = SineGen2
+
     def __init__(
         self,
         sampling_rate: int,
@@ -191,14 +193,15 @@ class SourceModuleHnNSF2(nn.Module):
         super().__init__()
         self.sine_amp = sine_amp
         self.noise_std = add_noise_std
-        self.l_sin_gen = SineGen2(
+        self.l_sin_gen = self.sine_gen(
             sampling_rate, upsample_scale, harmonic_num, sine_amp, add_noise_std, voiced_threshod
         )
         self.l_linear = nn.Linear(harmonic_num + 1, 1)
 
-    def __call__(self, f0: mx.array, noise: mx.array) -> mx.array:
-        """F0 per frame (B, T), noise (B, T * scale, harmonics + 1) -> excitation (B, T * scale, 1)."""
-        return mx.tanh(self.l_linear(self.l_sin_gen(f0, noise)))
+    def __call__(self, f0: mx.array, noise: mx.array, phase: mx.array | None = None) -> mx.array:
+        """F0 per frame (B, T), noise (B, T * scale, harmonics + 1) and, for `SineGen`, the
+        harmonics' initial phases (B, harmonics + 1) -> excitation (B, T * scale, 1)."""
+        return mx.tanh(self.l_linear(self.l_sin_gen(f0, noise, phase)))
 
 
 class SineGen(SineGen2):
@@ -224,23 +227,4 @@ class SineGen(SineGen2):
 class SourceModuleHnNSF(SourceModuleHnNSF2):
     """The first generation's source: `SineGen` harmonics merged by a linear layer and tanh."""
 
-    def __init__(
-        self,
-        sampling_rate: int,
-        upsample_scale: int,
-        harmonic_num: int = 0,
-        sine_amp: float = 0.1,
-        add_noise_std: float = 0.003,
-        voiced_threshod: float = 0.0,
-    ):
-        super().__init__(
-            sampling_rate, upsample_scale, harmonic_num, sine_amp, add_noise_std, voiced_threshod
-        )
-        self.l_sin_gen = SineGen(
-            sampling_rate, upsample_scale, harmonic_num, sine_amp, add_noise_std, voiced_threshod
-        )
-
-    def __call__(self, f0: mx.array, noise: mx.array, phase: mx.array | None = None) -> mx.array:
-        """F0 per frame (B, T), noise (B, T * scale, harmonics + 1), initial phases (B,
-        harmonics + 1) -> excitation (B, T * scale, 1)."""
-        return mx.tanh(self.l_linear(self.l_sin_gen(f0, noise, phase)))
+    sine_gen = SineGen
