@@ -180,6 +180,62 @@ def test_mel_equals_the_official_inference(pair: Pair) -> None:
     )
 
 
+def test_stream_with_the_overlap_cache_equals_the_official_flow_cache(pair: Pair) -> None:
+    """Two windows of a first-generation stream (60 tokens, then 60 more starting 20 back):
+    the second call starts from the first's noise and `mu` for the prompt and the 34
+    overlap frames (the official `flow_cache`), on both sides with the same fresh noise."""
+    from cosyvoice2.flow.flow_matching import OverlapCache
+
+    tokens, prompt, feat, emb = pair.inputs(30, 100)
+    windows = [tokens[:, :60], tokens[:, 40:100]]
+    frames = [feat.shape[1] + int(60 / 50 * 22050 / 256)] * 2
+    noises = [pair.rng.standard_normal((1, n, 80)).astype(np.float32) for n in frames]
+    refs, cache = [], torch.zeros(1, 80, 0, 2)
+    t = lambda a: torch.tensor(a)  # noqa: E731
+    n = lambda a: torch.tensor([a.shape[1]], dtype=torch.int32)  # noqa: E731
+    for window, noise in zip(windows, noises):
+        fixed = torch.tensor(noise.transpose(0, 2, 1).copy())
+        draw = lambda x, fixed=fixed, **kw: fixed.clone()  # noqa: E731
+        with torch.inference_mode(), patched(torch, "randn_like", draw):
+            mel, cache = pair.ref.inference(
+                t(window), n(window), t(prompt), n(prompt), t(feat), n(feat), t(emb), cache
+            )
+        refs.append(mel[0].numpy().T)
+    assert cache.shape[2] == feat.shape[1] + 34
+
+    def ours(use_cache: bool = True) -> list[np.ndarray]:
+        c = OverlapCache()
+        return [
+            np.array(
+                pair.ours.inference(
+                    mx.array(w), mx.array(prompt), mx.array(feat), mx.array(emb),
+                    noise=mx.array(z), cache=c if use_cache else None,
+                )[0]
+            )
+            for w, z in zip(windows, noises)
+        ]  # fmt: skip
+
+    def second_err() -> float:
+        first, second = ours()
+        assert _err(first, refs[0]) <= TOL
+        return _err(second, refs[1])
+
+    no_cache = _bug_without_cache()
+    assert_power(
+        "first-generation stream: second window vs official",
+        second_err,
+        TOL,
+        no_cache,
+        "no flow cache",
+    )
+
+
+def _bug_without_cache():
+    from cosyvoice2.flow import flow_matching
+
+    return patched(flow_matching.OverlapCache, "apply", lambda self, z, mu, prompt_len: (z, mu))
+
+
 def test_config_reads_the_released_layout() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cosyvoice.yaml"

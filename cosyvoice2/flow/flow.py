@@ -48,7 +48,7 @@ from cosyvoice2.flow.decoder import (
 )
 from cosyvoice2.flow.encoder import ConformerEncoder, PreLookaheadLayer, UpsampleConformerEncoder
 from cosyvoice2.flow.encoder import Upsample1D as EncoderUpsample1D
-from cosyvoice2.flow.flow_matching import CausalConditionalCFM, ConditionalCFM
+from cosyvoice2.flow.flow_matching import CausalConditionalCFM, ConditionalCFM, OverlapCache
 from cosyvoice2.flow.length_regulator import MEL_RATE, InterpolateRegulator
 from cosyvoice2.flow.ops import cpu_extension, uses_panels
 from cosyvoice2.flow.transformer import Attention, BasicTransformerBlock
@@ -282,11 +282,13 @@ class MaskedDiffWithXvec(nn.Module):
         temperature: float = 1.0,
         noise: mx.array | None = None,
         key: mx.array | None = None,
+        cache: OverlapCache | None = None,
     ) -> mx.array:
         """Mel frames `(1, T, 80)` for `token` `(1, N)` after the prompt.
 
         `prompt_token` `(1, N_p)`, `prompt_feat` `(1, T_p, 80)`, `embedding` `(1, 192)`.
         `noise` `(1, T_p + T, 80)` is the CFM's starting noise (drawn from `key` when absent).
+        `cache`: a stream's `OverlapCache` (the official `flow_cache`), read and updated.
         """
         if token.shape[0] != 1:
             raise ValueError("batch size 1 only, as the official inference")
@@ -301,6 +303,7 @@ class MaskedDiffWithXvec(nn.Module):
             axis=1,
         )
         feat = self.decoder(
-            mu, None, n_timesteps, temperature, spks=spks, cond=cond, noise=noise, key=key
-        )
+            mu, None, n_timesteps, temperature, spks=spks, cond=cond, noise=noise, key=key,
+            prompt_len=mel_len1, cache=cache,
+        )  # fmt: skip
         return feat[:, mel_len1:]

@@ -156,10 +156,45 @@ class CausalConditionalCFM(nn.Module):
         return x
 
 
+OVERLAP_FRAMES = 34
+"""Frames of noise and `mu` a first-generation stream carries from one call to the next
+(`int(token_overlap_len / 50 * 22050 / 256)` for its 20 overlap tokens)."""
+
+
+class OverlapCache:
+    """The first generation's streaming flow cache (the official `flow_cache`), passed in by
+    the caller and updated by each call: the noise and `mu` of the prompt's frames and of the
+    last `OVERLAP_FRAMES` frames, `(1, n, 80)` each. The next call starts from them, so the
+    frames the two calls share (the cross-faded overlap) are solved from the same start."""
+
+    def __init__(self) -> None:
+        self.z: mx.array | None = None
+        self.mu: mx.array | None = None
+
+    @property
+    def size(self) -> int:
+        return 0 if self.z is None else self.z.shape[1]
+
+    def apply(self, z: mx.array, mu: mx.array, prompt_len: int) -> tuple[mx.array, mx.array]:
+        """`z` and `mu` with their first frames replaced by the cache's, and the cache set to
+        the prompt's and the last `OVERLAP_FRAMES` frames of the result (the official order)."""
+        n = self.size
+        if n:
+            if n > z.shape[1]:
+                raise ValueError(f"the flow cache holds {n} frames, the call has {z.shape[1]}")
+            z = mx.concatenate([self.z.astype(z.dtype), z[:, n:]], axis=1)
+            mu = mx.concatenate([self.mu.astype(mu.dtype), mu[:, n:]], axis=1)
+        tail = slice(max(z.shape[1] - OVERLAP_FRAMES, 0), None)
+        self.z = mx.concatenate([z[:, :prompt_len], z[:, tail]], axis=1)
+        self.mu = mx.concatenate([mu[:, :prompt_len], mu[:, tail]], axis=1)
+        return z, mu
+
+
 class ConditionalCFM(CausalConditionalCFM):
     """The first generation's CFM (`MaskedDiffWithXvec`'s): the same solver with the
     non-causal estimator (`ConditionalDecoder`). Its official noise is drawn afresh for each
-    call (`torch.randn_like`), not the fixed noise: here `noise`, or a draw from `key`."""
+    call (`torch.randn_like`), not the fixed noise: here `noise`, or a draw from `key`. A
+    stream passes an `OverlapCache` (`cache`) and the prompt's frame count (`prompt_len`)."""
 
     estimator_class = ConditionalDecoder
 
@@ -173,9 +208,13 @@ class ConditionalCFM(CausalConditionalCFM):
         cond: mx.array | None = None,
         noise: mx.array | None = None,
         key: mx.array | None = None,
+        prompt_len: int = 0,
+        cache: OverlapCache | None = None,
     ) -> mx.array:
         """A mel `(1, T, 80)` from `mu` `(1, T, 80)` (see `CausalConditionalCFM.__call__`)."""
         if noise is None:
             noise = mx.random.normal(mu.shape, key=key)
         z = noise.astype(mu.dtype) * temperature
+        if cache is not None:
+            z, mu = cache.apply(z, mu, prompt_len)
         return self.solve_euler(z, n_timesteps, mu, mask, spks, cond)
