@@ -58,6 +58,17 @@ def _as_key(key: mx.array | int | None) -> mx.array:
     return key
 
 
+def log_softmax_f32(logits: mx.array) -> mx.array:
+    """float32 log-softmax over the last axis (the log-probabilities a draw sees)."""
+    logits = logits.astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def eos_masked(logp: mx.array, eos_token: int) -> mx.array:
+    """`logp` with the eos entry at `-inf` (a draw below the minimum length)."""
+    return mx.where(mx.arange(logp.shape[-1]) == eos_token, float("-inf"), logp)
+
+
 def _check_behaviour(behaviour: str) -> None:
     """Accept only "upstream": the older official rules are a decoder class, not a runtime switch."""
     if behaviour == "legacy":
@@ -108,7 +119,7 @@ class TokenDecoder:
 
     def scores(self, logp: mx.array, ignore_eos: bool) -> mx.array:
         """The scores a draw sees: eos masked to `-inf` below the minimum length."""
-        return self.model._eos_masked(logp) if ignore_eos else logp
+        return eos_masked(logp, self.model.eos_token) if ignore_eos else logp
 
     def schedule(
         self, x: mx.array, recent: mx.array, ignore_eos: bool, draw: bool = True

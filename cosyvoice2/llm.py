@@ -106,6 +106,7 @@ from cosyvoice2.decoding import (
     _length_limit,
     _tokens,
     decode_loop,
+    log_softmax_f32,
 )
 from cosyvoice2.lm_models import (
     KVCache,
@@ -279,12 +280,7 @@ class Qwen2LM(nn.Module):
 
     def log_probs(self, xs: mx.array, cache: list[KVCache]) -> mx.array:
         """float32 log-softmax of the last position's logits, shape (V,)."""
-        logits = self.forward_one_step(xs, cache)[0].astype(mx.float32)
-        return logits - mx.logsumexp(logits, keepdims=True)
-
-    def _eos_masked(self, logp: mx.array) -> mx.array:
-        ids = mx.arange(logp.shape[-1])
-        return mx.where(ids == self.eos_token, float("-inf"), logp)
+        return log_softmax_f32(self.forward_one_step(xs, cache)[0])
 
     # -------------------------------------------------------------- prefixes
 

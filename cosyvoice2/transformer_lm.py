@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from cosyvoice2.config import TransformerEncoderConfig, TransformerLMConfig
+from cosyvoice2.config import TransformerLMConfig
 from cosyvoice2.decoding import (
     TokenDecoder,
     TokenLike,
@@ -38,12 +38,14 @@ from cosyvoice2.decoding import (
     _length_limit,
     _tokens,
     decode_loop,
+    log_softmax_f32,
 )
 from cosyvoice2.flow.encoder import (
     ConformerEncoder,
     RelPositionMultiHeadedAttention,
     rel_position_table,
 )
+from cosyvoice2.flow.flow import l2_normalize
 from cosyvoice2.lm_models import KVCache
 from cosyvoice2.sampling import Sampler
 
@@ -99,19 +101,13 @@ class TransformerEncoderLayer(nn.Module):
         return x + self.feed_forward(self.norm2(x))
 
 
-class TransformerEncoder(nn.Module):
-    """The speech LM's backbone, causal, fed through one KV cache per layer (the official
+class TransformerEncoder(ConformerEncoder):
+    """The speech LM's backbone: the encoder structure with the legacy input layer and
+    transformer layers, causal, fed through one KV cache per layer (the official
     `forward_chunk` with `required_cache_size=-1` and a lower-triangular mask)."""
 
-    def __init__(self, config: TransformerEncoderConfig):
-        super().__init__()
-        self.output_size = config.output_size
-        self.embed = LegacyLinearNoSubsampling(config.input_size, config.output_size)
-        self.encoders = [
-            TransformerEncoderLayer(config.output_size, config.attention_heads, config.linear_units)
-            for _ in range(config.num_blocks)
-        ]
-        self.after_norm = nn.LayerNorm(config.output_size, eps=1e-5)
+    embed_class = LegacyLinearNoSubsampling
+    layer_class = TransformerEncoderLayer
 
     def __call__(self, x: mx.array, cache: list[KVCache]) -> mx.array:
         """`x` `(1, T, D)` after the positions already in `cache` (which it extends)."""
@@ -165,8 +161,7 @@ class TransformerLM(nn.Module):
         if embedding is None or np.asarray(embedding).size == 0:
             return mx.zeros((1, 0, self.config.llm_input_size))
         e = mx.array(np.asarray(embedding, dtype=np.float32)).reshape(1, -1)
-        norm = mx.maximum(mx.sqrt(mx.sum(e * e, axis=1, keepdims=True)), 1e-12)  # F.normalize
-        return self.spk_embed_affine_layer(e / norm)[:, None]
+        return self.spk_embed_affine_layer(l2_normalize(e))[:, None]
 
     def special_embedding(self, index: int) -> mx.array:
         return self.llm_embedding(mx.array([[index]], dtype=mx.int32))
@@ -196,11 +191,7 @@ class TransformerLM(nn.Module):
 
     def log_probs(self, xs: mx.array, cache: list[KVCache]) -> mx.array:
         """float32 log-softmax of the last position's logits, shape `(speech_token_size + 1,)`."""
-        logits = self.llm_decoder(self.llm(xs, cache)[:, -1])[0].astype(mx.float32)
-        return logits - mx.logsumexp(logits, keepdims=True)
-
-    def _eos_masked(self, logp: mx.array) -> mx.array:
-        return mx.where(mx.arange(logp.shape[-1]) == self.eos_token, float("-inf"), logp)
+        return log_softmax_f32(self.llm_decoder(self.llm(xs, cache)[:, -1])[0])
 
     def inference(
         self,

@@ -191,13 +191,16 @@ class ConformerEncoder(nn.Module):
     convolution module, `after_norm`; attention in chunks of `static_chunk_size` positions
     (1: causal), or full (0)."""
 
+    embed_class: type[nn.Module] = LinearNoSubsampling
+    layer_class: type[nn.Module] = ConformerEncoderLayer
+
     def __init__(self, config: TransformerEncoderConfig):
         super().__init__()
         self.output_size = config.output_size
         self.static_chunk_size = config.static_chunk_size
-        self.embed = LinearNoSubsampling(config.input_size, config.output_size)
+        self.embed = self.embed_class(config.input_size, config.output_size)
         self.encoders = [
-            ConformerEncoderLayer(config.output_size, config.attention_heads, config.linear_units)
+            self.layer_class(config.output_size, config.attention_heads, config.linear_units)
             for _ in range(config.num_blocks)
         ]
         self.after_norm = nn.LayerNorm(config.output_size, eps=1e-5)

@@ -4,17 +4,17 @@ The official code (`cosyvoice/tokenizer/tokenizer.py`, `get_tokenizer(multilingu
 num_languages=..., language=..., task=...)`) builds a `tiktoken.Encoding` from
 `multilingual_zh_ja_yue_char_del.tiktoken` (base64 byte strings and their ranks: Whisper's
 multilingual vocabulary with some CJK characters deleted) plus a fixed list of special
-tokens (`SPECIALS`), and encodes with every special token allowed. This module builds the
+tokens (`specials()`), and encodes with every special token allowed. This module builds the
 same tokenizer with `tokenizers` (a runtime dependency already), so token ids are equal
 without tiktoken:
 
 - model: byte-level BPE whose merges are recovered from the ranks (each token splits into
   the two parts that BPE with the lower ranks reaches, as tiktoken merges by rank);
 - pre-tokeniser: the Encoding's split regex (isolated), then byte-level mapping;
-- added tokens: `SPECIALS` at ids `len(ranks)`, `len(ranks) + 1`, ..., never split.
+- added tokens: `specials()` at ids `len(ranks)`, `len(ranks) + 1`, ..., never split.
 
-The rank file is not part of a released model dir (it ships with the official code); the
-converter copies it into the MLX dir (`cosyvoice2.convert`). It is read as untrusted data:
+The rank file is not part of a released model dir (it ships with the official code), so
+the caller names it. It is read as untrusted data:
 size-capped, every line `base64 rank` with ranks 0..n-1 once each, or a
 `TokenizerFileError` naming the file and line.
 """
